@@ -1,0 +1,121 @@
+#include "kd_loss.h"
+
+#include <ATen/ops/logical_and.h>
+#include <ATen/ops/logical_or.h>
+
+#include <cmath>
+
+#include "checks.h"
+
+namespace distillkit {
+
+static Divergence parse_divergence(c10::string_view name, double beta) {
+  if (name == "forward_kl") return Divergence::ForwardKL;
+  if (name == "reverse_kl") return Divergence::ReverseKL;
+  if (name == "jsd") {
+    if (beta == 0.0) return Divergence::ForwardKL;
+    if (beta == 1.0) return Divergence::ReverseKL;
+    return Divergence::JSD;
+  }
+  DK_CHECK(false, "divergence must be one of 'forward_kl', 'reverse_kl', 'jsd' (got '",
+           std::string(name), "')");
+  return Divergence::ForwardKL;
+}
+
+KDLossParams check_kd_loss_args(
+    const at::Tensor& student_logits,
+    const at::Tensor& teacher_logits,
+    const std::optional<at::Tensor>& labels,
+    double temperature,
+    c10::string_view divergence,
+    double beta,
+    double hard_weight,
+    int64_t ignore_index,
+    bool scale_by_t2,
+    bool check_label_range) {
+  DK_CHECK_DIM(student_logits, "student_logits", 2);
+  DK_CHECK_DIM(teacher_logits, "teacher_logits", 2);
+  DK_CHECK_FLOATING(student_logits, "student_logits");
+  DK_CHECK_FLOATING(teacher_logits, "teacher_logits");
+  DK_CHECK_SAME_DEVICE(teacher_logits, "teacher_logits", student_logits, "student_logits");
+  const bool s64 = student_logits.scalar_type() == at::kDouble;
+  const bool t64 = teacher_logits.scalar_type() == at::kDouble;
+  DK_CHECK(s64 == t64, "teacher_logits and student_logits must both be fp64 or both be "
+           "fp32/bf16/fp16 (got ", teacher_logits.scalar_type(), " and ",
+           student_logits.scalar_type(), ")");
+  DK_CHECK(teacher_logits.size(0) == student_logits.size(0),
+           "teacher_logits must have as many rows as student_logits (got ",
+           teacher_logits.size(0), " and ", student_logits.size(0), ")");
+  DK_CHECK(teacher_logits.size(1) == student_logits.size(1),
+           "teacher_logits must have the same last dimension as student_logits (got ",
+           teacher_logits.size(1), " and ", student_logits.size(1), ")");
+  DK_CHECK(student_logits.size(1) >= 1 || student_logits.size(0) == 0,
+           "student_logits must have at least one class (got shape ",
+           student_logits.sizes(), ")");
+  DK_CHECK(std::isfinite(temperature) && temperature > 0.0,
+           "temperature must be finite and > 0 (got ", temperature, ")");
+  DK_CHECK(beta >= 0.0 && beta <= 1.0, "beta must be in [0, 1] (got ", beta, ")");
+  DK_CHECK(hard_weight >= 0.0 && hard_weight <= 1.0,
+           "hard_weight must be in [0, 1] (got ", hard_weight, ")");
+
+  KDLossParams p;
+  p.rows = student_logits.size(0);
+  p.cols = student_logits.size(1);
+  p.temperature = temperature;
+  p.divergence = parse_divergence(divergence, beta);
+  p.beta = beta;
+  p.hard_weight = hard_weight;
+  p.soft_scale = (1.0 - hard_weight) * (scale_by_t2 ? temperature * temperature : 1.0);
+  p.ignore_index = ignore_index;
+  p.has_labels = labels.has_value();
+  p.hard = p.has_labels && hard_weight > 0.0;
+  DK_CHECK(p.has_labels || hard_weight == 0.0,
+           "hard_weight > 0 needs labels (got hard_weight=", hard_weight,
+           " and labels=None)");
+  if (p.has_labels) {
+    const at::Tensor& y = *labels;
+    DK_CHECK(y.scalar_type() == at::kLong, "labels must be int64 (got ",
+             y.scalar_type(), ")");
+    DK_CHECK(y.dim() == 1 && y.size(0) == p.rows,
+             "labels must have shape (", p.rows, ",) to match the rows of "
+             "student_logits (got ", y.sizes(), ")");
+    DK_CHECK_SAME_DEVICE(y, "labels", student_logits, "student_logits");
+    // A host-side check (one sync on CUDA) instead of a device assert, so a
+    // bad label is a catchable error that names the argument.
+    if (check_label_range && p.rows > 0) {
+      const at::Tensor ok = at::logical_or(
+          at::logical_and(y.ge(0), y.lt(p.cols)), y.eq(ignore_index));
+      if (!ok.all().item<bool>()) {
+        const int64_t bad = (~ok).nonzero().select(1, 0)[0].item<int64_t>();
+        DK_CHECK(false, "labels must be in [0, ", p.cols, ") or equal ignore_index=",
+                 ignore_index, " (labels[", bad, "] = ", y[bad].item<int64_t>(), ")");
+      }
+    }
+  }
+  return p;
+}
+
+at::ScalarType kd_loss_acc_type(const at::Tensor& student_logits) {
+  return student_logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_kd_loss_backward_args(
+    const at::Tensor& grad_loss,
+    const at::Tensor& stats,
+    const at::Tensor& student_logits,
+    const KDLossParams& params) {
+  const auto acc = kd_loss_acc_type(student_logits);
+  DK_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == params.rows,
+           "grad_loss must have shape (", params.rows, ",) (got ", grad_loss.sizes(), ")");
+  DK_CHECK(grad_loss.scalar_type() == acc, "grad_loss must be ", acc, " (got ",
+           grad_loss.scalar_type(), ")");
+  DK_CHECK(stats.dim() == 2 && stats.size(0) == params.rows && stats.size(1) == kStatsCols,
+           "stats must have shape (", params.rows, ", ", kStatsCols, ") (got ",
+           stats.sizes(), ")");
+  DK_CHECK(stats.scalar_type() == acc, "stats must be ", acc, " (got ",
+           stats.scalar_type(), ")");
+  DK_CHECK_SAME_DEVICE(grad_loss, "grad_loss", student_logits, "student_logits");
+  DK_CHECK_SAME_DEVICE(stats, "stats", student_logits, "student_logits");
+}
+
+}  // namespace distillkit

@@ -1,0 +1,39 @@
+// The table of contents: every distillkit op schema, declared once. Kernels
+// register per dispatch key at the foot of csrc/cpu/<op>.cpp and
+// csrc/cuda/<op>.cu; autograd and fake kernels live in distillkit/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(distillkit, m) {
+  // Soft-label KD loss over rows of (N, C) logits (SPEC §1). Returns the
+  // per-row loss (fp32, fp64 for fp64 input; ignored rows are 0) and per-row
+  // statistics (N, 5) that the backward reuses instead of an N x C buffer:
+  // [lse(z/T), lse(u/T), lse(z), D_student, D_teacher] (see kd_loss_common.h).
+  m.def(
+      "kd_loss_forward(Tensor student_logits, Tensor teacher_logits, "
+      "Tensor? labels, float temperature, str divergence, float beta, "
+      "float hard_weight, int ignore_index, bool scale_by_t2) "
+      "-> (Tensor loss, Tensor stats)");
+  // Gradients of sum_i grad_loss[i] * loss[i]. grad_teacher is an empty (0,)
+  // tensor unless teacher_grad is set, so a frozen teacher costs no writes.
+  m.def(
+      "kd_loss_backward(Tensor grad_loss, Tensor student_logits, "
+      "Tensor teacher_logits, Tensor? labels, Tensor stats, float temperature, "
+      "str divergence, float beta, float hard_weight, int ignore_index, "
+      "bool scale_by_t2, bool teacher_grad) "
+      "-> (Tensor grad_student, Tensor grad_teacher)");
+}
+
+// `import distillkit._C` loads this library (which runs the registrations
+// above) and exposes the torch version it was compiled against, so that
+// distillkit/__init__.py can refuse a stale build with a clear message.
+static struct PyModuleDef distillkit_module = {
+    PyModuleDef_HEAD_INIT, "_C", "distillkit compiled ops", -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&distillkit_module);
+  if (module == nullptr) return nullptr;
+  PyModule_AddStringConstant(module, "__torch_version__", DISTILLKIT_TORCH_VERSION);
+  PyModule_AddIntConstant(module, "with_cuda", DISTILLKIT_WITH_CUDA);
+  return module;
+}
