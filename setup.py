@@ -88,7 +88,7 @@ defines = [
     f'-DDISTILLKIT_TORCH_VERSION="{torch.__version__}"',
     f"-DDISTILLKIT_WITH_CUDA={int(WITH_CUDA)}",
 ]
-cxx_flags = opt + ["-std=c++17", "-fdiagnostics-color=always"] + defines
+cxx_flags = opt + ["-std=c++20", "-fdiagnostics-color=always"] + defines
 sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
 sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
 
@@ -97,7 +97,7 @@ extra_compile_args = {"cxx": cxx_flags + ISA_FLAGS[CPU_ISA]}
 if WITH_CUDA:
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     extra_compile_args["nvcc"] = opt + defines + [
-        "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+        "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
     ]
     Extension = CUDAExtension
 else:

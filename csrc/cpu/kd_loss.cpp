@@ -1,0 +1,442 @@
+// CPU kernels of kd_loss (SPEC §1). Rows run in parallel; within a row the
+// logits stream through fixed tiles converted to the accumulation type, so
+// a row of any length (C = 256k included) costs two small L1 buffers:
+//   forward:  one pass with an online max / sum-exp per row (JSD adds a
+//             second pass for the elementwise log of the mixture),
+//   backward: one pass that recomputes p and q from the saved row stats and
+//             writes the gradient (recompute instead of storing an N x C
+//             gradient in forward: fwd+bwd moves 5 units and needs no buffer).
+// Every row is reduced by one thread in a fixed order, so results are the
+// same bits run to run and for any thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "kd_loss.h"
+
+namespace distillkit {
+namespace {
+
+using at::vec::Vectorized;
+
+// Elements per tile: two fp32 tiles take 16 KiB, well inside L1.
+constexpr int64_t kTile = 2048;
+
+template <typename acc_t>
+using TileLoader = void (*)(const void* base, int64_t offset, int64_t n, acc_t scale, acc_t* dst);
+template <typename acc_t>
+using TileStorer = void (*)(const acc_t* src, int64_t n, void* base, int64_t offset);
+
+// dst[0:n] = src[offset:offset+n] * scale in acc_t; the tail up to a whole
+// vector is padded with -inf, which every formula below treats as a masked
+// entry that contributes nothing.
+template <typename scalar_t, typename acc_t>
+void load_tile(const void* base, int64_t offset, int64_t n, acc_t scale, acc_t* dst) {
+  using Vec = Vectorized<acc_t>;
+  const scalar_t* src = static_cast<const scalar_t*>(base) + offset;
+  const Vec vscale(scale);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    Vec v;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      v = Vec::loadu(src + i);
+    } else {
+      at::vec::load_to_float<scalar_t>(src + i, v);
+    }
+    (v * vscale).store(dst + i);
+  }
+  for (; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]) * scale;
+  for (; i % Vec::size() != 0; ++i) dst[i] = -std::numeric_limits<acc_t>::infinity();
+}
+
+template <typename scalar_t, typename acc_t>
+void store_tile(const acc_t* src, int64_t n, void* base, int64_t offset) {
+  scalar_t* dst = static_cast<scalar_t*>(base) + offset;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    std::memcpy(dst, src, n * sizeof(acc_t));
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+// The dtype is resolved once per call into a loader/storer; the kernels are
+// templates on the accumulation type only, so mixed student/teacher dtypes
+// cost no extra instantiations and the per-tile indirect call is negligible.
+template <typename acc_t>
+TileLoader<acc_t> loader_for(at::ScalarType t) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    return &load_tile<double, double>;
+  } else {
+    switch (t) {
+      case at::kFloat: return &load_tile<float, float>;
+      case at::kBFloat16: return &load_tile<at::BFloat16, float>;
+      case at::kHalf: return &load_tile<at::Half, float>;
+      default: TORCH_CHECK(false, "distillkit: unsupported dtype ", t);
+    }
+  }
+}
+
+template <typename acc_t>
+TileStorer<acc_t> storer_for(at::ScalarType t) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    return &store_tile<double, double>;
+  } else {
+    switch (t) {
+      case at::kFloat: return &store_tile<float, float>;
+      case at::kBFloat16: return &store_tile<at::BFloat16, float>;
+      case at::kHalf: return &store_tile<at::Half, float>;
+      default: TORCH_CHECK(false, "distillkit: unsupported dtype ", t);
+    }
+  }
+}
+
+template <typename acc_t>
+acc_t reduce_max(Vectorized<acc_t> v) {
+  alignas(64) acc_t buf[Vectorized<acc_t>::size()];
+  v.store(buf);
+  acc_t m = buf[0];
+  for (int64_t i = 1; i < Vectorized<acc_t>::size(); ++i) m = std::max(m, buf[i]);
+  return m;
+}
+
+template <typename acc_t>
+acc_t reduce_sum(Vectorized<acc_t> v) {
+  alignas(64) acc_t buf[Vectorized<acc_t>::size()];
+  v.store(buf);
+  acc_t s = 0;
+  for (int64_t i = 0; i < Vectorized<acc_t>::size(); ++i) s += buf[i];
+  return s;
+}
+
+template <typename acc_t>
+Vectorized<acc_t> vexp(Vectorized<acc_t> v) {
+  // exp_u20 (max 2 ulp) is a few times cheaper than the 1-ulp Sleef exp and
+  // well below the tolerance of a loss accumulated over C terms.
+  return v.exp_u20();
+}
+
+// Σ over a tile of where(mask_src == -inf, 0, weight * diff): the xlogy rule
+// (a zero probability contributes nothing, even against a -inf logit).
+template <typename acc_t>
+Vectorized<acc_t> masked_term(Vectorized<acc_t> weight, Vectorized<acc_t> diff,
+                              Vectorized<acc_t> mask_src) {
+  using Vec = Vectorized<acc_t>;
+  const Vec neg_inf(-std::numeric_limits<acc_t>::infinity());
+  return Vec::blendv(weight * diff, Vec(0), mask_src == neg_inf);
+}
+
+template <typename acc_t>
+struct Args {
+  const void* student;
+  const void* teacher;
+  int64_t s_row_stride;
+  int64_t t_row_stride;
+  const int64_t* labels;  // nullptr without labels
+  TileLoader<acc_t> load_s;
+  TileLoader<acc_t> load_t;
+  KDLossParams p;
+};
+
+// Running (max, Σ exp(x - max)) with extra sums rescaled alongside; a max of
+// -inf means "nothing seen yet" and is never subtracted (-inf - -inf = NaN).
+template <typename acc_t>
+struct Online {
+  acc_t max = -std::numeric_limits<acc_t>::infinity();
+  acc_t sum = 0;
+  acc_t extra = 0;  // Σ exp(x - max) * (x - other): the KL cross term
+  acc_t sum_t1 = 0;  // Σ exp(T (x - max)): lse at temperature 1 (student only)
+
+  // Raises the max to include tile_max; returns false if the stream is
+  // still all -inf (the tile contributes nothing).
+  bool rescale(acc_t tile_max, acc_t temperature) {
+    if (tile_max > max) {
+      if (max != -std::numeric_limits<acc_t>::infinity()) {
+        const acc_t f = std::exp(max - tile_max);
+        sum *= f;
+        extra *= f;
+        sum_t1 *= std::exp(temperature * (max - tile_max));
+      }
+      max = tile_max;
+    }
+    return max != -std::numeric_limits<acc_t>::infinity();
+  }
+
+  acc_t lse() const { return max + std::log(sum); }
+};
+
+template <typename acc_t>
+bool row_ignored(const Args<acc_t>& a, int64_t row) {
+  return a.labels != nullptr && a.labels[row] == a.p.ignore_index;
+}
+
+template <typename acc_t>
+acc_t label_logit(const Args<acc_t>& a, int64_t row) {
+  // load_tile pads to a whole vector, so the one-element read needs room for it.
+  alignas(64) acc_t z_y[Vectorized<acc_t>::size()];
+  a.load_s(a.student, row * a.s_row_stride + a.labels[row], 1, acc_t(1), z_y);
+  return z_y[0];
+}
+
+template <typename acc_t>
+void forward_row(const Args<acc_t>& a, int64_t row, acc_t* zb, acc_t* ub, acc_t* loss,
+                 acc_t* stats) {
+  using Vec = Vectorized<acc_t>;
+  const KDLossParams& p = a.p;
+  acc_t* st = stats + row * kStatsCols;
+  if (row_ignored(a, row)) {
+    loss[row] = 0;
+    for (int64_t k = 0; k < kStatsCols; ++k) st[k] = 0;
+    return;
+  }
+  const acc_t T = static_cast<acc_t>(p.temperature);
+  const acc_t inv_t = acc_t(1) / T;
+  const bool fwd = p.divergence == Divergence::ForwardKL;
+  const bool rev = p.divergence == Divergence::ReverseKL;
+  const bool lse_t1 = p.hard && p.temperature != 1.0;
+  Online<acc_t> s, t;
+  const int64_t s_off = row * a.s_row_stride, t_off = row * a.t_row_stride;
+
+  for (int64_t j0 = 0; j0 < p.cols; j0 += kTile) {
+    const int64_t n = std::min(kTile, p.cols - j0);
+    a.load_s(a.student, s_off + j0, n, inv_t, zb);
+    a.load_t(a.teacher, t_off + j0, n, inv_t, ub);
+    const int64_t n_vec = (n + Vec::size() - 1) / Vec::size() * Vec::size();
+    Vec zmax(-std::numeric_limits<acc_t>::infinity()), umax = zmax;
+    for (int64_t i = 0; i < n_vec; i += Vec::size()) {
+      zmax = at::vec::maximum(zmax, Vec::loadu(zb + i));
+      umax = at::vec::maximum(umax, Vec::loadu(ub + i));
+    }
+    const bool s_live = s.rescale(reduce_max(zmax), T);
+    const bool t_live = t.rescale(reduce_max(umax), T);
+    const Vec sm(s.max), tm(t.max), vt(T);
+    Vec s_sum(0), t_sum(0), s_extra(0), t_extra(0), s_sum1(0);
+    for (int64_t i = 0; i < n_vec; i += Vec::size()) {
+      const Vec zv = Vec::loadu(zb + i), uv = Vec::loadu(ub + i);
+      if (t_live) {
+        const Vec e = vexp(uv - tm);
+        t_sum += e;
+        if (fwd) t_extra += masked_term(e, uv - zv, uv);
+      }
+      if (s_live) {
+        const Vec e = vexp(zv - sm);
+        s_sum += e;
+        if (rev) s_extra += masked_term(e, zv - uv, zv);
+        if (lse_t1) s_sum1 += vexp((zv - sm) * vt);
+      }
+    }
+    s.sum += reduce_sum(s_sum);
+    s.extra += reduce_sum(s_extra);
+    s.sum_t1 += reduce_sum(s_sum1);
+    t.sum += reduce_sum(t_sum);
+    t.extra += reduce_sum(t_extra);
+  }
+
+  const acc_t lse_s = s.lse(), lse_t = t.lse();
+  // Cross terms: Σ p (us - zs) = extra_t / sum_t, so KL(p||q) = that - lse_t + lse_s.
+  acc_t d_student = rev ? s.extra / s.sum - lse_s + lse_t : acc_t(0);
+  acc_t d_teacher = fwd ? t.extra / t.sum - lse_t + lse_s : acc_t(0);
+  if (p.divergence == Divergence::JSD) {
+    // log m needs both normalized distributions: a second pass.
+    const acc_t beta = static_cast<acc_t>(p.beta);
+    const Vec vb(beta), vb1(acc_t(1) - beta), vls(lse_s), vlt(lse_t);
+    Vec ds(0), dt(0);
+    for (int64_t j0 = 0; j0 < p.cols; j0 += kTile) {
+      const int64_t n = std::min(kTile, p.cols - j0);
+      a.load_s(a.student, s_off + j0, n, inv_t, zb);
+      a.load_t(a.teacher, t_off + j0, n, inv_t, ub);
+      for (int64_t i = 0; i < n; i += Vec::size()) {
+        const Vec lq = Vec::loadu(zb + i) - vls, lp = Vec::loadu(ub + i) - vlt;
+        const Vec q = vexp(lq), pp = vexp(lp);
+        const Vec lm = (vb * pp + vb1 * q).log();
+        ds += masked_term(q, lq - lm, lq);
+        dt += masked_term(pp, lp - lm, lp);
+      }
+    }
+    d_student = reduce_sum(ds);
+    d_teacher = reduce_sum(dt);
+  }
+  const acc_t soft = fwd ? d_teacher
+                         : rev ? d_student
+                               : static_cast<acc_t>(p.beta) * d_teacher +
+                                     (acc_t(1) - static_cast<acc_t>(p.beta)) * d_student;
+  acc_t out = static_cast<acc_t>(p.soft_scale) * soft;
+  acc_t lse1 = lse_s;
+  if (p.hard) {
+    if (lse_t1) lse1 = T * s.max + std::log(s.sum_t1);
+    out += static_cast<acc_t>(p.hard_weight) * (lse1 - label_logit(a, row));
+  }
+  loss[row] = out;
+  st[0] = lse_s;
+  st[1] = lse_t;
+  st[2] = lse1;
+  st[3] = d_student;
+  st[4] = d_teacher;
+}
+
+template <typename acc_t>
+void backward_row(const Args<acc_t>& a, int64_t row, const acc_t* grad_loss,
+                  const acc_t* stats, TileStorer<acc_t> store_s, void* grad_s,
+                  TileStorer<acc_t> store_t, void* grad_t, acc_t* zb, acc_t* ub) {
+  using Vec = Vectorized<acc_t>;
+  const KDLossParams& p = a.p;
+  const int64_t s_off = row * a.s_row_stride, t_off = row * a.t_row_stride;
+  const int64_t out_off = row * p.cols;
+  if (row_ignored(a, row)) {
+    std::fill(zb, zb + std::min(kTile, p.cols), acc_t(0));
+    for (int64_t j0 = 0; j0 < p.cols; j0 += kTile) {
+      const int64_t n = std::min(kTile, p.cols - j0);
+      store_s(zb, n, grad_s, out_off + j0);
+      if (grad_t) store_t(zb, n, grad_t, out_off + j0);
+    }
+    return;
+  }
+  const acc_t* st = stats + row * kStatsCols;
+  const acc_t T = static_cast<acc_t>(p.temperature);
+  const acc_t inv_t = acc_t(1) / T;
+  const acc_t g = grad_loss[row];
+  const acc_t c = g * static_cast<acc_t>(p.soft_scale) * inv_t;
+  const acc_t beta = static_cast<acc_t>(p.beta);
+  const bool fwd = p.divergence == Divergence::ForwardKL;
+  const bool rev = p.divergence == Divergence::ReverseKL;
+  // JSD: the student side carries (1 - beta), the teacher side beta.
+  const Vec cs(p.divergence == Divergence::JSD ? c * (acc_t(1) - beta) : c);
+  const Vec ct(p.divergence == Divergence::JSD ? c * beta : c);
+  const Vec vls(st[0]), vlt(st[1]), vl1(st[2]), vds(st[3]), vdt(st[4]);
+  const Vec vb(beta), vb1(acc_t(1) - beta), vT(T), hc(g * static_cast<acc_t>(p.hard_weight));
+  const int64_t y = p.hard ? a.labels[row] : -1;
+
+  for (int64_t j0 = 0; j0 < p.cols; j0 += kTile) {
+    const int64_t n = std::min(kTile, p.cols - j0);
+    a.load_s(a.student, s_off + j0, n, inv_t, zb);
+    a.load_t(a.teacher, t_off + j0, n, inv_t, ub);
+    for (int64_t i = 0; i < n; i += Vec::size()) {
+      const Vec zv = Vec::loadu(zb + i);
+      const Vec lq = zv - vls, lp = Vec::loadu(ub + i) - vlt;
+      const Vec q = vexp(lq), pp = vexp(lp);
+      Vec dz, du;
+      if (fwd) {
+        dz = cs * (q - pp);
+        du = ct * masked_term(pp, lp - lq - vdt, lp);
+      } else if (rev) {
+        dz = cs * masked_term(q, lq - lp - vds, lq);
+        du = ct * (pp - q);
+      } else {
+        const Vec lm = (vb * pp + vb1 * q).log();
+        dz = cs * masked_term(q, lq - lm - vds, lq);
+        du = ct * masked_term(pp, lp - lm - vdt, lp);
+      }
+      if (p.hard) dz += hc * vexp(zv * vT - vl1);  // softmax(z) at T = 1
+      dz.store(zb + i);
+      du.store(ub + i);
+    }
+    if (p.hard && y >= j0 && y < j0 + n) zb[y - j0] -= g * static_cast<acc_t>(p.hard_weight);
+    store_s(zb, n, grad_s, out_off + j0);
+    if (grad_t) store_t(ub, n, grad_t, out_off + j0);
+  }
+}
+
+// Rows per task: enough elements that scheduling overhead stays negligible.
+int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
+
+// Only the class dimension must be contiguous; row strides are honoured, so
+// slices such as logits[:, :V] need no copy.
+at::Tensor unit_stride_rows(const at::Tensor& t) {
+  return t.stride(1) == 1 ? t : t.contiguous();
+}
+
+template <typename acc_t>
+Args<acc_t> make_args(const at::Tensor& s, const at::Tensor& t,
+                      const std::optional<at::Tensor>& labels, const KDLossParams& p) {
+  Args<acc_t> a;
+  a.student = s.data_ptr();
+  a.teacher = t.data_ptr();
+  a.s_row_stride = s.stride(0);
+  a.t_row_stride = t.stride(0);
+  a.labels = p.has_labels ? labels->data_ptr<int64_t>() : nullptr;
+  a.load_s = loader_for<acc_t>(s.scalar_type());
+  a.load_t = loader_for<acc_t>(t.scalar_type());
+  a.p = p;
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_forward_cpu(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+    const std::optional<at::Tensor>& labels, double temperature,
+    c10::string_view divergence, double beta, double hard_weight, int64_t ignore_index,
+    bool scale_by_t2) {
+  const KDLossParams p = check_kd_loss_args(student_logits, teacher_logits, labels, temperature,
+                                            divergence, beta, hard_weight, ignore_index,
+                                            scale_by_t2, /*check_label_range=*/true);
+  const at::Tensor s = unit_stride_rows(student_logits);
+  const at::Tensor t = unit_stride_rows(teacher_logits);
+  const std::optional<at::Tensor> y =
+      p.has_labels ? std::optional<at::Tensor>(labels->contiguous()) : std::nullopt;
+  const auto opts = s.options().dtype(kd_loss_acc_type(s));
+  at::Tensor loss = at::empty({p.rows}, opts);
+  at::Tensor stats = at::empty({p.rows, kStatsCols}, opts);
+  AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "kd_loss_forward_cpu", [&] {
+    const Args<scalar_t> a = make_args<scalar_t>(s, t, y, p);
+    scalar_t* loss_ptr = loss.data_ptr<scalar_t>();
+    scalar_t* stats_ptr = stats.data_ptr<scalar_t>();
+    at::parallel_for(0, p.rows, row_grain(p.cols), [&](int64_t begin, int64_t end) {
+      alignas(64) scalar_t zb[kTile];
+      alignas(64) scalar_t ub[kTile];
+      for (int64_t row = begin; row < end; ++row) forward_row(a, row, zb, ub, loss_ptr, stats_ptr);
+    });
+  });
+  return {loss, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& student_logits,
+    const at::Tensor& teacher_logits, const std::optional<at::Tensor>& labels,
+    const at::Tensor& stats, double temperature, c10::string_view divergence, double beta,
+    double hard_weight, int64_t ignore_index, bool scale_by_t2, bool teacher_grad) {
+  const KDLossParams p = check_kd_loss_args(student_logits, teacher_logits, labels, temperature,
+                                            divergence, beta, hard_weight, ignore_index,
+                                            scale_by_t2, /*check_label_range=*/false);
+  check_kd_loss_backward_args(grad_loss, stats, student_logits, p);
+  const at::Tensor s = unit_stride_rows(student_logits);
+  const at::Tensor t = unit_stride_rows(teacher_logits);
+  const std::optional<at::Tensor> y =
+      p.has_labels ? std::optional<at::Tensor>(labels->contiguous()) : std::nullopt;
+  const at::Tensor g = grad_loss.contiguous();
+  const at::Tensor st = stats.contiguous();
+  at::Tensor grad_s = at::empty({p.rows, p.cols}, s.options());
+  at::Tensor grad_t = teacher_grad ? at::empty({p.rows, p.cols}, t.options())
+                                   : at::empty({0}, t.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "kd_loss_backward_cpu", [&] {
+    const Args<scalar_t> a = make_args<scalar_t>(s, t, y, p);
+    const TileStorer<scalar_t> store_s = storer_for<scalar_t>(s.scalar_type());
+    const TileStorer<scalar_t> store_t = storer_for<scalar_t>(t.scalar_type());
+    const scalar_t* g_ptr = g.data_ptr<scalar_t>();
+    const scalar_t* st_ptr = st.data_ptr<scalar_t>();
+    void* gs_ptr = grad_s.data_ptr();
+    void* gt_ptr = teacher_grad ? grad_t.data_ptr() : nullptr;
+    at::parallel_for(0, p.rows, row_grain(p.cols), [&](int64_t begin, int64_t end) {
+      alignas(64) scalar_t zb[kTile];
+      alignas(64) scalar_t ub[kTile];
+      for (int64_t row = begin; row < end; ++row) {
+        backward_row(a, row, g_ptr, st_ptr, store_s, gs_ptr, store_t, gt_ptr, zb, ub);
+      }
+    });
+  });
+  return {grad_s, grad_t};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(distillkit, CPU, m) {
+  m.impl("kd_loss_forward", &kd_loss_forward_cpu);
+  m.impl("kd_loss_backward", &kd_loss_backward_cpu);
+}
+
+}  // namespace distillkit

@@ -1,0 +1,88 @@
+"""Typed wrappers over torch.ops.distillkit.*, with their fake kernels and autograd.
+
+The dispatcher picks the CPU or CUDA kernel; nothing here branches on device.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["kd_loss_rows"]
+
+# Columns of the per-row statistics kd_loss_forward saves for its backward.
+KD_STATS_COLS = 5
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def kd_loss_rows(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Optional[Tensor],
+    temperature: float,
+    divergence: str,
+    beta: float,
+    hard_weight: float,
+    ignore_index: int,
+    scale_by_t2: bool,
+) -> Tensor:
+    """Per-row KD loss of (N, C) logits, shape (N,), fp32 (fp64 for fp64 input).
+
+    Rows whose label is ``ignore_index`` are 0. Differentiable w.r.t. both
+    logits; see :func:`distillkit.kd_loss` for the math.
+    """
+    loss, _ = torch.ops.distillkit.kd_loss_forward(
+        student_logits, teacher_logits, labels, float(temperature), divergence,
+        float(beta), float(hard_weight), int(ignore_index), bool(scale_by_t2),
+    )
+    return loss
+
+
+@torch.library.register_fake("distillkit::kd_loss_forward")
+def _kd_loss_forward_fake(student_logits, teacher_logits, labels, temperature, divergence,
+                          beta, hard_weight, ignore_index, scale_by_t2):
+    torch._check(student_logits.dim() == 2, lambda: "student_logits must be 2-D")
+    torch._check(teacher_logits.shape == student_logits.shape,
+                 lambda: "teacher_logits must have the shape of student_logits")
+    n = student_logits.shape[0]
+    acc = _acc_dtype(student_logits)
+    return (student_logits.new_empty((n,), dtype=acc),
+            student_logits.new_empty((n, KD_STATS_COLS), dtype=acc))
+
+
+@torch.library.register_fake("distillkit::kd_loss_backward")
+def _kd_loss_backward_fake(grad_loss, student_logits, teacher_logits, labels, stats, temperature,
+                           divergence, beta, hard_weight, ignore_index, scale_by_t2,
+                           teacher_grad):
+    grad_teacher = (torch.empty_like(teacher_logits) if teacher_grad
+                    else teacher_logits.new_empty((0,)))
+    return torch.empty_like(student_logits), grad_teacher
+
+
+def _kd_loss_setup_context(ctx, inputs, output):
+    student_logits, teacher_logits, labels, *scalars = inputs
+    _, stats = output
+    ctx.save_for_backward(student_logits, teacher_logits, labels, stats)
+    ctx.scalars = scalars
+    ctx.mark_non_differentiable(stats)
+
+
+def _kd_loss_backward(ctx, grad_loss: Tensor, _grad_stats: Optional[Tensor]
+                      ) -> Tuple[Optional[Tensor], ...]:
+    student_logits, teacher_logits, labels, stats = ctx.saved_tensors
+    teacher_grad = ctx.needs_input_grad[1]
+    grad_s, grad_t = torch.ops.distillkit.kd_loss_backward(
+        grad_loss.contiguous(), student_logits, teacher_logits, labels, stats, *ctx.scalars,
+        teacher_grad,
+    )
+    return (grad_s if ctx.needs_input_grad[0] else None,
+            grad_t if teacher_grad else None) + (None,) * (1 + len(ctx.scalars))  # labels, scalars
+
+
+torch.library.register_autograd(
+    "distillkit::kd_loss_forward", _kd_loss_backward, setup_context=_kd_loss_setup_context
+)
