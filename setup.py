@@ -88,7 +88,9 @@ defines = [
     f'-DDISTILLKIT_TORCH_VERSION="{torch.__version__}"',
     f"-DDISTILLKIT_WITH_CUDA={int(WITH_CUDA)}",
 ]
-cxx_flags = opt + ["-std=c++20", "-fdiagnostics-color=always"] + defines
+# -fopenmp: at::parallel_for is an inline OpenMP region; without the flag it
+# silently runs on one thread. The libgomp.so.1 torch already loaded is reused.
+cxx_flags = opt + ["-std=c++20", "-fopenmp", "-fdiagnostics-color=always"] + defines
 sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
 sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
 
@@ -115,6 +117,7 @@ setup(
             sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args=extra_compile_args,
+            extra_link_args=["-fopenmp"],
             py_limited_api=False,
         )
     ],

@@ -19,9 +19,14 @@ def _acc_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 def _plogp_ratio(p: Tensor, log_p: Tensor, log_other: Tensor) -> Tensor:
-    """Σ p (log p − log other) per row, with 0·log 0 = 0 (xlogy semantics)."""
-    term = torch.where(p > 0, p * (log_p - log_other), torch.zeros_like(p))
-    return term.sum(-1)
+    """Σ p (log p − log other) per row, with 0·log 0 = 0 (xlogy semantics).
+
+    The difference is masked too, so that masked entries (−inf − −inf = NaN) get a
+    zero gradient rather than 0·NaN. An all −inf row has p = NaN and stays NaN.
+    """
+    zero = p == 0
+    diff = torch.where(zero, torch.zeros_like(p), log_p - log_other)
+    return torch.where(zero, torch.zeros_like(p), p * diff).sum(-1)
 
 
 def _soft_rows(log_q: Tensor, log_p: Tensor, divergence: str, beta: float) -> Tensor:
@@ -30,7 +35,9 @@ def _soft_rows(log_q: Tensor, log_p: Tensor, divergence: str, beta: float) -> Te
         return _plogp_ratio(p, log_p, log_q)
     if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
         return _plogp_ratio(q, log_q, log_p)
-    log_m = torch.log(beta * p + (1.0 - beta) * q)
+    m = beta * p + (1.0 - beta) * q
+    # m = 0 only where p = q = 0, whose terms are masked; log(1) keeps their gradient finite.
+    log_m = torch.log(torch.where(m == 0, torch.ones_like(m), m))
     return beta * _plogp_ratio(p, log_p, log_m) + (1.0 - beta) * _plogp_ratio(q, log_q, log_m)
 
 

@@ -123,14 +123,13 @@ Vectorized<acc_t> vexp(Vectorized<acc_t> v) {
   return v.exp_u20();
 }
 
-// Σ over a tile of where(mask_src == -inf, 0, weight * diff): the xlogy rule
-// (a zero probability contributes nothing, even against a -inf logit).
+// weight * diff, but 0 where weight == 0: the xlogy rule. A zero probability
+// (a -inf logit, or one that underflowed) contributes nothing even where diff
+// is infinite or NaN (log 0 - log 0).
 template <typename acc_t>
-Vectorized<acc_t> masked_term(Vectorized<acc_t> weight, Vectorized<acc_t> diff,
-                              Vectorized<acc_t> mask_src) {
+Vectorized<acc_t> masked_term(Vectorized<acc_t> weight, Vectorized<acc_t> diff) {
   using Vec = Vectorized<acc_t>;
-  const Vec neg_inf(-std::numeric_limits<acc_t>::infinity());
-  return Vec::blendv(weight * diff, Vec(0), mask_src == neg_inf);
+  return Vec::blendv(weight * diff, Vec(0), weight == Vec(0));
 }
 
 template <typename acc_t>
@@ -223,12 +222,12 @@ void forward_row(const Args<acc_t>& a, int64_t row, acc_t* zb, acc_t* ub, acc_t*
       if (t_live) {
         const Vec e = vexp(uv - tm);
         t_sum += e;
-        if (fwd) t_extra += masked_term(e, uv - zv, uv);
+        if (fwd) t_extra += masked_term(e, uv - zv);
       }
       if (s_live) {
         const Vec e = vexp(zv - sm);
         s_sum += e;
-        if (rev) s_extra += masked_term(e, zv - uv, zv);
+        if (rev) s_extra += masked_term(e, zv - uv);
         if (lse_t1) s_sum1 += vexp((zv - sm) * vt);
       }
     }
@@ -256,8 +255,8 @@ void forward_row(const Args<acc_t>& a, int64_t row, acc_t* zb, acc_t* ub, acc_t*
         const Vec lq = Vec::loadu(zb + i) - vls, lp = Vec::loadu(ub + i) - vlt;
         const Vec q = vexp(lq), pp = vexp(lp);
         const Vec lm = (vb * pp + vb1 * q).log();
-        ds += masked_term(q, lq - lm, lq);
-        dt += masked_term(pp, lp - lm, lp);
+        ds += masked_term(q, lq - lm);
+        dt += masked_term(pp, lp - lm);
       }
     }
     d_student = reduce_sum(ds);
@@ -324,14 +323,14 @@ void backward_row(const Args<acc_t>& a, int64_t row, const acc_t* grad_loss,
       Vec dz, du;
       if (fwd) {
         dz = cs * (q - pp);
-        du = ct * masked_term(pp, lp - lq - vdt, lp);
+        du = ct * masked_term(pp, lp - lq - vdt);
       } else if (rev) {
-        dz = cs * masked_term(q, lq - lp - vds, lq);
+        dz = cs * masked_term(q, lq - lp - vds);
         du = ct * (pp - q);
       } else {
         const Vec lm = (vb * pp + vb1 * q).log();
-        dz = cs * masked_term(q, lq - lm - vds, lq);
-        du = ct * masked_term(pp, lp - lm - vdt, lp);
+        dz = cs * masked_term(q, lq - lm - vds);
+        du = ct * masked_term(pp, lp - lm - vdt);
       }
       if (p.hard) dz += hc * vexp(zv * vT - vl1);  // softmax(z) at T = 1
       dz.store(zb + i);

@@ -1,0 +1,41 @@
+import os
+
+import pytest
+import torch
+
+import distillkit
+
+HAS_CUDA = torch.cuda.is_available()
+
+# Tolerances declared once per dtype: (rtol, atol) for losses and for gradients.
+# Losses accumulate in fp32 whatever the input dtype, so only gradients (returned
+# in the input dtype) pay the low-precision rounding.
+LOSS_TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (1e-4, 1e-4),
+    torch.float16: (1e-4, 1e-4),
+}
+GRAD_TOL = {
+    torch.float64: (1e-9, 1e-12),
+    torch.float32: (1e-4, 1e-6),
+    torch.bfloat16: (2e-2, 1e-4),
+    torch.float16: (2e-3, 1e-5),
+}
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")),
+]
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
+
+
+def pytest_report_header(config):
+    return (f"distillkit: torch {torch.__version__}, built with CUDA kernels: "
+            f"{bool(distillkit._C.with_cuda)}, GPU visible: {HAS_CUDA}, "
+            f"threads: {torch.get_num_threads()}, "
+            f"DISTILLKIT_EXPECT_CUDA={os.environ.get('DISTILLKIT_EXPECT_CUDA', '0')}")
