@@ -1,0 +1,39 @@
+# make demo   install everything (torch included) into .venv, build, run the demo
+# make test   install everything, build (CPU + CUDA kernels when a toolkit exists), run the tests
+# make bench  full benchmarks (tens of minutes); make bench-quick: a few seconds each (CI)
+PYTHON_BIN ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch guesses the CUDA home from the nvcc on PATH, which may be a wrapper script.
+export CUDA_HOME ?= $(wildcard /usr/local/cuda)
+export MAX_JOBS ?= 2
+
+.PHONY: install build test demo bench bench-quick clean
+
+$(VENV)/.deps: requirements.txt
+	$(PYTHON_BIN) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+install: $(VENV)/.deps
+
+build: install
+	$(PY) -m pip install --no-build-isolation -v -e . > build.log 2>&1 || (tail -60 build.log; exit 1)
+	grep "distillkit build:" build.log
+	$(PY) -c "import distillkit, distillkit._C as c; print('distillkit built: with_cuda =', c.with_cuda)"
+
+test: build
+	$(PY) -m pytest -q tests
+
+demo: build
+	$(PY) -m distillkit demo
+
+bench: build
+	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done
+
+bench-quick: build
+	for f in benchmarks/bench_*.py; do $(PY) $$f --quick || exit 1; done
+
+clean:
+	rm -rf build *.egg-info distillkit/_C*.so
