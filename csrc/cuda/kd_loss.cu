@@ -1,0 +1,555 @@
+// CUDA kernels for kd_loss (SPEC §1); the math and the stats layout are in
+// kd_loss.h.
+//
+// Mapping: one row per thread group, a warp for C <= kWarpRowMaxCols and the
+// whole block otherwise, so a row's reductions never leave the block (no
+// atomics; every loss is written once, deterministic).
+//
+// Forward: one streaming pass over z and u keeps, per thread, online
+// log-sum-exp states of z/T and u/T (and of z for the hard term when T != 1),
+// rescaled when the running max grows; KL(p||q) = sum p (u/T - z/T) - lse(u/T)
+// + lse(z/T) rides along as a weighted sum under the same online weights.
+// JSD needs lse(z/T) and lse(u/T) before log m = log(beta p + (1 - beta) q)
+// exists, so it reads the row a second time. No tile of a row is held in
+// registers beyond one 16-byte pack per tensor.
+//
+// Backward recomputes p and q from the saved per-row stats (no N x C buffer
+// kept from the forward) and writes the gradient in one pass: it reads z and
+// u and writes dz (and du when asked), with no reductions.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+
+#include "checks.h"
+#include "common.cuh"
+#include "kd_loss.h"
+
+namespace distillkit {
+namespace {
+
+using device::for_each_pack;
+using device::group_allreduce;
+using device::kWarpSize;
+using device::load_pack;
+using device::OnlineLSE;
+using device::store_pack;
+using device::xmul;
+
+constexpr int kBlockThreads = 256;
+// Rows up to this length go one per warp (at most 32 values per lane for
+// 2-byte logits): a block per row would leave most of its threads idle and
+// pay block barriers for a few packs.
+constexpr int kWarpRowMaxCols = 1024;
+
+// Elements per pack: 16-byte loads of the wider of the two logit types (the
+// narrower one loads 8 bytes for mixed fp32/16-bit pairs).
+template <typename S, typename U>
+constexpr int pack_width() {
+  return static_cast<int>(16 / std::max(sizeof(S), sizeof(U)));
+}
+
+template <typename S>
+using acc_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+// Per-launch scalars, resolved on the host in double and rounded once.
+template <typename A>
+struct KDScalars {
+  int64_t rows;
+  int cols;
+  int64_t ignore_index;
+  Divergence divergence;
+  bool has_labels;
+  bool hard;
+  bool unit_t;   // T == 1: z/T is z, so lse(z) = lse(z/T) and softmax(z) = q
+  bool aligned;  // every tensor's base pointer is aligned to a pack
+  A inv_t;
+  A beta;
+  A one_minus_beta;
+  A log_beta;          // JSD only: the mixture weights in log space
+  A log_one_minus_beta;
+  A soft_scale;        // (1 - hard_weight) * (T^2 or 1)
+  A soft_grad_scale;   // soft_scale / T: d(z/T)/dz folded in
+  A hard_weight;
+};
+
+template <typename S, typename U, typename A>
+struct ForwardArgs {
+  const S* student;
+  const U* teacher;
+  const int64_t* labels;  // nullptr without labels
+  A* loss;                // (N,)
+  A* stats;               // (N, kStatsCols)
+  KDScalars<A> k;
+};
+
+template <typename S, typename U, typename A>
+struct BackwardArgs {
+  const A* grad_loss;     // (N,)
+  const S* student;
+  const U* teacher;
+  const int64_t* labels;  // nullptr without labels
+  const A* stats;         // (N, kStatsCols), from the forward
+  S* grad_student;
+  U* grad_teacher;        // nullptr unless the teacher gradient is wanted
+  KDScalars<A> k;
+};
+
+// Per-thread forward state: online lse of z/T, u/T and z. For forward KL,
+// u.a accumulates sum exp(u/T - m) (u/T - z/T); for reverse KL, z.a
+// accumulates sum exp(z/T - m) (z/T - u/T).
+template <typename A>
+struct RowState {
+  OnlineLSE<A> z;
+  OnlineLSE<A> u;
+  OnlineLSE<A> z1;
+};
+
+template <typename A>
+__device__ __forceinline__ RowState<A> merge(const RowState<A>& x, const RowState<A>& y) {
+  return {device::merge(x.z, y.z), device::merge(x.u, y.u), device::merge(x.z1, y.z1)};
+}
+
+template <typename A>
+__device__ __forceinline__ RowState<A> shfl_xor(const RowState<A>& v, int mask) {
+  return {device::shfl_xor(v.z, mask), device::shfl_xor(v.u, mask), device::shfl_xor(v.z1, mask)};
+}
+
+// JSD second pass: sum p (log p - log m) and sum q (log q - log m).
+template <typename A>
+struct JsdSums {
+  A teacher;
+  A student;
+};
+
+template <typename A>
+__device__ __forceinline__ JsdSums<A> merge(const JsdSums<A>& x, const JsdSums<A>& y) {
+  return {x.teacher + y.teacher, x.student + y.student};
+}
+
+template <typename A>
+__device__ __forceinline__ JsdSums<A> shfl_xor(const JsdSums<A>& v, int mask) {
+  return {device::shfl_xor(v.teacher, mask), device::shfl_xor(v.student, mask)};
+}
+
+// Row loop of a group of kRowThreads threads: group g of block b starts at
+// row b * groups + g and strides by the grid. The trip count is uniform over
+// the group, so block-wide barriers inside the loop are safe.
+template <int kRowThreads>
+__device__ __forceinline__ int64_t first_row() {
+  return static_cast<int64_t>(blockIdx.x) * (kBlockThreads / kRowThreads) +
+         threadIdx.x / kRowThreads;
+}
+
+template <int kRowThreads>
+__device__ __forceinline__ int64_t row_stride() {
+  return static_cast<int64_t>(gridDim.x) * (kBlockThreads / kRowThreads);
+}
+
+template <typename S, typename U, typename A, int kRowThreads>
+__global__ void __launch_bounds__(kBlockThreads)
+    kd_loss_forward_kernel(const ForwardArgs<S, U, A> args) {
+  constexpr int kVec = pack_width<S, U>();
+  __shared__ RowState<A> state_smem[kBlockThreads / kWarpSize];
+  __shared__ JsdSums<A> sums_smem[kBlockThreads / kWarpSize];
+  const KDScalars<A>& k = args.k;
+  const int lane = threadIdx.x % kRowThreads;
+  const bool track_z1 = k.hard && !k.unit_t;
+
+  for (int64_t row = first_row<kRowThreads>(); row < k.rows; row += row_stride<kRowThreads>()) {
+    const int64_t label = k.has_labels ? args.labels[row] : 0;
+    A* stats = args.stats + row * kStatsCols;
+    if (k.has_labels && label == k.ignore_index) {
+      // Ignored rows skip both passes; their zero stats are never read.
+      if (lane == 0) {
+        args.loss[row] = A(0);
+#pragma unroll
+        for (int c = 0; c < kStatsCols; ++c) stats[c] = A(0);
+      }
+      continue;
+    }
+    const int64_t row_start = row * k.cols;
+    const S* z = args.student + row_start;
+    const U* u = args.teacher + row_start;
+
+    RowState<A> st{OnlineLSE<A>::empty(), OnlineLSE<A>::empty(), OnlineLSE<A>::empty()};
+    for_each_pack<kVec>(row_start, k.cols, k.aligned, lane, kRowThreads, [&](int col, auto n) {
+      constexpr int N = decltype(n)::value;
+      A zr[N], zs[N], us[N], d[N];
+      load_pack<N>(z + col, zr);
+      load_pack<N>(u + col, us);
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        zs[i] = zr[i] * k.inv_t;
+        us[i] *= k.inv_t;
+      }
+      switch (k.divergence) {
+        case Divergence::ForwardKL:
+#pragma unroll
+          for (int i = 0; i < N; ++i) d[i] = us[i] - zs[i];
+          st.u.add_weighted(us, d);
+          st.z.add(zs);
+          break;
+        case Divergence::ReverseKL:
+#pragma unroll
+          for (int i = 0; i < N; ++i) d[i] = zs[i] - us[i];
+          st.z.add_weighted(zs, d);
+          st.u.add(us);
+          break;
+        case Divergence::JSD:
+          st.z.add(zs);
+          st.u.add(us);
+          break;
+      }
+      if (track_z1) st.z1.add(zr);
+    });
+    st = group_allreduce<kRowThreads>(st, state_smem);
+
+    const A lse_z = st.z.lse();
+    const A lse_u = st.u.lse();
+    A d_student = A(0);
+    A d_teacher = A(0);
+    A soft;
+    // KL = a/s - lse_from + lse_to, with the lse difference taken as
+    // (max difference) + (log-sum difference) so that two large lse values
+    // are not rounded before they cancel.
+    switch (k.divergence) {
+      case Divergence::ForwardKL:
+        d_teacher = st.u.a / st.u.s + (st.z.m - st.u.m) +
+                    (device::acc_log(st.z.s) - device::acc_log(st.u.s));
+        soft = d_teacher;
+        break;
+      case Divergence::ReverseKL:
+        d_student = st.z.a / st.z.s + (st.u.m - st.z.m) +
+                    (device::acc_log(st.u.s) - device::acc_log(st.z.s));
+        soft = d_student;
+        break;
+      case Divergence::JSD: {
+        JsdSums<A> sums{A(0), A(0)};
+        for_each_pack<kVec>(row_start, k.cols, k.aligned, lane, kRowThreads, [&](int col, auto n) {
+          constexpr int N = decltype(n)::value;
+          A zr[N], ur[N];
+          load_pack<N>(z + col, zr);
+          load_pack<N>(u + col, ur);
+#pragma unroll
+          for (int i = 0; i < N; ++i) {
+            const A log_q = zr[i] * k.inv_t - lse_z;
+            const A log_p = ur[i] * k.inv_t - lse_u;
+            const A log_m = device::log_add_exp(log_p + k.log_beta, log_q + k.log_one_minus_beta);
+            sums.teacher += xmul(device::acc_exp(log_p), log_p - log_m);
+            sums.student += xmul(device::acc_exp(log_q), log_q - log_m);
+          }
+        });
+        sums = group_allreduce<kRowThreads>(sums, sums_smem);
+        d_teacher = sums.teacher;
+        d_student = sums.student;
+        soft = k.beta * d_teacher + k.one_minus_beta * d_student;
+        break;
+      }
+    }
+
+    if (lane == 0) {
+      // lse(z) costs a third online stream, so it is tracked only when the
+      // hard term needs it and T != 1; otherwise stats[:, 2] repeats
+      // lse(z/T), as the CPU kernel does (the backward never reads it then).
+      const A lse_z1 = track_z1 ? st.z1.lse() : lse_z;
+      A loss = k.soft_scale * soft;
+      if (k.hard) loss += k.hard_weight * (lse_z1 - static_cast<A>(z[label]));
+      args.loss[row] = loss;
+      stats[0] = lse_z;
+      stats[1] = lse_u;
+      stats[2] = lse_z1;
+      stats[3] = d_student;
+      stats[4] = d_teacher;
+    }
+  }
+}
+
+template <typename S, typename U, typename A, int kRowThreads>
+__global__ void __launch_bounds__(kBlockThreads)
+    kd_loss_backward_kernel(const BackwardArgs<S, U, A> args) {
+  constexpr int kVec = pack_width<S, U>();
+  const KDScalars<A>& k = args.k;
+  const int lane = threadIdx.x % kRowThreads;
+
+  for (int64_t row = first_row<kRowThreads>(); row < k.rows; row += row_stride<kRowThreads>()) {
+    const int64_t row_start = row * k.cols;
+    const S* z = args.student + row_start;
+    const U* u = args.teacher + row_start;
+    S* dz = args.grad_student + row_start;
+    U* du = args.grad_teacher == nullptr ? nullptr : args.grad_teacher + row_start;
+    const int64_t label = k.has_labels ? args.labels[row] : 0;
+
+    if (k.has_labels && label == k.ignore_index) {
+      for_each_pack<kVec>(row_start, k.cols, k.aligned, lane, kRowThreads, [&](int col, auto n) {
+        constexpr int N = decltype(n)::value;
+        const A zero[N] = {};
+        store_pack<N>(dz + col, zero);
+        if (du != nullptr) store_pack<N>(du + col, zero);
+      });
+      continue;
+    }
+
+    const A* stats = args.stats + row * kStatsCols;
+    const A lse_z = stats[0];
+    const A lse_u = stats[1];
+    const A lse_z1 = stats[2];
+    const A d_student = stats[3];
+    const A d_teacher = stats[4];
+    const A g = args.grad_loss[row];
+    const A c = g * k.soft_grad_scale;
+    // JSD weights its two KL terms by 1 - beta (student) and beta (teacher).
+    const bool jsd = k.divergence == Divergence::JSD;
+    const A c_student = jsd ? c * k.one_minus_beta : c;
+    const A c_teacher = jsd ? c * k.beta : c;
+    const A h = g * k.hard_weight;
+
+    for_each_pack<kVec>(row_start, k.cols, k.aligned, lane, kRowThreads, [&](int col, auto n) {
+      constexpr int N = decltype(n)::value;
+      A zr[N], ur[N], gz[N], gu[N];
+      load_pack<N>(z + col, zr);
+      load_pack<N>(u + col, ur);
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const A log_q = zr[i] * k.inv_t - lse_z;
+        const A log_p = ur[i] * k.inv_t - lse_u;
+        const A q = device::acc_exp(log_q);
+        const A p = device::acc_exp(log_p);
+        switch (k.divergence) {
+          case Divergence::ForwardKL:
+            gz[i] = c * (q - p);
+            gu[i] = c * xmul(p, log_p - log_q - d_teacher);
+            break;
+          case Divergence::ReverseKL:
+            gz[i] = c * xmul(q, log_q - log_p - d_student);
+            gu[i] = c * (p - q);
+            break;
+          case Divergence::JSD: {
+            const A log_m = device::log_add_exp(log_p + k.log_beta, log_q + k.log_one_minus_beta);
+            gz[i] = c_student * xmul(q, log_q - log_m - d_student);
+            gu[i] = c_teacher * xmul(p, log_p - log_m - d_teacher);
+            break;
+          }
+        }
+        if (k.hard) {
+          const A q1 = k.unit_t ? q : device::acc_exp(zr[i] - lse_z1);
+          gz[i] += h * (col + i == label ? q1 - A(1) : q1);
+        }
+      }
+      store_pack<N>(dz + col, gz);
+      if (du != nullptr) store_pack<N>(du + col, gu);
+    });
+  }
+}
+
+// ---------------------------------------------------------------- host side
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+template <typename S, typename F>
+void dispatch_teacher_type(at::ScalarType teacher, F&& f) {
+  switch (teacher) {
+    case at::kFloat: return f(TypeTag<S>{}, TypeTag<float>{});
+    case at::kHalf: return f(TypeTag<S>{}, TypeTag<c10::Half>{});
+    case at::kBFloat16: return f(TypeTag<S>{}, TypeTag<c10::BFloat16>{});
+    default:
+      DK_CHECK(false, "teacher_logits must be fp32, fp64, bf16 or fp16 (got ", teacher, ")");
+  }
+}
+
+// The dtype pairs check_kd_loss_args admits: both fp64, or any two of
+// fp32/bf16/fp16 (10 instantiations, not 4 x 4).
+template <typename F>
+void dispatch_logit_types(at::ScalarType student, at::ScalarType teacher, F&& f) {
+  switch (student) {
+    case at::kDouble: return f(TypeTag<double>{}, TypeTag<double>{});
+    case at::kFloat: return dispatch_teacher_type<float>(teacher, f);
+    case at::kHalf: return dispatch_teacher_type<c10::Half>(teacher, f);
+    case at::kBFloat16: return dispatch_teacher_type<c10::BFloat16>(teacher, f);
+    default:
+      DK_CHECK(false, "student_logits must be fp32, fp64, bf16 or fp16 (got ", student, ")");
+  }
+}
+
+template <int kVec, typename T>
+bool pack_aligned(const T* p) {
+  return reinterpret_cast<std::uintptr_t>(p) % (sizeof(T) * kVec) == 0;
+}
+
+template <typename A>
+KDScalars<A> make_scalars(const KDLossParams& p, bool aligned) {
+  KDScalars<A> k;
+  k.rows = p.rows;
+  k.cols = static_cast<int>(p.cols);
+  k.ignore_index = p.ignore_index;
+  k.divergence = p.divergence;
+  k.has_labels = p.has_labels;
+  k.hard = p.hard;
+  k.unit_t = p.temperature == 1.0;
+  k.aligned = aligned;
+  k.inv_t = static_cast<A>(1.0 / p.temperature);
+  k.beta = static_cast<A>(p.beta);
+  k.one_minus_beta = static_cast<A>(1.0 - p.beta);
+  // Read only for JSD, where 0 < beta < 1 keeps both finite.
+  k.log_beta = static_cast<A>(std::log(p.beta));
+  k.log_one_minus_beta = static_cast<A>(std::log1p(-p.beta));
+  k.soft_scale = static_cast<A>(p.soft_scale);
+  k.soft_grad_scale = static_cast<A>(p.soft_scale / p.temperature);
+  k.hard_weight = static_cast<A>(p.hard_weight);
+  return k;
+}
+
+dim3 grid_for(int64_t rows, int rows_per_block) {
+  const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
+  // Rows beyond the grid are taken by the kernels' grid-stride row loop.
+  return dim3(static_cast<unsigned>(
+      std::min<int64_t>(blocks, std::numeric_limits<int32_t>::max())));
+}
+
+void check_cols_fit(const KDLossParams& p) {
+  DK_CHECK(p.cols <= std::numeric_limits<int>::max(),
+           "student_logits must have at most ", std::numeric_limits<int>::max(),
+           " classes on CUDA (got ", p.cols, ")");
+}
+
+template <typename S, typename U>
+void launch_forward(const at::Tensor& z, const at::Tensor& u, const at::Tensor& labels,
+                    at::Tensor& loss, at::Tensor& stats, const KDLossParams& p) {
+  using A = acc_t<S>;
+  constexpr int kVec = pack_width<S, U>();
+  ForwardArgs<S, U, A> args;
+  args.student = z.data_ptr<S>();
+  args.teacher = u.data_ptr<U>();
+  args.labels = p.has_labels ? labels.data_ptr<int64_t>() : nullptr;
+  args.loss = loss.data_ptr<A>();
+  args.stats = stats.data_ptr<A>();
+  args.k = make_scalars<A>(p, pack_aligned<kVec>(args.student) && pack_aligned<kVec>(args.teacher));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (p.cols <= kWarpRowMaxCols) {
+    kd_loss_forward_kernel<S, U, A, kWarpSize>
+        <<<grid_for(p.rows, kBlockThreads / kWarpSize), kBlockThreads, 0, stream>>>(args);
+  } else {
+    kd_loss_forward_kernel<S, U, A, kBlockThreads>
+        <<<grid_for(p.rows, 1), kBlockThreads, 0, stream>>>(args);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename S, typename U>
+void launch_backward(const at::Tensor& grad_loss, const at::Tensor& z, const at::Tensor& u,
+                     const at::Tensor& labels, const at::Tensor& stats, at::Tensor& grad_z,
+                     at::Tensor& grad_u, bool teacher_grad, const KDLossParams& p) {
+  using A = acc_t<S>;
+  constexpr int kVec = pack_width<S, U>();
+  BackwardArgs<S, U, A> args;
+  args.grad_loss = grad_loss.data_ptr<A>();
+  args.student = z.data_ptr<S>();
+  args.teacher = u.data_ptr<U>();
+  args.labels = p.has_labels ? labels.data_ptr<int64_t>() : nullptr;
+  args.stats = stats.data_ptr<A>();
+  args.grad_student = grad_z.data_ptr<S>();
+  args.grad_teacher = teacher_grad ? grad_u.data_ptr<U>() : nullptr;
+  const bool aligned = pack_aligned<kVec>(args.student) && pack_aligned<kVec>(args.teacher) &&
+                       pack_aligned<kVec>(args.grad_student) &&
+                       (!teacher_grad || pack_aligned<kVec>(args.grad_teacher));
+  args.k = make_scalars<A>(p, aligned);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (p.cols <= kWarpRowMaxCols) {
+    kd_loss_backward_kernel<S, U, A, kWarpSize>
+        <<<grid_for(p.rows, kBlockThreads / kWarpSize), kBlockThreads, 0, stream>>>(args);
+  } else {
+    kd_loss_backward_kernel<S, U, A, kBlockThreads>
+        <<<grid_for(p.rows, 1), kBlockThreads, 0, stream>>>(args);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_forward_cuda(
+    const at::Tensor& student_logits,
+    const at::Tensor& teacher_logits,
+    const std::optional<at::Tensor>& labels,
+    double temperature,
+    c10::string_view divergence,
+    double beta,
+    double hard_weight,
+    int64_t ignore_index,
+    bool scale_by_t2) {
+  const KDLossParams p = check_kd_loss_args(
+      student_logits, teacher_logits, labels, temperature, divergence, beta, hard_weight,
+      ignore_index, scale_by_t2, /*check_label_range=*/true);
+  check_cols_fit(p);
+  const c10::cuda::CUDAGuard guard(student_logits.device());
+  const auto acc_options = student_logits.options().dtype(kd_loss_acc_type(student_logits));
+  at::Tensor loss = at::empty({p.rows}, acc_options);
+  at::Tensor stats = at::empty({p.rows, kStatsCols}, acc_options);
+  if (p.rows == 0) return {loss, stats};
+
+  const at::Tensor z = student_logits.contiguous();
+  const at::Tensor u = teacher_logits.contiguous();
+  const at::Tensor y = p.has_labels ? labels->contiguous() : at::Tensor();
+  dispatch_logit_types(z.scalar_type(), u.scalar_type(), [&](auto s_tag, auto t_tag) {
+    using S = typename decltype(s_tag)::type;
+    using U = typename decltype(t_tag)::type;
+    launch_forward<S, U>(z, u, y, loss, stats, p);
+  });
+  return {loss, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_backward_cuda(
+    const at::Tensor& grad_loss,
+    const at::Tensor& student_logits,
+    const at::Tensor& teacher_logits,
+    const std::optional<at::Tensor>& labels,
+    const at::Tensor& stats,
+    double temperature,
+    c10::string_view divergence,
+    double beta,
+    double hard_weight,
+    int64_t ignore_index,
+    bool scale_by_t2,
+    bool teacher_grad) {
+  const KDLossParams p = check_kd_loss_args(
+      student_logits, teacher_logits, labels, temperature, divergence, beta, hard_weight,
+      ignore_index, scale_by_t2, /*check_label_range=*/false);
+  check_kd_loss_backward_args(grad_loss, stats, student_logits, p);
+  check_cols_fit(p);
+  const c10::cuda::CUDAGuard guard(student_logits.device());
+  at::Tensor grad_z = at::empty({p.rows, p.cols}, student_logits.options());
+  at::Tensor grad_u = teacher_grad ? at::empty({p.rows, p.cols}, teacher_logits.options())
+                                   : at::empty({0}, teacher_logits.options());
+  if (p.rows == 0) return {grad_z, grad_u};
+
+  const at::Tensor g = grad_loss.contiguous();
+  const at::Tensor z = student_logits.contiguous();
+  const at::Tensor u = teacher_logits.contiguous();
+  const at::Tensor y = p.has_labels ? labels->contiguous() : at::Tensor();
+  const at::Tensor s = stats.contiguous();
+  dispatch_logit_types(z.scalar_type(), u.scalar_type(), [&](auto s_tag, auto t_tag) {
+    using S = typename decltype(s_tag)::type;
+    using U = typename decltype(t_tag)::type;
+    launch_backward<S, U>(g, z, u, y, s, grad_z, grad_u, teacher_grad, p);
+  });
+  return {grad_z, grad_u};
+}
+
+}  // namespace
+}  // namespace distillkit
+
+TORCH_LIBRARY_IMPL(distillkit, CUDA, m) {
+  m.impl("kd_loss_forward", &distillkit::kd_loss_forward_cuda);
+  m.impl("kd_loss_backward", &distillkit::kd_loss_backward_cuda);
+}
