@@ -1,0 +1,236 @@
+"""KDTrainer on digits: it learns, resumes bit-exactly, reduces to plain CE, rejects bad configs."""
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Subset
+
+from conftest import DEVICES
+from distillkit.data import DictDataset, load_digits_splits, mlp
+from distillkit.trainers import KDConfig, KDTrainer
+
+# A student that learns nothing scores ~0.1; the teacher scores ~0.97.
+LEARNED_ACCURACY = 0.9
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny MLPs: intra-op threads only add synchronisation (and stall badly when
+    # the other core is busy).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return load_digits_splits(seed=0)
+
+
+@pytest.fixture(scope="module")
+def teacher(splits):
+    torch.manual_seed(0)
+    model = mlp(splits.num_features, [128], splits.num_classes)
+    KDTrainer(model, splits.train, epochs=15, progress=False).fit()
+    return model
+
+
+def sgd(lr=0.1):
+    return lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+
+def student(splits, dropout=0.0, seed=1):
+    torch.manual_seed(seed)
+    return mlp(splits.num_features, [32], splits.num_classes, dropout=dropout)
+
+
+def params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_params_equal(a, b):
+    assert all(torch.equal(x, y) for x, y in zip(params(a), params(b)))
+
+
+def test_digits_splits_are_deterministic_and_standardized():
+    a, b = load_digits_splits(seed=3), load_digits_splits(seed=3)
+    assert torch.equal(a.train.tensors["input"], b.train.tensors["input"])
+    other = load_digits_splits(seed=4)
+    assert not torch.equal(a.test.tensors["label"], other.test.tensors["label"])
+    assert (len(a.train), len(a.val), len(a.test)) == (1077, 270, 450)
+    x = a.train.tensors["input"]
+    assert x.mean(0).abs().max() < 1e-5
+    # Pixels constant in training (the corners) are only centred.
+    assert set(x.std(0, unbiased=False).round(decimals=4).tolist()) <= {0.0, 1.0}
+
+
+def test_teacher_learns(splits, teacher):
+    trainer = KDTrainer(teacher, splits.train, epochs=1, progress=False)
+    assert trainer.evaluate(splits.test)["accuracy"] > 0.95
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        KDConfig(temperature=4.0),
+        KDConfig(temperature=2.0, divergence="reverse_kl"),
+        KDConfig(temperature=2.0, divergence="jsd", beta=0.5),
+        KDConfig(temperature=1.0, scale_by_t2=False),
+    ],
+    ids=["forward_kl-T4", "reverse_kl-T2", "jsd-T2", "forward_kl-T1-unscaled"],
+)
+@pytest.mark.parametrize("device", DEVICES)
+def test_student_learns_from_teacher_alone(splits, teacher, config, device):
+    # No labels in the training data: everything the student knows comes through
+    # kd_loss, so a loss with a wrong sign, a lost gradient or a mixed-up
+    # teacher/student order stays near chance.
+    unlabeled = DictDataset(input=splits.train.tensors["input"])
+    trainer = KDTrainer(student(splits), unlabeled, teacher=teacher, loss=config,
+                        eval_data=splits.val, optimizer=sgd(), epochs=8, device=device,
+                        progress=False)
+    history = trainer.fit()
+    assert [h["epoch"] for h in history] == list(range(1, 9))
+    assert trainer.evaluate(splits.test)["accuracy"] > LEARNED_ACCURACY
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def manual_ce_run(model, data, epochs, batch_size, seed, optimizer):
+    """The loop KDTrainer documents for teacher=None, written out by hand."""
+    x, y = data.tensors["input"], data.tensors["label"]
+    for epoch in range(epochs):
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + epoch))
+        for rows in order.split(batch_size):
+            loss = F.cross_entropy(model(x[rows]), y[rows])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+
+def test_no_teacher_is_plain_cross_entropy_training(splits):
+    trained, manual = student(splits), student(splits)
+    KDTrainer(trained, splits.train, optimizer=sgd(), epochs=3, batch_size=50, seed=7,
+              progress=False).fit()
+    manual_ce_run(manual, splits.train, 3, 50, 7, sgd()(manual.parameters()))
+    assert_params_equal(trained, manual)
+
+
+def test_hard_weight_one_is_cross_entropy(splits, teacher):
+    # kd_loss's hard term at hard_weight=1 is the same cross entropy, to rounding.
+    kd, ce = student(splits), student(splits)
+    KDTrainer(kd, splits.train, teacher=teacher, loss=KDConfig(hard_weight=1.0),
+              optimizer=sgd(), epochs=2, progress=False).fit()
+    KDTrainer(ce, splits.train, optimizer=sgd(), epochs=2, progress=False).fit()
+    for a, b in zip(params(kd), params(ce)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_per_example_weights_reach_the_loss(splits, teacher):
+    n = len(splits.train)
+    ones = splits.train.with_tensors(weight=torch.ones(n))
+    zeros = splits.train.with_tensors(weight=torch.zeros(n))
+    plain, weighted, frozen = student(splits), student(splits), student(splits)
+    start = params(frozen)
+    for model, data in [(plain, splits.train), (weighted, ones), (frozen, zeros)]:
+        KDTrainer(model, data, teacher=teacher, loss=KDConfig(temperature=2.0),
+                  optimizer=lambda p: torch.optim.SGD(p, lr=0.1), epochs=1, progress=False).fit()
+    assert_params_equal(plain, weighted)
+    assert all(torch.equal(a, b) for a, b in zip(start, params(frozen)))
+
+
+def kd_trainer(splits, teacher, model, device, seed=5):
+    # Dropout makes the run consume the device's RNG, so resuming must restore it.
+    return KDTrainer(model, splits.train, teacher=teacher,
+                     loss=KDConfig(temperature=3.0, hard_weight=0.3), eval_data=splits.val,
+                     optimizer=lambda p: torch.optim.Adam(p, lr=3e-3),
+                     epochs=4, batch_size=64, device=device, seed=seed, progress=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_resume_equals_uninterrupted_run(splits, teacher, tmp_path, device):
+    path = tmp_path / "run.pt"
+    whole = kd_trainer(splits, teacher, student(splits, dropout=0.3), device)
+    whole.fit()
+
+    first = kd_trainer(splits, teacher, student(splits, dropout=0.3), device)
+    first.fit(stop_epoch=2, checkpoint_path=path)
+    after_save = (torch.rand(3), np.random.random(), random.random())
+
+    # Scramble everything a fresh process would have differently.
+    torch.manual_seed(99)
+    np.random.seed(99)
+    random.seed(99)
+    second = kd_trainer(splits, teacher, student(splits, dropout=0.3, seed=2), device, seed=11)
+    second.resume(path)
+    assert torch.equal(torch.rand(3), after_save[0])
+    assert (np.random.random(), random.random()) == after_save[1:]
+    second.resume(path)  # again: the draws above moved the RNGs on
+    assert second.epoch == 2 and second.history == first.history
+    second.fit()
+
+    assert second.history == whole.history
+    assert_params_equal(second.student, whole.student)
+    assert all(
+        torch.equal(a, b)
+        for s, w in zip(second.optimizer.state.values(), whole.optimizer.state.values())
+        for a, b in zip(s.values(), w.values())
+    )
+
+
+def test_resume_rejects_checkpoint_past_epochs(splits, tmp_path):
+    path = tmp_path / "run.pt"
+    trainer = KDTrainer(student(splits), splits.train, epochs=2, progress=False)
+    trainer.fit(checkpoint_path=path)
+    shorter = KDTrainer(student(splits), splits.train, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="past epochs=1"):
+        shorter.resume(path)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda s, t: dict(epochs=0), "epochs must be >= 1"),
+        (lambda s, t: dict(batch_size=0), "batch_size must be >= 1"),
+        (lambda s, t: dict(train_data=Subset(s.train, [])), "train_data must not be empty"),
+        (lambda s, t: dict(loss=KDConfig(temperature=2.0)), "needs a teacher"),
+        (lambda s, t: dict(optimizer=torch.optim.SGD(t.parameters(), lr=0.1)),
+         "optimizer must be built over exactly student.parameters"),
+    ],
+    ids=["epochs", "batch_size", "empty-data", "loss-without-teacher", "foreign-optimizer"],
+)
+def test_bad_trainer_config_raises(splits, teacher, make, match):
+    kwargs = dict(train_data=splits.train, progress=False)
+    kwargs.update(make(splits, teacher))
+    with pytest.raises(ValueError, match=match):
+        KDTrainer(student(splits), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(temperature=0.0), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(divergence="kl"), "divergence"),
+        (dict(beta=1.5), "beta"),
+        (dict(hard_weight=-0.1), "hard_weight"),
+    ],
+)
+def test_bad_loss_config_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        KDConfig(**kwargs)
+
+
+def test_bad_fit_arguments_raise(splits):
+    trainer = KDTrainer(student(splits), splits.train, epochs=2, progress=False)
+    with pytest.raises(ValueError, match="stop_epoch must be in"):
+        trainer.fit(stop_epoch=3)
+    weighted = splits.train.with_tensors(weight=torch.ones(len(splits.train)))
+    with pytest.raises(ValueError, match="'weight' needs a teacher"):
+        KDTrainer(student(splits), weighted, progress=False).fit()
+
+
+def test_dict_dataset_rejects_ragged_tensors():
+    with pytest.raises(ValueError, match="equal first dimensions"):
+        DictDataset(input=torch.zeros(3, 2), label=torch.zeros(4))
