@@ -22,6 +22,20 @@ TORCH_LIBRARY(distillkit, m) {
       "str divergence, float beta, float hard_weight, int ignore_index, "
       "bool scale_by_t2, bool teacher_grad) "
       "-> (Tensor grad_student, Tensor grad_teacher)");
+
+  // SLaM student-label-mixing loss (SPEC §2) over rows of (N, C) student
+  // logits and teacher probabilities; alpha (N,) in (0, 1], k (N,) int64 in
+  // [1, C]. Returns the per-row loss and per-row stats (N, 6) for backward:
+  // [lse(z), top-k threshold, ties taken at the threshold, argmax of the
+  // teacher, sum of teacher probabilities, S = sum_i h_i] (see slam_loss.h).
+  m.def(
+      "slam_loss_forward(Tensor student_logits, Tensor teacher_probs, "
+      "Tensor alpha, Tensor k, bool normalized, bool hard) "
+      "-> (Tensor loss, Tensor stats)");
+  m.def(
+      "slam_loss_backward(Tensor grad_loss, Tensor student_logits, "
+      "Tensor teacher_probs, Tensor alpha, Tensor k, Tensor stats, "
+      "bool normalized, bool hard) -> Tensor");
 }
 
 // `import distillkit._C` loads this library (which runs the registrations

@@ -7,9 +7,9 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .ops import kd_loss_rows
+from .ops import kd_loss_rows, slam_loss_rows
 
-__all__ = ["kd_loss"]
+__all__ = ["kd_loss", "slam_loss", "forward_corrected_loss"]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
@@ -136,3 +136,117 @@ def kd_loss(
     if normalizer is None:
         normalizer = (y != ignore_index).sum().clamp(min=1) if y is not None else max(rows.numel(), 1)
     return total / normalizer
+
+
+def _reduce_rows(rows: Tensor, weight: Optional[Tensor], reduction: str) -> Tensor:
+    """Weights multiply rows; ``mean`` divides by the row count (not by Σ weight)."""
+    if weight is not None:
+        if weight.shape != rows.shape:
+            raise ValueError(f"weight must have shape {tuple(rows.shape)} (got {tuple(weight.shape)})")
+        rows = rows * weight.to(rows.dtype)
+    if reduction == "none":
+        return rows
+    return rows.sum() if reduction == "sum" else rows.sum() / max(rows.numel(), 1)
+
+
+def slam_loss(
+    student_logits: Tensor,
+    teacher_probs: Tensor,
+    alpha: Union[float, Tensor],
+    k: Union[int, Tensor],
+    *,
+    normalized: bool = False,
+    hard: bool = False,
+    reduction: str = "mean",
+    weight: Optional[Tensor] = None,
+) -> Tensor:
+    r"""SLaM student-label-mixing loss (SPEC §2) for distillation with unlabeled examples.
+
+    Per row, with student :math:`f = \mathrm{softmax}(z)`, teacher soft labels ``t``, and
+    ``M`` the teacher's top-``k`` set (ties go to the lower class index):
+
+    .. math::
+        q_i = \alpha f_i + (1 - \alpha)\, c\, M_i (1 - f_i), \qquad
+        \ell = -\sum_i t_i \log q_i \;\text{(soft)} \quad\text{or}\quad -\log q_{\hat y}
+        \;\text{(hard, } \hat y = \arg\max t)
+
+    with ``c = 1`` (the paper's unnormalized form, default) or ``c = 1/(k-1)``
+    (``normalized=True``, needs ``k >= 2``). ``q`` is not renormalized. ``alpha = 1`` is
+    plain cross entropy against ``t``. At inference use the student's plain ``f``.
+
+    Args:
+        student_logits: (N, C) student logits z (fp32/bf16/fp16/fp64).
+        teacher_probs: (N, C) teacher probabilities; rows non-negative and summing to 1
+            within 1e-3 (1e-2 for bf16/fp16 inputs), else ValueError.
+        alpha: (N,) or scalar in (0, 1]: the probability the teacher's label is right.
+        k: (N,) int64 or int in [1, C]: the size of each row's top-k set.
+        normalized: c = 1/(k-1) instead of 1.
+        hard: use the teacher's argmax instead of its soft labels.
+        reduction: "mean" (over rows; with ``weight``, Σ w·row / N), "sum" or "none".
+        weight: optional (N,) per-row weights.
+
+    Returns:
+        fp32 loss (fp64 for fp64 inputs); gradients flow to ``student_logits`` only.
+    """
+    _check_choice("reduction", reduction, REDUCTIONS)
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits must be 2-D (N, C) (got shape {tuple(student_logits.shape)})")
+    n = student_logits.shape[0]
+    z, t = student_logits, teacher_probs
+    if (z.dtype == torch.float64) != (t.dtype == torch.float64):
+        z, t = z.double(), t.double()
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    alpha = torch.as_tensor(alpha, device=z.device)
+    if not alpha.is_floating_point():
+        alpha = alpha.to(acc)
+    if alpha.dim() == 0:
+        alpha = alpha.expand(n)
+    k = torch.as_tensor(k, device=z.device)
+    if k.dim() == 0:
+        k = k.expand(n)
+    rows = slam_loss_rows(z, t, alpha.to(acc).contiguous(), k.contiguous(), normalized, hard)
+    return _reduce_rows(rows, weight, reduction)
+
+
+def forward_corrected_loss(student_logits: Tensor, targets: Tensor, transition: Tensor,
+                           reduction: str = "mean") -> Tensor:
+    r"""Forward loss correction (Patrini et al.): cross entropy of the targets against the
+    noisy-label distribution :math:`T^\top f`, :math:`f = \mathrm{softmax}(z)`.
+
+    Args:
+        student_logits: (N, C) logits.
+        targets: (N,) int64 labels or (N, C) soft targets.
+        transition: (C, C) row-stochastic noise matrix, ``T[i, j] = P(noisy j | clean i)``.
+        reduction: "mean", "sum" or "none".
+
+    Evaluated stably as :math:`\log (e^{z - \max z})^\top T - \log \sum e^{z - \max z}`: no
+    exponent overflows, and memory is O(N·C) (one (N, C) matmul), not O(N·C²).
+    """
+    _check_choice("reduction", reduction, REDUCTIONS)
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits must be 2-D (N, C) (got shape {tuple(student_logits.shape)})")
+    n, c = student_logits.shape
+    if transition.shape != (c, c):
+        raise ValueError(f"transition must have shape ({c}, {c}) (got {tuple(transition.shape)})")
+    if not torch.compiler.is_compiling():
+        if bool((transition < 0).any()) or not torch.allclose(
+                transition.sum(1).double(), torch.ones(c, dtype=torch.float64, device=transition.device),
+                atol=1e-3):
+            raise ValueError("transition must be row-stochastic (non-negative rows summing to 1)")
+    acc = torch.float64 if torch.float64 in (student_logits.dtype, transition.dtype) else torch.float32
+    z = student_logits.to(acc)
+    shifted = z - z.amax(1, keepdim=True).detach()
+    e = shifted.exp()
+    log_noisy = torch.log(e @ transition.to(acc)) - torch.log(e.sum(1, keepdim=True))
+    if targets.dtype == torch.int64:
+        if targets.shape != (n,):
+            raise ValueError(f"targets must have shape ({n},) or ({n}, {c}) (got {tuple(targets.shape)})")
+        if n and not torch.compiler.is_compiling() and bool(((targets < 0) | (targets >= c)).any()):
+            raise ValueError(f"targets must be in [0, {c})")
+        rows = -log_noisy.gather(1, targets[:, None]).squeeze(1)
+    else:
+        if targets.shape != (n, c):
+            raise ValueError(f"targets must have shape ({n},) or ({n}, {c}) (got {tuple(targets.shape)})")
+        t = targets.to(acc)
+        rows = -torch.where(t == 0, torch.zeros_like(t), t * log_noisy).sum(1)
+    return _reduce_rows(rows, None, reduction)

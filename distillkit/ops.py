@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["kd_loss_rows"]
+__all__ = ["kd_loss_rows", "slam_loss_rows"]
 
 # Columns of the per-row statistics kd_loss_forward saves for its backward.
 KD_STATS_COLS = 5
@@ -86,3 +86,53 @@ def _kd_loss_backward(ctx, grad_loss: Tensor, _grad_stats: Optional[Tensor]
 torch.library.register_autograd(
     "distillkit::kd_loss_forward", _kd_loss_backward, setup_context=_kd_loss_setup_context
 )
+
+
+# --- slam_loss ---------------------------------------------------------------------
+
+SLAM_STATS_COLS = 6
+
+
+def slam_loss_rows(student_logits: Tensor, teacher_probs: Tensor, alpha: Tensor, k: Tensor,
+                   normalized: bool, hard: bool) -> Tensor:
+    """Per-row SLaM loss of (N, C) inputs, shape (N,); see :func:`distillkit.slam_loss`."""
+    loss, _ = torch.ops.distillkit.slam_loss_forward(student_logits, teacher_probs, alpha, k,
+                                                     bool(normalized), bool(hard))
+    return loss
+
+
+@torch.library.register_fake("distillkit::slam_loss_forward")
+def _slam_loss_forward_fake(student_logits, teacher_probs, alpha, k, normalized, hard):
+    torch._check(teacher_probs.shape == student_logits.shape,
+                 lambda: "teacher_probs must have the shape of student_logits")
+    n = student_logits.shape[0]
+    acc = _acc_dtype(student_logits)
+    return (student_logits.new_empty((n,), dtype=acc),
+            student_logits.new_empty((n, SLAM_STATS_COLS), dtype=acc))
+
+
+@torch.library.register_fake("distillkit::slam_loss_backward")
+def _slam_loss_backward_fake(grad_loss, student_logits, teacher_probs, alpha, k, stats,
+                             normalized, hard):
+    return torch.empty_like(student_logits)
+
+
+def _slam_setup_context(ctx, inputs, output):
+    student_logits, teacher_probs, alpha, k, normalized, hard = inputs
+    ctx.save_for_backward(student_logits, teacher_probs, alpha, k, output[1])
+    ctx.flags = (normalized, hard)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _slam_backward(ctx, grad_loss, _grad_stats):
+    student_logits, teacher_probs, alpha, k, stats = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = torch.ops.distillkit.slam_loss_backward(
+            grad_loss.contiguous(), student_logits, teacher_probs, alpha, k, stats, *ctx.flags)
+    # Teacher probabilities, alpha and k are estimates, not trained here.
+    return grad, None, None, None, None, None
+
+
+torch.library.register_autograd("distillkit::slam_loss_forward", _slam_backward,
+                                setup_context=_slam_setup_context)

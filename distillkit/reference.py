@@ -11,7 +11,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-__all__ = ["kd_loss_ref"]
+__all__ = ["kd_loss_ref", "slam_loss_ref", "topk_mask_ref", "forward_corrected_loss_ref"]
 
 
 def _acc_dtype(*tensors: Tensor) -> torch.dtype:
@@ -83,3 +83,66 @@ def kd_loss_ref(
         return total
     denom = normalizer if normalizer is not None else keep.sum().clamp(min=1)
     return total / denom
+
+
+def topk_mask_ref(teacher_probs: Tensor, k: Tensor) -> Tensor:
+    """(N, C) bool mask of each row's k largest entries, ties to the lower class index."""
+    n, c = teacher_probs.shape
+    # A stable descending sort keeps equal values in index order.
+    order = torch.sort(teacher_probs, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(c, device=order.device).expand(n, c))
+    return rank < k.reshape(-1, 1)
+
+
+def slam_loss_ref(
+    student_logits: Tensor,
+    teacher_probs: Tensor,
+    alpha: Union[float, Tensor],
+    k: Union[int, Tensor],
+    *,
+    normalized: bool = False,
+    hard: bool = False,
+    reduction: str = "mean",
+    weight: Optional[Tensor] = None,
+) -> Tensor:
+    """Reference for :func:`distillkit.slam_loss` (SPEC §2), the mixture formed explicitly."""
+    acc = _acc_dtype(student_logits, teacher_probs)
+    z = student_logits.to(acc)
+    t = teacher_probs.to(acc)
+    n, c = z.shape
+    alpha = torch.as_tensor(alpha, dtype=acc, device=z.device).expand(n).reshape(n, 1)
+    k = torch.as_tensor(k, dtype=torch.int64, device=z.device).expand(n)
+    mask = topk_mask_ref(t, k).to(acc)
+    cc = 1.0 / (k - 1).clamp(min=1).to(acc).reshape(n, 1) if normalized else 1.0
+    log_f = torch.log_softmax(z, dim=1)
+    f = log_f.exp()
+    q = alpha * f + (1 - alpha) * cc * mask * (1 - f)
+    log_q = torch.where(mask.bool(), torch.log(q), torch.log(alpha) + log_f)
+    if hard:
+        target = torch.zeros_like(t).scatter_(1, t.argmax(1, keepdim=True), 1.0)
+    else:
+        target = t
+    rows = -torch.where(target == 0, torch.zeros_like(log_q), target * log_q).sum(1)
+    if weight is not None:
+        rows = rows * weight.to(acc)
+    if reduction == "none":
+        return rows
+    return rows.sum() if reduction == "sum" else rows.sum() / max(n, 1)
+
+
+def forward_corrected_loss_ref(student_logits: Tensor, targets: Tensor, transition: Tensor,
+                               reduction: str = "mean") -> Tensor:
+    """Reference for :func:`distillkit.forward_corrected_loss`: CE(targets, Tᵀ f) with the
+    noisy-label distribution formed explicitly."""
+    acc = _acc_dtype(student_logits, transition)
+    f = torch.softmax(student_logits.to(acc), dim=1)
+    log_noisy = torch.log(f @ transition.to(acc))
+    if targets.dtype == torch.int64:
+        rows = -log_noisy.gather(1, targets[:, None]).squeeze(1)
+    else:
+        t = targets.to(acc)
+        rows = -torch.where(t == 0, torch.zeros_like(t), t * log_noisy).sum(1)
+    if reduction == "none":
+        return rows
+    return rows.sum() if reduction == "sum" else rows.mean()

@@ -1,0 +1,316 @@
+// CPU kernels of slam_loss (SPEC §2). Rows run in parallel; each thread holds
+// one student row and one teacher row in acc_t buffers (L2-resident for LLM
+// vocabularies), so the teacher is read from memory once per pass while the
+// top-k threshold, the log-sum-exp and the sums reuse it from cache. Only the
+// k members of the top-k set need the mixing formula; every other class has
+// log q = log alpha + z - lse, so they are summed in closed form.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <functional>
+#include <vector>
+
+#include "cpu/vec_tiles.h"
+#include "slam_loss.h"
+
+namespace distillkit {
+namespace {
+
+using namespace cpu;
+
+// Up to this k the threshold comes from one streaming pass keeping the k
+// largest values; above it, from nth_element on a copy of the row.
+constexpr int64_t kStreamingTopK = 32;
+
+template <typename acc_t>
+struct SlamArgs {
+  const void* student;
+  const void* teacher;
+  int64_t s_row_stride;
+  int64_t t_row_stride;
+  const acc_t* alpha;
+  const int64_t* k;
+  TileLoader<acc_t> load_s;
+  TileLoader<acc_t> load_t;
+  SlamParams p;
+};
+
+// Per-thread row buffers, sized to whole vectors.
+template <typename acc_t>
+struct RowBuffers {
+  std::vector<acc_t> z, t, work;
+  explicit RowBuffers(int64_t cols) {
+    const int64_t n = (cols + Vectorized<acc_t>::size() - 1) / Vectorized<acc_t>::size() *
+                      Vectorized<acc_t>::size();
+    z.resize(std::max<int64_t>(n, Vectorized<acc_t>::size()));
+    t.resize(z.size());
+  }
+};
+
+template <typename acc_t>
+int64_t padded(int64_t cols) {
+  return (cols + Vectorized<acc_t>::size() - 1) / Vectorized<acc_t>::size() *
+         Vectorized<acc_t>::size();
+}
+
+// Loads row `row` of both inputs; the teacher's vector padding is set to 0
+// (probability zero: outside every sum and never above a threshold >= 0).
+template <typename acc_t>
+void load_row(const SlamArgs<acc_t>& a, int64_t row, RowBuffers<acc_t>& b) {
+  const int64_t C = a.p.cols;
+  for (int64_t j0 = 0; j0 < C; j0 += kTile) {
+    const int64_t n = std::min(kTile, C - j0);
+    a.load_s(a.student, row * a.s_row_stride + j0, n, acc_t(1), b.z.data() + j0);
+    a.load_t(a.teacher, row * a.t_row_stride + j0, n, acc_t(1), b.t.data() + j0);
+  }
+  std::fill(b.t.begin() + C, b.t.begin() + padded<acc_t>(C), acc_t(0));
+}
+
+// The k-th largest value of t[0:C] (with multiplicity).
+template <typename acc_t>
+acc_t kth_largest(const acc_t* t, int64_t C, int64_t k, std::vector<acc_t>& work) {
+  if (k > kStreamingTopK) {
+    work.assign(t, t + C);
+    std::nth_element(work.begin(), work.begin() + (k - 1), work.end(), std::greater<acc_t>());
+    return work[k - 1];
+  }
+  acc_t top[kStreamingTopK];
+  for (int64_t i = 0; i < k; ++i) top[i] = t[i];
+  acc_t* low = std::min_element(top, top + k);
+  using Vec = Vectorized<acc_t>;
+  int64_t i = k;
+  // Once k values are held, only a value above the smallest one changes the
+  // set; a whole vector below it is skipped with one compare.
+  for (; i < C; ++i) {
+    if (i % Vec::size() == 0 && i + Vec::size() <= C) {
+      const Vec above = Vec::loadu(t + i) > Vec(*low);
+      if (above.zero_mask() == (1 << Vec::size()) - 1) {
+        i += Vec::size() - 1;
+        continue;
+      }
+    }
+    if (t[i] > *low) {
+      *low = t[i];
+      low = std::min_element(top, top + k);
+    }
+  }
+  return *low;
+}
+
+template <typename acc_t>
+struct RowStats {
+  acc_t lse, thr, ties, yhat, t_sum, s;
+};
+
+// Visits the members of the top-k set in index order: t_i > thr, plus the
+// first `ties` indices with t_i == thr (ties go to the lower class index).
+template <typename acc_t, typename F>
+void for_each_member(const acc_t* t, int64_t C, acc_t thr, int64_t ties, F&& visit) {
+  using Vec = Vectorized<acc_t>;
+  int64_t taken = 0;
+  for (int64_t i0 = 0; i0 < C; i0 += Vec::size()) {
+    const int64_t n = std::min<int64_t>(Vec::size(), C - i0);
+    if (n == Vec::size() && (Vec::loadu(t + i0) >= Vec(thr)).zero_mask() == (1 << n) - 1) {
+      continue;
+    }
+    for (int64_t i = i0; i < i0 + n; ++i) {
+      if (t[i] > thr || (t[i] == thr && taken < ties)) {
+        if (t[i] == thr) ++taken;
+        visit(i);
+      }
+    }
+  }
+}
+
+// The mixing constants of a row: c (1 or 1/(k-1)), b = (1 - alpha) c, a = alpha - b.
+template <typename acc_t>
+struct Mix {
+  acc_t alpha, b, a;
+  Mix(acc_t alpha_, int64_t k, bool normalized) : alpha(alpha_) {
+    const acc_t c = normalized ? acc_t(1) / static_cast<acc_t>(k - 1) : acc_t(1);
+    b = (acc_t(1) - alpha) * c;
+    a = alpha - b;
+  }
+  // log q_i and h_i / t_i (= -f a / q) of a member with logit z.
+  std::pair<acc_t, acc_t> member(acc_t z, acc_t lse) const {
+    const acc_t log_f = z - lse;
+    const acc_t f = std::exp(log_f);
+    if (b == acc_t(0)) return {std::log(alpha) + log_f, acc_t(-1)};  // q = alpha f exactly
+    const acc_t q = b + a * f;  // >= min(b, alpha) > 0: no log of a tiny product
+    return {std::log(q), -f * a / q};
+  }
+};
+
+template <typename acc_t>
+acc_t row_lse(const acc_t* z, int64_t C) {
+  using Vec = Vectorized<acc_t>;
+  const int64_t n = padded<acc_t>(C);
+  Vec vmax(-std::numeric_limits<acc_t>::infinity());
+  for (int64_t i = 0; i < n; i += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(z + i));
+  const acc_t m = reduce_max(vmax);
+  if (m == -std::numeric_limits<acc_t>::infinity()) return m;
+  Vec vsum(0);
+  for (int64_t i = 0; i < n; i += Vec::size()) vsum += vexp(Vec::loadu(z + i) - Vec(m));
+  return m + std::log(reduce_sum(vsum));
+}
+
+template <typename acc_t>
+acc_t slam_forward_row(const SlamArgs<acc_t>& a, int64_t row, RowBuffers<acc_t>& b,
+                       acc_t* stats) {
+  using Vec = Vectorized<acc_t>;
+  const int64_t C = a.p.cols, n = padded<acc_t>(C), k = a.k[row];
+  load_row(a, row, b);
+  const acc_t* z = b.z.data();
+  const acc_t* t = b.t.data();
+  const int64_t yhat = std::max_element(t, t + C) - t;  // the first maximum
+  const acc_t thr = kth_largest(t, C, k, b.work);
+  Vec vgreater(0), vsum(0), vtz(0);
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const Vec tv = Vec::loadu(t + i);
+    vgreater += Vec::blendv(Vec(0), Vec(1), tv > Vec(thr));
+    vsum += tv;
+    vtz += masked_term(tv, Vec::loadu(z + i));
+  }
+  const int64_t ties = k - static_cast<int64_t>(reduce_sum(vgreater));
+  const acc_t lse = row_lse(z, C);
+  const Mix<acc_t> mix(a.alpha[row], k, a.p.normalized);
+  acc_t loss, s, t_sum;
+  if (a.p.hard) {
+    const auto [log_q, h_over_t] = mix.member(z[yhat], lse);
+    loss = -log_q;
+    s = h_over_t;
+    t_sum = 1;
+  } else {
+    // Members: their exact log q; everyone else: log alpha + z - lse, summed
+    // in closed form from the row totals minus the members' share.
+    acc_t m_t = 0, m_tz = 0, m_tlogq = 0, m_h = 0;
+    for_each_member(t, C, thr, ties, [&](int64_t i) {
+      if (t[i] == acc_t(0)) return;  // xlogy: 0 log q = 0
+      const auto [log_q, h_over_t] = mix.member(z[i], lse);
+      m_t += t[i];
+      m_tz += t[i] * z[i];
+      m_tlogq += t[i] * log_q;
+      m_h += t[i] * h_over_t;
+    });
+    t_sum = reduce_sum(vsum);
+    const acc_t rest_t = t_sum - m_t;
+    loss = -(rest_t * (std::log(mix.alpha) - lse) + (reduce_sum(vtz) - m_tz) + m_tlogq);
+    s = -rest_t + m_h;
+  }
+  acc_t* st = stats + row * kSlamStatsCols;
+  st[0] = lse;
+  st[1] = thr;
+  st[2] = static_cast<acc_t>(ties);
+  st[3] = static_cast<acc_t>(yhat);
+  st[4] = t_sum;
+  st[5] = s;
+  return loss;
+}
+
+template <typename acc_t>
+void slam_backward_row(const SlamArgs<acc_t>& a, int64_t row, acc_t g, const acc_t* stats,
+                       RowBuffers<acc_t>& b, TileStorer<acc_t> store, void* grad) {
+  using Vec = Vectorized<acc_t>;
+  const int64_t C = a.p.cols, n = padded<acc_t>(C), k = a.k[row];
+  load_row(a, row, b);
+  acc_t* z = b.z.data();
+  const acc_t* t = b.t.data();
+  const acc_t* st = stats + row * kSlamStatsCols;
+  const acc_t lse = st[0], s = st[5];
+  const int64_t yhat = static_cast<int64_t>(st[3]);
+  const Mix<acc_t> mix(a.alpha[row], k, a.p.normalized);
+  // Members' gradients need the logits, so they are computed before the
+  // vectorized pass overwrites z with dz.
+  std::vector<std::pair<int64_t, acc_t>> members;
+  auto member_grad = [&](int64_t i, acc_t t_i) {
+    const acc_t h = t_i * mix.member(z[i], lse).second;
+    members.emplace_back(i, g * (h - std::exp(z[i] - lse) * s));
+  };
+  if (a.p.hard) {
+    member_grad(yhat, acc_t(1));
+  } else {
+    for_each_member(t, C, st[1], static_cast<int64_t>(st[2]),
+                    [&](int64_t i) { member_grad(i, t[i]); });
+  }
+  // Non-members: h_j = -t_j (0 in hard mode).
+  const Vec vg(g), vs(s), vlse(lse), tscale(a.p.hard ? acc_t(0) : acc_t(1));
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const Vec f = vexp(Vec::loadu(z + i) - vlse);
+    (vg * (Vec(0) - tscale * Vec::loadu(t + i) - f * vs)).store(z + i);
+  }
+  for (const auto& [i, dz] : members) z[i] = dz;
+  for (int64_t j0 = 0; j0 < C; j0 += kTile) {
+    store(z + j0, std::min(kTile, C - j0), grad, row * C + j0);
+  }
+}
+
+template <typename acc_t>
+SlamArgs<acc_t> make_slam_args(const at::Tensor& s, const at::Tensor& t, const at::Tensor& alpha,
+                               const at::Tensor& k, const SlamParams& p) {
+  return SlamArgs<acc_t>{s.data_ptr(), t.data_ptr(), s.stride(0), t.stride(0),
+                         alpha.data_ptr<acc_t>(), k.data_ptr<int64_t>(),
+                         loader_for<acc_t>(s.scalar_type()), loader_for<acc_t>(t.scalar_type()),
+                         p};
+}
+
+std::tuple<at::Tensor, at::Tensor> slam_loss_forward_cpu(
+    const at::Tensor& student_logits, const at::Tensor& teacher_probs, const at::Tensor& alpha,
+    const at::Tensor& k, bool normalized, bool hard) {
+  const SlamParams p = check_slam_args(student_logits, teacher_probs, alpha, k, normalized, hard,
+                                       /*check_values=*/true);
+  const at::Tensor s = unit_stride_rows(student_logits), t = unit_stride_rows(teacher_probs);
+  const at::Tensor al = alpha.contiguous(), kk = k.contiguous();
+  at::Tensor loss = at::empty({p.rows}, al.options());
+  at::Tensor stats = at::empty({p.rows, kSlamStatsCols}, al.options());
+  AT_DISPATCH_FLOATING_TYPES(al.scalar_type(), "slam_loss_forward_cpu", [&] {
+    const auto a = make_slam_args<scalar_t>(s, t, al, kk, p);
+    scalar_t* loss_ptr = loss.data_ptr<scalar_t>();
+    scalar_t* stats_ptr = stats.data_ptr<scalar_t>();
+    at::parallel_for(0, p.rows, row_grain(p.cols), [&](int64_t begin, int64_t end) {
+      RowBuffers<scalar_t> buf(p.cols);
+      for (int64_t row = begin; row < end; ++row) {
+        loss_ptr[row] = slam_forward_row(a, row, buf, stats_ptr);
+      }
+    });
+  });
+  return {loss, stats};
+}
+
+at::Tensor slam_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student_logits,
+                                  const at::Tensor& teacher_probs, const at::Tensor& alpha,
+                                  const at::Tensor& k, const at::Tensor& stats, bool normalized,
+                                  bool hard) {
+  const SlamParams p = check_slam_args(student_logits, teacher_probs, alpha, k, normalized, hard,
+                                       /*check_values=*/false);
+  check_slam_backward_args(grad_loss, stats, student_logits, p);
+  const at::Tensor s = unit_stride_rows(student_logits), t = unit_stride_rows(teacher_probs);
+  const at::Tensor al = alpha.contiguous(), kk = k.contiguous();
+  const at::Tensor g = grad_loss.contiguous(), st = stats.contiguous();
+  at::Tensor grad = at::empty({p.rows, p.cols}, s.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "slam_loss_backward_cpu", [&] {
+    const auto a = make_slam_args<scalar_t>(s, t, al, kk, p);
+    const TileStorer<scalar_t> store = storer_for<scalar_t>(s.scalar_type());
+    const scalar_t* g_ptr = g.data_ptr<scalar_t>();
+    const scalar_t* st_ptr = st.data_ptr<scalar_t>();
+    void* out = grad.data_ptr();
+    at::parallel_for(0, p.rows, row_grain(p.cols), [&](int64_t begin, int64_t end) {
+      RowBuffers<scalar_t> buf(p.cols);
+      for (int64_t row = begin; row < end; ++row) {
+        slam_backward_row(a, row, g_ptr[row], st_ptr, buf, store, out);
+      }
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(distillkit, CPU, m) {
+  m.impl("slam_loss_forward", &slam_loss_forward_cpu);
+  m.impl("slam_loss_backward", &slam_loss_backward_cpu);
+}
+
+}  // namespace distillkit
