@@ -426,6 +426,9 @@ def main(bench: OpBench) -> None:
     report = [f"## {bench.name}: {device.type}, {env['machine']}, {args.threads} threads, "
               f"torch {env['torch']}, rev {env['git_rev']}, {env['date']}", ""]
     report += summary_table(rows)
+    report += ["", "distillkit x: the row's median over distillkit's for the same case and mode. "
+               "peak MB: the process's peak RSS (CPU) or peak allocated memory (CUDA); extra MB: "
+               "that peak less what was held just before the run (the inputs)."]
     if "compile" in args.providers and bench.compile_note:
         report += ["", f"Note: {bench.compile_note}"]
     report += [""] + bench.targets(rows)
