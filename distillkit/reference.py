@@ -116,9 +116,15 @@ def slam_loss_ref(
     mask = topk_mask_ref(t, k).to(acc)
     cc = 1.0 / (k - 1).clamp(min=1).to(acc).reshape(n, 1) if normalized else 1.0
     log_f = torch.log_softmax(z, dim=1)
-    f = log_f.exp()
-    q = alpha * f + (1 - alpha) * cc * mask * (1 - f)
-    log_q = torch.where(mask.bool(), torch.log(q), torch.log(alpha) + log_f)
+    # log q = logaddexp(log(alpha f), log(b (1 - f))) with b = (1 - alpha) c M: exact when
+    # f underflows or rounds to 1. The double `where` keeps masked-out logs from
+    # turning a zero gradient into 0 * inf = NaN.
+    one_minus_f = -torch.expm1(log_f)
+    b = (1 - alpha) * cc * mask
+    live = (one_minus_f > 0) & (b > 0)
+    log_b_rest = torch.where(live, torch.log(torch.where(live, b * one_minus_f, torch.ones_like(b))),
+                             torch.full_like(b, float("-inf")))
+    log_q = torch.logaddexp(torch.log(alpha) + log_f, log_b_rest)
     if hard:
         target = torch.zeros_like(t).scatter_(1, t.argmax(1, keepdim=True), 1.0)
     else:

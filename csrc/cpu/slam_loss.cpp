@@ -105,10 +105,12 @@ struct RowStats {
   acc_t lse, thr, ties, yhat, t_sum, s;
 };
 
-// Visits the members of the top-k set in index order: t_i > thr, plus the
-// first `ties` indices with t_i == thr (ties go to the lower class index).
+// Visits every class with t_i >= thr in index order, saying whether it is a
+// member of the top-k set: t_i > thr, or one of the first `ties` indices with
+// t_i == thr (ties go to the lower class index). Classes below thr are never
+// members and are skipped a vector at a time.
 template <typename acc_t, typename F>
-void for_each_member(const acc_t* t, int64_t C, acc_t thr, int64_t ties, F&& visit) {
+void for_each_candidate(const acc_t* t, int64_t C, acc_t thr, int64_t ties, F&& visit) {
   using Vec = Vectorized<acc_t>;
   int64_t taken = 0;
   for (int64_t i0 = 0; i0 < C; i0 += Vec::size()) {
@@ -117,9 +119,11 @@ void for_each_member(const acc_t* t, int64_t C, acc_t thr, int64_t ties, F&& vis
       continue;
     }
     for (int64_t i = i0; i < i0 + n; ++i) {
-      if (t[i] > thr || (t[i] == thr && taken < ties)) {
-        if (t[i] == thr) ++taken;
-        visit(i);
+      if (t[i] > thr) {
+        visit(i, true);
+      } else if (t[i] == thr) {
+        visit(i, taken < ties);
+        ++taken;
       }
     }
   }
@@ -139,7 +143,9 @@ struct Mix {
     const acc_t log_f = z - lse;
     const acc_t f = std::exp(log_f);
     if (b == acc_t(0)) return {std::log(alpha) + log_f, acc_t(-1)};  // q = alpha f exactly
-    const acc_t q = b + a * f;  // >= min(b, alpha) > 0: no log of a tiny product
+    // q = alpha f + b (1 - f): two non-negative terms, with 1 - f = -expm1(log f)
+    // exact when f is near 1 (b + a f would cancel), and q >= min(b, alpha) > 0.
+    const acc_t q = alpha * f - b * std::expm1(log_f);
     return {std::log(q), -f * a / q};
   }
 };
@@ -167,12 +173,15 @@ acc_t slam_forward_row(const SlamArgs<acc_t>& a, int64_t row, RowBuffers<acc_t>&
   const acc_t* t = b.t.data();
   const int64_t yhat = std::max_element(t, t + C) - t;  // the first maximum
   const acc_t thr = kth_largest(t, C, k, b.work);
-  Vec vgreater(0), vsum(0), vtz(0);
+  // Vectorized sums over the classes below the threshold (never members);
+  // classes at or above it are visited one by one below.
+  Vec vgreater(0), vrest_t(0), vrest_tz(0);
   for (int64_t i = 0; i < n; i += Vec::size()) {
     const Vec tv = Vec::loadu(t + i);
     vgreater += Vec::blendv(Vec(0), Vec(1), tv > Vec(thr));
-    vsum += tv;
-    vtz += masked_term(tv, Vec::loadu(z + i));
+    const Vec below = Vec::blendv(Vec(0), tv, tv < Vec(thr));
+    vrest_t += below;
+    vrest_tz += masked_term(below, Vec::loadu(z + i));
   }
   const int64_t ties = k - static_cast<int64_t>(reduce_sum(vgreater));
   const acc_t lse = row_lse(z, C);
@@ -184,21 +193,26 @@ acc_t slam_forward_row(const SlamArgs<acc_t>& a, int64_t row, RowBuffers<acc_t>&
     s = h_over_t;
     t_sum = 1;
   } else {
-    // Members: their exact log q; everyone else: log alpha + z - lse, summed
-    // in closed form from the row totals minus the members' share.
-    acc_t m_t = 0, m_tz = 0, m_tlogq = 0, m_h = 0;
-    for_each_member(t, C, thr, ties, [&](int64_t i) {
+    // Members: their exact log q; everyone else: log alpha + z - lse, summed in
+    // closed form. Scalar sums over up to C candidates accumulate in double.
+    double rest_t = reduce_sum(vrest_t), rest_tz = reduce_sum(vrest_tz);
+    double m_t = 0, m_tlogq = 0, m_h = 0;
+    for_each_candidate(t, C, thr, ties, [&](int64_t i, bool member) {
       if (t[i] == acc_t(0)) return;  // xlogy: 0 log q = 0
+      if (!member) {
+        rest_t += t[i];
+        rest_tz += static_cast<double>(t[i]) * z[i];
+        return;
+      }
       const auto [log_q, h_over_t] = mix.member(z[i], lse);
       m_t += t[i];
-      m_tz += t[i] * z[i];
-      m_tlogq += t[i] * log_q;
-      m_h += t[i] * h_over_t;
+      m_tlogq += static_cast<double>(t[i]) * log_q;
+      m_h += static_cast<double>(t[i]) * h_over_t;
     });
-    t_sum = reduce_sum(vsum);
-    const acc_t rest_t = t_sum - m_t;
-    loss = -(rest_t * (std::log(mix.alpha) - lse) + (reduce_sum(vtz) - m_tz) + m_tlogq);
-    s = -rest_t + m_h;
+    loss = static_cast<acc_t>(-(rest_t * (std::log(static_cast<double>(mix.alpha)) - lse) +
+                                rest_tz + m_tlogq));
+    s = static_cast<acc_t>(-rest_t + m_h);
+    t_sum = static_cast<acc_t>(rest_t + m_t);
   }
   acc_t* st = stats + row * kSlamStatsCols;
   st[0] = lse;
@@ -232,8 +246,9 @@ void slam_backward_row(const SlamArgs<acc_t>& a, int64_t row, acc_t g, const acc
   if (a.p.hard) {
     member_grad(yhat, acc_t(1));
   } else {
-    for_each_member(t, C, st[1], static_cast<int64_t>(st[2]),
-                    [&](int64_t i) { member_grad(i, t[i]); });
+    for_each_candidate(t, C, st[1], static_cast<int64_t>(st[2]), [&](int64_t i, bool member) {
+      if (member) member_grad(i, t[i]);
+    });
   }
   // Non-members: h_j = -t_j (0 in hard mode).
   const Vec vg(g), vs(s), vlse(lse), tscale(a.p.hard ? acc_t(0) : acc_t(1));
