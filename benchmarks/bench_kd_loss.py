@@ -15,11 +15,11 @@ the loss and its gradient together.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 
-from harness import Case, OpBench, find_row, main
+from harness import Case, OpBench, find_row, main, ratio_line
 
 import distillkit
 from distillkit.reference import kd_loss_ref
@@ -50,23 +50,14 @@ def roofline_bytes(case: Case, mode: str) -> int:
     return n * c * size * (2 if mode == "forward" else 3)
 
 
-def _ratio_line(goal: float, name: str, ours: Optional[Dict[str, Any]],
-                other: Optional[Dict[str, Any]]) -> str:
-    if ours is None or other is None:
-        return f"- >= {goal:g}x faster than {name}: not measured in this run"
-    ratio = other["median_ms"] / ours["median_ms"]
-    return (f"- >= {goal:g}x faster than {name}: {ratio:.2f}x "
-            f"({'met' if ratio >= goal else 'NOT met'})")
-
-
 def targets(rows: List[Dict[str, Any]]) -> List[str]:
     """The issue's goals for fp32 (4096, 32000) forward KL fwd+bwd on a 2-core CPU."""
     n, c = TARGET.shape
     ours = find_row(rows, "distillkit", "full", TARGET)
     lines = ["Targets (issue): 2-core CPU, fp32 (4096, 32000), forward KL, T = 2, "
              "fwd+bwd (mode full), distillkit:",
-             _ratio_line(8, "eager", ours, find_row(rows, "eager", "full", TARGET)),
-             _ratio_line(1.5, "compile", ours, find_row(rows, "compile", "full", TARGET))]
+             ratio_line(8, "eager", ours, find_row(rows, "eager", "full", TARGET)),
+             ratio_line(1.5, "compile", ours, find_row(rows, "compile", "full", TARGET))]
     # Peak <= inputs + gradient + N*C fp32 / 4, i.e. extra over the inputs <= grad + N*C bytes.
     budget_mb = (n * c * 4 + n * c * 4 / 4) / 1e6
     if ours is None:

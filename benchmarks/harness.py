@@ -369,6 +369,16 @@ def find_row(rows: List[Dict[str, Any]], provider: str, mode: str,
     return None
 
 
+def ratio_line(goal: float, name: str, ours: Optional[Dict[str, Any]],
+                other: Optional[Dict[str, Any]]) -> str:
+    """A target line: is `ours` at least `goal` times faster than `other`?"""
+    if ours is None or other is None:
+        return f"- >= {goal:g}x faster than {name}: not measured in this run"
+    ratio = other["median_ms"] / ours["median_ms"]
+    return (f"- >= {goal:g}x faster than {name}: {ratio:.2f}x "
+            f"({'met' if ratio >= goal else 'NOT met'})")
+
+
 def _parse_args(bench: OpBench) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=f"Benchmark {bench.name}: "
                                 + ", ".join(PROVIDERS) + " x " + ", ".join(MODES))
