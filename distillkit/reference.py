@@ -11,7 +11,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-__all__ = ["kd_loss_ref", "slam_loss_ref", "topk_mask_ref", "forward_corrected_loss_ref"]
+__all__ = ["kd_loss_ref", "slam_loss_ref", "topk_mask_ref", "forward_corrected_loss_ref",
+           "distance_ref", "DISTANCE_OPS"]
 
 
 def _acc_dtype(*tensors: Tensor) -> torch.dtype:
@@ -152,3 +153,51 @@ def forward_corrected_loss_ref(student_logits: Tensor, targets: Tensor, transiti
     if reduction == "none":
         return rows
     return rows.sum() if reduction == "sum" else rows.mean()
+
+
+DISTANCE_OPS = ("l1", "l2", "smooth_l1", "kl", "cosine", "pearson")
+_EPS = 1e-8
+
+
+def _rows_last(x: Tensor, dim: int) -> Tensor:
+    """x with `dim` moved last and flattened to rows: (rows, D)."""
+    x = x.movedim(dim, -1)
+    return x.reshape(-1, x.shape[-1])
+
+
+def _correlation_distance(s: Tensor, t: Tensor, center: bool) -> Tensor:
+    """1 − ⟨u, v⟩ / (‖u‖‖v‖ + ε) per row; a row with ‖u‖ = 0 or ‖v‖ = 0 has distance 1 and
+    zero gradient (SPEC §6)."""
+    u = s - s.mean(-1, keepdim=True) if center else s
+    v = t - t.mean(-1, keepdim=True) if center else t
+    nu, nv = u.norm(dim=-1), v.norm(dim=-1)
+    degenerate = (nu == 0) | (nv == 0)
+    denom = torch.where(degenerate, torch.ones_like(nu), nu * nv + _EPS)
+    rho = torch.where(degenerate, torch.zeros_like(nu), (u * v).sum(-1) / denom)
+    return 1 - rho
+
+
+def distance_ref(student: Tensor, teacher: Tensor, op: str, *, dim: int = -1,
+                 temperature: float = 1.0, reduction: str = "mean") -> Tensor:
+    """Reference for :func:`distillkit.distance` (SPEC §6).
+
+    l1 / l2 / smooth_l1 are elementwise (``F.l1_loss``, ``F.mse_loss``,
+    ``F.smooth_l1_loss`` with beta = 1; ``mean`` over elements, ``none`` elementwise);
+    kl / cosine / pearson work on rows along ``dim`` (``mean`` over rows, ``none`` one
+    value per row, with the input's shape less ``dim``).
+    """
+    acc = _acc_dtype(student, teacher)
+    s, t = student.to(acc), teacher.to(acc)
+    if op in ("l1", "l2", "smooth_l1"):
+        fn = {"l1": torch.nn.functional.l1_loss, "l2": torch.nn.functional.mse_loss,
+              "smooth_l1": torch.nn.functional.smooth_l1_loss}[op]
+        return fn(s, t, reduction=reduction)
+    out_shape = s.movedim(dim, -1).shape[:-1]
+    if op == "kl":
+        rows = kd_loss_ref(_rows_last(s, dim), _rows_last(t, dim), temperature=temperature,
+                           reduction="none")
+    else:
+        rows = _correlation_distance(_rows_last(s, dim), _rows_last(t, dim), op == "pearson")
+    if reduction == "none":
+        return rows.reshape(out_shape)
+    return rows.sum() if reduction == "sum" else rows.sum() / max(rows.numel(), 1)
