@@ -36,6 +36,28 @@ TORCH_LIBRARY(distillkit, m) {
       "slam_loss_backward(Tensor grad_loss, Tensor student_logits, "
       "Tensor teacher_probs, Tensor alpha, Tensor k, Tensor stats, "
       "bool normalized, bool hard) -> Tensor");
+
+  // Elementwise distances for searched distillers (SPEC §6): op is "l1",
+  // "l2" (squared error) or "smooth_l1" (beta = 1). Forward returns the sum
+  // over all elements as a 0-d tensor (fixed-order partials: deterministic);
+  // backward returns grad * d/dstudent and, if teacher_grad, its negation
+  // for the teacher (else an empty (0,) tensor).
+  m.def("pointwise_distance_forward(Tensor student, Tensor teacher, str op) -> Tensor");
+  m.def(
+      "pointwise_distance_backward(Tensor grad, Tensor student, Tensor teacher, str op, "
+      "bool teacher_grad) -> (Tensor grad_student, Tensor grad_teacher)");
+  // Row distances 1 - <u, v> / (|u| |v| + eps), eps = 1e-8, over the middle
+  // dimension of (outer, D, inner) inputs: cosine (u = s, v = t) or, with
+  // center, Pearson (u, v centred). A row with |u| = 0 or |v| = 0 has
+  // distance 1 and zero gradient. Returns rows (outer, inner) and stats
+  // (outer, inner, 5) = [mean s, mean t, |u|, |v|, <u, v>] for the backward.
+  m.def(
+      "correlation_distance_forward(Tensor student, Tensor teacher, bool center) "
+      "-> (Tensor rows, Tensor stats)");
+  m.def(
+      "correlation_distance_backward(Tensor grad_rows, Tensor student, Tensor teacher, "
+      "Tensor stats, bool center, bool teacher_grad) "
+      "-> (Tensor grad_student, Tensor grad_teacher)");
 }
 
 // `import distillkit._C` loads this library (which runs the registrations

@@ -1,15 +1,16 @@
 """User-facing loss functions (docstrings carry the math, shapes and conventions)."""
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
-from .ops import kd_loss_rows, slam_loss_rows
+from .ops import correlation_distance_rows, kd_loss_rows, pointwise_distance_sum, slam_loss_rows
 
-__all__ = ["kd_loss", "slam_loss", "forward_corrected_loss"]
+__all__ = ["kd_loss", "slam_loss", "forward_corrected_loss", "distance"]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
@@ -250,3 +251,60 @@ def forward_corrected_loss(student_logits: Tensor, targets: Tensor, transition: 
         t = targets.to(acc)
         rows = -torch.where(t == 0, torch.zeros_like(t), t * log_noisy).sum(1)
     return _reduce_rows(rows, None, reduction)
+
+
+DISTANCE_OPS = ("l1", "l2", "smooth_l1", "kl", "cosine", "pearson")
+
+
+def distance(student: Tensor, teacher: Tensor, op: str, *, dim: int = -1,
+             temperature: float = 1.0, reduction: str = "mean") -> Tensor:
+    r"""Fused distances between student and teacher outputs, for searched distillers (SPEC §6).
+
+    ``op``:
+
+    * ``"l1"``, ``"l2"`` (squared error), ``"smooth_l1"`` (β = 1): elementwise, exactly
+      ``F.l1_loss`` / ``F.mse_loss`` / ``F.smooth_l1_loss``; ``mean`` averages over all
+      elements, ``none`` returns the elementwise tensor (plain PyTorch: nothing to fuse).
+    * ``"kl"``: forward KL(teacher‖student) of ``softmax(·/T)`` over ``dim``, T²-scaled —
+      exactly :func:`kd_loss` on the rows along ``dim``.
+    * ``"cosine"``: 1 − ⟨s, t⟩ / (‖s‖‖t‖ + ε) per row along ``dim``, ε = 1e-8.
+    * ``"pearson"``: 1 − ρ per row, ρ the cosine of the centred rows; ``dim=0`` is the
+      "intra" (per-class, across the batch) form of DIST. A constant row (zero variance)
+      has ρ = 0 and a zero gradient — defined and finite.
+
+    For kl / cosine / pearson, ``mean`` averages over rows and ``none`` returns one value
+    per row, shaped like the input without ``dim``. Inputs of any rank: logits (N, C),
+    features (N, C, H, W). Gradients flow to the student and, when it requires grad, the
+    teacher. Results are fp32 (fp64 for fp64 inputs) and deterministic.
+    """
+    _check_choice("op", op, DISTANCE_OPS)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    if teacher.shape != student.shape:
+        raise ValueError(f"teacher must have the shape of student "
+                         f"(got {tuple(teacher.shape)} and {tuple(student.shape)})")
+    if student.dim() == 0:
+        raise ValueError("student must have at least one dimension")
+    if not -student.dim() <= dim < student.dim():
+        raise ValueError(f"dim must be in [{-student.dim()}, {student.dim() - 1}] (got {dim})")
+    s, t = student, teacher
+    if (s.dtype == torch.float64) != (t.dtype == torch.float64):
+        s, t = s.double(), t.double()
+    if op in ("l1", "l2", "smooth_l1"):
+        if reduction == "none":
+            d = s.float() - t.float() if s.dtype != torch.float64 else s - t
+            return {"l1": d.abs(), "l2": d * d,
+                    "smooth_l1": torch.where(d.abs() < 1, 0.5 * d * d, d.abs() - 0.5)}[op]
+        total = pointwise_distance_sum(s, t, op)
+        return total if reduction == "sum" else total / max(s.numel(), 1)
+    dim = dim % s.dim()
+    if op == "kl":
+        rows_s = s.movedim(dim, -1)
+        return kd_loss(rows_s, t.movedim(dim, -1), temperature=temperature, reduction=reduction)
+    outer = math.prod(s.shape[:dim])
+    inner = math.prod(s.shape[dim + 1:])
+    shape3 = (outer, s.shape[dim], inner)
+    rows = correlation_distance_rows(s.reshape(shape3), t.reshape(shape3), op == "pearson")
+    if reduction == "none":
+        return rows.reshape(s.shape[:dim] + s.shape[dim + 1:])
+    total = rows.sum()
+    return total if reduction == "sum" else total / max(rows.numel(), 1)

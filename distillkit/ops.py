@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["kd_loss_rows", "slam_loss_rows"]
+__all__ = ["kd_loss_rows", "slam_loss_rows", "pointwise_distance_sum", "correlation_distance_rows"]
 
 # Columns of the per-row statistics kd_loss_forward saves for its backward.
 KD_STATS_COLS = 5
@@ -136,3 +136,85 @@ def _slam_backward(ctx, grad_loss, _grad_stats):
 
 torch.library.register_autograd("distillkit::slam_loss_forward", _slam_backward,
                                 setup_context=_slam_setup_context)
+
+
+# --- distances (KD-Zero) -----------------------------------------------------------
+
+CORRELATION_STATS = 5
+
+
+def pointwise_distance_sum(student: Tensor, teacher: Tensor, op: str) -> Tensor:
+    """Σ over all elements of |s − t| ("l1"), (s − t)² ("l2") or smooth-L1 (β = 1), 0-d."""
+    return torch.ops.distillkit.pointwise_distance_forward(student, teacher, op)
+
+
+@torch.library.register_fake("distillkit::pointwise_distance_forward")
+def _pointwise_forward_fake(student, teacher, op):
+    torch._check(teacher.shape == student.shape, lambda: "teacher must have the shape of student")
+    return student.new_empty((), dtype=_acc_dtype(student))
+
+
+@torch.library.register_fake("distillkit::pointwise_distance_backward")
+def _pointwise_backward_fake(grad, student, teacher, op, teacher_grad):
+    return (torch.empty_like(student),
+            torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,)))
+
+
+def _pointwise_setup_context(ctx, inputs, output):
+    student, teacher, op = inputs
+    ctx.save_for_backward(student, teacher)
+    ctx.op = op
+
+
+def _pointwise_backward(ctx, grad):
+    student, teacher = ctx.saved_tensors
+    teacher_grad = ctx.needs_input_grad[1]
+    gs, gt = torch.ops.distillkit.pointwise_distance_backward(grad, student, teacher, ctx.op,
+                                                              teacher_grad)
+    return gs, (gt if teacher_grad else None), None
+
+
+torch.library.register_autograd("distillkit::pointwise_distance_forward", _pointwise_backward,
+                                setup_context=_pointwise_setup_context)
+
+
+def correlation_distance_rows(student: Tensor, teacher: Tensor, center: bool) -> Tensor:
+    """1 − cos (center=False) or 1 − Pearson ρ (center=True) over dim 1 of (outer, D, inner)
+    inputs; returns (outer, inner)."""
+    rows, _ = torch.ops.distillkit.correlation_distance_forward(student, teacher, bool(center))
+    return rows
+
+
+@torch.library.register_fake("distillkit::correlation_distance_forward")
+def _correlation_forward_fake(student, teacher, center):
+    torch._check(student.dim() == 3, lambda: "student must be 3-D (outer, D, inner)")
+    torch._check(teacher.shape == student.shape, lambda: "teacher must have the shape of student")
+    outer, _, inner = student.shape
+    acc = _acc_dtype(student)
+    return (student.new_empty((outer, inner), dtype=acc),
+            student.new_empty((outer, inner, CORRELATION_STATS), dtype=acc))
+
+
+@torch.library.register_fake("distillkit::correlation_distance_backward")
+def _correlation_backward_fake(grad_rows, student, teacher, stats, center, teacher_grad):
+    return (torch.empty_like(student),
+            torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,)))
+
+
+def _correlation_setup_context(ctx, inputs, output):
+    student, teacher, center = inputs
+    ctx.save_for_backward(student, teacher, output[1])
+    ctx.center = center
+    ctx.mark_non_differentiable(output[1])
+
+
+def _correlation_backward(ctx, grad_rows, _grad_stats):
+    student, teacher, stats = ctx.saved_tensors
+    teacher_grad = ctx.needs_input_grad[1]
+    gs, gt = torch.ops.distillkit.correlation_distance_backward(
+        grad_rows.contiguous(), student, teacher, stats, ctx.center, teacher_grad)
+    return gs, (gt if teacher_grad else None), None
+
+
+torch.library.register_autograd("distillkit::correlation_distance_forward", _correlation_backward,
+                                setup_context=_correlation_setup_context)
