@@ -1,0 +1,211 @@
+"""distance (SPEC §6) against distance_ref and PyTorch's own losses."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import distillkit
+from distillkit import distance
+from distillkit.reference import DISTANCE_OPS, distance_ref
+
+from conftest import DEVICES, GRAD_TOL, HAS_CUDA
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# Sums of many elements: compare relative to the magnitude.
+LOSS_TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5),
+            torch.bfloat16: (1e-4, 1e-4), torch.float16: (1e-4, 1e-4)}
+
+
+def make(shape, dtype=torch.float32, device="cpu", teacher_grad=True):
+    s = (torch.randn(shape, device=device) * 2).to(dtype).requires_grad_()
+    t = (torch.randn(shape, device=device) * 2).to(dtype).requires_grad_(teacher_grad)
+    return s, t
+
+
+def run_both(s, t, op, **kw):
+    out, g = [], None
+    wrt = (s, t) if t.requires_grad else (s,)
+    for fn in (distance, distance_ref):
+        loss = fn(s, t, op, **kw)
+        if g is None:
+            g = torch.randn_like(loss)
+        out.append((loss, torch.autograd.grad(loss, wrt, g)))
+    return out
+
+
+def assert_matches(fused, ref, dtype):
+    (loss, grads), (rloss, rgrads) = fused, ref
+    assert loss.dtype == rloss.dtype and loss.shape == rloss.shape
+    rtol, atol = LOSS_TOL[dtype]
+    torch.testing.assert_close(loss, rloss, rtol=rtol, atol=atol * max(1.0, rloss.abs().max().item()))
+    rtol, atol = GRAD_TOL[dtype]
+    for g, rg in zip(grads, rgrads):
+        assert g.dtype == rg.dtype
+        torch.testing.assert_close(g.float(), rg.float(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", DISTANCE_OPS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape,dim", [((6, 37), -1), ((4, 3, 5, 7), 1), ((33, 10), 0)], ids=str)
+def test_table(device, dtype, op, reduction, shape, dim):
+    s, t = make(shape, dtype, device)
+    assert_matches(*run_both(s, t, op, dim=dim, temperature=2.0, reduction=reduction), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", DISTANCE_OPS)
+@pytest.mark.parametrize("shape,dim", [((1, 2), -1), ((3, 32000), -1), ((2, 16, 9, 9), 1),
+                                       ((2, 3, 4), 2), ((40, 17), 0)], ids=str)
+def test_shapes(device, op, shape, dim):
+    s, t = make(shape, device=device, teacher_grad=False)
+    assert_matches(*run_both(s, t, op, dim=dim, temperature=3.0), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_pytorch_losses(device):
+    s, t = make((8, 50), device=device)
+    torch.testing.assert_close(distance(s, t, "l1"), F.l1_loss(s, t))
+    torch.testing.assert_close(distance(s, t, "l2"), F.mse_loss(s, t))
+    torch.testing.assert_close(distance(s, t, "smooth_l1"), F.smooth_l1_loss(s, t))
+    torch.testing.assert_close(distance(s, t, "cosine"), (1 - F.cosine_similarity(s, t)).mean())
+    expected = F.kl_div(F.log_softmax(s / 4, -1), F.log_softmax(t / 4, -1), reduction="batchmean",
+                        log_target=True) * 16
+    torch.testing.assert_close(distance(s, t, "kl", temperature=4.0), expected)
+    rho = torch.stack([torch.corrcoef(torch.stack([a, b]))[0, 1] for a, b in zip(s, t)])
+    torch.testing.assert_close(distance(s, t, "pearson"), (1 - rho).mean())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["cosine", "pearson"])
+def test_constant_rows(device, op):
+    """Zero-variance (pearson) or zero (cosine) rows: distance 1, finite zero gradient."""
+    s, t = make((4, 12), device=device)
+    with torch.no_grad():
+        s[0] = 0.0
+        t[1] = 0.0
+        if op == "pearson":
+            s[2] = 3.0
+    fused, ref = run_both(s, t, op, reduction="none")
+    assert_matches(fused, ref, torch.float32)
+    degenerate = [0, 1, 2] if op == "pearson" else [0, 1]
+    assert (fused[0][degenerate] == 1).all()
+    assert torch.isfinite(fused[1][0]).all() and torch.isfinite(fused[1][1]).all()
+    assert not fused[1][0][degenerate].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_and_mixed(device):
+    base = torch.randn(10, 24, device=device)
+    s = base[::2, ::2].requires_grad_()
+    t = torch.randn(12, 5, device=device).t().requires_grad_()
+    for op in DISTANCE_OPS:
+        assert_matches(*run_both(s, t, op), torch.float32)
+    sb = torch.randn(5, 12, device=device).bfloat16().requires_grad_()
+    fused, ref = run_both(sb, torch.randn(5, 12, device=device, requires_grad=True), "pearson")
+    assert fused[1][0].dtype == torch.bfloat16 and fused[1][1].dtype == torch.float32
+    assert_matches(fused, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(op="l3"), "op must be one of"),
+    (dict(reduction="batchmean"), "reduction"),
+    (dict(teacher_shape=(4, 11)), "teacher must have the shape"),
+    (dict(dim=2), "dim must be in"),
+    (dict(int_input=True), "floating"),
+])
+def test_bad_input(bad, message):
+    s, t = torch.randn(4, 10), torch.randn(*bad.get("teacher_shape", (4, 10)))
+    if bad.get("int_input"):
+        s, t = s.long(), t.long()
+    with pytest.raises(ValueError, match=message):
+        distance(s, t, bad.get("op", "cosine"), dim=bad.get("dim", -1),
+                 reduction=bad.get("reduction", "mean"))
+
+
+def test_op_level_checks():
+    with pytest.raises(ValueError, match="student must be 3-D"):
+        torch.ops.distillkit.correlation_distance_forward(torch.randn(2, 3), torch.randn(2, 3), True)
+    with pytest.raises(ValueError, match="op must be one of 'l1'"):
+        torch.ops.distillkit.pointwise_distance_forward(torch.randn(2), torch.randn(2), "kl")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op,shape,dim", [("smooth_l1", (3, 5), -1), ("cosine", (3, 6), -1),
+                                          ("pearson", (2, 3, 4), 1), ("pearson", (5, 3), 0)])
+def test_gradcheck(device, op, shape, dim):
+    s, t = make(shape, torch.float64, device)
+    if op == "smooth_l1":  # keep |d| away from the kinks at 0 and 1, where it is not smooth
+        with torch.no_grad():
+            t.copy_(s + torch.tensor([0.3, 1.7, -0.4, -2.2, 0.6], dtype=torch.float64, device=device))
+    assert torch.autograd.gradcheck(lambda a, b: distance(a, b, op, dim=dim, reduction="none"),
+                                    (s, t))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    s, t = make((3, 7, 5), device=device)
+    torch.library.opcheck(torch.ops.distillkit.correlation_distance_forward, (s, t, True))
+    torch.library.opcheck(torch.ops.distillkit.pointwise_distance_forward, (s, t, "smooth_l1"))
+    rows, stats = torch.ops.distillkit.correlation_distance_forward(s, t, False)
+    torch.library.opcheck(torch.ops.distillkit.correlation_distance_backward,
+                          (torch.rand_like(rows), s.detach(), t.detach(), stats, False, True))
+    torch.library.opcheck(torch.ops.distillkit.pointwise_distance_backward,
+                          (torch.tensor(0.5, device=device), s.detach(), t.detach(), "l1", True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph(device):
+    s, t = make((4, 8, 3, 3), device=device)
+
+    def f(s, t):
+        return (distance(s, t, "pearson", dim=1) + distance(s, t, "l2")
+                + distance(s, t, "kl", dim=1, temperature=2.0))
+
+    compiled = torch.compile(f, fullgraph=True)
+    out, eager = compiled(s, t), f(s, t)
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(torch.autograd.grad(out, (s, t)), torch.autograd.grad(eager, (s, t)))
+
+
+def test_deterministic_across_thread_counts():
+    s, t = make((300, 2049))
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(torch.stack([distance(s, t, op) for op in DISTANCE_OPS]))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_cuda_kernels_built_when_expected():
+    if os.environ.get("DISTILLKIT_EXPECT_CUDA") != "1":
+        pytest.skip("DISTILLKIT_EXPECT_CUDA not set")
+    assert distillkit._C.with_cuda == 1
+    for op in ("pointwise_distance_forward", "pointwise_distance_backward",
+               "correlation_distance_forward", "correlation_distance_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"distillkit::{op}", "CUDA")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("op", DISTANCE_OPS)
+@pytest.mark.parametrize("shape,dim", [((64, 32000), -1), ((8, 64, 16, 16), 1), ((256, 100), 0)],
+                         ids=str)
+def test_cuda_matches_cpu(op, shape, dim):
+    s, t = make(shape)
+    cpu = distance(s, t, op, dim=dim, reduction="none" if op not in ("l1", "l2", "smooth_l1") else "mean")
+    cpu_grads = torch.autograd.grad(cpu.sum(), (s, t))
+    sc, tc = (x.detach().cuda().requires_grad_() for x in (s, t))
+    gpu = distance(sc, tc, op, dim=dim, reduction="none" if op not in ("l1", "l2", "smooth_l1") else "mean")
+    gpu_grads = torch.autograd.grad(gpu.sum(), (sc, tc))
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-5)
+    for g, cg in zip(gpu_grads, cpu_grads):
+        torch.testing.assert_close(g.cpu(), cg, rtol=1e-4, atol=1e-6)
