@@ -1,10 +1,12 @@
 // Device helpers shared by the CUDA kernels: accumulator math overloads,
-// online log-sum-exp states, warp and block all-reductions, and a row walker
-// that turns a row into 16-byte packs plus a scalar head and tail.
+// online log-sum-exp states, warp and block all-reductions, a row walker
+// that turns a row into 16-byte packs plus a scalar head and tail, a block
+// prefix count and a block radix select (the k-th largest key of a row).
 //
 // Reductions are all-reductions in a fixed order, so every thread of a row
 // group ends with the bitwise-same value, and a row's result does not depend
-// on scheduling (no atomics).
+// on scheduling (no floating-point atomics; the radix select's histogram
+// uses integer atomics, whose counts do not depend on order).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -229,6 +231,153 @@ __device__ __forceinline__ void for_each_pack(
   }
   for (int j = tail + lane; j < cols; j += lanes) f(j, std::integral_constant<int, 1>{});
 }
+
+// Exclusive prefix sum of one int per thread over the kThreads threads of the
+// block, in thread order; `total` gets the block's sum. Every thread must call
+// it. `smem` holds kThreads / 32 ints and may be reused by the next call.
+template <int kThreads>
+__device__ __forceinline__ int block_exclusive_scan(int v, int* smem, int& total) {
+  static_assert(kThreads % kWarpSize == 0, "a block is whole warps");
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  int inclusive = v;
+#pragma unroll
+  for (int d = 1; d < kWarpSize; d *= 2) {
+    const int y = __shfl_up_sync(0xffffffffu, inclusive, d);
+    if (lane >= d) inclusive += y;
+  }
+  __syncthreads();  // the previous call's readers of smem are done
+  if (lane == kWarpSize - 1) smem[warp] = inclusive;
+  __syncthreads();
+  int before = 0;
+  total = 0;
+#pragma unroll
+  for (int w = 0; w < kThreads / kWarpSize; ++w) {
+    const int s = smem[w];
+    before += w < warp ? s : 0;
+    total += s;
+  }
+  return before + inclusive - v;
+}
+
+// Unsigned keys whose integer order is the order of non-negative floats
+// (IEEE bit patterns of values >= 0 sort as integers). -0 maps to +0's key,
+// since the two compare equal.
+__device__ __forceinline__ uint32_t nonneg_key(float x) {
+  return x == 0.0f ? 0u : __float_as_uint(x);
+}
+__device__ __forceinline__ uint64_t nonneg_key(double x) {
+  return x == 0.0 ? 0ull : static_cast<uint64_t>(__double_as_longlong(x));
+}
+__device__ __forceinline__ float key_value(uint32_t key) { return __uint_as_float(key); }
+__device__ __forceinline__ double key_value(uint64_t key) {
+  return __longlong_as_double(static_cast<long long>(key));
+}
+
+// The k-th largest (1-based, with multiplicity) of a multiset of unsigned
+// keys spread over the threads of a block, by most-significant-digit radix
+// select: each pass histograms, in shared memory, the next kDigitBits bits of
+// the keys that match the digits chosen so far, and keeps the bin that holds
+// the k-th largest. Deterministic: the result depends on counts only.
+//
+// A pass is begin_pass(); every thread calls count(key) for each of its keys
+// (every key of the multiset once); end_pass(). All threads of the block take
+// part in begin_pass/end_pass and leave with the same state. Keys must be
+// below 2^key_bits; passes run until done(), ceil(key_bits / kDigitBits) of
+// them. After the last pass, value() is the k-th largest key and rank() is
+// k minus the number of keys above it (>= 1: how many copies of value() the
+// k largest take). The multiset must hold at least k keys.
+constexpr int kRadixDigitBits = 11;
+constexpr int kRadixBins = 1 << kRadixDigitBits;
+
+// The shared memory of a BlockRadixSelect, whatever its key type (so that
+// selects over different keys can take turns on one buffer).
+template <int kThreads>
+struct RadixSelectShared {
+  int hist[kRadixBins];
+  int scan[kThreads / kWarpSize];
+  int bin;
+  int rank;
+  int count;
+};
+
+template <typename Key, int kThreads>
+struct BlockRadixSelect {
+  static_assert(std::is_unsigned_v<Key>, "radix keys are unsigned");
+  static constexpr int kKeyBits = 8 * sizeof(Key);
+  static constexpr int kDigitBits = kRadixDigitBits;
+  static constexpr int kBins = kRadixBins;
+  static_assert(kBins % kThreads == 0, "every thread owns whole bins");
+  static constexpr int kBinsPerThread = kBins / kThreads;
+  using Shared = RadixSelectShared<kThreads>;
+
+  Shared& sh;
+  Key prefix;     // the digits chosen so far, in place; 0 below bit `hi`
+  Key mask;       // the bits at and above `hi`
+  int hi;         // the bits below hi are still undecided
+  int lo;         // this pass's digit: bits [lo, hi)
+  int k_rank;     // rank of the target among the keys that match prefix
+  int bin_count;  // keys in the chosen bin of the last pass
+  int total;      // keys that matched prefix in the last pass
+
+  __device__ __forceinline__ BlockRadixSelect(Shared& shared, int key_bits, int k)
+      : sh(shared), prefix(0), hi(key_bits), k_rank(k), bin_count(0), total(0) {
+    mask = hi >= kKeyBits ? Key(0) : ~Key(0) << hi;
+    lo = max(hi - kDigitBits, 0);
+  }
+
+  __device__ __forceinline__ bool done() const { return hi == 0; }
+  __device__ __forceinline__ Key value() const { return prefix; }
+  __device__ __forceinline__ int rank() const { return k_rank; }
+
+  __device__ __forceinline__ void begin_pass() {
+    // The previous pass's readers of hist passed end_pass's last barrier.
+    for (int b = threadIdx.x; b < kBins; b += kThreads) sh.hist[b] = 0;
+    __syncthreads();
+  }
+
+  // The bin is bits [lo, lo + kDigitBits); in a last, narrower digit its top
+  // bits are already decided (equal for every counted key), so the walk in
+  // end_pass still sees the keys in order and prefix |= bin << lo keeps them.
+  __device__ __forceinline__ void count(Key key) {
+    if ((key & mask) == prefix) {
+      atomicAdd(&sh.hist[static_cast<int>((key >> lo) & Key(kBins - 1))], 1);
+    }
+  }
+
+  __device__ __forceinline__ void end_pass() {
+    __syncthreads();  // the histogram is complete
+    // Thread i owns the bins kBins-1-i*P down to kBins-(i+1)*P (P bins per
+    // thread), so thread order is descending key order and an exclusive
+    // scan gives each thread the number of keys above its bins.
+    const int top = kBins - 1 - static_cast<int>(threadIdx.x) * kBinsPerThread;
+    int c[kBinsPerThread];
+    int sum = 0;
+#pragma unroll
+    for (int j = 0; j < kBinsPerThread; ++j) {
+      c[j] = sh.hist[top - j];
+      sum += c[j];
+    }
+    int above = block_exclusive_scan<kThreads>(sum, sh.scan, total);
+#pragma unroll
+    for (int j = 0; j < kBinsPerThread; ++j) {
+      // Exactly one bin holds the k_rank-th largest when k_rank <= total.
+      if (above < k_rank && k_rank <= above + c[j]) {
+        sh.bin = top - j;
+        sh.rank = k_rank - above;
+        sh.count = c[j];
+      }
+      above += c[j];
+    }
+    __syncthreads();
+    prefix |= static_cast<Key>(sh.bin) << lo;
+    k_rank = sh.rank;
+    bin_count = sh.count;
+    hi = lo;
+    mask = ~Key(0) << lo;
+    lo = max(hi - kDigitBits, 0);
+  }
+};
 
 }  // namespace device
 }  // namespace distillkit

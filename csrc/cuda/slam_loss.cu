@@ -1,0 +1,562 @@
+// CUDA kernels for slam_loss (SPEC §2); the math and the stats layout are in
+// slam_loss.h, and the CPU kernel (csrc/cpu/slam_loss.cpp) is the reference
+// for every stat the backward reads.
+//
+// Mapping: one row per block of kBlockThreads threads (a grid-stride loop
+// over rows), so every row reduction stays in the block: warp shuffles, then
+// the warps' partials merged in a fixed order (no floating-point atomics;
+// deterministic).
+//
+// Forward, per row:
+//   1. one pass over z and t: online log-sum-exp of z, the teacher's first
+//      argmax, and the first radix digit histogram of the top-k select;
+//   2. passes over t that finish the radix select of the k-th largest t
+//      (the threshold thr, exact, with multiplicity; 11-bit digits over the
+//      order-preserving bits of t >= 0: 3 passes for fp32, 6 for fp64, the
+//      first fused into pass 1). It also yields ties = k - #(t > thr) and
+//      the number of t == thr;
+//   3. (soft mode) when fewer ties are taken than there are t == thr, a
+//      radix select over the indices of those entries finds the index of the
+//      ties-th one (the cut; members at the threshold are those up to it);
+//   4. (soft mode) one pass over z and t summing the members' exact
+//      t log q and h, and the non-members' t (log alpha + z - lse) and -t.
+//      Hard mode reads z[yhat] only.
+// Backward recomputes the member set from the saved threshold and ties (the
+// cut select's first pass over t counts the entries at the threshold; more
+// passes run only when some of them are left out), then writes
+// dz = g (h - f S) in one pass over z and t (over z only in hard mode).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+
+#include "checks.h"
+#include "common.cuh"
+#include "slam_loss.h"
+
+namespace distillkit {
+namespace {
+
+using device::BlockRadixSelect;
+using device::for_each_pack;
+using device::group_allreduce;
+using device::kWarpSize;
+using device::load_pack;
+using device::nonneg_key;
+using device::OnlineLSE;
+using device::store_pack;
+using device::xmul;
+
+constexpr int kBlockThreads = 256;
+
+// Elements per pack: 16-byte loads of the wider of the two input types.
+template <typename S, typename T>
+constexpr int pack_width() {
+  return static_cast<int>(16 / std::max(sizeof(S), sizeof(T)));
+}
+
+template <typename S>
+using acc_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+// Radix keys of teacher values in the accumulator type.
+template <typename A>
+using value_key_t = std::conditional_t<std::is_same_v<A, double>, uint64_t, uint32_t>;
+
+template <typename A>
+using ValueSelect = BlockRadixSelect<value_key_t<A>, kBlockThreads>;
+using IndexSelect = BlockRadixSelect<uint32_t, kBlockThreads>;
+// Both selects take turns on one shared buffer.
+using SelectShared = device::RadixSelectShared<kBlockThreads>;
+
+struct SlamScalars {
+  int64_t rows;
+  int cols;
+  bool normalized;
+  bool hard;
+  bool aligned;  // every tensor's base pointer is aligned to a pack
+};
+
+template <typename S, typename T, typename A>
+struct ForwardArgs {
+  const S* student;
+  const T* teacher;
+  const A* alpha;     // (N,)
+  const int64_t* k;   // (N,)
+  A* loss;            // (N,)
+  A* stats;           // (N, kSlamStatsCols)
+  SlamScalars p;
+};
+
+template <typename S, typename T, typename A>
+struct BackwardArgs {
+  const A* grad_loss;  // (N,)
+  const S* student;
+  const T* teacher;
+  const A* alpha;
+  const int64_t* k;
+  const A* stats;      // (N, kSlamStatsCols), from either backend's forward
+  S* grad_student;
+  SlamScalars p;
+};
+
+// The mixing constants of a row, as in the CPU kernel: c = 1 or 1/(k-1),
+// b = (1 - alpha) c, a = alpha - b. The products are unfused so that b is
+// exactly 0 when alpha is 1 and a is rounded as on the CPU.
+template <typename A>
+struct Mix {
+  A log_alpha;
+  A b;
+  A a;
+
+  __device__ __forceinline__ Mix(A alpha, int64_t k, bool normalized) {
+    const A c = normalized ? A(1) / static_cast<A>(k - 1) : A(1);
+    b = device::mul_rn(A(1) - alpha, c);
+    a = alpha - b;
+    log_alpha = device::acc_log(alpha);
+  }
+
+  // log q and h / t = -f a / q of a member with logit z.
+  __device__ __forceinline__ void member(A z, A lse, A& log_q, A& h_over_t) const {
+    const A log_f = z - lse;
+    const A f = device::acc_exp(log_f);
+    if (b == A(0)) {  // alpha = 1: q = f exactly
+      log_q = log_alpha + log_f;
+      h_over_t = A(-1);
+      return;
+    }
+    const A q = b + a * f;  // between min(b, alpha) and max(b, alpha): > 0
+    log_q = device::acc_log(q);
+    h_over_t = -f * a / q;
+  }
+};
+
+// The top-k set: t > thr, plus the entries t == thr up to index `cut` (the
+// first `ties` of them in index order).
+template <typename A>
+struct Members {
+  A thr;
+  int cut;
+  __device__ __forceinline__ bool contains(A t, int col) const {
+    return t > thr || (t == thr && col <= cut);
+  }
+};
+
+// The teacher's first argmax: the larger value wins, equal values go to the
+// lower index (a commutative merge, as the butterfly needs).
+template <typename A>
+struct ArgMax {
+  A value;
+  int index;
+};
+
+template <typename A>
+__device__ __forceinline__ ArgMax<A> merge(const ArgMax<A>& x, const ArgMax<A>& y) {
+  if (x.value != y.value) return x.value > y.value ? x : y;
+  return x.index < y.index ? x : y;
+}
+
+template <typename A>
+__device__ __forceinline__ ArgMax<A> shfl_xor(const ArgMax<A>& v, int mask) {
+  return {device::shfl_xor(v.value, mask), __shfl_xor_sync(0xffffffffu, v.index, mask)};
+}
+
+// Pass 1 state: online lse of z and the teacher's argmax.
+template <typename A>
+struct RowHead {
+  OnlineLSE<A> z;
+  ArgMax<A> top;
+};
+
+template <typename A>
+__device__ __forceinline__ RowHead<A> merge(const RowHead<A>& x, const RowHead<A>& y) {
+  return {device::merge(x.z, y.z), merge(x.top, y.top)};
+}
+
+template <typename A>
+__device__ __forceinline__ RowHead<A> shfl_xor(const RowHead<A>& v, int mask) {
+  return {device::shfl_xor(v.z, mask), shfl_xor(v.top, mask)};
+}
+
+// Soft-mode sums of the forward's member pass. With t > 0 only (xlogy):
+// members give t log q and t (h / t); non-members give t and t (z - lse).
+template <typename A>
+struct SoftSums {
+  A t_sum;     // all t
+  A rest_t;    // non-members' t
+  A rest_tlf;  // non-members' t log f
+  A m_tlogq;   // members' t log q
+  A m_h;       // members' h
+};
+
+template <typename A>
+__device__ __forceinline__ SoftSums<A> merge(const SoftSums<A>& x, const SoftSums<A>& y) {
+  return {x.t_sum + y.t_sum, x.rest_t + y.rest_t, x.rest_tlf + y.rest_tlf,
+          x.m_tlogq + y.m_tlogq, x.m_h + y.m_h};
+}
+
+template <typename A>
+__device__ __forceinline__ SoftSums<A> shfl_xor(const SoftSums<A>& v, int mask) {
+  return {device::shfl_xor(v.t_sum, mask), device::shfl_xor(v.rest_t, mask),
+          device::shfl_xor(v.rest_tlf, mask), device::shfl_xor(v.m_tlogq, mask),
+          device::shfl_xor(v.m_h, mask)};
+}
+
+// The index of the ties-th entry with t == thr (in index order), or cols - 1
+// when all `count_eq` of them are taken. A radix select of the ties-th largest
+// key cols-1-i over those entries. count_eq < 0 means unknown: the first
+// pass counts them, and the select stops there when all are taken.
+template <int kVec, typename T, typename A>
+__device__ int tie_cut(const T* t, int64_t row_start, const SlamScalars& p, A thr, int ties,
+                       int count_eq, SelectShared& sh) {
+  if (count_eq >= 0 && ties >= count_eq) return p.cols - 1;
+  const int key_bits = max(1, 32 - __clz(p.cols - 1));  // keys < cols
+  IndexSelect sel(sh, key_bits, ties);
+  while (!sel.done()) {
+    sel.begin_pass();
+    for_each_pack<kVec>(row_start, p.cols, p.aligned, threadIdx.x, kBlockThreads,
+                        [&](int col, auto n) {
+                          constexpr int N = decltype(n)::value;
+                          A tr[N];
+                          load_pack<N>(t + col, tr);
+#pragma unroll
+                          for (int i = 0; i < N; ++i) {
+                            if (tr[i] == thr) sel.count(static_cast<uint32_t>(p.cols - 1 - (col + i)));
+                          }
+                        });
+    sel.end_pass();
+    if (count_eq < 0) {
+      count_eq = sel.total;
+      if (ties >= count_eq) return p.cols - 1;
+    }
+  }
+  return p.cols - 1 - static_cast<int>(sel.value());
+}
+
+template <typename S, typename T, typename A>
+__global__ void __launch_bounds__(kBlockThreads)
+    slam_loss_forward_kernel(const ForwardArgs<S, T, A> args) {
+  constexpr int kVec = pack_width<S, T>();
+  using Key = value_key_t<A>;
+  __shared__ SelectShared select_smem;
+  __shared__ RowHead<A> head_smem[kBlockThreads / kWarpSize];
+  __shared__ SoftSums<A> sums_smem[kBlockThreads / kWarpSize];
+  const SlamScalars& p = args.p;
+  const int tid = threadIdx.x;
+
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    const int64_t row_start = row * p.cols;
+    const S* z = args.student + row_start;
+    const T* t = args.teacher + row_start;
+    const int64_t k = args.k[row];
+
+    // 1. lse(z), argmax t, and the select's first digit.
+    ValueSelect<A> sel(select_smem, 8 * sizeof(Key), static_cast<int>(k));
+    sel.begin_pass();
+    RowHead<A> head{OnlineLSE<A>::empty(), {A(-1), std::numeric_limits<int>::max()}};
+    for_each_pack<kVec>(row_start, p.cols, p.aligned, tid, kBlockThreads, [&](int col, auto n) {
+      constexpr int N = decltype(n)::value;
+      A zr[N], tr[N];
+      load_pack<N>(z + col, zr);
+      load_pack<N>(t + col, tr);
+      head.z.add(zr);
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        head.top = merge(head.top, ArgMax<A>{tr[i], col + i});
+        sel.count(nonneg_key(tr[i]));
+      }
+    });
+    sel.end_pass();
+    head = group_allreduce<kBlockThreads>(head, head_smem);
+    const A lse = head.z.lse();
+    const int yhat = head.top.index;
+
+    // 2. The rest of the threshold select.
+    while (!sel.done()) {
+      sel.begin_pass();
+      for_each_pack<kVec>(row_start, p.cols, p.aligned, tid, kBlockThreads, [&](int col, auto n) {
+        constexpr int N = decltype(n)::value;
+        A tr[N];
+        load_pack<N>(t + col, tr);
+#pragma unroll
+        for (int i = 0; i < N; ++i) sel.count(nonneg_key(tr[i]));
+      });
+      sel.end_pass();
+    }
+    const A thr = device::key_value(sel.value());
+    const int ties = sel.rank();
+    const int count_eq = sel.bin_count;  // the last bin holds exactly the keys equal to thr
+
+    const Mix<A> mix(args.alpha[row], k, p.normalized);
+    A loss, s, t_sum;
+    if (p.hard) {
+      // yhat is always a member (rank 0 of the top-k order).
+      A log_q, h_over_t;
+      mix.member(static_cast<A>(z[yhat]), lse, log_q, h_over_t);
+      loss = -log_q;
+      s = h_over_t;
+      t_sum = A(1);
+    } else {
+      // 3. and 4.
+      const Members<A> m{thr, tie_cut<kVec>(t, row_start, p, thr, ties, count_eq, select_smem)};
+      SoftSums<A> sums{A(0), A(0), A(0), A(0), A(0)};
+      for_each_pack<kVec>(row_start, p.cols, p.aligned, tid, kBlockThreads, [&](int col, auto n) {
+        constexpr int N = decltype(n)::value;
+        A zr[N], tr[N];
+        load_pack<N>(z + col, zr);
+        load_pack<N>(t + col, tr);
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+          sums.t_sum += tr[i];
+          if (tr[i] == A(0)) continue;  // xlogy: 0 log q = 0
+          if (m.contains(tr[i], col + i)) {
+            A log_q, h_over_t;
+            mix.member(zr[i], lse, log_q, h_over_t);
+            sums.m_tlogq += tr[i] * log_q;
+            sums.m_h += tr[i] * h_over_t;
+          } else {
+            sums.rest_t += tr[i];
+            sums.rest_tlf += tr[i] * (zr[i] - lse);
+          }
+        }
+      });
+      sums = group_allreduce<kBlockThreads>(sums, sums_smem);
+      // Non-members: log q = log alpha + (z - lse).
+      loss = -(sums.rest_t * mix.log_alpha + sums.rest_tlf + sums.m_tlogq);
+      s = sums.m_h - sums.rest_t;
+      t_sum = sums.t_sum;
+    }
+
+    if (tid == 0) {
+      A* st = args.stats + row * kSlamStatsCols;
+      args.loss[row] = loss;
+      st[0] = lse;
+      st[1] = thr;
+      st[2] = static_cast<A>(ties);
+      st[3] = static_cast<A>(yhat);
+      st[4] = t_sum;
+      st[5] = s;
+    }
+  }
+}
+
+template <typename S, typename T, typename A>
+__global__ void __launch_bounds__(kBlockThreads)
+    slam_loss_backward_kernel(const BackwardArgs<S, T, A> args) {
+  constexpr int kVec = pack_width<S, T>();
+  __shared__ SelectShared select_smem;
+  const SlamScalars& p = args.p;
+  const int tid = threadIdx.x;
+
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    const int64_t row_start = row * p.cols;
+    const S* z = args.student + row_start;
+    const T* t = args.teacher + row_start;
+    S* dz = args.grad_student + row_start;
+    const A* st = args.stats + row * kSlamStatsCols;
+    const A lse = st[0];
+    const A s = st[5];
+    const A g = args.grad_loss[row];
+    const Mix<A> mix(args.alpha[row], args.k[row], p.normalized);
+
+    if (p.hard) {
+      // h is 0 everywhere but at yhat, where t is taken as 1.
+      const int yhat = static_cast<int>(st[3]);
+      for_each_pack<kVec>(row_start, p.cols, p.aligned, tid, kBlockThreads, [&](int col, auto n) {
+        constexpr int N = decltype(n)::value;
+        A zr[N], gz[N];
+        load_pack<N>(z + col, zr);
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+          A h = A(0);
+          if (col + i == yhat) {
+            A log_q;
+            mix.member(zr[i], lse, log_q, h);
+          }
+          gz[i] = g * (h - device::acc_exp(zr[i] - lse) * s);
+        }
+        store_pack<N>(dz + col, gz);
+      });
+      continue;
+    }
+
+    const Members<A> m{st[1], tie_cut<kVec>(t, row_start, p, st[1], static_cast<int>(st[2]),
+                                            /*count_eq=*/-1, select_smem)};
+    for_each_pack<kVec>(row_start, p.cols, p.aligned, tid, kBlockThreads, [&](int col, auto n) {
+      constexpr int N = decltype(n)::value;
+      A zr[N], tr[N], gz[N];
+      load_pack<N>(z + col, zr);
+      load_pack<N>(t + col, tr);
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        A h = -tr[i];
+        if (m.contains(tr[i], col + i)) {
+          A log_q, h_over_t;
+          mix.member(zr[i], lse, log_q, h_over_t);
+          h = xmul(tr[i], h_over_t);
+        }
+        gz[i] = g * (h - device::acc_exp(zr[i] - lse) * s);
+      }
+      store_pack<N>(dz + col, gz);
+    });
+  }
+}
+
+// ---------------------------------------------------------------- host side
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+template <typename S, typename F>
+void dispatch_teacher_type(at::ScalarType teacher, F&& f) {
+  switch (teacher) {
+    case at::kFloat: return f(TypeTag<S>{}, TypeTag<float>{});
+    case at::kHalf: return f(TypeTag<S>{}, TypeTag<c10::Half>{});
+    case at::kBFloat16: return f(TypeTag<S>{}, TypeTag<c10::BFloat16>{});
+    default:
+      DK_CHECK(false, "teacher_probs must be fp32, fp64, bf16 or fp16 (got ", teacher, ")");
+  }
+}
+
+// The dtype pairs check_slam_args admits: both fp64, or any two of
+// fp32/bf16/fp16 (10 instantiations, not 4 x 4).
+template <typename F>
+void dispatch_input_types(at::ScalarType student, at::ScalarType teacher, F&& f) {
+  switch (student) {
+    case at::kDouble: return f(TypeTag<double>{}, TypeTag<double>{});
+    case at::kFloat: return dispatch_teacher_type<float>(teacher, f);
+    case at::kHalf: return dispatch_teacher_type<c10::Half>(teacher, f);
+    case at::kBFloat16: return dispatch_teacher_type<c10::BFloat16>(teacher, f);
+    default:
+      DK_CHECK(false, "student_logits must be fp32, fp64, bf16 or fp16 (got ", student, ")");
+  }
+}
+
+template <int kVec, typename T>
+bool pack_aligned(const T* p) {
+  return reinterpret_cast<std::uintptr_t>(p) % (sizeof(T) * kVec) == 0;
+}
+
+dim3 grid_for(int64_t rows) {
+  // Rows beyond the grid are taken by the kernels' grid-stride row loop.
+  return dim3(static_cast<unsigned>(std::min<int64_t>(rows, std::numeric_limits<int32_t>::max())));
+}
+
+// Columns are int indices on the device (and ties/yhat are saved in the acc
+// type, exact up to 2^24 classes for fp32, as on the CPU).
+void check_cols_fit(const SlamParams& p) {
+  DK_CHECK(p.cols <= std::numeric_limits<int>::max(), "student_logits must have at most ",
+           std::numeric_limits<int>::max(), " classes on CUDA (got ", p.cols, ")");
+}
+
+SlamScalars make_scalars(const SlamParams& p, bool aligned) {
+  return SlamScalars{p.rows, static_cast<int>(p.cols), p.normalized, p.hard, aligned};
+}
+
+template <typename S, typename T>
+void launch_forward(const at::Tensor& z, const at::Tensor& t, const at::Tensor& alpha,
+                    const at::Tensor& k, at::Tensor& loss, at::Tensor& stats,
+                    const SlamParams& p) {
+  using A = acc_t<S>;
+  constexpr int kVec = pack_width<S, T>();
+  ForwardArgs<S, T, A> args;
+  args.student = z.data_ptr<S>();
+  args.teacher = t.data_ptr<T>();
+  args.alpha = alpha.data_ptr<A>();
+  args.k = k.data_ptr<int64_t>();
+  args.loss = loss.data_ptr<A>();
+  args.stats = stats.data_ptr<A>();
+  args.p = make_scalars(p, pack_aligned<kVec>(args.student) && pack_aligned<kVec>(args.teacher));
+  slam_loss_forward_kernel<S, T, A>
+      <<<grid_for(p.rows), kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename S, typename T>
+void launch_backward(const at::Tensor& grad_loss, const at::Tensor& z, const at::Tensor& t,
+                     const at::Tensor& alpha, const at::Tensor& k, const at::Tensor& stats,
+                     at::Tensor& grad, const SlamParams& p) {
+  using A = acc_t<S>;
+  constexpr int kVec = pack_width<S, T>();
+  BackwardArgs<S, T, A> args;
+  args.grad_loss = grad_loss.data_ptr<A>();
+  args.student = z.data_ptr<S>();
+  args.teacher = t.data_ptr<T>();
+  args.alpha = alpha.data_ptr<A>();
+  args.k = k.data_ptr<int64_t>();
+  args.stats = stats.data_ptr<A>();
+  args.grad_student = grad.data_ptr<S>();
+  args.p = make_scalars(p, pack_aligned<kVec>(args.student) && pack_aligned<kVec>(args.teacher) &&
+                               pack_aligned<kVec>(args.grad_student));
+  slam_loss_backward_kernel<S, T, A>
+      <<<grid_for(p.rows), kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> slam_loss_forward_cuda(
+    const at::Tensor& student_logits, const at::Tensor& teacher_probs, const at::Tensor& alpha,
+    const at::Tensor& k, bool normalized, bool hard) {
+  const SlamParams p = check_slam_args(student_logits, teacher_probs, alpha, k, normalized, hard,
+                                       /*check_values=*/true);
+  check_cols_fit(p);
+  const c10::cuda::CUDAGuard guard(student_logits.device());
+  at::Tensor loss = at::empty({p.rows}, alpha.options());
+  at::Tensor stats = at::empty({p.rows, kSlamStatsCols}, alpha.options());
+  if (p.rows == 0) return {loss, stats};
+
+  const at::Tensor z = student_logits.contiguous();
+  const at::Tensor t = teacher_probs.contiguous();
+  const at::Tensor al = alpha.contiguous();
+  const at::Tensor kk = k.contiguous();
+  dispatch_input_types(z.scalar_type(), t.scalar_type(), [&](auto s_tag, auto t_tag) {
+    using S = typename decltype(s_tag)::type;
+    using T = typename decltype(t_tag)::type;
+    launch_forward<S, T>(z, t, al, kk, loss, stats, p);
+  });
+  return {loss, stats};
+}
+
+at::Tensor slam_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& student_logits,
+                                   const at::Tensor& teacher_probs, const at::Tensor& alpha,
+                                   const at::Tensor& k, const at::Tensor& stats, bool normalized,
+                                   bool hard) {
+  const SlamParams p = check_slam_args(student_logits, teacher_probs, alpha, k, normalized, hard,
+                                       /*check_values=*/false);
+  check_slam_backward_args(grad_loss, stats, student_logits, p);
+  check_cols_fit(p);
+  const c10::cuda::CUDAGuard guard(student_logits.device());
+  at::Tensor grad = at::empty({p.rows, p.cols}, student_logits.options());
+  if (p.rows == 0 || p.cols == 0) return grad;
+
+  const at::Tensor g = grad_loss.contiguous();
+  const at::Tensor z = student_logits.contiguous();
+  const at::Tensor t = teacher_probs.contiguous();
+  const at::Tensor al = alpha.contiguous();
+  const at::Tensor kk = k.contiguous();
+  const at::Tensor st = stats.contiguous();
+  dispatch_input_types(z.scalar_type(), t.scalar_type(), [&](auto s_tag, auto t_tag) {
+    using S = typename decltype(s_tag)::type;
+    using T = typename decltype(t_tag)::type;
+    launch_backward<S, T>(g, z, t, al, kk, st, grad, p);
+  });
+  return grad;
+}
+
+}  // namespace
+}  // namespace distillkit
+
+TORCH_LIBRARY_IMPL(distillkit, CUDA, m) {
+  m.impl("slam_loss_forward", &distillkit::slam_loss_forward_cuda);
+  m.impl("slam_loss_backward", &distillkit::slam_loss_backward_cuda);
+}
