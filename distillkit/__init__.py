@@ -19,7 +19,9 @@ if _C.__torch_version__ != torch.__version__:
 
 from . import ops  # noqa: E402  (registers fake kernels and autograd)
 from .functional import distance, forward_corrected_loss, kd_loss, slam_loss  # noqa: E402
+from .fused_linear import fused_linear_kd_loss  # noqa: E402
 from .losses import KDLoss  # noqa: E402
 
-__all__ = ["kd_loss", "slam_loss", "forward_corrected_loss", "distance", "KDLoss", "ops"]
+__all__ = ["kd_loss", "slam_loss", "forward_corrected_loss", "distance", "fused_linear_kd_loss", "KDLoss",
+           "ops"]
 __version__ = "0.1.0"
