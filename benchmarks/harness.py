@@ -42,7 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -134,6 +134,8 @@ class OpBench:
     compile_filter: Callable[[Case], bool] = lambda case: True
     compile_note: str = ""
     targets: Callable[[List[Dict[str, Any]]], List[str]] = lambda rows: []
+    # More providers by name, called like ``fused`` (e.g. an unfused path of distillkit).
+    extra_providers: Dict[str, Callable[..., Tensor]] = field(default_factory=dict)
 
 
 # --- device-specific measurement: the one place that knows CPU from CUDA -----------------
@@ -212,6 +214,8 @@ def _provider_fn(bench: OpBench, provider: str) -> Callable[..., Tensor]:
         return bench.fused
     if provider == "eager":
         return bench.reference
+    if provider in bench.extra_providers:
+        return bench.extra_providers[provider]
     # Static shapes: each worker sees one shape, and a dynamic kernel would be slower.
     return torch.compile(bench.reference, dynamic=False)
 
@@ -385,7 +389,8 @@ def _parse_args(bench: OpBench) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes, 2 repeats, in-process, no result files (for CI)")
-    p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    providers = list(PROVIDERS) + list(bench.extra_providers)
+    p.add_argument("--providers", nargs="+", choices=providers, default=providers)
     p.add_argument("--modes", nargs="+", choices=MODES, default=None,
                    help=f"default: {' '.join(bench.modes)}")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
