@@ -381,14 +381,20 @@ def test_deterministic_across_thread_counts():
     assert torch.equal(outs[0], outs[1])
 
 
-def test_autocast_runs_on_inputs_as_given():
-    """Under CPU autocast the op is not re-cast: bf16 logits from autocast
-    matmuls go in as bf16, and the loss is still accumulated in fp32."""
-    x = torch.randn(8, 16)
-    student, teacher = torch.nn.Linear(16, 40), torch.nn.Linear(16, 40)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+@pytest.mark.parametrize("device,dtype", [
+    ("cpu", torch.bfloat16),
+    pytest.param("cuda", torch.float16, marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")),
+    pytest.param("cuda", torch.bfloat16, marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")),
+], ids=str)
+def test_autocast_runs_on_inputs_as_given(device, dtype):
+    """Under autocast the op is not re-cast: low-precision logits from autocast matmuls go
+    in as they are, and the loss is still accumulated and returned in fp32."""
+    x = torch.randn(8, 16, device=device)
+    student = torch.nn.Linear(16, 40).to(device)
+    teacher = torch.nn.Linear(16, 40).to(device)
+    with torch.autocast(device, dtype=dtype):
         z, u = student(x), teacher(x)
-        assert z.dtype == torch.bfloat16
+        assert z.dtype == dtype
         inside = kd_loss(z, u, temperature=2.0)
     outside = kd_loss(z, u, temperature=2.0)
     assert inside.dtype == torch.float32
