@@ -11,9 +11,9 @@ import argparse
 import sys
 from typing import List, Optional
 
-from distillkit import demo
+from distillkit import demo, experiments
 
-COMMANDS = {"demo": demo}
+COMMANDS = {"demo": demo, "experiment": experiments}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-__all__ = ["DictDataset", "Splits", "load_digits_splits", "mlp", "count_parameters"]
+__all__ = ["DictDataset", "WithTensors", "Splits", "load_digits_splits", "mlp", "count_parameters"]
 
 
 class DictDataset(Dataset):
@@ -49,6 +49,34 @@ class DictDataset(Dataset):
     def with_tensors(self, **extra: Tensor) -> "DictDataset":
         """A new dataset with ``extra`` per-example tensors added (or replaced)."""
         return DictDataset(**{**self.tensors, **extra})
+
+
+class WithTensors(Dataset):
+    """Any dict-item data set with per-example tensors added: item ``i`` is ``base[i] | {name: t[i]}``.
+
+    For per-example state that a trainer computes about a data set it did not
+    build (teacher soft labels, SLaM's α and k, importance weights). The tensors
+    are indexed when an item is fetched, so updating one in place (refreshed
+    weights) changes what the next batches see. Their names must not already be
+    keys of ``base``'s items.
+    """
+
+    def __init__(self, base: Dataset, **tensors: Tensor):
+        wrong = {name: len(t) for name, t in tensors.items() if len(t) != len(base)}
+        if wrong:
+            raise ValueError(f"WithTensors tensors must have len(base) = {len(base)} rows "
+                             f"(got {wrong})")
+        clash = set(tensors) & set(base[0]) if len(base) else set()
+        if clash:
+            raise ValueError(f"WithTensors names {sorted(clash)} are already keys of base's items")
+        self.base = base
+        self.tensors: Dict[str, Tensor] = dict(tensors)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> Dict[str, Tensor]:
+        return {**self.base[i], **{name: t[i] for name, t in self.tensors.items()}}
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,19 @@ def seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a whole module: ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+
+    Tiny models gain nothing from intra-op threads, which only add
+    synchronisation (and stall badly when another job holds the other core).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_report_header(config):
     return (f"distillkit: torch {torch.__version__}, built with CUDA kernels: "
             f"{bool(distillkit._C.with_cuda)}, GPU visible: {HAS_CUDA}, "

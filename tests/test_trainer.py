@@ -13,16 +13,7 @@ from distillkit.trainers import KDConfig, KDTrainer
 
 # A student that learns nothing scores ~0.1; the teacher scores ~0.97.
 LEARNED_ACCURACY = 0.9
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny MLPs: intra-op threads only add synchronisation (and stall badly when
-    # the other core is busy).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,6 @@
 """Training loops built only on :mod:`distillkit.functional` (pure Python)."""
 from distillkit.trainers.kd import KDConfig, KDTrainer
+from distillkit.trainers.slam import SLaMTrainer
+from distillkit.trainers.weighted import WeightedDistillationTrainer
 
-__all__ = ["KDConfig", "KDTrainer"]
+__all__ = ["KDConfig", "KDTrainer", "SLaMTrainer", "WeightedDistillationTrainer"]

@@ -256,6 +256,7 @@ class KDTrainer:
         with bar:
             while self.epoch < stop:
                 bar.set_description(f"epoch {self.epoch + 1}/{self.epochs}")
+                self.on_epoch_start()
                 record = {"epoch": self.epoch + 1, "train_loss": self._train_epoch(bar)}
                 if self.eval_data is not None:
                     metrics = self.evaluate(self.eval_data)
@@ -266,6 +267,15 @@ class KDTrainer:
                 if checkpoint_path is not None:
                     self.save_checkpoint(checkpoint_path)
         return self.history
+
+    def on_epoch_start(self) -> None:
+        """Called by :meth:`fit` before each epoch, with :attr:`epoch` = the epoch's 0-based index.
+
+        A no-op here; subclasses that change per-example data or the model between
+        epochs (weighted distillation's weight refreshes) override it. It runs after a
+        :meth:`resume` too, so what it does at an epoch must depend only on the
+        state a checkpoint holds.
+        """
 
     def _train_epoch(self, bar: tqdm) -> float:
         self.sampler.set_epoch(self.epoch)
