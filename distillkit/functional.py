@@ -101,6 +101,17 @@ def kd_loss(
     result is deterministic: every row is reduced in a fixed order on CPU and CUDA, and
     the final sum uses no atomics.
     """
+    z, u, y, lead = _kd_rows_inputs(student_logits, teacher_logits, labels, divergence,
+                                    reduction, normalizer)
+    rows = kd_loss_rows(z, u, y, temperature, divergence, beta, hard_weight, ignore_index,
+                        scale_by_t2)
+    return _reduce_kd_rows(rows, lead, y, weight, ignore_index, reduction, normalizer)
+
+
+def _kd_rows_inputs(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor],
+                    divergence: str, reduction: str, normalizer):
+    """Checks :func:`kd_loss`'s arguments; returns the (N, C) logits, the (N,) labels
+    and the leading shape. fp64 in either input promotes both."""
     _check_choice("divergence", divergence, DIVERGENCES)
     _check_choice("reduction", reduction, REDUCTIONS)
     _check_normalizer(normalizer, reduction)
@@ -123,8 +134,12 @@ def kd_loss(
         if labels.shape != lead:
             raise ValueError(f"labels must have shape {tuple(lead)} (got {tuple(labels.shape)})")
         y = labels.reshape(-1)
-    rows = kd_loss_rows(z, u, y, temperature, divergence, beta, hard_weight, ignore_index,
-                        scale_by_t2)
+    return z, u, y, lead
+
+
+def _reduce_kd_rows(rows: Tensor, lead, y: Optional[Tensor], weight: Optional[Tensor],
+                    ignore_index: int, reduction: str, normalizer) -> Tensor:
+    """:func:`kd_loss`'s weighting and reduction of the (N,) row losses."""
     if weight is not None:
         if weight.shape != lead:
             raise ValueError(f"weight must have shape {tuple(lead)} (got {tuple(weight.shape)})")
