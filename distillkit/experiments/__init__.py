@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import argparse
 
-from distillkit.experiments import unlabeled
+from distillkit.experiments import lm, unlabeled
 
-EXPERIMENTS = {"unlabeled": unlabeled}
+EXPERIMENTS = {"unlabeled": unlabeled, "lm": lm}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,6 +1,8 @@
 """Training loops built only on :mod:`distillkit.functional` (pure Python)."""
 from distillkit.trainers.kd import KDConfig, KDTrainer
+from distillkit.trainers.lm import LMDistillationTrainer
 from distillkit.trainers.slam import SLaMTrainer
 from distillkit.trainers.weighted import WeightedDistillationTrainer
 
-__all__ = ["KDConfig", "KDTrainer", "SLaMTrainer", "WeightedDistillationTrainer"]
+__all__ = ["KDConfig", "KDTrainer", "LMDistillationTrainer", "SLaMTrainer",
+           "WeightedDistillationTrainer"]

@@ -86,6 +86,43 @@ def _set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
         torch.get_device_module(device).set_rng_state(state["device"], device)
 
 
+def _build_optimizer(optimizer, model: nn.Module) -> torch.optim.Optimizer:
+    """``optimizer`` as given, or built by a factory over ``model.parameters()`` (default Adam(1e-3))."""
+    if optimizer is None:
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    elif not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer(model.parameters())
+    given = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if given != {id(p) for p in model.parameters()}:
+        raise ValueError("optimizer must be built over exactly student.parameters()")
+    return optimizer
+
+
+def _save_with_rng(state: Dict[str, Any], path: str, rank: int, world_size: int,
+                   device: torch.device) -> None:
+    """Rank 0 writes ``state`` plus every rank's RNG states (gathered) to ``path``."""
+    rng = [_rng_state(device)]
+    if world_size > 1:
+        rng = [None] * world_size
+        dist.all_gather_object(rng, _rng_state(device))
+    if rank == 0:
+        torch.save({**state, "rng": rng}, path)
+    if world_size > 1:
+        # Nobody reads the file before it is complete.
+        dist.barrier()
+
+
+def _load_with_rng(path: str, world_size: int) -> Dict[str, Any]:
+    """A :func:`_save_with_rng` file, checked to come from a run with ``world_size`` processes."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if len(state["rng"]) != world_size:
+        raise ValueError(
+            f"checkpoint was written by {len(state['rng'])} processes; "
+            f"this run has {world_size}"
+        )
+    return state
+
+
 class KDTrainer:
     """Trains ``student`` on ``train_data``, distilling from a frozen ``teacher``.
 
@@ -185,14 +222,7 @@ class KDTrainer:
         self.epoch = 0
 
     def _make_optimizer(self, optimizer) -> torch.optim.Optimizer:
-        if optimizer is None:
-            optimizer = torch.optim.Adam(self.student.parameters(), lr=1e-3)
-        elif not isinstance(optimizer, torch.optim.Optimizer):
-            optimizer = optimizer(self.student.parameters())
-        given = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if given != {id(p) for p in self.student.parameters()}:
-            raise ValueError("optimizer must be built over exactly student.parameters()")
-        return optimizer
+        return _build_optimizer(optimizer, self.student)
 
     # ---- the per-batch loss: what subclasses override ------------------------
 
@@ -363,15 +393,7 @@ class KDTrainer:
         they are between epochs (where :meth:`fit` calls it).
         Under DDP call it on every rank (the RNG states are gathered); rank 0 writes.
         """
-        rng = [_rng_state(self.device)]
-        if self.world_size > 1:
-            rng = [None] * self.world_size
-            dist.all_gather_object(rng, _rng_state(self.device))
-        if self.rank == 0:
-            torch.save({**self.state_dict(), "rng": rng}, path)
-        if self.world_size > 1:
-            # Nobody reads the file before it is complete.
-            dist.barrier()
+        _save_with_rng(self.state_dict(), path, self.rank, self.world_size, self.device)
 
     def resume(self, path: str) -> None:
         """Load a :meth:`save_checkpoint` file; the next :meth:`fit` continues the run.
@@ -379,11 +401,6 @@ class KDTrainer:
         Needs the same world size as the run that wrote it (each rank restores
         its own RNG states). Under DDP every rank reads ``path``.
         """
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if len(state["rng"]) != self.world_size:
-            raise ValueError(
-                f"checkpoint was written by {len(state['rng'])} processes; "
-                f"this run has {self.world_size}"
-            )
+        state = _load_with_rng(path, self.world_size)
         self.load_state_dict(state)
         _set_rng_state(state["rng"][self.rank], self.device)
