@@ -99,23 +99,32 @@ at::ScalarType kd_loss_acc_type(const at::Tensor& student_logits) {
   return student_logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-void check_kd_loss_backward_args(
+void check_row_backward_args(
     const at::Tensor& grad_loss,
     const at::Tensor& stats,
     const at::Tensor& student_logits,
-    const KDLossParams& params) {
+    int64_t rows,
+    int64_t stats_cols) {
   const auto acc = kd_loss_acc_type(student_logits);
-  DK_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == params.rows,
-           "grad_loss must have shape (", params.rows, ",) (got ", grad_loss.sizes(), ")");
+  DK_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == rows,
+           "grad_loss must have shape (", rows, ",) (got ", grad_loss.sizes(), ")");
   DK_CHECK(grad_loss.scalar_type() == acc, "grad_loss must be ", acc, " (got ",
            grad_loss.scalar_type(), ")");
-  DK_CHECK(stats.dim() == 2 && stats.size(0) == params.rows && stats.size(1) == kStatsCols,
-           "stats must have shape (", params.rows, ", ", kStatsCols, ") (got ",
+  DK_CHECK(stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == stats_cols,
+           "stats must have shape (", rows, ", ", stats_cols, ") (got ",
            stats.sizes(), ")");
   DK_CHECK(stats.scalar_type() == acc, "stats must be ", acc, " (got ",
            stats.scalar_type(), ")");
   DK_CHECK_SAME_DEVICE(grad_loss, "grad_loss", student_logits, "student_logits");
   DK_CHECK_SAME_DEVICE(stats, "stats", student_logits, "student_logits");
+}
+
+void check_kd_loss_backward_args(
+    const at::Tensor& grad_loss,
+    const at::Tensor& stats,
+    const at::Tensor& student_logits,
+    const KDLossParams& params) {
+  check_row_backward_args(grad_loss, stats, student_logits, params.rows, kStatsCols);
 }
 
 }  // namespace distillkit

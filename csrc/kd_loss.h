@@ -56,6 +56,15 @@ KDLossParams check_kd_loss_args(
 // fp64 when the inputs are fp64, fp32 otherwise.
 at::ScalarType kd_loss_acc_type(const at::Tensor& student_logits);
 
+// grad_loss (rows,) and stats (rows, stats_cols) in the accumulation type of
+// student_logits and on its device: the backward inputs of a per-row loss.
+void check_row_backward_args(
+    const at::Tensor& grad_loss,
+    const at::Tensor& stats,
+    const at::Tensor& student_logits,
+    int64_t rows,
+    int64_t stats_cols);
+
 void check_kd_loss_backward_args(
     const at::Tensor& grad_loss,
     const at::Tensor& stats,

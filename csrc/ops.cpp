@@ -58,6 +58,23 @@ TORCH_LIBRARY(distillkit, m) {
       "correlation_distance_backward(Tensor grad_rows, Tensor student, Tensor teacher, "
       "Tensor stats, bool center, bool teacher_grad) "
       "-> (Tensor grad_student, Tensor grad_teacher)");
+
+  // KD loss against a sparse (top-K) teacher (SPEC §1d): rows of (N, C)
+  // student logits, (N, K) int64 teacher indices (-1 = padding) and their
+  // teacher log-probabilities. Returns the per-row loss (fp32, fp64 for fp64
+  // input; dead rows are 0) and stats (N, 3) = [lse(z/T), teacher log
+  // normalizer, kept teacher mass] for the backward (see sparse_kd_loss.h).
+  // Indices out of [0, C) (other than -1) are an error; so are classes
+  // repeated within a row, unless check_duplicates is false.
+  m.def(
+      "sparse_kd_loss_forward(Tensor student_logits, Tensor teacher_indices, "
+      "Tensor teacher_logprobs, Tensor? labels, float temperature, bool renormalize, "
+      "int ignore_index, bool scale_by_t2, bool check_duplicates) "
+      "-> (Tensor loss, Tensor stats)");
+  m.def(
+      "sparse_kd_loss_backward(Tensor grad_loss, Tensor student_logits, "
+      "Tensor teacher_indices, Tensor teacher_logprobs, Tensor? labels, Tensor stats, "
+      "float temperature, bool renormalize, int ignore_index, bool scale_by_t2) -> Tensor");
 }
 
 // `import distillkit._C` loads this library (which runs the registrations

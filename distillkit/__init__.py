@@ -18,7 +18,8 @@ if _C.__torch_version__ != torch.__version__:
     )
 
 from . import ops  # noqa: E402  (registers fake kernels and autograd)
-from .functional import distance, forward_corrected_loss, kd_loss, slam_loss  # noqa: E402
+from .functional import (distance, forward_corrected_loss, kd_loss, slam_loss,  # noqa: E402
+                         sparse_kd_loss)
 from .fused_linear import fused_linear_kd_loss  # noqa: E402
 from .losses import KDLoss  # noqa: E402
 

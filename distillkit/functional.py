@@ -8,9 +8,10 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .ops import correlation_distance_rows, kd_loss_rows, pointwise_distance_sum, slam_loss_rows
+from .ops import (correlation_distance_rows, kd_loss_rows, pointwise_distance_sum, slam_loss_rows,
+                  sparse_kd_loss_rows)
 
-__all__ = ["kd_loss", "slam_loss", "forward_corrected_loss", "distance"]
+__all__ = ["kd_loss", "slam_loss", "forward_corrected_loss", "distance", "sparse_kd_loss"]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
@@ -323,3 +324,115 @@ def distance(student: Tensor, teacher: Tensor, op: str, *, dim: int = -1,
         return rows.reshape(s.shape[:dim] + s.shape[dim + 1:])
     total = rows.sum()
     return total if reduction == "sum" else total / max(rows.numel(), 1)
+
+
+def sparse_kd_loss(
+    student_logits: Tensor,
+    teacher_indices: Tensor,
+    teacher_logprobs: Tensor,
+    *,
+    temperature: float = 1.0,
+    renormalize: bool = True,
+    labels: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    normalizer: Optional[Union[float, Tensor]] = None,
+    scale_by_t2: bool = True,
+    check_duplicates: bool = True,
+) -> Tensor:
+    r"""KD loss against a sparse (top-K) teacher, e.g. an offline cache (SPEC §1d).
+
+    The teacher is stored per row as its K kept classes :math:`I` and their
+    log-probabilities :math:`\ell` (computed at the same temperature T, e.g. by
+    :func:`distillkit.sparse_cache.write_teacher_topk`); it never exists as an N x C
+    tensor. With the student :math:`q = \mathrm{softmax}(z/T)` over all C classes and
+    the kept set :math:`V = \{k : I_k \ge 0\}`:
+
+    .. math::
+        \tilde p_k = \frac{e^{\ell_k}}{\sum_{k' \in V} e^{\ell_{k'}}} \;\text{(renormalize)}
+        \quad\text{or}\quad e^{\ell_k}, \qquad
+        \text{row} = s \sum_{k \in V} \tilde p_k (\log \tilde p_k - \log q_{I_k}),
+
+    :math:`s = T^2` if ``scale_by_t2`` else 1, and
+    :math:`\partial\,\text{row} / \partial z_j = s\,(q_j \sum_k \tilde p_k - \sum_k \tilde p_k
+    [I_k = j]) / T`. ``renormalize=True`` (default) drops the teacher's tail and rescales
+    the kept mass to 1: with K = C it equals :func:`kd_loss` (forward KL) exactly.
+    ``renormalize=False`` keeps the raw kept probabilities and ignores the tail (the row
+    is then the kept part of KL(p‖q), which is not a divergence by itself).
+
+    Args:
+        student_logits: (..., C) student logits z; each leading position is a row.
+        teacher_indices: (..., K) int64 or int32 kept classes; -1 marks padding (skipped:
+            fewer than K kept classes, or a position without a teacher).
+        teacher_logprobs: (..., K) teacher log-probabilities of those classes (any float
+            dtype, fp16 caches included; values at padding are never read). The cache
+            is data: no gradient flows to it.
+        temperature: T > 0 (finite), applied to the student only.
+        renormalize: softmax over the kept entries (True) or raw exp(ℓ) (False).
+        labels: optional (...) int64; rows whose label is ``ignore_index`` are skipped
+            (only compared with ``ignore_index``: there is no hard term; add
+            ``F.cross_entropy`` for one).
+        ignore_index: label value marking rows to skip.
+        weight: optional (...) per-row weights.
+        reduction: "mean" (Σ w·row over live rows / number of live rows, not / Σ w),
+            "sum", or "none" (per-row losses with the leading shape). A row is dead, gives
+            0 and leaves the mean's denominator when its label is ``ignore_index`` or all
+            of its K indices are -1.
+        normalizer: replaces the mean's denominator (e.g. the token count across
+            gradient-accumulation steps and ranks); a positive number or 0-d tensor,
+            only with reduction="mean".
+        scale_by_t2: multiply the row by T**2.
+        check_duplicates: check on the host that no row repeats a class (an error if
+            one does). It sorts the N x K indices (O(N K log K), one device sync on
+            CUDA: small next to the O(N C) kernel); pass False for indices known to be
+            unique (e.g. from ``topk``), and results with repeats are then undefined.
+            Indices out of [0, C) other than -1 are always an error.
+
+    Returns:
+        The loss: fp32 for fp32/bf16/fp16 inputs (fp64 if either float input is fp64);
+        the gradient comes back in the student's dtype. An empty or all-dead batch gives 0.
+
+    Conventions: accumulation is fp32 whatever the dtypes (mixed student/teacher dtypes
+    are fine); the student's log-softmax is taken as z/T − lse, never log of a
+    probability; a kept entry with ℓ = −inf contributes nothing (0·log 0 = 0), a
+    student −inf at a kept class with mass gives +inf, and a renormalized row whose kept
+    ℓ are all −inf is NaN, as in :func:`distillkit.reference.sparse_kd_loss_ref`.
+    Deterministic on CPU and CUDA (no atomics). Cost per row: one pass over z for the
+    log-sum-exp, K gathers, and in backward one pass writing dz (recomputed from z and
+    three saved per-row statistics, no N x C buffer kept).
+    """
+    _check_choice("reduction", reduction, REDUCTIONS)
+    _check_normalizer(normalizer, reduction)
+    if student_logits.dim() < 1:
+        raise ValueError("student_logits must have at least one dimension (..., C)")
+    lead = student_logits.shape[:-1]
+    if teacher_indices.dim() < 1 or teacher_indices.shape[:-1] != lead:
+        raise ValueError(f"teacher_indices must have shape {tuple(lead)} + (K,) "
+                         f"(got {tuple(teacher_indices.shape)})")
+    if teacher_logprobs.shape != teacher_indices.shape:
+        raise ValueError("teacher_logprobs must have the shape of teacher_indices "
+                         f"(got {tuple(teacher_logprobs.shape)} and "
+                         f"{tuple(teacher_indices.shape)})")
+    if teacher_indices.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"teacher_indices must be int64 or int32 (got {teacher_indices.dtype})")
+    z = student_logits.reshape(-1, student_logits.shape[-1])
+    idx = teacher_indices.reshape(-1, teacher_indices.shape[-1]).long()
+    lp = teacher_logprobs.reshape(idx.shape)
+    # fp64 on either side means an fp64 computation (the kernels pair fp64 with fp64).
+    if (z.dtype == torch.float64) != (lp.dtype == torch.float64):
+        z, lp = z.double(), lp.double()
+    y = None
+    if labels is not None:
+        if labels.shape != lead:
+            raise ValueError(f"labels must have shape {tuple(lead)} (got {tuple(labels.shape)})")
+        y = labels.reshape(-1)
+    rows = sparse_kd_loss_rows(z, idx, lp, y, temperature, renormalize, ignore_index,
+                               scale_by_t2, check_duplicates)
+    if reduction == "mean" and normalizer is None:
+        # Rows with no kept class are dead too, not only those with an ignored label.
+        live = (idx >= 0).any(-1)
+        if y is not None:
+            live = live & (y != ignore_index)
+        normalizer = live.sum().clamp(min=1)
+    return _reduce_kd_rows(rows, lead, y, weight, ignore_index, reduction, normalizer)

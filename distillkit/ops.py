@@ -9,7 +9,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["kd_loss_rows", "slam_loss_rows", "pointwise_distance_sum", "correlation_distance_rows"]
+__all__ = ["kd_loss_rows", "slam_loss_rows", "pointwise_distance_sum", "correlation_distance_rows",
+           "sparse_kd_loss_rows"]
 
 # Columns of the per-row statistics kd_loss_forward saves for its backward.
 KD_STATS_COLS = 5
@@ -218,3 +219,69 @@ def _correlation_backward(ctx, grad_rows, _grad_stats):
 
 torch.library.register_autograd("distillkit::correlation_distance_forward", _correlation_backward,
                                 setup_context=_correlation_setup_context)
+
+
+# --- sparse_kd_loss ----------------------------------------------------------------
+
+# Columns of the per-row statistics sparse_kd_loss_forward saves for its backward:
+# [lse(z/T), teacher log normalizer, kept teacher mass].
+SPARSE_KD_STATS_COLS = 3
+
+
+def sparse_kd_loss_rows(student_logits: Tensor, teacher_indices: Tensor,
+                        teacher_logprobs: Tensor, labels: Optional[Tensor], temperature: float,
+                        renormalize: bool, ignore_index: int, scale_by_t2: bool,
+                        check_duplicates: bool) -> Tensor:
+    """Per-row KD loss of (N, C) student logits against a top-K teacher ((N, K) int64
+    indices, -1 = padding, and log-probabilities), shape (N,), fp32 (fp64 for fp64 input).
+    Dead rows (label == ignore_index, or no kept entry) are 0. Differentiable w.r.t. the
+    student only; see :func:`distillkit.sparse_kd_loss` for the math."""
+    loss, _ = torch.ops.distillkit.sparse_kd_loss_forward(
+        student_logits, teacher_indices, teacher_logprobs, labels, float(temperature),
+        bool(renormalize), int(ignore_index), bool(scale_by_t2), bool(check_duplicates),
+    )
+    return loss
+
+
+@torch.library.register_fake("distillkit::sparse_kd_loss_forward")
+def _sparse_kd_loss_forward_fake(student_logits, teacher_indices, teacher_logprobs, labels,
+                                 temperature, renormalize, ignore_index, scale_by_t2,
+                                 check_duplicates):
+    torch._check(student_logits.dim() == 2, lambda: "student_logits must be 2-D")
+    torch._check(teacher_indices.dim() == 2 and teacher_logprobs.shape == teacher_indices.shape,
+                 lambda: "teacher_logprobs must have the shape of teacher_indices (N, K)")
+    torch._check(teacher_indices.shape[0] == student_logits.shape[0],
+                 lambda: "teacher_indices must have as many rows as student_logits")
+    n = student_logits.shape[0]
+    acc = _acc_dtype(student_logits)
+    return (student_logits.new_empty((n,), dtype=acc),
+            student_logits.new_empty((n, SPARSE_KD_STATS_COLS), dtype=acc))
+
+
+@torch.library.register_fake("distillkit::sparse_kd_loss_backward")
+def _sparse_kd_loss_backward_fake(grad_loss, student_logits, teacher_indices, teacher_logprobs,
+                                  labels, stats, temperature, renormalize, ignore_index,
+                                  scale_by_t2):
+    return torch.empty_like(student_logits)
+
+
+def _sparse_kd_setup_context(ctx, inputs, output):
+    student_logits, teacher_indices, teacher_logprobs, labels, *scalars = inputs
+    ctx.save_for_backward(student_logits, teacher_indices, teacher_logprobs, labels, output[1])
+    ctx.scalars = scalars[:-1]  # check_duplicates: the forward already checked
+    ctx.mark_non_differentiable(output[1])
+
+
+def _sparse_kd_backward(ctx, grad_loss, _grad_stats):
+    student_logits, teacher_indices, teacher_logprobs, labels, stats = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = torch.ops.distillkit.sparse_kd_loss_backward(
+            grad_loss.contiguous(), student_logits, teacher_indices, teacher_logprobs, labels,
+            stats, *ctx.scalars)
+    # The cached teacher is data: no gradient to its log-probabilities.
+    return (grad,) + (None,) * 8
+
+
+torch.library.register_autograd("distillkit::sparse_kd_loss_forward", _sparse_kd_backward,
+                                setup_context=_sparse_kd_setup_context)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["kd_loss_ref", "slam_loss_ref", "topk_mask_ref", "forward_corrected_loss_ref",
-           "distance_ref", "DISTANCE_OPS"]
+           "distance_ref", "DISTANCE_OPS", "sparse_kd_loss_ref"]
 
 
 def _acc_dtype(*tensors: Tensor) -> torch.dtype:
@@ -201,3 +201,50 @@ def distance_ref(student: Tensor, teacher: Tensor, op: str, *, dim: int = -1,
     if reduction == "none":
         return rows.reshape(out_shape)
     return rows.sum() if reduction == "sum" else rows.sum() / max(rows.numel(), 1)
+
+
+def sparse_kd_loss_ref(
+    student_logits: Tensor,
+    teacher_indices: Tensor,
+    teacher_logprobs: Tensor,
+    *,
+    temperature: float = 1.0,
+    renormalize: bool = True,
+    labels: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    normalizer: Optional[Union[float, Tensor]] = None,
+    scale_by_t2: bool = True,
+    check_duplicates: bool = True,
+) -> Tensor:
+    """Reference for :func:`distillkit.sparse_kd_loss` (same arguments, SPEC §1d).
+
+    Forms the full (N, C) student log-softmax and gathers it at the kept classes;
+    ``check_duplicates`` is accepted for signature parity and not checked here.
+    """
+    acc = _acc_dtype(student_logits, teacher_logprobs)
+    C, K = student_logits.shape[-1], teacher_indices.shape[-1]
+    z = student_logits.reshape(-1, C).to(acc)
+    idx = teacher_indices.reshape(-1, K).long()
+    lp = teacher_logprobs.reshape(-1, K).to(acc)
+    live_row = (idx >= 0).any(-1)
+    if labels is not None:
+        live_row = live_row & (labels.reshape(-1) != ignore_index)
+    live = (idx >= 0) & live_row[:, None]
+    neg_inf = torch.full_like(lp, float("-inf"))
+    log_p = torch.where(live, lp, neg_inf)
+    if renormalize:
+        # Dead rows get a finite dummy row so that their (masked) softmax is not NaN.
+        log_p = torch.log_softmax(torch.where(live_row[:, None], log_p, torch.zeros_like(lp)), -1)
+        log_p = torch.where(live, log_p, neg_inf)
+    log_q = torch.log_softmax(z / temperature, dim=-1).gather(1, idx.clamp(min=0))
+    rows = (temperature**2 if scale_by_t2 else 1.0) * _plogp_ratio(log_p.exp(), log_p, log_q)
+    if weight is not None:
+        rows = rows * weight.reshape(-1).to(acc)
+    if reduction == "none":
+        return rows.reshape(student_logits.shape[:-1])
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    return total / (normalizer if normalizer is not None else live_row.sum().clamp(min=1))

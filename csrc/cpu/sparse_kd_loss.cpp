@@ -1,0 +1,267 @@
+// CPU kernels of sparse_kd_loss (SPEC §1d); the math and the stats layout
+// are in sparse_kd_loss.h. Rows run in parallel, one thread per row, so
+// results are the same bits for any thread count. Per row:
+//   forward:  K gathers of (l_k, z[I_k]) build the teacher's online
+//             log-sum-exp and cross term sum_k exp(l_k - m) (l_k - z[I_k]/T),
+//             then one tiled pass over z gives lse(z/T) (skipped for a dead
+//             row). The teacher never becomes an N x C tensor.
+//   backward: one tiled pass writes dz_j = c * mass * q_j, then the K kept
+//             classes are overwritten with c * (mass * q_j - p_k): the
+//             gradient is recomputed from z and the row stats (no N x C
+//             buffer is kept from the forward), and every element is
+//             rounded once. Indices are unique (checked in the forward), so
+//             no class is written twice.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "cpu/vec_tiles.h"
+#include "kd_loss.h"
+#include "sparse_kd_loss.h"
+
+namespace distillkit {
+namespace {
+
+using at::vec::Vectorized;
+using namespace cpu;
+
+template <typename acc_t>
+struct Args {
+  const void* student;
+  const void* logprobs;
+  const int64_t* indices;  // (N, K), contiguous
+  const int64_t* labels;   // nullptr without labels
+  int64_t s_row_stride;
+  TileLoader<acc_t> load_s;
+  TileLoader<acc_t> load_t;
+  SparseKDParams p;
+};
+
+// One element through a tile loader (which pads its output to a whole vector).
+template <typename acc_t>
+acc_t load_one(TileLoader<acc_t> load, const void* base, int64_t offset, acc_t scale) {
+  alignas(64) acc_t buf[Vectorized<acc_t>::size()];
+  load(base, offset, 1, scale, buf);
+  return buf[0];
+}
+
+template <typename acc_t>
+bool label_ignored(const Args<acc_t>& a, int64_t row) {
+  return a.labels != nullptr && a.labels[row] == a.p.ignore_index;
+}
+
+// lse(z/T) of one row as (max, sum exp(z/T - max)): one tiled pass with a
+// running max; a max of -inf means "nothing seen yet" and is never
+// subtracted (-inf - -inf = NaN).
+template <typename acc_t>
+std::pair<acc_t, acc_t> student_lse(const Args<acc_t>& a, int64_t row, acc_t* zb) {
+  using Vec = Vectorized<acc_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t inv_t = static_cast<acc_t>(1.0 / a.p.temperature);
+  acc_t max = kNegInf, sum = 0;
+  for (int64_t j0 = 0; j0 < a.p.cols; j0 += kTile) {
+    const int64_t n = std::min(kTile, a.p.cols - j0);
+    a.load_s(a.student, row * a.s_row_stride + j0, n, inv_t, zb);
+    const int64_t n_vec = (n + Vec::size() - 1) / Vec::size() * Vec::size();
+    Vec vmax(kNegInf);
+    for (int64_t i = 0; i < n_vec; i += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(zb + i));
+    const acc_t tile_max = reduce_max(vmax);
+    if (tile_max > max) {
+      if (max != kNegInf) sum *= std::exp(max - tile_max);
+      max = tile_max;
+    }
+    if (max == kNegInf) continue;
+    const Vec vm(max);
+    Vec s(0);
+    for (int64_t i = 0; i < n_vec; i += Vec::size()) s += vexp(Vec::loadu(zb + i) - vm);
+    sum += reduce_sum(s);
+  }
+  return {max, sum};
+}
+
+template <typename acc_t>
+void forward_row(const Args<acc_t>& a, int64_t row, acc_t* zb, acc_t* loss, acc_t* stats) {
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const SparseKDParams& p = a.p;
+  acc_t* st = stats + row * kSparseStatsCols;
+  const acc_t inv_t = static_cast<acc_t>(1.0 / p.temperature);
+  // Teacher side, online over the kept entries: t_sum = sum exp(l - t_max),
+  // t_cross = sum exp(l - t_max) (l - z[I]/T).
+  acc_t t_max = kNegInf, t_sum = 0, t_cross = 0;
+  int64_t kept = 0;
+  const bool live = !label_ignored(a, row);
+  for (int64_t k = 0; live && k < p.k; ++k) {
+    const int64_t j = a.indices[row * p.k + k];
+    if (j < 0) continue;  // padding
+    ++kept;
+    const acc_t l = load_one(a.load_t, a.logprobs, row * p.k + k, acc_t(1));
+    if (l == kNegInf) continue;  // zero probability: contributes nothing
+    if (l > t_max) {
+      if (t_max != kNegInf) {
+        const acc_t f = std::exp(t_max - l);
+        t_sum *= f;
+        t_cross = f == 0 ? acc_t(0) : f * t_cross;
+      }
+      t_max = l;
+    }
+    const acc_t w = std::exp(l - t_max);
+    const acc_t zs = load_one(a.load_s, a.student, row * a.s_row_stride + j, inv_t);
+    t_sum += w;
+    t_cross += w == 0 ? acc_t(0) : w * (l - zs);
+  }
+  if (kept == 0) {  // ignored label or all padding: a dead row
+    loss[row] = 0;
+    for (int64_t c = 0; c < kSparseStatsCols; ++c) st[c] = 0;
+    return;
+  }
+  const auto [s_max, s_sum] = student_lse(a, row, zb);
+  const acc_t lse_s = s_max + std::log(s_sum);
+  const acc_t lse_t = t_max + std::log(t_sum);
+  acc_t soft, mass;
+  if (p.renormalize) {
+    // sum p (l - lse_t - z/T + lse_s), the lse difference taken as (max
+    // difference) + (log-sum difference) so that large lse values are not
+    // rounded before they cancel. All kept l = -inf gives NaN, as the
+    // reference's softmax over them does.
+    soft = t_cross / t_sum + (s_max - t_max) + (std::log(s_sum) - std::log(t_sum));
+    mass = t_sum / t_sum;
+  } else {
+    mass = std::exp(lse_t);
+    soft = mass == 0 ? acc_t(0) : mass * (t_cross / t_sum + lse_s);
+  }
+  loss[row] = static_cast<acc_t>(p.soft_scale) * soft;
+  st[0] = lse_s;
+  st[1] = p.renormalize ? lse_t : acc_t(0);
+  st[2] = mass;
+}
+
+template <typename acc_t>
+void backward_row(const Args<acc_t>& a, int64_t row, const acc_t* grad_loss,
+                  const acc_t* stats, TileStorer<acc_t> store_s, void* grad_s, acc_t* zb) {
+  using Vec = Vectorized<acc_t>;
+  const SparseKDParams& p = a.p;
+  const acc_t* st = stats + row * kSparseStatsCols;
+  const int64_t s_off = row * a.s_row_stride, out_off = row * p.cols;
+  const acc_t mass = st[2];
+  if (label_ignored(a, row) || mass == 0) {
+    std::fill(zb, zb + std::min(kTile, p.cols), acc_t(0));
+    for (int64_t j0 = 0; j0 < p.cols; j0 += kTile) {
+      store_s(zb, std::min(kTile, p.cols - j0), grad_s, out_off + j0);
+    }
+    return;
+  }
+  const acc_t inv_t = static_cast<acc_t>(1.0 / p.temperature);
+  const acc_t lse_s = st[0], log_norm = st[1];
+  const acc_t c = grad_loss[row] * static_cast<acc_t>(p.soft_scale) * inv_t;
+  const Vec vcm(c * mass), vls(lse_s);
+  for (int64_t j0 = 0; j0 < p.cols; j0 += kTile) {
+    const int64_t n = std::min(kTile, p.cols - j0);
+    a.load_s(a.student, s_off + j0, n, inv_t, zb);
+    for (int64_t i = 0; i < n; i += Vec::size()) {
+      (vcm * vexp(Vec::loadu(zb + i) - vls)).store(zb + i);
+    }
+    store_s(zb, n, grad_s, out_off + j0);
+  }
+  for (int64_t k = 0; k < p.k; ++k) {
+    const int64_t j = a.indices[row * p.k + k];
+    if (j < 0) continue;
+    const acc_t pk = std::exp(load_one(a.load_t, a.logprobs, row * p.k + k, acc_t(1)) - log_norm);
+    const acc_t q = std::exp(load_one(a.load_s, a.student, s_off + j, inv_t) - lse_s);
+    const acc_t g = c * (mass * q - pk);
+    store_s(&g, 1, grad_s, out_off + j);
+  }
+}
+
+template <typename acc_t>
+Args<acc_t> make_args(const at::Tensor& s, const at::Tensor& idx, const at::Tensor& lp,
+                      const std::optional<at::Tensor>& labels, const SparseKDParams& p) {
+  Args<acc_t> a;
+  a.student = s.data_ptr();
+  a.logprobs = lp.data_ptr();
+  a.indices = idx.data_ptr<int64_t>();
+  a.labels = p.has_labels ? labels->data_ptr<int64_t>() : nullptr;
+  a.s_row_stride = s.stride(0);
+  a.load_s = loader_for<acc_t>(s.scalar_type());
+  a.load_t = loader_for<acc_t>(lp.scalar_type());
+  a.p = p;
+  return a;
+}
+
+std::optional<at::Tensor> contiguous_labels(const std::optional<at::Tensor>& labels) {
+  return labels.has_value() ? std::optional<at::Tensor>(labels->contiguous()) : std::nullopt;
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_forward_cpu(
+    const at::Tensor& student_logits, const at::Tensor& teacher_indices,
+    const at::Tensor& teacher_logprobs, const std::optional<at::Tensor>& labels,
+    double temperature, bool renormalize, int64_t ignore_index, bool scale_by_t2,
+    bool check_duplicates) {
+  const SparseKDParams p = check_sparse_kd_loss_args(
+      student_logits, teacher_indices, teacher_logprobs, labels, temperature, renormalize,
+      ignore_index, scale_by_t2, /*check_indices=*/true, check_duplicates);
+  const at::Tensor s = unit_stride_rows(student_logits);
+  const at::Tensor idx = teacher_indices.contiguous();
+  const at::Tensor lp = teacher_logprobs.contiguous();
+  const std::optional<at::Tensor> y = contiguous_labels(labels);
+  const auto opts = s.options().dtype(kd_loss_acc_type(s));
+  at::Tensor loss = at::empty({p.rows}, opts);
+  at::Tensor stats = at::empty({p.rows, kSparseStatsCols}, opts);
+  AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "sparse_kd_loss_forward_cpu", [&] {
+    const Args<scalar_t> a = make_args<scalar_t>(s, idx, lp, y, p);
+    scalar_t* loss_ptr = loss.data_ptr<scalar_t>();
+    scalar_t* stats_ptr = stats.data_ptr<scalar_t>();
+    at::parallel_for(0, p.rows, row_grain(p.cols), [&](int64_t begin, int64_t end) {
+      alignas(64) scalar_t zb[kTile];
+      for (int64_t row = begin; row < end; ++row) forward_row(a, row, zb, loss_ptr, stats_ptr);
+    });
+  });
+  return {loss, stats};
+}
+
+at::Tensor sparse_kd_loss_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& student_logits,
+    const at::Tensor& teacher_indices, const at::Tensor& teacher_logprobs,
+    const std::optional<at::Tensor>& labels, const at::Tensor& stats, double temperature,
+    bool renormalize, int64_t ignore_index, bool scale_by_t2) {
+  const SparseKDParams p = check_sparse_kd_loss_args(
+      student_logits, teacher_indices, teacher_logprobs, labels, temperature, renormalize,
+      ignore_index, scale_by_t2, /*check_indices=*/false, /*check_duplicates=*/false);
+  check_sparse_kd_loss_backward_args(grad_loss, stats, student_logits, p);
+  const at::Tensor s = unit_stride_rows(student_logits);
+  const at::Tensor idx = teacher_indices.contiguous();
+  const at::Tensor lp = teacher_logprobs.contiguous();
+  const std::optional<at::Tensor> y = contiguous_labels(labels);
+  const at::Tensor g = grad_loss.contiguous();
+  const at::Tensor st = stats.contiguous();
+  at::Tensor grad_s = at::empty({p.rows, p.cols}, s.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "sparse_kd_loss_backward_cpu", [&] {
+    const Args<scalar_t> a = make_args<scalar_t>(s, idx, lp, y, p);
+    const TileStorer<scalar_t> store_s = storer_for<scalar_t>(s.scalar_type());
+    const scalar_t* g_ptr = g.data_ptr<scalar_t>();
+    const scalar_t* st_ptr = st.data_ptr<scalar_t>();
+    void* gs_ptr = grad_s.data_ptr();
+    at::parallel_for(0, p.rows, row_grain(p.cols), [&](int64_t begin, int64_t end) {
+      alignas(64) scalar_t zb[kTile];
+      for (int64_t row = begin; row < end; ++row) {
+        backward_row(a, row, g_ptr, st_ptr, store_s, gs_ptr, zb);
+      }
+    });
+  });
+  return grad_s;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(distillkit, CPU, m) {
+  m.impl("sparse_kd_loss_forward", &sparse_kd_loss_forward_cpu);
+  m.impl("sparse_kd_loss_backward", &sparse_kd_loss_backward_cpu);
+}
+
+}  // namespace distillkit
