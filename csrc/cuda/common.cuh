@@ -1,7 +1,8 @@
-// Device helpers shared by the CUDA kernels: accumulator math overloads,
-// online log-sum-exp states, warp and block all-reductions, a row walker
-// that turns a row into 16-byte packs plus a scalar head and tail, a block
-// prefix count and a block radix select (the k-th largest key of a row).
+// Device helpers shared by the CUDA kernels: the accumulator type and pack
+// width of an input pair, a row loop for groups of threads, accumulator math
+// overloads, online log-sum-exp states, warp and block all-reductions, a row
+// walker that turns a row into 16-byte packs plus a scalar head and tail, a
+// block prefix count and a block radix select (the k-th largest key of a row).
 //
 // Reductions are all-reductions in a fixed order, so every thread of a row
 // group ends with the bitwise-same value, and a row's result does not depend
@@ -11,6 +12,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -19,6 +21,32 @@ namespace distillkit {
 namespace device {
 
 constexpr int kWarpSize = 32;
+
+// The accumulator of an input type: double for fp64, float otherwise.
+template <typename S>
+using acc_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+// Elements per pack: 16-byte loads of the wider of two input types (the
+// narrower one loads 8 bytes for mixed fp32/16-bit pairs).
+template <typename S, typename U>
+constexpr int pack_width() {
+  return static_cast<int>(16 / std::max(sizeof(S), sizeof(U)));
+}
+
+// Row loop of a group of kRowThreads threads in a block of kBlockThreads:
+// group g of block b starts at row b * groups + g and strides by the grid.
+// The trip count is uniform over the group, so group-wide barriers inside
+// the loop are safe.
+template <int kBlockThreads, int kRowThreads>
+__device__ __forceinline__ int64_t first_row() {
+  return static_cast<int64_t>(blockIdx.x) * (kBlockThreads / kRowThreads) +
+         threadIdx.x / kRowThreads;
+}
+
+template <int kBlockThreads, int kRowThreads>
+__device__ __forceinline__ int64_t row_stride() {
+  return static_cast<int64_t>(gridDim.x) * (kBlockThreads / kRowThreads);
+}
 
 // Accumulator math for float and double; the overload set the templates use.
 __device__ __forceinline__ float acc_exp(float x) { return expf(x); }

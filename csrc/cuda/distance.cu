@@ -29,13 +29,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 #include <tuple>
 #include <type_traits>
 
@@ -43,15 +40,22 @@
 #include "common.cuh"
 #include "distance.h"
 #include "kd_loss.h"
+#include "launch.cuh"
 
 namespace distillkit {
 namespace {
 
+using device::acc_t;
+using device::first_row;
 using device::for_each_pack;
 using device::group_allreduce;
 using device::kWarpSize;
 using device::load_pack;
+using device::pack_width;
+using device::row_stride;
 using device::store_pack;
+using launch::grid_for;
+using launch::pack_aligned;
 
 constexpr int kBlockThreads = 256;
 // Contiguous rows up to this length go one per warp: a block per row would
@@ -63,15 +67,6 @@ constexpr int kMaxPartials = 1024;
 // Strided rows: a block is kTileRows rows (a warp's lanes) x kSlices of D.
 constexpr int kTileRows = kWarpSize;
 constexpr int kSlices = kBlockThreads / kTileRows;
-
-template <typename S>
-using acc_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
-
-// Elements per pack: 16-byte loads of the wider of the two input types.
-template <typename S, typename U>
-constexpr int pack_width() {
-  return static_cast<int>(16 / std::max(sizeof(S), sizeof(U)));
-}
 
 __device__ __forceinline__ float acc_abs(float x) { return fabsf(x); }
 __device__ __forceinline__ double acc_abs(double x) { return fabs(x); }
@@ -285,20 +280,6 @@ __device__ __forceinline__ CorrGrad<A> corr_grad(const A* stats, const A* grad_r
   return c;
 }
 
-// Row loop of a group of kRowThreads threads: group k of block b starts at
-// row b * groups + k and strides by the grid. The trip count is uniform over
-// the group, so block-wide barriers inside the loop are safe.
-template <int kRowThreads>
-__device__ __forceinline__ int64_t first_row() {
-  return static_cast<int64_t>(blockIdx.x) * (kBlockThreads / kRowThreads) +
-         threadIdx.x / kRowThreads;
-}
-
-template <int kRowThreads>
-__device__ __forceinline__ int64_t row_stride() {
-  return static_cast<int64_t>(gridDim.x) * (kBlockThreads / kRowThreads);
-}
-
 // inner == 1: row r is elements [r * D, (r + 1) * D).
 template <typename S, typename U, typename A, int kRowThreads>
 __global__ void __launch_bounds__(kBlockThreads)
@@ -309,7 +290,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int lane = threadIdx.x % kRowThreads;
   const int cols = static_cast<int>(args.D);
 
-  for (int64_t r = first_row<kRowThreads>(); r < args.outer; r += row_stride<kRowThreads>()) {
+  for (int64_t r = first_row<kBlockThreads, kRowThreads>(); r < args.outer;
+       r += row_stride<kBlockThreads, kRowThreads>()) {
     const int64_t start = r * args.D;
     const S* s = args.student + start;
     const U* t = args.teacher + start;
@@ -357,7 +339,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int lane = threadIdx.x % kRowThreads;
   const int cols = static_cast<int>(args.D);
 
-  for (int64_t r = first_row<kRowThreads>(); r < args.outer; r += row_stride<kRowThreads>()) {
+  for (int64_t r = first_row<kBlockThreads, kRowThreads>(); r < args.outer;
+       r += row_stride<kBlockThreads, kRowThreads>()) {
     const int64_t start = r * args.D;
     const S* s = args.student + start;
     const U* t = args.teacher + start;
@@ -476,47 +459,6 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 // ---------------------------------------------------------------- host side
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-template <typename S, typename F>
-void dispatch_teacher_type(at::ScalarType teacher, F&& f) {
-  switch (teacher) {
-    case at::kFloat: return f(TypeTag<S>{}, TypeTag<float>{});
-    case at::kHalf: return f(TypeTag<S>{}, TypeTag<c10::Half>{});
-    case at::kBFloat16: return f(TypeTag<S>{}, TypeTag<c10::BFloat16>{});
-    default: DK_CHECK(false, "teacher must be fp32, fp64, bf16 or fp16 (got ", teacher, ")");
-  }
-}
-
-// The dtype pairs check_distance_inputs admits: both fp64, or any two of
-// fp32/bf16/fp16 (10 instantiations, not 4 x 4).
-template <typename F>
-void dispatch_input_types(at::ScalarType student, at::ScalarType teacher, F&& f) {
-  switch (student) {
-    case at::kDouble: return f(TypeTag<double>{}, TypeTag<double>{});
-    case at::kFloat: return dispatch_teacher_type<float>(teacher, f);
-    case at::kHalf: return dispatch_teacher_type<c10::Half>(teacher, f);
-    case at::kBFloat16: return dispatch_teacher_type<c10::BFloat16>(teacher, f);
-    default: DK_CHECK(false, "student must be fp32, fp64, bf16 or fp16 (got ", student, ")");
-  }
-}
-
-template <int kVec, typename T>
-bool pack_aligned(const T* p) {
-  return reinterpret_cast<std::uintptr_t>(p) % (sizeof(T) * kVec) == 0;
-}
-
-// Blocks for `units` units of work, `per_block` per block; units beyond the
-// grid are taken by the kernels' grid-stride loops.
-dim3 grid_for(int64_t units, int64_t per_block) {
-  const int64_t blocks = (units + per_block - 1) / per_block;
-  return dim3(static_cast<unsigned>(
-      std::min<int64_t>(blocks, std::numeric_limits<int32_t>::max())));
-}
-
 template <typename S, typename U>
 void launch_pointwise_forward(const at::Tensor& s, const at::Tensor& t, PointwiseOp op,
                               at::Tensor& out) {
@@ -567,10 +509,23 @@ void launch_pointwise_backward(const at::Tensor& grad, const at::Tensor& s, cons
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// A contiguous row is walked with int column indices (for_each_pack).
+// Only a contiguous row (inner <= 1) is walked with int column indices.
 void check_row_fits(int64_t D, int64_t inner) {
-  DK_CHECK(inner > 1 || D <= std::numeric_limits<int>::max(), "student must have at most ",
-           std::numeric_limits<int>::max(), " elements per row on CUDA (got ", D, ")");
+  if (inner <= 1) launch::check_cols_fit(D, "student", "elements per row");
+}
+
+// inner > 1: a tile of kTileRows strided rows per block; otherwise one
+// contiguous row per warp or per block.
+template <typename Args>
+void launch_correlation(const Args& args, void (*strided)(Args), void (*per_warp)(Args),
+                        void (*per_block)(Args)) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (args.inner > 1) {
+    strided<<<grid_for(args.outer * args.inner, kTileRows), kBlockThreads, 0, stream>>>(args);
+  } else {
+    launch::launch_row_groups<kBlockThreads>(args.D <= kWarpRowMaxCols, args.outer, per_warp,
+                                             per_block, args, stream);
+  }
 }
 
 template <typename S, typename U>
@@ -588,17 +543,9 @@ void launch_correlation_forward(const at::Tensor& s, const at::Tensor& t, bool c
   args.inner = s.size(2);
   args.center = center;
   args.aligned = pack_aligned<kVec>(args.student) && pack_aligned<kVec>(args.teacher);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (args.inner > 1) {
-    corr_strided_forward_kernel<S, U, A>
-        <<<grid_for(args.outer * args.inner, kTileRows), kBlockThreads, 0, stream>>>(args);
-  } else if (args.D <= kWarpRowMaxCols) {
-    corr_rows_forward_kernel<S, U, A, kWarpSize>
-        <<<grid_for(args.outer, kBlockThreads / kWarpSize), kBlockThreads, 0, stream>>>(args);
-  } else {
-    corr_rows_forward_kernel<S, U, A, kBlockThreads>
-        <<<grid_for(args.outer, 1), kBlockThreads, 0, stream>>>(args);
-  }
+  launch_correlation(args, corr_strided_forward_kernel<S, U, A>,
+                     corr_rows_forward_kernel<S, U, A, kWarpSize>,
+                     corr_rows_forward_kernel<S, U, A, kBlockThreads>);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -621,17 +568,9 @@ void launch_correlation_backward(const at::Tensor& g, const at::Tensor& s, const
   args.aligned = pack_aligned<kVec>(args.student) && pack_aligned<kVec>(args.teacher) &&
                  pack_aligned<kVec>(args.grad_student) &&
                  (!teacher_grad || pack_aligned<kVec>(args.grad_teacher));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (args.inner > 1) {
-    corr_strided_backward_kernel<S, U, A>
-        <<<grid_for(args.outer * args.inner, kTileRows), kBlockThreads, 0, stream>>>(args);
-  } else if (args.D <= kWarpRowMaxCols) {
-    corr_rows_backward_kernel<S, U, A, kWarpSize>
-        <<<grid_for(args.outer, kBlockThreads / kWarpSize), kBlockThreads, 0, stream>>>(args);
-  } else {
-    corr_rows_backward_kernel<S, U, A, kBlockThreads>
-        <<<grid_for(args.outer, 1), kBlockThreads, 0, stream>>>(args);
-  }
+  launch_correlation(args, corr_strided_backward_kernel<S, U, A>,
+                     corr_rows_backward_kernel<S, U, A, kWarpSize>,
+                     corr_rows_backward_kernel<S, U, A, kBlockThreads>);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -643,7 +582,8 @@ at::Tensor pointwise_distance_forward_cuda(const at::Tensor& student, const at::
   const at::Tensor s = student.contiguous();
   const at::Tensor t = teacher.contiguous();
   at::Tensor out = at::empty({}, s.options().dtype(kd_loss_acc_type(s)));
-  dispatch_input_types(s.scalar_type(), t.scalar_type(), [&](auto s_tag, auto t_tag) {
+  launch::dispatch_input_types(s.scalar_type(), t.scalar_type(), "student", "teacher",
+                               [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using U = typename decltype(t_tag)::type;
     launch_pointwise_forward<S, U>(s, t, op, out);
@@ -667,7 +607,8 @@ std::tuple<at::Tensor, at::Tensor> pointwise_distance_backward_cuda(
   at::Tensor gs = at::empty_like(s);
   at::Tensor gt = teacher_grad ? at::empty_like(t) : at::empty({0}, t.options());
   if (s.numel() == 0) return {gs, gt};
-  dispatch_input_types(s.scalar_type(), t.scalar_type(), [&](auto s_tag, auto t_tag) {
+  launch::dispatch_input_types(s.scalar_type(), t.scalar_type(), "student", "teacher",
+                               [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using U = typename decltype(t_tag)::type;
     launch_pointwise_backward<S, U>(grad, s, t, op, gs, gt, teacher_grad);
@@ -687,7 +628,8 @@ std::tuple<at::Tensor, at::Tensor> correlation_distance_forward_cuda(
   at::Tensor rows = at::empty({outer, inner}, opts);
   at::Tensor stats = at::empty({outer, inner, kCorrelationStats}, opts);
   if (rows.numel() == 0) return {rows, stats};
-  dispatch_input_types(s.scalar_type(), t.scalar_type(), [&](auto s_tag, auto t_tag) {
+  launch::dispatch_input_types(s.scalar_type(), t.scalar_type(), "student", "teacher",
+                               [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using U = typename decltype(t_tag)::type;
     launch_correlation_forward<S, U>(s, t, center, rows, stats);
@@ -710,7 +652,8 @@ std::tuple<at::Tensor, at::Tensor> correlation_distance_backward_cuda(
   at::Tensor gs = at::empty_like(s);
   at::Tensor gt = teacher_grad ? at::empty_like(t) : at::empty({0}, t.options());
   if (s.numel() == 0) return {gs, gt};
-  dispatch_input_types(s.scalar_type(), t.scalar_type(), [&](auto s_tag, auto t_tag) {
+  launch::dispatch_input_types(s.scalar_type(), t.scalar_type(), "student", "teacher",
+                               [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using U = typename decltype(t_tag)::type;
     launch_correlation_backward<S, U>(g, s, t, st, gs, gt, teacher_grad);

@@ -21,47 +21,38 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <tuple>
-#include <type_traits>
 
 #include "checks.h"
 #include "common.cuh"
 #include "kd_loss.h"
+#include "launch.cuh"
 
 namespace distillkit {
 namespace {
 
+using device::acc_t;
+using device::first_row;
 using device::for_each_pack;
 using device::group_allreduce;
 using device::kWarpSize;
 using device::load_pack;
 using device::OnlineLSE;
+using device::pack_width;
+using device::row_stride;
 using device::store_pack;
 using device::xmul;
+using launch::pack_aligned;
 
 constexpr int kBlockThreads = 256;
 // Rows up to this length go one per warp (at most 32 values per lane for
 // 2-byte logits): a block per row would leave most of its threads idle and
 // pay block barriers for a few packs.
 constexpr int kWarpRowMaxCols = 1024;
-
-// Elements per pack: 16-byte loads of the wider of the two logit types (the
-// narrower one loads 8 bytes for mixed fp32/16-bit pairs).
-template <typename S, typename U>
-constexpr int pack_width() {
-  return static_cast<int>(16 / std::max(sizeof(S), sizeof(U)));
-}
-
-template <typename S>
-using acc_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
 // Per-launch scalars, resolved on the host in double and rounded once.
 template <typename A>
@@ -143,20 +134,6 @@ __device__ __forceinline__ JsdSums<A> shfl_xor(const JsdSums<A>& v, int mask) {
   return {device::shfl_xor(v.teacher, mask), device::shfl_xor(v.student, mask)};
 }
 
-// Row loop of a group of kRowThreads threads: group g of block b starts at
-// row b * groups + g and strides by the grid. The trip count is uniform over
-// the group, so block-wide barriers inside the loop are safe.
-template <int kRowThreads>
-__device__ __forceinline__ int64_t first_row() {
-  return static_cast<int64_t>(blockIdx.x) * (kBlockThreads / kRowThreads) +
-         threadIdx.x / kRowThreads;
-}
-
-template <int kRowThreads>
-__device__ __forceinline__ int64_t row_stride() {
-  return static_cast<int64_t>(gridDim.x) * (kBlockThreads / kRowThreads);
-}
-
 template <typename S, typename U, typename A, int kRowThreads>
 __global__ void __launch_bounds__(kBlockThreads)
     kd_loss_forward_kernel(const ForwardArgs<S, U, A> args) {
@@ -167,7 +144,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int lane = threadIdx.x % kRowThreads;
   const bool track_z1 = k.hard && !k.unit_t;
 
-  for (int64_t row = first_row<kRowThreads>(); row < k.rows; row += row_stride<kRowThreads>()) {
+  for (int64_t row = first_row<kBlockThreads, kRowThreads>(); row < k.rows;
+       row += row_stride<kBlockThreads, kRowThreads>()) {
     const int64_t label = k.has_labels ? args.labels[row] : 0;
     A* stats = args.stats + row * kStatsCols;
     if (k.has_labels && label == k.ignore_index) {
@@ -283,7 +261,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   const KDScalars<A>& k = args.k;
   const int lane = threadIdx.x % kRowThreads;
 
-  for (int64_t row = first_row<kRowThreads>(); row < k.rows; row += row_stride<kRowThreads>()) {
+  for (int64_t row = first_row<kBlockThreads, kRowThreads>(); row < k.rows;
+       row += row_stride<kBlockThreads, kRowThreads>()) {
     const int64_t row_start = row * k.cols;
     const S* z = args.student + row_start;
     const U* u = args.teacher + row_start;
@@ -355,41 +334,6 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 // ---------------------------------------------------------------- host side
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-template <typename S, typename F>
-void dispatch_teacher_type(at::ScalarType teacher, F&& f) {
-  switch (teacher) {
-    case at::kFloat: return f(TypeTag<S>{}, TypeTag<float>{});
-    case at::kHalf: return f(TypeTag<S>{}, TypeTag<c10::Half>{});
-    case at::kBFloat16: return f(TypeTag<S>{}, TypeTag<c10::BFloat16>{});
-    default:
-      DK_CHECK(false, "teacher_logits must be fp32, fp64, bf16 or fp16 (got ", teacher, ")");
-  }
-}
-
-// The dtype pairs check_kd_loss_args admits: both fp64, or any two of
-// fp32/bf16/fp16 (10 instantiations, not 4 x 4).
-template <typename F>
-void dispatch_logit_types(at::ScalarType student, at::ScalarType teacher, F&& f) {
-  switch (student) {
-    case at::kDouble: return f(TypeTag<double>{}, TypeTag<double>{});
-    case at::kFloat: return dispatch_teacher_type<float>(teacher, f);
-    case at::kHalf: return dispatch_teacher_type<c10::Half>(teacher, f);
-    case at::kBFloat16: return dispatch_teacher_type<c10::BFloat16>(teacher, f);
-    default:
-      DK_CHECK(false, "student_logits must be fp32, fp64, bf16 or fp16 (got ", student, ")");
-  }
-}
-
-template <int kVec, typename T>
-bool pack_aligned(const T* p) {
-  return reinterpret_cast<std::uintptr_t>(p) % (sizeof(T) * kVec) == 0;
-}
-
 template <typename A>
 KDScalars<A> make_scalars(const KDLossParams& p, bool aligned) {
   KDScalars<A> k;
@@ -413,19 +357,6 @@ KDScalars<A> make_scalars(const KDLossParams& p, bool aligned) {
   return k;
 }
 
-dim3 grid_for(int64_t rows, int rows_per_block) {
-  const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
-  // Rows beyond the grid are taken by the kernels' grid-stride row loop.
-  return dim3(static_cast<unsigned>(
-      std::min<int64_t>(blocks, std::numeric_limits<int32_t>::max())));
-}
-
-void check_cols_fit(const KDLossParams& p) {
-  DK_CHECK(p.cols <= std::numeric_limits<int>::max(),
-           "student_logits must have at most ", std::numeric_limits<int>::max(),
-           " classes on CUDA (got ", p.cols, ")");
-}
-
 template <typename S, typename U>
 void launch_forward(const at::Tensor& z, const at::Tensor& u, const at::Tensor& labels,
                     at::Tensor& loss, at::Tensor& stats, const KDLossParams& p) {
@@ -438,14 +369,9 @@ void launch_forward(const at::Tensor& z, const at::Tensor& u, const at::Tensor& 
   args.loss = loss.data_ptr<A>();
   args.stats = stats.data_ptr<A>();
   args.k = make_scalars<A>(p, pack_aligned<kVec>(args.student) && pack_aligned<kVec>(args.teacher));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (p.cols <= kWarpRowMaxCols) {
-    kd_loss_forward_kernel<S, U, A, kWarpSize>
-        <<<grid_for(p.rows, kBlockThreads / kWarpSize), kBlockThreads, 0, stream>>>(args);
-  } else {
-    kd_loss_forward_kernel<S, U, A, kBlockThreads>
-        <<<grid_for(p.rows, 1), kBlockThreads, 0, stream>>>(args);
-  }
+  launch::launch_row_groups<kBlockThreads>(
+      p.cols <= kWarpRowMaxCols, p.rows, kd_loss_forward_kernel<S, U, A, kWarpSize>,
+      kd_loss_forward_kernel<S, U, A, kBlockThreads>, args, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -467,14 +393,9 @@ void launch_backward(const at::Tensor& grad_loss, const at::Tensor& z, const at:
                        pack_aligned<kVec>(args.grad_student) &&
                        (!teacher_grad || pack_aligned<kVec>(args.grad_teacher));
   args.k = make_scalars<A>(p, aligned);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (p.cols <= kWarpRowMaxCols) {
-    kd_loss_backward_kernel<S, U, A, kWarpSize>
-        <<<grid_for(p.rows, kBlockThreads / kWarpSize), kBlockThreads, 0, stream>>>(args);
-  } else {
-    kd_loss_backward_kernel<S, U, A, kBlockThreads>
-        <<<grid_for(p.rows, 1), kBlockThreads, 0, stream>>>(args);
-  }
+  launch::launch_row_groups<kBlockThreads>(
+      p.cols <= kWarpRowMaxCols, p.rows, kd_loss_backward_kernel<S, U, A, kWarpSize>,
+      kd_loss_backward_kernel<S, U, A, kBlockThreads>, args, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -491,7 +412,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_forward_cuda(
   const KDLossParams p = check_kd_loss_args(
       student_logits, teacher_logits, labels, temperature, divergence, beta, hard_weight,
       ignore_index, scale_by_t2, /*check_label_range=*/true);
-  check_cols_fit(p);
+  launch::check_cols_fit(p.cols, "student_logits", "classes");
   const c10::cuda::CUDAGuard guard(student_logits.device());
   const auto acc_options = student_logits.options().dtype(kd_loss_acc_type(student_logits));
   at::Tensor loss = at::empty({p.rows}, acc_options);
@@ -501,7 +422,8 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_forward_cuda(
   const at::Tensor z = student_logits.contiguous();
   const at::Tensor u = teacher_logits.contiguous();
   const at::Tensor y = p.has_labels ? labels->contiguous() : at::Tensor();
-  dispatch_logit_types(z.scalar_type(), u.scalar_type(), [&](auto s_tag, auto t_tag) {
+  launch::dispatch_input_types(z.scalar_type(), u.scalar_type(), "student_logits",
+                               "teacher_logits", [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using U = typename decltype(t_tag)::type;
     launch_forward<S, U>(z, u, y, loss, stats, p);
@@ -526,7 +448,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_backward_cuda(
       student_logits, teacher_logits, labels, temperature, divergence, beta, hard_weight,
       ignore_index, scale_by_t2, /*check_label_range=*/false);
   check_kd_loss_backward_args(grad_loss, stats, student_logits, p);
-  check_cols_fit(p);
+  launch::check_cols_fit(p.cols, "student_logits", "classes");
   const c10::cuda::CUDAGuard guard(student_logits.device());
   at::Tensor grad_z = at::empty({p.rows, p.cols}, student_logits.options());
   at::Tensor grad_u = teacher_grad ? at::empty({p.rows, p.cols}, teacher_logits.options())
@@ -538,7 +460,8 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_backward_cuda(
   const at::Tensor u = teacher_logits.contiguous();
   const at::Tensor y = p.has_labels ? labels->contiguous() : at::Tensor();
   const at::Tensor s = stats.contiguous();
-  dispatch_logit_types(z.scalar_type(), u.scalar_type(), [&](auto s_tag, auto t_tag) {
+  launch::dispatch_input_types(z.scalar_type(), u.scalar_type(), "student_logits",
+                               "teacher_logits", [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using U = typename decltype(t_tag)::type;
     launch_backward<S, U>(g, z, u, y, s, grad_z, grad_u, teacher_grad, p);

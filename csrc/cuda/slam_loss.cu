@@ -30,11 +30,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -42,11 +39,13 @@
 
 #include "checks.h"
 #include "common.cuh"
+#include "launch.cuh"
 #include "slam_loss.h"
 
 namespace distillkit {
 namespace {
 
+using device::acc_t;
 using device::BlockRadixSelect;
 using device::for_each_pack;
 using device::group_allreduce;
@@ -54,19 +53,13 @@ using device::kWarpSize;
 using device::load_pack;
 using device::nonneg_key;
 using device::OnlineLSE;
+using device::pack_width;
 using device::store_pack;
 using device::xmul;
+using launch::grid_for;
+using launch::pack_aligned;
 
 constexpr int kBlockThreads = 256;
-
-// Elements per pack: 16-byte loads of the wider of the two input types.
-template <typename S, typename T>
-constexpr int pack_width() {
-  return static_cast<int>(16 / std::max(sizeof(S), sizeof(T)));
-}
-
-template <typename S>
-using acc_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
 // Radix keys of teacher values in the accumulator type.
 template <typename A>
@@ -413,51 +406,10 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 // ---------------------------------------------------------------- host side
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-template <typename S, typename F>
-void dispatch_teacher_type(at::ScalarType teacher, F&& f) {
-  switch (teacher) {
-    case at::kFloat: return f(TypeTag<S>{}, TypeTag<float>{});
-    case at::kHalf: return f(TypeTag<S>{}, TypeTag<c10::Half>{});
-    case at::kBFloat16: return f(TypeTag<S>{}, TypeTag<c10::BFloat16>{});
-    default:
-      DK_CHECK(false, "teacher_probs must be fp32, fp64, bf16 or fp16 (got ", teacher, ")");
-  }
-}
-
-// The dtype pairs check_slam_args admits: both fp64, or any two of
-// fp32/bf16/fp16 (10 instantiations, not 4 x 4).
-template <typename F>
-void dispatch_input_types(at::ScalarType student, at::ScalarType teacher, F&& f) {
-  switch (student) {
-    case at::kDouble: return f(TypeTag<double>{}, TypeTag<double>{});
-    case at::kFloat: return dispatch_teacher_type<float>(teacher, f);
-    case at::kHalf: return dispatch_teacher_type<c10::Half>(teacher, f);
-    case at::kBFloat16: return dispatch_teacher_type<c10::BFloat16>(teacher, f);
-    default:
-      DK_CHECK(false, "student_logits must be fp32, fp64, bf16 or fp16 (got ", student, ")");
-  }
-}
-
-template <int kVec, typename T>
-bool pack_aligned(const T* p) {
-  return reinterpret_cast<std::uintptr_t>(p) % (sizeof(T) * kVec) == 0;
-}
-
-dim3 grid_for(int64_t rows) {
-  // Rows beyond the grid are taken by the kernels' grid-stride row loop.
-  return dim3(static_cast<unsigned>(std::min<int64_t>(rows, std::numeric_limits<int32_t>::max())));
-}
-
 // Columns are int indices on the device (and ties/yhat are saved in the acc
 // type, exact up to 2^24 classes for fp32, as on the CPU).
 void check_cols_fit(const SlamParams& p) {
-  DK_CHECK(p.cols <= std::numeric_limits<int>::max(), "student_logits must have at most ",
-           std::numeric_limits<int>::max(), " classes on CUDA (got ", p.cols, ")");
+  launch::check_cols_fit(p.cols, "student_logits", "classes");
 }
 
 SlamScalars make_scalars(const SlamParams& p, bool aligned) {
@@ -479,7 +431,7 @@ void launch_forward(const at::Tensor& z, const at::Tensor& t, const at::Tensor& 
   args.stats = stats.data_ptr<A>();
   args.p = make_scalars(p, pack_aligned<kVec>(args.student) && pack_aligned<kVec>(args.teacher));
   slam_loss_forward_kernel<S, T, A>
-      <<<grid_for(p.rows), kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args);
+      <<<grid_for(p.rows, 1), kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -500,7 +452,7 @@ void launch_backward(const at::Tensor& grad_loss, const at::Tensor& z, const at:
   args.p = make_scalars(p, pack_aligned<kVec>(args.student) && pack_aligned<kVec>(args.teacher) &&
                                pack_aligned<kVec>(args.grad_student));
   slam_loss_backward_kernel<S, T, A>
-      <<<grid_for(p.rows), kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args);
+      <<<grid_for(p.rows, 1), kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -519,7 +471,8 @@ std::tuple<at::Tensor, at::Tensor> slam_loss_forward_cuda(
   const at::Tensor t = teacher_probs.contiguous();
   const at::Tensor al = alpha.contiguous();
   const at::Tensor kk = k.contiguous();
-  dispatch_input_types(z.scalar_type(), t.scalar_type(), [&](auto s_tag, auto t_tag) {
+  launch::dispatch_input_types(z.scalar_type(), t.scalar_type(), "student_logits",
+                               "teacher_probs", [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using T = typename decltype(t_tag)::type;
     launch_forward<S, T>(z, t, al, kk, loss, stats, p);
@@ -545,7 +498,8 @@ at::Tensor slam_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor
   const at::Tensor al = alpha.contiguous();
   const at::Tensor kk = k.contiguous();
   const at::Tensor st = stats.contiguous();
-  dispatch_input_types(z.scalar_type(), t.scalar_type(), [&](auto s_tag, auto t_tag) {
+  launch::dispatch_input_types(z.scalar_type(), t.scalar_type(), "student_logits",
+                               "teacher_probs", [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using T = typename decltype(t_tag)::type;
     launch_backward<S, T>(g, z, t, al, kk, st, grad, p);

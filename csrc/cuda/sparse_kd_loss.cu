@@ -23,39 +23,36 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <tuple>
-#include <type_traits>
 
 #include "checks.h"
 #include "common.cuh"
 #include "kd_loss.h"
+#include "launch.cuh"
 #include "sparse_kd_loss.h"
 
 namespace distillkit {
 namespace {
 
+using device::acc_t;
+using device::first_row;
 using device::for_each_pack;
 using device::group_allreduce;
 using device::kWarpSize;
 using device::load_pack;
 using device::OnlineLSE;
+using device::row_stride;
 using device::store_pack;
 using device::xmul;
+using launch::pack_aligned;
 
 constexpr int kBlockThreads = 256;
 // Rows up to this length go one per warp, as in kd_loss.cu.
 constexpr int kWarpRowMaxCols = 1024;
-
-template <typename S>
-using acc_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
 // Per-launch scalars, resolved on the host in double and rounded once.
 template <typename A>
@@ -116,20 +113,6 @@ __device__ __forceinline__ RowState<A> shfl_xor(const RowState<A>& v, int mask) 
           device::shfl_xor(v.kept, mask)};
 }
 
-// Row loop of a group of kRowThreads threads: group g of block b starts at
-// row b * groups + g and strides by the grid. The trip count is uniform over
-// the group, so group-wide barriers inside the loop are safe.
-template <int kRowThreads>
-__device__ __forceinline__ int64_t first_row() {
-  return static_cast<int64_t>(blockIdx.x) * (kBlockThreads / kRowThreads) +
-         threadIdx.x / kRowThreads;
-}
-
-template <int kRowThreads>
-__device__ __forceinline__ int64_t row_stride() {
-  return static_cast<int64_t>(gridDim.x) * (kBlockThreads / kRowThreads);
-}
-
 // Makes the group's global writes so far visible to the whole group.
 template <int kRowThreads>
 __device__ __forceinline__ void group_sync() {
@@ -180,7 +163,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   const SparseScalars<A>& k = args.k;
   const int lane = threadIdx.x % kRowThreads;
 
-  for (int64_t row = first_row<kRowThreads>(); row < k.rows; row += row_stride<kRowThreads>()) {
+  for (int64_t row = first_row<kBlockThreads, kRowThreads>(); row < k.rows;
+       row += row_stride<kBlockThreads, kRowThreads>()) {
     A* stats = args.stats + row * kSparseStatsCols;
     if (k.has_labels && args.labels[row] == k.ignore_index) {
       if (lane == 0) {
@@ -225,7 +209,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   const SparseScalars<A>& k = args.k;
   const int lane = threadIdx.x % kRowThreads;
 
-  for (int64_t row = first_row<kRowThreads>(); row < k.rows; row += row_stride<kRowThreads>()) {
+  for (int64_t row = first_row<kBlockThreads, kRowThreads>(); row < k.rows;
+       row += row_stride<kBlockThreads, kRowThreads>()) {
     const int64_t row_start = row * k.cols;
     const S* z = args.student + row_start;
     S* dz = args.grad_student + row_start;
@@ -269,41 +254,6 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 // ---------------------------------------------------------------- host side
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-template <typename S, typename F>
-void dispatch_logprob_type(at::ScalarType logprobs, F&& f) {
-  switch (logprobs) {
-    case at::kFloat: return f(TypeTag<S>{}, TypeTag<float>{});
-    case at::kHalf: return f(TypeTag<S>{}, TypeTag<c10::Half>{});
-    case at::kBFloat16: return f(TypeTag<S>{}, TypeTag<c10::BFloat16>{});
-    default:
-      DK_CHECK(false, "teacher_logprobs must be fp32, fp64, bf16 or fp16 (got ", logprobs, ")");
-  }
-}
-
-// The dtype pairs check_sparse_kd_loss_args admits: both fp64, or any two of
-// fp32/bf16/fp16.
-template <typename F>
-void dispatch_types(at::ScalarType student, at::ScalarType logprobs, F&& f) {
-  switch (student) {
-    case at::kDouble: return f(TypeTag<double>{}, TypeTag<double>{});
-    case at::kFloat: return dispatch_logprob_type<float>(logprobs, f);
-    case at::kHalf: return dispatch_logprob_type<c10::Half>(logprobs, f);
-    case at::kBFloat16: return dispatch_logprob_type<c10::BFloat16>(logprobs, f);
-    default:
-      DK_CHECK(false, "student_logits must be fp32, fp64, bf16 or fp16 (got ", student, ")");
-  }
-}
-
-template <typename T>
-bool pack_aligned(const T* p) {
-  return reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
-}
-
 template <typename A>
 SparseScalars<A> make_scalars(const SparseKDParams& p, bool aligned) {
   SparseScalars<A> k;
@@ -320,24 +270,12 @@ SparseScalars<A> make_scalars(const SparseKDParams& p, bool aligned) {
   return k;
 }
 
-dim3 grid_for(int64_t rows, int rows_per_block) {
-  const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
-  // Rows beyond the grid are taken by the kernels' grid-stride row loop.
-  return dim3(static_cast<unsigned>(
-      std::min<int64_t>(blocks, std::numeric_limits<int32_t>::max())));
-}
-
-void check_cols_fit(const SparseKDParams& p) {
-  DK_CHECK(p.cols <= std::numeric_limits<int>::max(),
-           "student_logits must have at most ", std::numeric_limits<int>::max(),
-           " classes on CUDA (got ", p.cols, ")");
-}
-
 template <typename S, typename L>
 void launch_forward(const at::Tensor& z, const at::Tensor& idx, const at::Tensor& lp,
                     const at::Tensor& labels, at::Tensor& loss, at::Tensor& stats,
                     const SparseKDParams& p) {
   using A = acc_t<S>;
+  constexpr int kVec = 16 / sizeof(S);
   ForwardArgs<S, L, A> args;
   args.student = z.data_ptr<S>();
   args.index = idx.data_ptr<int64_t>();
@@ -345,15 +283,11 @@ void launch_forward(const at::Tensor& z, const at::Tensor& idx, const at::Tensor
   args.labels = p.has_labels ? labels.data_ptr<int64_t>() : nullptr;
   args.loss = loss.data_ptr<A>();
   args.stats = stats.data_ptr<A>();
-  args.k = make_scalars<A>(p, pack_aligned(args.student));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (p.cols <= kWarpRowMaxCols) {
-    sparse_kd_loss_forward_kernel<S, L, A, kWarpSize>
-        <<<grid_for(p.rows, kBlockThreads / kWarpSize), kBlockThreads, 0, stream>>>(args);
-  } else {
-    sparse_kd_loss_forward_kernel<S, L, A, kBlockThreads>
-        <<<grid_for(p.rows, 1), kBlockThreads, 0, stream>>>(args);
-  }
+  args.k = make_scalars<A>(p, pack_aligned<kVec>(args.student));
+  launch::launch_row_groups<kBlockThreads>(
+      p.cols <= kWarpRowMaxCols, p.rows, sparse_kd_loss_forward_kernel<S, L, A, kWarpSize>,
+      sparse_kd_loss_forward_kernel<S, L, A, kBlockThreads>, args,
+      c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -362,6 +296,7 @@ void launch_backward(const at::Tensor& grad_loss, const at::Tensor& z, const at:
                      const at::Tensor& lp, const at::Tensor& labels, const at::Tensor& stats,
                      at::Tensor& grad_z, const SparseKDParams& p) {
   using A = acc_t<S>;
+  constexpr int kVec = 16 / sizeof(S);
   BackwardArgs<S, L, A> args;
   args.grad_loss = grad_loss.data_ptr<A>();
   args.student = z.data_ptr<S>();
@@ -370,15 +305,11 @@ void launch_backward(const at::Tensor& grad_loss, const at::Tensor& z, const at:
   args.labels = p.has_labels ? labels.data_ptr<int64_t>() : nullptr;
   args.stats = stats.data_ptr<A>();
   args.grad_student = grad_z.data_ptr<S>();
-  args.k = make_scalars<A>(p, pack_aligned(args.student) && pack_aligned(args.grad_student));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (p.cols <= kWarpRowMaxCols) {
-    sparse_kd_loss_backward_kernel<S, L, A, kWarpSize>
-        <<<grid_for(p.rows, kBlockThreads / kWarpSize), kBlockThreads, 0, stream>>>(args);
-  } else {
-    sparse_kd_loss_backward_kernel<S, L, A, kBlockThreads>
-        <<<grid_for(p.rows, 1), kBlockThreads, 0, stream>>>(args);
-  }
+  args.k = make_scalars<A>(p, pack_aligned<kVec>(args.student) && pack_aligned<kVec>(args.grad_student));
+  launch::launch_row_groups<kBlockThreads>(
+      p.cols <= kWarpRowMaxCols, p.rows, sparse_kd_loss_backward_kernel<S, L, A, kWarpSize>,
+      sparse_kd_loss_backward_kernel<S, L, A, kBlockThreads>, args,
+      c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -395,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_forward_cuda(
   const SparseKDParams p = check_sparse_kd_loss_args(
       student_logits, teacher_indices, teacher_logprobs, labels, temperature, renormalize,
       ignore_index, scale_by_t2, /*check_indices=*/true, check_duplicates);
-  check_cols_fit(p);
+  launch::check_cols_fit(p.cols, "student_logits", "classes");
   const c10::cuda::CUDAGuard guard(student_logits.device());
   const auto acc_options = student_logits.options().dtype(kd_loss_acc_type(student_logits));
   at::Tensor loss = at::empty({p.rows}, acc_options);
@@ -406,7 +337,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_forward_cuda(
   const at::Tensor idx = teacher_indices.contiguous();
   const at::Tensor lp = teacher_logprobs.contiguous();
   const at::Tensor y = p.has_labels ? labels->contiguous() : at::Tensor();
-  dispatch_types(z.scalar_type(), lp.scalar_type(), [&](auto s_tag, auto l_tag) {
+  launch::dispatch_input_types(z.scalar_type(), lp.scalar_type(), "student_logits",
+                               "teacher_logprobs", [&](auto s_tag, auto l_tag) {
     using S = typename decltype(s_tag)::type;
     using L = typename decltype(l_tag)::type;
     launch_forward<S, L>(z, idx, lp, y, loss, stats, p);
@@ -429,7 +361,7 @@ at::Tensor sparse_kd_loss_backward_cuda(
       student_logits, teacher_indices, teacher_logprobs, labels, temperature, renormalize,
       ignore_index, scale_by_t2, /*check_indices=*/false, /*check_duplicates=*/false);
   check_sparse_kd_loss_backward_args(grad_loss, stats, student_logits, p);
-  check_cols_fit(p);
+  launch::check_cols_fit(p.cols, "student_logits", "classes");
   const c10::cuda::CUDAGuard guard(student_logits.device());
   at::Tensor grad_z = at::empty({p.rows, p.cols}, student_logits.options());
   if (p.rows == 0) return grad_z;
@@ -440,7 +372,8 @@ at::Tensor sparse_kd_loss_backward_cuda(
   const at::Tensor lp = teacher_logprobs.contiguous();
   const at::Tensor y = p.has_labels ? labels->contiguous() : at::Tensor();
   const at::Tensor s = stats.contiguous();
-  dispatch_types(z.scalar_type(), lp.scalar_type(), [&](auto s_tag, auto l_tag) {
+  launch::dispatch_input_types(z.scalar_type(), lp.scalar_type(), "student_logits",
+                               "teacher_logprobs", [&](auto s_tag, auto l_tag) {
     using S = typename decltype(s_tag)::type;
     using L = typename decltype(l_tag)::type;
     launch_backward<S, L>(g, z, idx, lp, y, s, grad_z, p);
