@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import argparse
 
-from distillkit.experiments import lm, unlabeled
+from distillkit.experiments import kdzero, lm, unlabeled
 
-EXPERIMENTS = {"unlabeled": unlabeled, "lm": lm}
+EXPERIMENTS = {"unlabeled": unlabeled, "kdzero": kdzero, "lm": lm}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
