@@ -38,6 +38,7 @@ import ctypes.util
 import gc
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -398,6 +399,8 @@ def _parse_args(bench: OpBench) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed runs per mode (default: 5, quick: 2)")
     p.add_argument("--budget", type=float, default=20.0,
                    help="seconds per mode after which repeats stop, once 3 are done")
+    p.add_argument("--only", default=None,
+                   help="run only the cases whose 'shape dtype params' matches this regex")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # JSON job of one (case, provider)
     args = p.parse_args()
     args.modes = args.modes or list(bench.modes)
@@ -424,6 +427,9 @@ def main(bench: OpBench) -> None:
     print(f"# {bench.name} on {env['machine']} ({device.type}, {args.threads} threads), "
           f"torch {env['torch']}, rev {env['git_rev']}, {env['date']}", flush=True)
     cases = bench.quick_cases if args.quick else bench.cases
+    if args.only:
+        cases = [c for c in cases
+                 if re.search(args.only, f"{c.shape_str} {c.dtype} {c.params_str}")]
     jobs = [(case, provider) for case in cases for provider in args.providers
             if provider != "compile" or bench.compile_filter(case)]
     rows: List[Dict[str, Any]] = []
