@@ -1,5 +1,7 @@
 #include "slam_loss.h"
 
+#include <algorithm>
+
 #include <ATen/ops/abs.h>
 #include <ATen/ops/logical_and.h>
 #include <ATen/ops/logical_or.h>
@@ -51,16 +53,22 @@ SlamParams check_slam_args(const at::Tensor& student_logits, const at::Tensor& t
   DK_CHECK(bad < 0, "k must be in [", k_min, ", ", p.cols, "]",
            normalized ? " (normalized=True needs k >= 2)" : "", " (k[", bad, "] = ",
            bad < 0 ? 0 : k[bad].item<int64_t>(), ")");
-  bad = first_bad_row(teacher_probs.ge(0).all(1));
-  DK_CHECK(bad < 0, "teacher_probs must be non-negative (row ", bad, " has a negative or NaN "
-           "entry)");
   const bool low = teacher_probs.scalar_type() == at::kHalf ||
                    teacher_probs.scalar_type() == at::kBFloat16;
   const double tol = low ? 1e-2 : 1e-3;
-  const at::Tensor sums = teacher_probs.sum(1, /*keepdim=*/false, at::kDouble);
-  bad = first_bad_row(at::abs(sums.sub(1.0)).le(tol));
-  DK_CHECK(bad < 0, "teacher_probs rows must sum to 1 within ", tol, " (row ", bad, " sums to ",
-           bad < 0 ? 0.0 : sums[bad].item<double>(), ")");
+  // Row blocks bound the temporaries of the checks (a bool mask, the fp64
+  // copy a fp64 sum makes) to a few MiB instead of N x C.
+  const int64_t block = std::max<int64_t>(1, (int64_t{1} << 23) / std::max<int64_t>(p.cols, 1));
+  for (int64_t r0 = 0; r0 < p.rows; r0 += block) {
+    const at::Tensor t = teacher_probs.narrow(0, r0, std::min(block, p.rows - r0));
+    bad = first_bad_row(t.ge(0).all(1));
+    DK_CHECK(bad < 0, "teacher_probs must be non-negative (row ", r0 + bad,
+             " has a negative or NaN entry)");
+    const at::Tensor sums = t.sum(1, /*keepdim=*/false, at::kDouble);
+    bad = first_bad_row(at::abs(sums.sub(1.0)).le(tol));
+    DK_CHECK(bad < 0, "teacher_probs rows must sum to 1 within ", tol, " (row ", r0 + bad,
+             " sums to ", bad < 0 ? 0.0 : sums[bad].item<double>(), ")");
+  }
   return p;
 }
 
