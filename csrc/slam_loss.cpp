@@ -56,15 +56,15 @@ SlamParams check_slam_args(const at::Tensor& student_logits, const at::Tensor& t
   const bool low = teacher_probs.scalar_type() == at::kHalf ||
                    teacher_probs.scalar_type() == at::kBFloat16;
   const double tol = low ? 1e-2 : 1e-3;
-  // Row blocks bound the temporaries of the checks (a bool mask, the fp64
-  // copy a fp64 sum makes) to a few MiB instead of N x C.
+  // Row blocks bound any temporaries of the reductions to a few MiB; sums
+  // accumulate in fp32 (fp64 for fp64), far below the tolerance.
   const int64_t block = std::max<int64_t>(1, (int64_t{1} << 23) / std::max<int64_t>(p.cols, 1));
   for (int64_t r0 = 0; r0 < p.rows; r0 += block) {
     const at::Tensor t = teacher_probs.narrow(0, r0, std::min(block, p.rows - r0));
-    bad = first_bad_row(t.ge(0).all(1));
+    bad = first_bad_row(t.amin(1).ge(0));  // NaN fails too
     DK_CHECK(bad < 0, "teacher_probs must be non-negative (row ", r0 + bad,
              " has a negative or NaN entry)");
-    const at::Tensor sums = t.sum(1, /*keepdim=*/false, at::kDouble);
+    const at::Tensor sums = t.sum(1, /*keepdim=*/false, kd_loss_acc_type(teacher_probs));
     bad = first_bad_row(at::abs(sums.sub(1.0)).le(tol));
     DK_CHECK(bad < 0, "teacher_probs rows must sum to 1 within ", tol, " (row ", r0 + bad,
              " sums to ", bad < 0 ? 0.0 : sums[bad].item<double>(), ")");
