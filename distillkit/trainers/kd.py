@@ -63,6 +63,20 @@ def _dist_rank_world() -> Tuple[int, int]:
     return 0, 1
 
 
+
+def _place_models(trainer, student: nn.Module, teacher: Optional[nn.Module],
+                  loss: Optional[KDConfig]) -> None:
+    """Sets ``student`` (on the trainer's device), ``teacher`` (frozen, eval mode),
+    ``loss_config`` (None without a teacher: plain cross entropy) and ``model`` (the
+    student, wrapped in DDP when the process group has several ranks)."""
+    trainer.student = student.to(trainer.device)
+    trainer.teacher = teacher
+    if teacher is not None:
+        teacher.to(trainer.device).eval().requires_grad_(False)
+    trainer.loss_config = None if teacher is None else (loss or KDConfig())
+    trainer.model = (DistributedDataParallel(trainer.student) if trainer.world_size > 1
+                     else trainer.student)
+
 def _rng_state(device: torch.device) -> Dict[str, Any]:
     """This process's RNG states, in types that ``torch.load(weights_only=True)`` accepts."""
     np_state = np.random.get_state(legacy=False)
@@ -194,20 +208,13 @@ class KDTrainer:
             )
         self.device = torch.device(device)
         self.rank, self.world_size = _dist_rank_world()
-        self.student = student.to(self.device)
-        self.teacher = teacher
-        if teacher is not None:
-            teacher.to(self.device).eval().requires_grad_(False)
-        self.loss_config: Optional[KDConfig] = None if teacher is None else (loss or KDConfig())
+        _place_models(self, student, teacher, loss)
         self.train_data = train_data
         self.eval_data = eval_data
         self.epochs = epochs
         self.batch_size = batch_size
         self.seed = seed
         self.progress = progress
-        self.model: nn.Module = (
-            DistributedDataParallel(self.student) if self.world_size > 1 else self.student
-        )
         self.optimizer = self._make_optimizer(optimizer)
         self.sampler = DistributedSampler(
             train_data, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=seed

@@ -31,6 +31,7 @@ from distillkit.trainers.kd import (
     _build_optimizer,
     _dist_rank_world,
     _load_with_rng,
+    _place_models,
     _save_with_rng,
     _set_rng_state,
 )
@@ -184,11 +185,7 @@ class LMDistillationTrainer:
                 f"train_data has {len(train_data)} sequences, fewer than one global batch "
                 f"(batch_size × accumulation_steps × world_size = {self.global_batch})"
             )
-        self.student = student.to(self.device)
-        self.teacher = teacher
-        if teacher is not None:
-            teacher.to(self.device).eval().requires_grad_(False)
-        self.loss_config: Optional[KDConfig] = None if teacher is None else (loss or KDConfig())
+        _place_models(self, student, teacher, loss)
         self.train_data = train_data
         self.eval_data = eval_data
         self.steps = steps
@@ -201,9 +198,6 @@ class LMDistillationTrainer:
         self.eval_every = eval_every
         self.seed = seed
         self.progress = progress
-        self.model: nn.Module = (
-            DistributedDataParallel(self.student) if self.world_size > 1 else self.student
-        )
         self.optimizer = _build_optimizer(optimizer, self.student)
         self.scheduler = scheduler(self.optimizer) if scheduler is not None else None
         self.steps_per_epoch = len(train_data) // self.global_batch
