@@ -18,9 +18,17 @@ $(VENV)/.deps: requirements.txt
 
 install: $(VENV)/.deps
 
-build: install
-	$(PY) -m pip install --no-build-isolation -v -e . > build.log 2>&1 || (tail -60 build.log; exit 1)
-	grep "distillkit build:" build.log
+# Rebuilt only when a source, setup.py or the environment changed (bench-quick after test
+# reuses the build).
+SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+BUILD_STAMP := build.log
+
+$(BUILD_STAMP): $(VENV)/.deps $(SOURCES)
+	$(PY) -m pip install --no-build-isolation -v -e . > build.tmp.log 2>&1 || (tail -60 build.tmp.log; exit 1)
+	mv build.tmp.log $@
+
+build: $(BUILD_STAMP)
+	grep "distillkit build:" $(BUILD_STAMP)
 	$(PY) -c "import distillkit, distillkit._C as c; print('distillkit built: with_cuda =', c.with_cuda)"
 
 test: build
@@ -36,4 +44,4 @@ bench-quick: build
 	for f in benchmarks/bench_*.py; do $(PY) $$f --quick || exit 1; done
 
 clean:
-	rm -rf build *.egg-info distillkit/_C*.so
+	rm -rf build build.log *.egg-info distillkit/_C*.so
