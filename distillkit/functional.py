@@ -156,14 +156,9 @@ def _reduce_kd_rows(rows: Tensor, lead, y: Optional[Tensor], weight: Optional[Te
 
 
 def _reduce_rows(rows: Tensor, weight: Optional[Tensor], reduction: str) -> Tensor:
-    """Weights multiply rows; ``mean`` divides by the row count (not by Σ weight)."""
-    if weight is not None:
-        if weight.shape != rows.shape:
-            raise ValueError(f"weight must have shape {tuple(rows.shape)} (got {tuple(weight.shape)})")
-        rows = rows * weight.to(rows.dtype)
-    if reduction == "none":
-        return rows
-    return rows.sum() if reduction == "sum" else rows.sum() / max(rows.numel(), 1)
+    """:func:`kd_loss`'s reduction for losses without ignored rows: weights multiply rows,
+    ``mean`` divides by the row count (not by Σ weight)."""
+    return _reduce_kd_rows(rows, rows.shape, None, weight, -100, reduction, None)
 
 
 def slam_loss(
@@ -320,10 +315,7 @@ def distance(student: Tensor, teacher: Tensor, op: str, *, dim: int = -1,
     inner = math.prod(s.shape[dim + 1:])
     shape3 = (outer, s.shape[dim], inner)
     rows = correlation_distance_rows(s.reshape(shape3), t.reshape(shape3), op == "pearson")
-    if reduction == "none":
-        return rows.reshape(s.shape[:dim] + s.shape[dim + 1:])
-    total = rows.sum()
-    return total if reduction == "sum" else total / max(rows.numel(), 1)
+    return _reduce_rows(rows.reshape(s.shape[:dim] + s.shape[dim + 1:]), None, reduction)
 
 
 def sparse_kd_loss(
