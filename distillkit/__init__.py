@@ -23,6 +23,6 @@ from .functional import (distance, forward_corrected_loss, kd_loss, slam_loss,  
 from .fused_linear import fused_linear_kd_loss  # noqa: E402
 from .losses import KDLoss  # noqa: E402
 
-__all__ = ["kd_loss", "slam_loss", "forward_corrected_loss", "distance", "fused_linear_kd_loss", "KDLoss",
-           "ops"]
+__all__ = ["kd_loss", "slam_loss", "forward_corrected_loss", "distance", "fused_linear_kd_loss",
+           "sparse_kd_loss", "KDLoss", "ops"]
 __version__ = "0.1.0"

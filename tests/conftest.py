@@ -1,7 +1,10 @@
 import os
+import socket
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import distillkit
 
@@ -45,6 +48,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def spawn_ranks(fn, world, *args):
+    """Run ``fn(rank, world, *args)`` in ``world`` processes joined by a gloo group on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_main, args=(fn, world, port, args), nprocs=world, join=True)
+
+
+def _rank_main(rank, fn, world, port, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+        # No rank tears the group down while a peer may still use it (rank 0 hosts the
+        # store); without this barrier a rank aborted now and then at exit in CI
+        # ("terminate called without an active exception").
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def pytest_report_header(config):

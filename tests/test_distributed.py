@@ -6,14 +6,12 @@ seed and epoch, and rank r takes every other index), and DDP averages the ranks'
 is also interrupted after one epoch and resumed from a checkpoint written by rank 0.
 """
 import os
-import socket
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 
+from conftest import spawn_ranks
 from distillkit.data import load_digits_splits, mlp
 from distillkit.trainers import KDConfig, KDTrainer
 
@@ -37,31 +35,19 @@ def make_trainer(batch_size):
                      epochs=EPOCHS, batch_size=batch_size, seed=3, progress=False)
 
 
-def ddp_worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        checkpoint = os.path.join(out_dir, "ddp.pt")
-        make_trainer(GLOBAL_BATCH // WORLD).fit(stop_epoch=1, checkpoint_path=checkpoint)
-        resumed = make_trainer(GLOBAL_BATCH // WORLD)
-        assert isinstance(resumed.model, DistributedDataParallel)
-        resumed.resume(checkpoint)
-        resumed.fit()
-        torch.save({"params": [p.detach() for p in resumed.student.parameters()],
-                    "history": resumed.history}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def ddp_worker(rank, world, out_dir):
+    checkpoint = os.path.join(out_dir, "ddp.pt")
+    make_trainer(GLOBAL_BATCH // world).fit(stop_epoch=1, checkpoint_path=checkpoint)
+    resumed = make_trainer(GLOBAL_BATCH // world)
+    assert isinstance(resumed.model, DistributedDataParallel)
+    resumed.resume(checkpoint)
+    resumed.fit()
+    torch.save({"params": [p.detach() for p in resumed.student.parameters()],
+                "history": resumed.history}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_ddp_matches_single_process(tmp_path):
-    mp.spawn(ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_ranks(ddp_worker, WORLD, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     threads = torch.get_num_threads()

@@ -1,6 +1,5 @@
 """kd_loss (SPEC §1) against kd_loss_ref: numeric tables, edge cases, bad input,
 autograd machinery (gradcheck, opcheck, torch.compile) and determinism."""
-import itertools
 import os
 
 import pytest

@@ -6,8 +6,6 @@ import random
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
@@ -17,7 +15,7 @@ from distillkit.functional import kd_loss
 from distillkit.models import BOS, EOS, PAD, VOCAB_SIZE, ByteTransformer, byte_sequences
 from distillkit.trainers import KDConfig, LMDistillationTrainer
 from distillkit.trainers.lm import shift_tokens
-from test_distributed import free_port
+from conftest import spawn_ranks
 
 SEQ = 17  # tokens per row: 16 predictions
 KD = KDConfig(temperature=2.0, hard_weight=0.3)
@@ -229,25 +227,19 @@ def ddp_trainer(batch_size):
         progress=False)
 
 
-def ddp_worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        checkpoint = os.path.join(out_dir, "ddp.pt")
-        ddp_trainer(2).fit(stop_step=1, checkpoint_path=checkpoint)
-        resumed = ddp_trainer(2)
-        assert isinstance(resumed.model, DistributedDataParallel)
-        resumed.resume(checkpoint)
-        resumed.fit()
-        torch.save({"params": params(resumed.student), "history": resumed.history},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def ddp_worker(rank, world, out_dir):
+    checkpoint = os.path.join(out_dir, "ddp.pt")
+    ddp_trainer(2).fit(stop_step=1, checkpoint_path=checkpoint)
+    resumed = ddp_trainer(2)
+    assert isinstance(resumed.model, DistributedDataParallel)
+    resumed.resume(checkpoint)
+    resumed.fit()
+    torch.save({"params": params(resumed.student), "history": resumed.history},
+               os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_ddp_matches_single_process(tmp_path):
-    mp.spawn(ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_ranks(ddp_worker, WORLD, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     single = ddp_trainer(4)
     single.fit()

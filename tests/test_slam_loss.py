@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import distillkit
 from distillkit import forward_corrected_loss, slam_loss
 from distillkit.reference import forward_corrected_loss_ref, slam_loss_ref, topk_mask_ref
 

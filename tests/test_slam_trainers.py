@@ -8,10 +8,8 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import DEVICES
+from conftest import DEVICES, spawn_ranks
 from distillkit.__main__ import main
 from distillkit.data import DictDataset, WithTensors, load_digits_splits, mlp
 from distillkit.functional import slam_loss
@@ -19,7 +17,7 @@ from distillkit.slam import SLaMEstimator
 from distillkit.trainers import KDTrainer, SLaMTrainer, WeightedDistillationTrainer
 from distillkit.trainers.pool import predict_logits
 from distillkit.weighting import estimate_weights
-from test_distributed import WORLD, free_port
+from test_distributed import WORLD
 
 LABELLED = 200
 LEARNED_ACCURACY = 0.8
@@ -243,22 +241,16 @@ def make_slam_trainer(teacher_path, batch_size):
                        epochs=2, batch_size=batch_size, seed=3, progress=False)
 
 
-def slam_ddp_worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        trainer = make_slam_trainer(os.path.join(out_dir, "teacher.pt"), GLOBAL_BATCH // WORLD)
-        trainer.fit()
-        torch.save({"params": params(trainer.student), "history": trainer.history},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def slam_ddp_worker(rank, world, out_dir):
+    trainer = make_slam_trainer(os.path.join(out_dir, "teacher.pt"), GLOBAL_BATCH // world)
+    trainer.fit()
+    torch.save({"params": params(trainer.student), "history": trainer.history},
+               os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_slam_ddp_matches_single_process(teacher, tmp_path):
     torch.save(teacher.cpu().state_dict(), tmp_path / "teacher.pt")
-    mp.spawn(slam_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_ranks(slam_ddp_worker, WORLD, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     single = make_slam_trainer(tmp_path / "teacher.pt", GLOBAL_BATCH)
     single.fit()

@@ -6,18 +6,15 @@ The tests then compare every rank's loss and the concatenated shard gradients wi
 single-process ``kd_loss`` (and ``kd_loss_ref`` under float64 autograd).
 """
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import distillkit
 from distillkit.parallel import vocab_parallel_kd_loss
 from distillkit.reference import kd_loss_ref
 
-from conftest import GRAD_TOL, LOSS_TOL
+from conftest import GRAD_TOL, LOSS_TOL, spawn_ranks
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 
@@ -95,43 +92,31 @@ def shard_bounds(name, num_classes, world):
     return [(s, s + n) for s, n in zip(starts, sizes)]
 
 
-def worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        results = {}
-        for name in CASES:
-            z, u, kwargs, grad_out = make_case(name)
-            lo, hi = shard_bounds(name, z.shape[-1], world)[rank]
-            zs = z[..., lo:hi].clone().requires_grad_()
-            us = u[..., lo:hi].clone().requires_grad_("teacher_grad" in CASES[name][4])
-            loss = vocab_parallel_kd_loss(zs, us, **kwargs)
-            loss.backward(grad_out.to(loss.dtype))
-            results[name] = (loss.detach(), zs.grad, us.grad)
-        # Bad input raises on every rank alike (checked after the shapes are gathered),
-        # instead of leaving the others waiting in a collective.
-        z = torch.zeros(2, 3)
-        with pytest.raises(ValueError, match=rf"global class indices in \[0, {3 * world}\)"):
-            vocab_parallel_kd_loss(z, z, labels=torch.tensor([0, 3 * world]), hard_weight=0.5)
-        with pytest.raises(ValueError, match="same number of rows"):
-            vocab_parallel_kd_loss(z[:1 + rank], z[:1 + rank])
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def worker(rank, world, out_dir):
+    results = {}
+    for name in CASES:
+        z, u, kwargs, grad_out = make_case(name)
+        lo, hi = shard_bounds(name, z.shape[-1], world)[rank]
+        zs = z[..., lo:hi].clone().requires_grad_()
+        us = u[..., lo:hi].clone().requires_grad_("teacher_grad" in CASES[name][4])
+        loss = vocab_parallel_kd_loss(zs, us, **kwargs)
+        loss.backward(grad_out.to(loss.dtype))
+        results[name] = (loss.detach(), zs.grad, us.grad)
+    # Bad input raises on every rank alike (checked after the shapes are gathered),
+    # instead of leaving the others waiting in a collective.
+    z = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=rf"global class indices in \[0, {3 * world}\)"):
+        vocab_parallel_kd_loss(z, z, labels=torch.tensor([0, 3 * world]), hard_weight=0.5)
+    with pytest.raises(ValueError, match="same number of rows"):
+        vocab_parallel_kd_loss(z[:1 + rank], z[:1 + rank])
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
 def ranks(request, tmp_path_factory):
     world = request.param
     out_dir = tmp_path_factory.mktemp(f"world{world}")
-    mp.spawn(worker, args=(world, free_port(), str(out_dir)), nprocs=world, join=True)
+    spawn_ranks(worker, world, str(out_dir))
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
 
 
