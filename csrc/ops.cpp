@@ -75,6 +75,32 @@ TORCH_LIBRARY(distillkit, m) {
       "sparse_kd_loss_backward(Tensor grad_loss, Tensor student_logits, "
       "Tensor teacher_indices, Tensor teacher_logprobs, Tensor? labels, Tensor stats, "
       "float temperature, bool renormalize, int ignore_index, bool scale_by_t2) -> Tensor");
+
+  // One step of the coordinate-wise LSTM optimizer (SPEC §4) on P independent
+  // coordinates sharing the weights: preprocess grad (P,), run L stacked LSTM
+  // cells (w_ih[l] (4H_l, in_l), w_hh[l] (4H_l, H_l), bias[l] (4H_l,) = b_ih +
+  // b_hh, gate order i, f, g, o; in_0 = 2), take out = head_weight . h_L +
+  // head_bias (or h_L when there is no head; then H_L = 1) and return
+  // params + output_scale * out. States are packed (P, sum_l H_l), layer l at
+  // column offset sum_{k<l} H_k.
+  m.def(
+      "coordinate_lstm_forward(Tensor grad, Tensor params, Tensor h, Tensor c, "
+      "Tensor[] w_ih, Tensor[] w_hh, Tensor[] bias, Tensor? head_weight, "
+      "Tensor? head_bias, float preprocess_p, float output_scale) "
+      "-> (Tensor params_out, Tensor h_out, Tensor c_out)");
+  // Backward of one step from the saved inputs (grad, h, c): gates are
+  // recomputed, not saved. Undefined grad_h_out / grad_c_out count as zeros.
+  // The gradient for params is grad_params_out itself (not returned). Weight
+  // gradients are sums over coordinates in a fixed order (deterministic);
+  // grad_head_* are empty (0,) tensors without a head.
+  m.def(
+      "coordinate_lstm_backward(Tensor grad_params_out, Tensor? grad_h_out, "
+      "Tensor? grad_c_out, Tensor grad, Tensor h, Tensor c, Tensor[] w_ih, "
+      "Tensor[] w_hh, Tensor[] bias, Tensor? head_weight, Tensor? head_bias, "
+      "float preprocess_p, float output_scale) "
+      "-> (Tensor grad_grad, Tensor grad_h, Tensor grad_c, Tensor[] grad_w_ih, "
+      "Tensor[] grad_w_hh, Tensor[] grad_bias, Tensor grad_head_weight, "
+      "Tensor grad_head_bias)");
 }
 
 // `import distillkit._C` loads this library (which runs the registrations

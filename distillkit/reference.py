@@ -6,13 +6,14 @@ temporaries, which is exactly what the fused kernels avoid.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+import math
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 __all__ = ["kd_loss_ref", "slam_loss_ref", "topk_mask_ref", "forward_corrected_loss_ref",
-           "distance_ref", "DISTANCE_OPS", "sparse_kd_loss_ref"]
+           "distance_ref", "DISTANCE_OPS", "sparse_kd_loss_ref", "coordinate_lstm_step_ref"]
 
 
 def _acc_dtype(*tensors: Tensor) -> torch.dtype:
@@ -248,3 +249,33 @@ def sparse_kd_loss_ref(
     if reduction == "sum":
         return total
     return total / (normalizer if normalizer is not None else live_row.sum().clamp(min=1))
+
+
+def coordinate_lstm_step_ref(grad: Tensor, params: Tensor, h: Tensor, c: Tensor,
+                             w_ih: Sequence[Tensor], w_hh: Sequence[Tensor],
+                             bias: Sequence[Tensor], head_weight: Optional[Tensor] = None,
+                             head_bias: Optional[Tensor] = None, *, preprocess_p: float = 10.0,
+                             output_scale: float = 0.1) -> tuple[Tensor, Tensor, Tensor]:
+    """One coordinate-wise LSTM optimizer step (SPEC §4), the oracle of ``coordinate_lstm_step``.
+
+    Each of the P coordinates is one batch row of stacked ``nn.LSTMCell``s: the input is
+    the preprocessed gradient (a, b), a = max(log(|g| + 1e-8) / p, -1),
+    b = clamp(g e^p, -1, 1); layer l maps (P, in_l) to (P, H_l) with
+    w_ih[l] (4H_l, in_l), w_hh[l] (4H_l, H_l), bias[l] (4H_l,) (= b_ih + b_hh), gate
+    order i, f, g, o. out = h_L @ head_weight.T + head_bias (or h_L, H_L = 1, without
+    a head), and params_out = params + output_scale * out. h and c are packed
+    (P, sum_l H_l), layer l's columns after those of the layers below.
+    """
+    a = torch.clamp(torch.log(grad.abs() + 1e-8) / preprocess_p, min=-1.0)
+    b = torch.clamp(grad * math.exp(preprocess_p), -1.0, 1.0)
+    x = torch.stack([a, b], dim=1)
+    sizes = [w.shape[1] for w in w_hh]
+    h_out, c_out = [], []
+    for h_l, c_l, wi, wh, bl in zip(h.split(sizes, 1), c.split(sizes, 1), w_ih, w_hh, bias):
+        i, f, g, o = (x @ wi.T + h_l @ wh.T + bl).chunk(4, dim=1)
+        c_l = torch.sigmoid(f) * c_l + torch.sigmoid(i) * torch.tanh(g)
+        x = torch.sigmoid(o) * torch.tanh(c_l)
+        h_out.append(x)
+        c_out.append(c_l)
+    out = x @ head_weight.T + head_bias if head_weight is not None else x
+    return params + output_scale * out.squeeze(1), torch.cat(h_out, 1), torch.cat(c_out, 1)
