@@ -21,8 +21,9 @@ from . import ops  # noqa: E402  (registers fake kernels and autograd)
 from .functional import (distance, forward_corrected_loss, kd_loss, slam_loss,  # noqa: E402
                          sparse_kd_loss)
 from .fused_linear import fused_linear_kd_loss  # noqa: E402
+from .learned_optimizer import LearnedOptimizer  # noqa: E402
 from .losses import KDLoss  # noqa: E402
 
 __all__ = ["kd_loss", "slam_loss", "forward_corrected_loss", "distance", "fused_linear_kd_loss",
-           "sparse_kd_loss", "KDLoss", "ops"]
+           "sparse_kd_loss", "KDLoss", "LearnedOptimizer", "ops"]
 __version__ = "0.1.0"

@@ -1,8 +1,9 @@
 """Training loops built only on :mod:`distillkit.functional` (pure Python)."""
 from distillkit.trainers.kd import KDConfig, KDTrainer
+from distillkit.trainers.l2t import L2TDLNTrainer
 from distillkit.trainers.lm import LMDistillationTrainer
 from distillkit.trainers.slam import SLaMTrainer
 from distillkit.trainers.weighted import WeightedDistillationTrainer
 
-__all__ = ["KDConfig", "KDTrainer", "LMDistillationTrainer", "SLaMTrainer",
+__all__ = ["KDConfig", "KDTrainer", "L2TDLNTrainer", "LMDistillationTrainer", "SLaMTrainer",
            "WeightedDistillationTrainer"]
