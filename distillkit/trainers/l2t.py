@@ -207,7 +207,7 @@ class L2TDLNTrainer:
             for p, new in zip(self.student.parameters(), w.values()):
                 p.copy_(new)
         self.iteration += 1
-        record = {"iteration": self.iteration, **stats, "val_loss": float(val_loss)}
+        record = {"iteration": self.iteration, **stats, "val_loss": float(val_loss.detach())}
         self.history.append(record)
         return record
 

@@ -1,0 +1,345 @@
+"""L2T-DLN and the learned (L2L) optimizer on digits: a learned loss vs CE, an LSTM optimizer vs SGD/Adam.
+
+``python -m distillkit experiment l2t``: both methods of SPEC §4–5 at small scale, on
+scikit-learn's 8×8 digits (1077 train / 270 validation / 450 test, split seed 0).
+
+(a) **Learned loss.** A student MLP 64→32→10 trains for ``--iterations × --unroll``
+    SGD steps (lr ``--student-lr``, batch ``--batch-size``) with
+    * cross entropy,
+    * a fixed DLN: the dynamic loss network fitted to the 1-vs-1 binary cross
+      entropy −log s_y − log(1 − s_c) (:func:`distillkit.dln.imitate`) and never
+      changed — the learned loss's starting point,
+    * L2T-DLN (:class:`distillkit.trainers.L2TDLNTrainer`): the same DLN, adjusted by
+      the LSTM teacher from validation batches (K = ``--unroll`` steps per iteration).
+    Per seed the three students share the initialization and the sequence of training
+    batches; L2T-DLN alone also sees the validation split (as the teacher's signal).
+    Scored on the test split.
+(b) **Learned optimizer.** A :class:`distillkit.learned_optimizer.CoordinateLSTM` (2 × 20,
+    head, p = 10, output scale 0.1) is meta-trained with :func:`meta_train` (Adam 1e-3,
+    unrolls of ``--opt-unroll``, ``--opt-steps`` steps per task) on tasks "MLP
+    64→16→10 from a fresh init, full-batch CE on 128 random training examples". It is
+    then run as a :class:`distillkit.LearnedOptimizer` on held-out tasks (new inits,
+    128 test-split examples) for ``--eval-steps`` steps, against SGD and Adam whose
+    learning rates are picked from a grid by the mean held-out loss at step
+    ``--opt-steps`` (picked on the held-out tasks themselves, which favours them).
+
+Written to ``--out``: ``results.md`` (both tables), ``students.png`` (test accuracy
+over student steps) and ``optimizer.png`` (meta-training curve; held-out loss curves).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distillkit.data import DictDataset, load_digits_splits, mlp
+from distillkit.dln import DynamicLossNetwork, imitate
+from distillkit.learned_optimizer import CoordinateLSTM, LearnedOptimizer, meta_train, module_task
+from distillkit.trainers.l2t import BatchCycler, L2TDLNTrainer
+
+STUDENT_HIDDEN = (32,)
+TASK_HIDDEN = (16,)
+TASK_ROWS = 128
+SGD_GRID = (0.03, 0.1, 0.3, 1.0, 3.0)
+ADAM_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+METHODS = ("cross entropy", "fixed DLN", "L2T-DLN")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seeds", type=int, default=3, help="students per method in (a)")
+    parser.add_argument("--iterations", type=int, default=100,
+                        help="L2T-DLN iterations; every student gets iterations × unroll steps")
+    parser.add_argument("--unroll", type=int, default=15, help="K: student steps per iteration")
+    parser.add_argument("--student-lr", type=float, default=0.1)
+    parser.add_argument("--teacher-lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--val-batch-size", type=int, default=64)
+    parser.add_argument("--eval-every", type=int, default=10,
+                        help="iterations between test evaluations (the curves)")
+    parser.add_argument("--meta-steps", type=int, default=300,
+                        help="Adam steps on the learned optimizer's LSTM in (b)")
+    parser.add_argument("--opt-unroll", type=int, default=20, help="truncated-BPTT unroll in (b)")
+    parser.add_argument("--opt-steps", type=int, default=100,
+                        help="optimizee steps per meta-training task in (b)")
+    parser.add_argument("--eval-steps", type=int, default=200,
+                        help="steps of each held-out run in (b) (beyond --opt-steps: "
+                             "generalization in time)")
+    parser.add_argument("--held-out", type=int, default=5, help="held-out tasks in (b)")
+    parser.add_argument("--out", default=os.path.join("runs", "l2t"), help="output directory")
+    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="hide the progress bars")
+
+
+def _mean_std(values: Sequence[float], digits: int = 3) -> str:
+    spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.{digits}f}{spread}"
+
+
+def _accuracy(model: nn.Module, data: DictDataset) -> float:
+    with torch.no_grad():
+        logits = model(data.tensors["input"])
+    return float((logits.argmax(1) == data.tensors["label"]).float().mean())
+
+
+# ---- (a) learned loss ------------------------------------------------------------------
+
+def _sgd_student(student: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
+                 batches: BatchCycler, steps: int, lr: float, eval_every_steps: int,
+                 test: DictDataset) -> List[float]:
+    """Plain SGD on ``loss_fn(logits, labels)``; test accuracy every ``eval_every_steps``."""
+    optimizer = torch.optim.SGD(student.parameters(), lr=lr)
+    curve = []
+    for step in range(1, steps + 1):
+        x, y = next(batches)
+        loss = loss_fn(student(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % eval_every_steps == 0 or step == steps:
+            curve.append(_accuracy(student, test))
+    return curve
+
+
+def _learned_loss_runs(args, splits) -> Tuple[Dict[str, List[List[float]]], Dict[str, float]]:
+    """Per method, one test-accuracy curve per seed; per method, seconds per student."""
+    n, c = splits.num_features, splits.num_classes
+    steps = args.iterations * args.unroll
+    every = args.eval_every * args.unroll
+    curves: Dict[str, List[List[float]]] = {m: [] for m in METHODS}
+    seconds = {m: 0.0 for m in METHODS}
+    train = splits.train.tensors
+    for seed in range(args.seeds):
+        torch.manual_seed(seed)
+        init = mlp(n, STUDENT_HIDDEN, c).state_dict()
+        dln = DynamicLossNetwork()
+        imitate(dln, generator=torch.Generator().manual_seed(seed))
+        for method in METHODS:
+            start = time.perf_counter()
+            student = mlp(n, STUDENT_HIDDEN, c)
+            student.load_state_dict(init)
+            if method == "L2T-DLN":
+                trainer = L2TDLNTrainer(
+                    student, splits.train, splits.val, dln=dln, eval_data=splits.test,
+                    unroll=args.unroll, student_lr=args.student_lr, teacher_lr=args.teacher_lr,
+                    batch_size=args.batch_size, val_batch_size=args.val_batch_size,
+                    iterations=args.iterations, eval_every=args.eval_every, seed=seed,
+                    progress=args.progress)
+                curve = [r["eval_accuracy"] for r in trainer.fit() if "eval_accuracy" in r]
+            else:
+                fixed = dln.flat_weights()
+                loss_fn = F.cross_entropy if method == "cross entropy" else (
+                    lambda z, y, phi=fixed: dln.functional_loss(phi, z, y))
+                batches = BatchCycler(train["input"], train["label"], args.batch_size, seed)
+                curve = _sgd_student(student, loss_fn, batches, steps, args.student_lr, every,
+                                     splits.test)
+            seconds[method] += (time.perf_counter() - start) / args.seeds
+            curves[method].append(curve)
+            print(f"seed {seed} {method}: test accuracy {curve[-1]:.3f}", flush=True)
+    return curves, seconds
+
+
+def _students_table(curves, seconds, test_size: int) -> str:
+    lines = [f"| student loss | test acc (n={test_size}) | Δ vs cross entropy (paired) | "
+             "s / student |", "|---|--:|--:|--:|"]
+    ce = [c[-1] for c in curves["cross entropy"]]
+    for method in METHODS:
+        final = [c[-1] for c in curves[method]]
+        delta = [a - b for a, b in zip(final, ce)]
+        lines.append(f"| {method} | {_mean_std(final)} | {_mean_std(delta)} | "
+                     f"{seconds[method]:.1f} |")
+    return "\n".join(lines)
+
+
+# ---- (b) learned optimizer -----------------------------------------------------------------
+
+def _task_model(seed: int, n: int, c: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return mlp(n, TASK_HIDDEN, c)
+
+
+def _task_data(data: DictDataset, seed: int) -> Tuple[Tensor, Tensor]:
+    rows = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:TASK_ROWS]
+    return data.tensors["input"][rows], data.tensors["label"][rows]
+
+
+def _loss_curve(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
+                steps: int) -> List[float]:
+    """Full-batch losses f(θ_0), …, f(θ_steps); inf from the first non-finite one on."""
+    curve = []
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x), y)
+        curve.append(float(loss))
+        if not torch.isfinite(loss):
+            return curve + [float("inf")] * (steps + 1 - len(curve))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        curve.append(float(F.cross_entropy(model(x), y)))
+    return curve
+
+
+def _optimizer_runs(args, splits):
+    n, c = splits.num_features, splits.num_classes
+
+    def make_task(i: int):
+        x, y = _task_data(splits.train, i)
+        return module_task(_task_model(i, n, c), x, y)
+
+    torch.manual_seed(0)
+    lstm = CoordinateLSTM((20, 20), head=True, preprocess_p=10.0, output_scale=0.1)
+    start = time.perf_counter()
+    history = meta_train(lstm, make_task, unroll=args.opt_unroll, steps_per_task=args.opt_steps,
+                         meta_steps=args.meta_steps, lr=1e-3, progress=args.progress)
+    meta_seconds = time.perf_counter() - start
+    held_out = [10_000 + i for i in range(args.held_out)]
+
+    def run(factory) -> List[List[float]]:
+        out = []
+        for seed in held_out:
+            model = _task_model(seed, n, c)
+            x, y = _task_data(splits.test, seed)
+            out.append(_loss_curve(model, factory(model.parameters()), x, y, args.eval_steps))
+        return out
+
+    def at_horizon(curves):
+        return statistics.mean(cv[min(args.opt_steps, args.eval_steps)] for cv in curves)
+
+    results = {"learned (L2L)": (None, run(lambda p: LearnedOptimizer(p, lstm)))}
+    for name, cls, grid in (("SGD", torch.optim.SGD, SGD_GRID), ("Adam", torch.optim.Adam,
+                                                                 ADAM_GRID)):
+        tried = {lr: run(lambda p, lr=lr: cls(p, lr=lr)) for lr in grid}
+        best = min(grid, key=lambda lr: at_horizon(tried[lr]))
+        results[name] = (best, tried[best])
+    print(f"meta-training: {len(history)} meta-steps over {history[-1]['task'] + 1} tasks "
+          f"({meta_seconds:.0f} s)", flush=True)
+    return history, results, meta_seconds
+
+
+def _optimizer_table(results, args) -> str:
+    horizon = min(args.opt_steps, args.eval_steps)
+    lines = [f"| optimizer | loss at step 0 | loss at step {horizon} | "
+             f"loss at step {args.eval_steps} |", "|---|--:|--:|--:|"]
+    for name, (lr, curves) in results.items():
+        label = f"{name} (lr {lr:g})" if lr is not None else name
+        lines.append(f"| {label} | {_mean_std([cv[0] for cv in curves])} | "
+                     f"{_mean_std([cv[horizon] for cv in curves])} | "
+                     f"{_mean_std([cv[-1] for cv in curves])} |")
+    return "\n".join(lines)
+
+
+# ---- plots -------------------------------------------------------------------------------
+
+def _plot_students(curves, args, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    every = args.eval_every * args.unroll
+    for method in METHODS:
+        points = min(len(cv) for cv in curves[method])
+        mean = [statistics.mean(cv[i] for cv in curves[method]) for i in range(points)]
+        steps = [min((i + 1) * every, args.iterations * args.unroll) for i in range(points)]
+        ax.plot(steps, mean, marker=".", label=method)
+    ax.set_xlabel("student SGD steps")
+    ax.set_ylabel(f"test accuracy (mean of {args.seeds} seeds)")
+    ax.set_title("digits, MLP 64-32-10: learned loss vs cross entropy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_optimizer(history, results, args, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    losses = [h["meta_loss"] for h in history]
+    window = max(1, len(losses) // 20)
+    smooth = [statistics.mean(losses[max(0, i - window + 1):i + 1]) for i in range(len(losses))]
+    left.plot(range(1, len(losses) + 1), losses, color="0.75", linewidth=0.8, label="per unroll")
+    left.plot(range(1, len(losses) + 1), smooth, label=f"running mean ({window})")
+    left.set_xlabel("meta-step (one unroll)")
+    left.set_ylabel("meta-loss Σ f(θ_t) / K")
+    left.set_title("meta-training the LSTM optimizer")
+    left.grid(alpha=0.3)
+    left.legend()
+    for name, (lr, curves) in results.items():
+        mean = [statistics.mean(cv[t] for cv in curves) for t in range(len(curves[0]))]
+        right.plot(mean, label=name if lr is None else f"{name} (lr {lr:g})")
+    right.axvline(args.opt_steps, color="k", linestyle=":", linewidth=1,
+                  label="meta-training horizon")
+    right.set_yscale("log")
+    right.set_xlabel("optimizee step")
+    right.set_ylabel(f"training loss (mean of {args.held_out} held-out tasks)")
+    right.set_title("held-out tasks: MLP 64-16-10, 128 examples")
+    right.grid(alpha=0.3)
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.quick:
+        args.seeds, args.iterations, args.unroll, args.eval_every = 2, 2, 3, 1
+        args.meta_steps, args.opt_unroll, args.opt_steps, args.eval_steps = 4, 5, 10, 12
+        args.held_out = 2
+    if min(args.seeds, args.iterations, args.unroll, args.eval_every, args.meta_steps,
+           args.opt_unroll, args.opt_steps, args.eval_steps, args.held_out) < 1:
+        raise SystemExit("counts and steps must be >= 1")
+    if args.opt_steps % args.opt_unroll:
+        raise SystemExit("--opt-steps must be a multiple of --opt-unroll")
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    start = time.perf_counter()
+    splits = load_digits_splits(seed=0)
+
+    curves, seconds = _learned_loss_runs(args, splits)
+    students = _students_table(curves, seconds, len(splits.test))
+    print(f"\n{students}\n", flush=True)
+    history, results, meta_seconds = _optimizer_runs(args, splits)
+    optimizer = _optimizer_table(results, args)
+    print(f"\n{optimizer}\n", flush=True)
+    total = time.perf_counter() - start
+
+    settings_a = (
+        f"digits (split seed 0: {len(splits.train)} train / {len(splits.val)} val / "
+        f"{len(splits.test)} test); student MLP 64-{'-'.join(map(str, STUDENT_HIDDEN))}-10, "
+        f"{args.iterations * args.unroll} SGD steps (lr {args.student_lr}, batch "
+        f"{args.batch_size}), {args.seeds} seeds (init, batch order, DLN fit); L2T-DLN: "
+        f"{args.iterations} iterations × K = {args.unroll}, validation batch "
+        f"{args.val_batch_size}, teacher LSTM 2-64-64-64-1 (s = −1e-3, Adam "
+        f"{args.teacher_lr})")
+    settings_b = (
+        f"tasks: MLP 64-{'-'.join(map(str, TASK_HIDDEN))}-10, full-batch CE on {TASK_ROWS} "
+        f"random examples (meta-training: train split; held-out: {args.held_out} tasks on "
+        f"the test split, new inits); LSTM 2×20 + head, p = 10, s = 0.1; "
+        f"{args.meta_steps} meta-steps (Adam 1e-3), unroll {args.opt_unroll}, "
+        f"{args.opt_steps} steps per task ({meta_seconds:.0f} s); SGD grid {SGD_GRID}, "
+        f"Adam grid {ADAM_GRID}, picked by held-out loss at step "
+        f"{min(args.opt_steps, args.eval_steps)}")
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(f"## (a) Learned loss (L2T-DLN) vs cross entropy\n\n{students}\n\n"
+                f"Settings: {settings_a}.\n\n"
+                f"## (b) Learned optimizer (L2L) vs SGD and Adam\n\n{optimizer}\n\n"
+                f"Settings: {settings_b}.\n\n{total:.0f} s in all on {args.threads} "
+                f"thread(s).\n")
+    _plot_students(curves, args, os.path.join(args.out, "students.png"))
+    _plot_optimizer(history, results, args, os.path.join(args.out, "optimizer.png"))
+    print(f"{total:.0f} s; wrote {args.out}/results.md, students.png, optimizer.png")
+    return 0
