@@ -198,16 +198,35 @@ class Task:
     loss: Callable[[Tensor], Tensor]
 
 
-def module_task(model: nn.Module, inputs: Tensor, labels: Tensor) -> Task:
-    """The full-batch cross entropy of ``model`` on (inputs, labels) as a function of its
-    flattened parameters (``named_parameters`` order); θ₀ = the model's current parameters."""
+def module_task(model: nn.Module, inputs: Tensor, labels: Tensor, *,
+                batch_size: Optional[int] = None, seed: int = 0) -> Task:
+    """The cross entropy of ``model`` on (inputs, labels) as a function of its flattened
+    parameters (``named_parameters`` order); θ₀ = the model's current parameters.
+
+    Full-batch by default (a deterministic f). With ``batch_size``, every call of the
+    loss evaluates the next minibatch of an order reshuffled each epoch (generator
+    seeded with ``seed``; a last short batch is dropped): the stochastic f_t of L2L.
+    :func:`unroll_meta_gradient` calls the loss exactly once per step (at θ_t, for both
+    f(θ_t) and the next step's input ∇f(θ_t)), so both methods see the same batches.
+    """
     names, shapes = zip(*[(n, p.shape) for n, p in model.named_parameters()])
     sizes = [math.prod(s) for s in shapes]
     theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    if batch_size is not None and not 1 <= batch_size <= len(inputs):
+        raise ValueError(f"batch_size must be in [1, {len(inputs)}] (got {batch_size})")
+    generator = torch.Generator().manual_seed(seed)
+    order: List[Tensor] = []
 
     def loss(theta: Tensor) -> Tensor:
         params = {n: t.view(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
-        return F.cross_entropy(functional_call(model, params, (inputs,)), labels)
+        x, y = inputs, labels
+        if batch_size is not None:
+            if not order:
+                perm = torch.randperm(len(inputs), generator=generator)
+                order.extend(perm[:len(perm) - len(perm) % batch_size].split(batch_size))
+            rows = order.pop(0).to(inputs.device)
+            x, y = inputs[rows], labels[rows]
+        return F.cross_entropy(functional_call(model, params, (x,)), y)
 
     return Task(theta0, loss)
 

@@ -183,24 +183,29 @@ def test_learned_optimizer_state_dict_round_trip():
 
 # ---- meta-training -------------------------------------------------------------------
 
+@pytest.mark.parametrize("batch_size", [None, 8], ids=["full-batch", "minibatch"])
 @pytest.mark.parametrize("head", [True, False], ids=["l2l-head", "no-head"])
-def test_reverse_scan_meta_gradient_equals_plain_autograd(head):
+def test_reverse_scan_meta_gradient_equals_plain_autograd(head, batch_size):
     torch.manual_seed(1)
     lstm = (CoordinateLSTM() if head else CoordinateLSTM((8, 1), head=False)).double()
     model, x, y = tiny_task()
-    task = module_task(model, x, y)
-    state = start_unroll(lstm, task)
-    for _ in range(2):  # the second unroll starts from a carried, nonzero state
-        loss_r, grads_r, next_r = unroll_meta_gradient(lstm, task.loss, state, 5, method="reverse")
-        loss_a, grads_a, next_a = unroll_meta_gradient(lstm, task.loss, state, 5,
-                                                       method="autograd")
+    runs = {}
+    for method in ("reverse", "autograd"):
+        # a fresh task per method: a minibatch task's batch order is consumed by use
+        task = module_task(model, x, y, batch_size=batch_size, seed=0)
+        state = start_unroll(lstm, task)
+        runs[method] = []
+        for _ in range(2):  # the second unroll starts from a carried, nonzero state
+            loss, grads, state = unroll_meta_gradient(lstm, task.loss, state, 5, method=method)
+            runs[method].append((loss, grads, state))
+    for (loss_r, grads_r, state_r), (loss_a, grads_a, state_a) in zip(runs["reverse"],
+                                                                      runs["autograd"]):
         torch.testing.assert_close(loss_r, loss_a, **F64)
         assert_all_close(grads_r, grads_a)
         assert max(float(g.abs().max()) for g in grads_r) > 1e-3
-        assert_all_close([next_r.params, next_r.h, next_r.c, next_r.grad],
-                         [next_a.params, next_a.h, next_a.c, next_a.grad])
-        state = next_r
-    assert state.step == 10
+        assert_all_close([state_r.params, state_r.h, state_r.c, state_r.grad],
+                         [state_a.params, state_a.h, state_a.c, state_a.grad])
+    assert state_r.step == 10
 
 
 def test_meta_loss_is_the_sum_of_losses_after_each_update():

@@ -17,10 +17,10 @@ scikit-learn's 8×8 digits (1077 train / 270 validation / 450 test, split seed 0
 (b) **Learned optimizer.** A :class:`distillkit.learned_optimizer.CoordinateLSTM` (2 × 20,
     head, p = 10, output scale 0.1) is meta-trained with :func:`meta_train` (Adam 1e-3,
     unrolls of ``--opt-unroll``, ``--opt-steps`` steps per task) on tasks "MLP
-    64→16→10 from a fresh init, full-batch CE on 128 random training examples". It is
-    then run as a :class:`distillkit.LearnedOptimizer` on held-out tasks (new inits,
-    128 test-split examples) for ``--eval-steps`` steps, against SGD and Adam whose
-    learning rates are picked from a grid by the mean held-out loss at step
+    64→16→10 from a fresh init, CE on minibatches of 128 of the training split" (as
+    L2L's MNIST task). It is then run as a :class:`distillkit.LearnedOptimizer` on
+    held-out tasks (new inits, minibatches of the test split) for ``--eval-steps``
+    steps, against SGD and Adam whose learning rates are picked from a grid by the mean held-out loss at step
     ``--opt-steps`` (picked on the held-out tasks themselves, which favours them).
 
 Written to ``--out``: ``results.md`` (both tables), ``students.png`` (test accuracy
@@ -29,6 +29,7 @@ over student steps) and ``optimizer.png`` (meta-training curve; held-out loss cu
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import time
@@ -45,7 +46,7 @@ from distillkit.trainers.l2t import BatchCycler, L2TDLNTrainer
 
 STUDENT_HIDDEN = (32,)
 TASK_HIDDEN = (16,)
-TASK_ROWS = 128
+TASK_BATCH = 128
 SGD_GRID = (0.03, 0.1, 0.3, 1.0, 3.0)
 ADAM_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 METHODS = ("cross entropy", "fixed DLN", "L2T-DLN")
@@ -165,22 +166,21 @@ def _task_model(seed: int, n: int, c: int) -> nn.Module:
     return mlp(n, TASK_HIDDEN, c)
 
 
-def _task_data(data: DictDataset, seed: int) -> Tuple[Tensor, Tensor]:
-    rows = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:TASK_ROWS]
-    return data.tensors["input"][rows], data.tensors["label"][rows]
-
-
-def _loss_curve(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
-                steps: int) -> List[float]:
-    """Full-batch losses f(θ_0), …, f(θ_steps); inf from the first non-finite one on."""
+def _loss_curve(model: nn.Module, optimizer: torch.optim.Optimizer, data: DictDataset,
+                steps: int, seed: int) -> List[float]:
+    """Minibatch training; the full-data loss before each step and after the last
+    (``steps + 1`` values), inf from the first non-finite one on."""
+    x, y = data.tensors["input"], data.tensors["label"]
+    batches = BatchCycler(x, y, TASK_BATCH, seed)
     curve = []
     for _ in range(steps):
-        loss = F.cross_entropy(model(x), y)
-        curve.append(float(loss))
-        if not torch.isfinite(loss):
-            return curve + [float("inf")] * (steps + 1 - len(curve))
+        with torch.no_grad():
+            curve.append(float(F.cross_entropy(model(x), y)))
+        if not math.isfinite(curve[-1]):
+            return curve + [math.inf] * (steps + 1 - len(curve))
+        xb, yb = next(batches)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        F.cross_entropy(model(xb), yb).backward()
         optimizer.step()
     with torch.no_grad():
         curve.append(float(F.cross_entropy(model(x), y)))
@@ -189,10 +189,11 @@ def _loss_curve(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y
 
 def _optimizer_runs(args, splits):
     n, c = splits.num_features, splits.num_classes
+    train = splits.train.tensors
 
     def make_task(i: int):
-        x, y = _task_data(splits.train, i)
-        return module_task(_task_model(i, n, c), x, y)
+        return module_task(_task_model(i, n, c), train["input"], train["label"],
+                           batch_size=TASK_BATCH, seed=i)
 
     torch.manual_seed(0)
     lstm = CoordinateLSTM((20, 20), head=True, preprocess_p=10.0, output_scale=0.1)
@@ -206,8 +207,8 @@ def _optimizer_runs(args, splits):
         out = []
         for seed in held_out:
             model = _task_model(seed, n, c)
-            x, y = _task_data(splits.test, seed)
-            out.append(_loss_curve(model, factory(model.parameters()), x, y, args.eval_steps))
+            out.append(_loss_curve(model, factory(model.parameters()), splits.test,
+                                   args.eval_steps, seed))
         return out
 
     def at_horizon(curves):
@@ -225,14 +226,19 @@ def _optimizer_runs(args, splits):
 
 
 def _optimizer_table(results, args) -> str:
-    horizon = min(args.opt_steps, args.eval_steps)
-    lines = [f"| optimizer | loss at step 0 | loss at step {horizon} | "
-             f"loss at step {args.eval_steps} |", "|---|--:|--:|--:|"]
+    """Mean ± std over the held-out tasks of the full-data loss at a few steps (3 digits)."""
+    steps = sorted({t for t in (10, 25, 50, args.opt_steps, args.eval_steps)
+                    if t <= args.eval_steps})
+    lines = ["| optimizer | " + " | ".join(f"loss at step {t}" for t in steps) + " |",
+             "|---|" + "--:|" * len(steps)]
     for name, (lr, curves) in results.items():
         label = f"{name} (lr {lr:g})" if lr is not None else name
-        lines.append(f"| {label} | {_mean_std([cv[0] for cv in curves])} | "
-                     f"{_mean_std([cv[horizon] for cv in curves])} | "
-                     f"{_mean_std([cv[-1] for cv in curves])} |")
+        cells = []
+        for t in steps:
+            values = [cv[t] for cv in curves]
+            spread = f" ± {statistics.stdev(values):.2g}" if len(values) > 1 else ""
+            cells.append(f"{statistics.mean(values):.3g}{spread}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -285,8 +291,8 @@ def _plot_optimizer(history, results, args, path: str) -> None:
                   label="meta-training horizon")
     right.set_yscale("log")
     right.set_xlabel("optimizee step")
-    right.set_ylabel(f"training loss (mean of {args.held_out} held-out tasks)")
-    right.set_title("held-out tasks: MLP 64-16-10, 128 examples")
+    right.set_ylabel(f"full-data loss (mean of {args.held_out} held-out tasks)")
+    right.set_title(f"held-out tasks: MLP 64-16-10, batch {TASK_BATCH}")
     right.grid(alpha=0.3)
     right.legend()
     fig.tight_layout()
@@ -326,9 +332,10 @@ def run(args: argparse.Namespace) -> int:
         f"{args.val_batch_size}, teacher LSTM 2-64-64-64-1 (s = −1e-3, Adam "
         f"{args.teacher_lr})")
     settings_b = (
-        f"tasks: MLP 64-{'-'.join(map(str, TASK_HIDDEN))}-10, full-batch CE on {TASK_ROWS} "
-        f"random examples (meta-training: train split; held-out: {args.held_out} tasks on "
-        f"the test split, new inits); LSTM 2×20 + head, p = 10, s = 0.1; "
+        f"tasks: MLP 64-{'-'.join(map(str, TASK_HIDDEN))}-10 from a fresh init, CE on "
+        f"minibatches of {TASK_BATCH} (meta-training: the train split; held-out: "
+        f"{args.held_out} tasks on the test split, new inits; curves: the full split's "
+        f"loss); LSTM 2×20 + head, p = 10, s = 0.1; "
         f"{args.meta_steps} meta-steps (Adam 1e-3), unroll {args.opt_unroll}, "
         f"{args.opt_steps} steps per task ({meta_seconds:.0f} s); SGD grid {SGD_GRID}, "
         f"Adam grid {ADAM_GRID}, picked by held-out loss at step "
