@@ -312,8 +312,8 @@ def coordinate_lstm_step(grad: Tensor, params: Tensor, h: Tensor, c: Tensor,
     fp32 or fp64, all one dtype and device. Returns (params_out, h_out, c_out).
 
     Differentiable w.r.t. everything (params: the identity; grad: through the
-    preprocessing, whose clamps pass the gradient at their bounds and |g| has zero
-    gradient at g = 0). The backward is one step of truncated BPTT: it saves only
+    preprocessing, with torch's conventions: a clamp passes no gradient where its input
+    equals a bound, and |g| has zero gradient at g = 0). The backward is one step of truncated BPTT: it saves only
     (grad, h, c) and the weights and recomputes the gates. Weight gradients are sums over
     the coordinates in a fixed order: the same bits run to run and for any thread count.
     """

@@ -380,16 +380,17 @@ void forward_block(const LstmKernelParams<T>& p, int64_t r0, int64_t n, T* scrat
 
 // --- backward of one block ----------------------------------------------------------
 
-// d/dg of the preprocessing (a, b) given their adjoints; clamps pass the
-// gradient at the bounds (as torch.clamp) and d|g|/dg = 0 at g = 0 (as torch.abs).
+// d/dg of the preprocessing (a, b) given their adjoints, with torch's
+// conventions: a clamp passes no gradient at its bounds (torch.clamp's
+// backward is zero where the input equals min or max) and d|g|/dg = 0 at g = 0.
 template <typename T>
 T preprocess_backward(const LstmKernelParams<T>& p, T g, T abar, T bbar) {
   const T ag = std::abs(g) + p.eps;
   const T u = std::log(ag) / p.p;
   const T sign = g > T(0) ? T(1) : g < T(0) ? T(-1) : T(0);
-  const T da = u >= T(-1) ? abar / p.p / ag * sign : T(0);
+  const T da = u > T(-1) ? abar / p.p / ag * sign : T(0);
   const T v = g * p.exp_p;
-  const T db = v >= T(-1) && v <= T(1) ? bbar * p.exp_p : T(0);
+  const T db = v > T(-1) && v < T(1) ? bbar * p.exp_p : T(0);
   return da + db;
 }
 
