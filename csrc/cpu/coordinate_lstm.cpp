@@ -127,15 +127,39 @@ void small_gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t sam, int64_
 
 // --- elementwise pieces -----------------------------------------------------------
 
+// 1 / d. For fp32 on AVX-512: rcp14 and one Newton step (relative error
+// ~2^-28, below fp32 rounding) instead of a divide, whose throughput would
+// bound the gate math. d >= 1 here, so no zero or infinity reaches it.
+template <typename T>
+Vectorized<T> vrecip(Vectorized<T> d) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 dv = d;
+    const __m512 r = _mm512_rcp14_ps(dv);
+    return _mm512_mul_ps(r, _mm512_fnmadd_ps(dv, r, _mm512_set1_ps(2.f)));
+  }
+#endif
+  return Vectorized<T>(T(1)) / d;
+}
+
+// σ(x) = 1 / (1 + e^-x). exp_u20 is a few ulp from exp: well inside the
+// tolerance of a sum over gates, and the transcendentals, not the GEMMs,
+// dominated the step with the 1-ulp exp and a divide. e^-x is capped at e^80
+// so that 1 + e^-x stays finite for the reciprocal (σ(x < -80) < 2e-35 is
+// returned as e^-80); NaN stays NaN.
 template <typename T>
 Vectorized<T> vsigmoid(Vectorized<T> x) {
   using Vec = Vectorized<T>;
-  return Vec(T(1)) / (Vec(T(1)) + x.neg().exp());
+  const Vec e = at::vec::minimum(Vec(T(0)) - x, Vec(T(80))).exp_u20();
+  return Vec::blendv(vrecip(Vec(T(1)) + e), x, x != x);
 }
 
+// tanh(x) = 2 σ(2x) - 1: one exp and one reciprocal, like σ; its absolute
+// error is an ulp of 1, which is what the states and gradients see.
 template <typename T>
 Vectorized<T> vtanh(Vectorized<T> x) {
-  return x.tanh();
+  using Vec = Vectorized<T>;
+  return at::vec::fmadd(Vec(T(2)), vsigmoid(x + x), Vec(T(-1)));
 }
 
 // --- shapes, packed weights and scratch of one call -------------------------------
