@@ -124,8 +124,11 @@ struct Net {
   int offset[kLstmMaxLayers];
   int width;
   int64_t P;
-  T p;      // preprocess_p
-  T exp_p;  // e^p, rounded as the reference's Python float is
+  // 1/p and e^p, rounded as torch rounds the Python floats on CUDA: a
+  // tensor divided by a CPU scalar is multiplied by its reciprocal there, and
+  // the clamps' gradient masks hinge on the exact value of a at the bound.
+  T inv_p;
+  T exp_p;
   T eps;
   T scale;
 };
@@ -251,23 +254,24 @@ __device__ void stage_weights(const Net<T>& n, T* smem) {
 // comparisons so that a NaN passes through, as torch.clamp lets it.
 template <typename T>
 __device__ __forceinline__ void preprocess(const Net<T>& n, T g, T* x) {
-  const T a = acc_log(acc_abs(g) + n.eps) / n.p;
+  const T a = acc_log(acc_abs(g) + n.eps) * n.inv_p;
   const T b = g * n.exp_p;
   x[0] = a < T(-1) ? T(-1) : a;
   x[1] = b < T(-1) ? T(-1) : (b > T(1) ? T(1) : b);
 }
 
-// d/dg of the preprocessing given the adjoints of a and b: clamp passes the
-// gradient where its input is within the bounds, bounds included (as
-// torch.clamp's backward), and d|g|/dg = sign(g), 0 at g = 0.
+// d/dg of the preprocessing given the adjoints of a and b, with torch's
+// conventions (as the CPU kernel): a clamp passes the gradient only strictly
+// inside its bounds (torch.clamp's backward is zero where the input equals
+// min or max), and d|g|/dg = sign(g), 0 at g = 0.
 template <typename T>
 __device__ __forceinline__ T preprocess_backward(const Net<T>& n, T g, T a_bar, T b_bar) {
   const T mag = acc_abs(g) + n.eps;
-  const T a = acc_log(mag) / n.p;
+  const T a = acc_log(mag) * n.inv_p;
   const T b = g * n.exp_p;
   const T sign = g > T(0) ? T(1) : (g < T(0) ? T(-1) : T(0));
-  const T da = a >= T(-1) ? a_bar / n.p / mag * sign : T(0);
-  const T db = (b >= T(-1) && b <= T(1)) ? b_bar * n.exp_p : T(0);
+  const T da = a > T(-1) ? a_bar * n.inv_p / mag * sign : T(0);
+  const T db = (b > T(-1) && b < T(1)) ? b_bar * n.exp_p : T(0);
   return da + db;
 }
 
@@ -589,7 +593,7 @@ Net<T> make_net(const LstmShape& shape, const std::vector<at::Tensor>& w_ih,
   n.packed_total = packed;
   n.width = static_cast<int>(shape.width);
   n.P = shape.P;
-  n.p = static_cast<T>(preprocess_p);
+  n.inv_p = T(1) / static_cast<T>(preprocess_p);
   n.exp_p = static_cast<T>(std::exp(preprocess_p));
   n.eps = static_cast<T>(kLstmPreprocessEps);
   n.scale = static_cast<T>(output_scale);
