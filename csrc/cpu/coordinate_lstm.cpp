@@ -43,14 +43,20 @@ namespace {
 
 using at::vec::Vectorized;
 
-// Register tile of the microkernel: kMR rows x kNV vectors of accumulators
-// (+ kNV loaded B vectors + 1 broadcast) fit the 32 zmm (16 ymm) registers.
+// Register tile of the microkernel: MR rows x NV vectors of accumulators
+// (+ NV loaded B vectors + 1 broadcast) fit the 32 zmm (16 ymm) registers:
+// 4 x 6 in general, 8 x 3 for narrow outputs (the backward's dX and dW of a
+// small layer), where 4 rows would leave half the registers idle.
 constexpr int kMR = 4;
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int kNV = 6;
+constexpr int kMRNarrow = 8;
 #else
 constexpr int kNV = 3;
+constexpr int kMRNarrow = 4;
 #endif
+// Block rows are padded to a multiple of this, so every tile is whole.
+constexpr int kRowPad = 8;
 
 // Coordinates per block: a block's scratch for the widest stack (4 x 128)
 // stays within L2, and the weight panels are reused over kBlockRows rows.
@@ -66,14 +72,14 @@ constexpr int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // C[0:kMR, 0:NV V] = (accumulate ? C : 0) + Σ_{k<K} A(m, k) B[k, :], with
 // A(m, k) = a[m sam + k sak]: the strides let one kernel read Ā as either
 // operand layout (gates and dX: A row-major; dW: A = Āᵀ).
-template <typename T, int NV>
+template <typename T, int MR, int NV>
 void micro_tile(int64_t K, const T* a, int64_t sam, int64_t sak, const T* b, int64_t ldb, T* c,
                 int64_t ldc, bool accumulate) {
   using Vec = Vectorized<T>;
   constexpr int64_t V = Vec::size();
-  Vec acc[kMR][NV];
+  Vec acc[MR][NV];
 #pragma GCC unroll 8
-  for (int i = 0; i < kMR; ++i) {
+  for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) acc[i][j] = accumulate ? Vec::loadu(c + i * ldc + j * V) : Vec(T(0));
   }
@@ -82,26 +88,38 @@ void micro_tile(int64_t K, const T* a, int64_t sam, int64_t sak, const T* b, int
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) bv[j] = Vec::loadu(b + k * ldb + j * V);
 #pragma GCC unroll 8
-    for (int i = 0; i < kMR; ++i) {
+    for (int i = 0; i < MR; ++i) {
       const Vec ai(a[i * sam + k * sak]);
 #pragma GCC unroll 8
       for (int j = 0; j < NV; ++j) acc[i][j] = at::vec::fmadd(ai, bv[j], acc[i][j]);
     }
   }
 #pragma GCC unroll 8
-  for (int i = 0; i < kMR; ++i) {
+  for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) acc[i][j].store(c + i * ldc + j * V);
   }
 }
 
-// C (M x N) (+)= A (M x K) · B (K x N); M a multiple of kMR, N of the vector
-// size. Column panels outermost: a K x kNV V panel of B stays in L1 while the
-// rows stream past it.
+// C (M x N) (+)= A (M x K) · B (K x N); M a multiple of kMR (of kRowPad for
+// the narrow tiles), N of the vector size. Column panels outermost: a
+// K x NV V panel of B stays in L1 while the rows stream past it.
 template <typename T>
 void small_gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t sam, int64_t sak, const T* b,
                 int64_t ldb, T* c, int64_t ldc, bool accumulate) {
   constexpr int64_t V = Vectorized<T>::size();
+  if (N <= 3 * V && M % kMRNarrow == 0) {
+    for (int64_t m0 = 0; m0 < M; m0 += kMRNarrow) {
+      const T* am = a + m0 * sam;
+      T* cm = c + m0 * ldc;
+      switch (N / V) {
+        case 1: micro_tile<T, kMRNarrow, 1>(K, am, sam, sak, b, ldb, cm, ldc, accumulate); break;
+        case 2: micro_tile<T, kMRNarrow, 2>(K, am, sam, sak, b, ldb, cm, ldc, accumulate); break;
+        default: micro_tile<T, kMRNarrow, 3>(K, am, sam, sak, b, ldb, cm, ldc, accumulate);
+      }
+    }
+    return;
+  }
   for (int64_t n0 = 0; n0 < N; n0 += kNV * V) {
     const int64_t nv = std::min<int64_t>(kNV, (N - n0) / V);
     for (int64_t m0 = 0; m0 < M; m0 += kMR) {
@@ -109,15 +127,15 @@ void small_gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t sam, int64_
       T* cm = c + m0 * ldc + n0;
       const T* bn = b + n0;
       switch (nv) {
-        case 1: micro_tile<T, 1>(K, am, sam, sak, bn, ldb, cm, ldc, accumulate); break;
-        case 2: micro_tile<T, 2>(K, am, sam, sak, bn, ldb, cm, ldc, accumulate); break;
-        case 3: micro_tile<T, 3>(K, am, sam, sak, bn, ldb, cm, ldc, accumulate); break;
+        case 1: micro_tile<T, kMR, 1>(K, am, sam, sak, bn, ldb, cm, ldc, accumulate); break;
+        case 2: micro_tile<T, kMR, 2>(K, am, sam, sak, bn, ldb, cm, ldc, accumulate); break;
+        case 3: micro_tile<T, kMR, 3>(K, am, sam, sak, bn, ldb, cm, ldc, accumulate); break;
         default:
           if constexpr (kNV > 3) {
             switch (nv) {
-              case 4: micro_tile<T, 4>(K, am, sam, sak, bn, ldb, cm, ldc, accumulate); break;
-              case 5: micro_tile<T, 5>(K, am, sam, sak, bn, ldb, cm, ldc, accumulate); break;
-              default: micro_tile<T, kNV>(K, am, sam, sak, bn, ldb, cm, ldc, accumulate);
+              case 4: micro_tile<T, kMR, 4>(K, am, sam, sak, bn, ldb, cm, ldc, accumulate); break;
+              case 5: micro_tile<T, kMR, 5>(K, am, sam, sak, bn, ldb, cm, ldc, accumulate); break;
+              default: micro_tile<T, kMR, kNV>(K, am, sam, sak, bn, ldb, cm, ldc, accumulate);
             }
           }
       }
@@ -175,8 +193,12 @@ struct LstmKernelParams {
   int64_t P = 0, width = 0;
   int layers = 0;
   LayerDims dim[kLstmMaxLayers];
-  // wt[l] (K + 1, Np) = [w_ih | w_hh | bias]ᵀ, for gates = X · wt;
-  // wc[l] (N, Kp) = [w_ih | w_hh | bias], for dX = Ā · wc. Zero padded.
+  // wt[l] (K + 1, Np) = [w_ih | w_hh | bias]ᵀ with the g-gate columns
+  // doubled, for gates = X · wt: σ of every column then gives σ(i), σ(f),
+  // σ(o) and tanh g = 2 σ(2g) - 1 in one pass over the whole block's gates,
+  // in whole vectors whatever H (doubling is exact, so nothing is rounded
+  // differently). wc[l] (N, Kp) = [w_ih | w_hh | bias], for dX = Ā · wc.
+  // Both zero padded.
   const T* wt[kLstmMaxLayers] = {};
   const T* wc[kLstmMaxLayers] = {};
   const T* head_w = nullptr;  // (Hp_L,), zero padded; nullptr without a head
@@ -255,7 +277,7 @@ struct Packed {
       for (int64_t n = 0; n < d.N; ++n) {
         for (int64_t k = 0; k <= d.K; ++k) {
           const T w = k < d.in ? wip[n * d.in + k] : k < d.K ? whp[n * d.H + k - d.in] : bp[n];
-          t[k * d.Np + n] = w;
+          t[k * d.Np + n] = n >= 2 * d.H && n < 3 * d.H ? T(2) * w : w;
           cc[n * d.Kp + k] = w;
         }
       }
@@ -312,15 +334,15 @@ struct Packed {
 // --- forward of one block -----------------------------------------------------------
 
 // Runs rows [r0, r0 + n) through the stack. kBackward keeps what the backward
-// needs in scratch (activations in place of the gates, tanh(c')) instead of
-// writing h_out / c_out / params_out.
+// needs in scratch (σ(i), σ(f), σ(2g), σ(o) in place of the gates, and
+// tanh(c')) instead of writing h_out / c_out / params_out.
 template <typename T, bool kBackward>
 void forward_block(const LstmKernelParams<T>& p, int64_t r0, int64_t n, T* scratch) {
   using Vec = Vectorized<T>;
   constexpr int64_t V = Vec::size();
-  const int64_t Mr = round_up(n, kMR);
+  const int64_t Mr = round_up(n, kRowPad);
 
-  // Layer 0's X = [a, b | h_0 | 1]; rows beyond n (up to a multiple of kMR)
+  // Layer 0's X = [a, b | h_0 | 1]; rows beyond n (up to a multiple of kRowPad)
   // are zeroed so that they stay finite and add nothing to dW.
   {
     const LayerDims& d = p.dim[0];
@@ -343,6 +365,7 @@ void forward_block(const LstmKernelParams<T>& p, int64_t r0, int64_t n, T* scrat
     const T* X = scratch + p.x_off[l];
     T* G = scratch + p.g_off[l];
     small_gemm<T>(Mr, d.Np, d.K + 1, X, d.Kp, 1, p.wt[l], d.Np, G, d.Np, false);
+    for (int64_t e = 0; e < Mr * d.Np; e += V) vsigmoid(Vec::loadu(G + e)).store(G + e);
 
     const bool last = l + 1 == p.layers;
     const LayerDims* dn = last ? nullptr : &p.dim[l + 1];
@@ -354,18 +377,14 @@ void forward_block(const LstmKernelParams<T>& p, int64_t r0, int64_t n, T* scrat
       T* gr = G + r * d.Np;
       for (int64_t j = 0; j < d.H; j += V) {
         const int64_t cnt = std::min(V, d.H - j);
-        const Vec i = vsigmoid(Vec::loadu(gr + j, cnt));
-        const Vec f = vsigmoid(Vec::loadu(gr + d.H + j, cnt));
-        const Vec g = vtanh(Vec::loadu(gr + 2 * d.H + j, cnt));
-        const Vec o = vsigmoid(Vec::loadu(gr + 3 * d.H + j, cnt));
+        const Vec i = Vec::loadu(gr + j, cnt);
+        const Vec f = Vec::loadu(gr + d.H + j, cnt);
+        const Vec g = at::vec::fmadd(Vec(T(2)), Vec::loadu(gr + 2 * d.H + j, cnt), Vec(T(-1)));
+        const Vec o = Vec::loadu(gr + 3 * d.H + j, cnt);
         const Vec cn = f * Vec::loadu(p.c + row + j, cnt) + i * g;
         const Vec tc = vtanh(cn);
         const Vec hn = o * tc;
         if constexpr (kBackward) {
-          i.store(gr + j, cnt);
-          f.store(gr + d.H + j, cnt);
-          g.store(gr + 2 * d.H + j, cnt);
-          o.store(gr + 3 * d.H + j, cnt);
           tc.store(TC + r * d.Hp + j, cnt);
         } else {
           cn.store(p.c_out + row + j, cnt);
@@ -422,7 +441,7 @@ template <typename T>
 void backward_block(const LstmKernelParams<T>& p, int64_t r0, int64_t n, T* scratch, T* part) {
   using Vec = Vectorized<T>;
   constexpr int64_t V = Vec::size();
-  const int64_t Mr = round_up(n, kMR);
+  const int64_t Mr = round_up(n, kRowPad);
   forward_block<T, true>(p, r0, n, scratch);
 
   T* Abar = scratch + p.abar_off;
@@ -467,7 +486,7 @@ void backward_block(const LstmKernelParams<T>& p, int64_t r0, int64_t n, T* scra
         if (p.grad_h_out != nullptr) hb = hb + Vec::loadu(p.grad_h_out + row + j, cnt);
         const Vec i = Vec::loadu(gr + j, cnt);
         const Vec f = Vec::loadu(gr + d.H + j, cnt);
-        const Vec g = Vec::loadu(gr + 2 * d.H + j, cnt);
+        const Vec g = at::vec::fmadd(Vec(T(2)), Vec::loadu(gr + 2 * d.H + j, cnt), Vec(T(-1)));
         const Vec o = Vec::loadu(gr + 3 * d.H + j, cnt);
         const Vec tc = Vec::loadu(TC + r * d.Hp + j, cnt);
         const Vec one(T(1));
