@@ -169,6 +169,22 @@ def test_preprocessing_edges(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_nan_propagates(device):
+    """A NaN gradient or state gives NaN in its own coordinate's outputs only (as the
+    reference), never a silently finite update."""
+    hidden, head = CONFIG["3x64,1"]
+    module = Stack(hidden, head, torch.float32, device)
+    grad, params, h, c = (t.detach() for t in make_state(20, hidden, torch.float32, device))
+    grad[3] = math.nan
+    h[11, 70] = math.nan
+    got = module.fused(grad, params, h, c, **STEP)
+    want = module(grad, params, h, c, **STEP)
+    for a, b in zip(got, want):
+        assert torch.equal(a.isnan(), b.isnan())
+    assert got[0][[3, 11]].isnan().all() and not got[0][[0, 19]].isnan().any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_zero_gradient_input(device):
     """grad = 0 everywhere: a = -1 (|g| has zero gradient at 0), b = 0, whose gradient e^p
     is all that reaches grad."""
