@@ -120,8 +120,9 @@ def saved_state_mb(case: Case) -> float:
 def targets(rows: List[Dict[str, Any]]) -> List[str]:
     """The issue's goals on a 2-core CPU, for the 20-step unroll fwd+bwd: >= 2x eager,
     >= 1.3x compile, and peak extra memory within the saved (g, h, c) of every step."""
-    lines = ["Targets (issue #4): 2-core CPU, unroll fwd+bwd, distillkit vs eager (>= 2x) and "
-             "compile (>= 1.3x); BPTT memory <= the saved (g, h, c) per step:"]
+    lines = ["Targets (issue #4): 2-core CPU, fwd+bwd, distillkit vs eager (>= 2x) and "
+             "compile (>= 1.3x), set for the unroll; BPTT memory (unroll) <= the saved "
+             "(g, h, c) per step:"]
     for case in CASES + QUICK_CASES:
         ours = find_row(rows, "distillkit", "full", case)
         if ours is None:
@@ -130,10 +131,11 @@ def targets(rows: List[Dict[str, Any]]) -> List[str]:
         lines.append("  " + ratio_line(2, "eager", ours, find_row(rows, "eager", "full", case)))
         lines.append("  " + ratio_line(1.3, "compile", ours,
                                        find_row(rows, "compile", "full", case)))
-        budget = saved_state_mb(case)
-        extra = ours["extra_mem_MB"]
-        lines.append(f"  - extra memory {extra:.0f} MB vs saved (g, h, c) {budget:.0f} MB "
-                     f"({'met' if extra <= budget else 'NOT met'})")
+        if case.kwargs["steps"] > 1:  # one step holds its outputs, not a BPTT history
+            budget = saved_state_mb(case)
+            extra = ours["extra_mem_MB"]
+            lines.append(f"  - extra memory {extra:.0f} MB vs saved (g, h, c) {budget:.0f} MB "
+                         f"({'met' if extra <= budget else 'NOT met'})")
     return lines
 
 
