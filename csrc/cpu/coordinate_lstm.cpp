@@ -67,6 +67,17 @@ constexpr int64_t kMaxGroups = 64;
 
 constexpr int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// Blocks per parallel task: at least ~1M multiply-adds, so that a small P
+// (a few blocks of a 2 x 20 stack) runs on one thread instead of paying for
+// waking the others, which costs milliseconds on a busy machine.
+int64_t block_grain(const LstmShape& shape) {
+  int64_t fma_per_row = 0;
+  for (int l = 0; l < shape.layers; ++l) {
+    fma_per_row += (shape.input[l] + shape.hidden[l] + 1) * 4 * shape.hidden[l];
+  }
+  return std::max<int64_t>(1, (int64_t{1} << 20) / (kBlockRows * fma_per_row));
+}
+
 // --- GEMM microkernel -------------------------------------------------------------
 
 // C[0:kMR, 0:NV V] = (accumulate ? C : 0) + Σ_{k<K} A(m, k) B[k, :], with
@@ -544,7 +555,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coordinate_lstm_forward_cpu(
     p.h_out = h_out.data_ptr<scalar_t>();
     p.c_out = c_out.data_ptr<scalar_t>();
     const int64_t blocks = (shape.P + kBlockRows - 1) / kBlockRows;
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, blocks, block_grain(shape), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> scratch(p.scratch, scalar_t(0));
       for (int64_t b = begin; b < end; ++b) {
         const int64_t r0 = b * kBlockRows;
@@ -594,7 +605,8 @@ coordinate_lstm_backward_cpu(const at::Tensor& grad_params_out,
     const int64_t blocks = (shape.P + kBlockRows - 1) / kBlockRows;
     const int64_t groups = std::min(blocks, kMaxGroups);
     std::vector<T> partials(groups * p.partial, T(0));
-    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    const int64_t grain = std::max<int64_t>(1, block_grain(shape) * groups / std::max<int64_t>(blocks, 1));
+    at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
       std::vector<T> scratch(p.scratch, T(0));
       for (int64_t gi = begin; gi < end; ++gi) {
         const int64_t b0 = gi * blocks / groups, b1 = (gi + 1) * blocks / groups;
