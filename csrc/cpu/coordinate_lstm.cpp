@@ -59,7 +59,7 @@ constexpr int kRowPad = 8;
 
 // Coordinates per block: a block's scratch (every layer's X, gates and
 // tanh(c'), ~0.5 MB for 4 layers of H = 128 in fp32) stays within L2, and the
-// weight panels are reused over kBlockRows rows; 32 and 128 measured no
+// weight panels are reused over kBlockRows rows; 128 measured no
 // faster.
 constexpr int64_t kBlockRows = 64;
 // Weight-gradient partials: at most this many groups of blocks (each a copy
