@@ -4,13 +4,13 @@ The dispatcher picks the CPU or CUDA kernel; nothing here branches on device.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 __all__ = ["kd_loss_rows", "slam_loss_rows", "pointwise_distance_sum", "correlation_distance_rows",
-           "sparse_kd_loss_rows"]
+           "sparse_kd_loss_rows", "coordinate_lstm_step"]
 
 # Columns of the per-row statistics kd_loss_forward saves for its backward.
 KD_STATS_COLS = 5
@@ -285,3 +285,103 @@ def _sparse_kd_backward(ctx, grad_loss, _grad_stats):
 
 torch.library.register_autograd("distillkit::sparse_kd_loss_forward", _sparse_kd_backward,
                                 setup_context=_sparse_kd_setup_context)
+
+
+# --- coordinate_lstm (SPEC §4) -------------------------------------------------------
+
+def coordinate_lstm_step(grad: Tensor, params: Tensor, h: Tensor, c: Tensor,
+                         w_ih: Sequence[Tensor], w_hh: Sequence[Tensor], bias: Sequence[Tensor],
+                         head_weight: Optional[Tensor] = None, head_bias: Optional[Tensor] = None,
+                         *, preprocess_p: float = 10.0, output_scale: float = 0.1
+                         ) -> Tuple[Tensor, Tensor, Tensor]:
+    """One step of the coordinate-wise LSTM optimizer (L2L / L2T-DLN teacher, SPEC §4).
+
+    Each of the P coordinates is one batch row of L stacked LSTM cells sharing the weights.
+    Per coordinate, with p = ``preprocess_p`` and s = ``output_scale``:
+
+    - input x = (a, b), a = max(log(|g| + 1e-8) / p, -1), b = clamp(g e^p, -1, 1);
+    - layer l: gates = W_ih[l] x + W_hh[l] h_l + bias[l] (gate order i, f, g, o as in
+      ``nn.LSTMCell``; ``bias`` = b_ih + b_hh), c_l' = σ(f) c_l + σ(i) tanh(g),
+      h_l' = σ(o) tanh(c_l'), and x = h_l' feeds layer l + 1;
+    - out = head_weight · h_L' + head_bias, or h_L' itself without a head (then H_L = 1);
+    - params_out = params + s out.
+
+    Shapes: grad, params (P,); h, c (P, ΣH_l), layer l's columns after those of the
+    layers below; w_ih[l] (4H_l, in_l) with in_0 = 2 and in_l = H_{l-1}; w_hh[l]
+    (4H_l, H_l); bias[l] (4H_l,); head_weight (1, H_L) and head_bias (1,) or both None.
+    fp32 or fp64, all one dtype and device. Returns (params_out, h_out, c_out).
+
+    Differentiable w.r.t. everything (params: the identity; grad: through the
+    preprocessing, with torch's conventions: a clamp passes no gradient where its input
+    equals a bound, and |g| has zero gradient at g = 0). The backward is one step of truncated BPTT: it saves only
+    (grad, h, c) and the weights and recomputes the gates. Weight gradients are sums over
+    the coordinates in a fixed order: the same bits run to run and for any thread count.
+    """
+    return torch.ops.distillkit.coordinate_lstm_forward(
+        grad, params, h, c, list(w_ih), list(w_hh), list(bias), head_weight, head_bias,
+        float(preprocess_p), float(output_scale))
+
+
+def _lstm_check_fake(grad, params, h, c, w_ih, w_hh):
+    torch._check(grad.dim() == 1, lambda: "grad must be 1-D")
+    torch._check(params.shape == grad.shape, lambda: "params must have the shape of grad")
+    width = sum(w.shape[1] for w in w_hh)
+    for t, name in ((h, "h"), (c, "c")):
+        torch._check(t.dim() == 2 and t.shape[0] == grad.shape[0] and t.shape[1] == width,
+                     lambda: f"{name} must be (P, sum of hidden sizes)")
+    torch._check(len(w_ih) == len(w_hh), lambda: "w_ih and w_hh must hold one tensor per layer")
+
+
+@torch.library.register_fake("distillkit::coordinate_lstm_forward")
+def _coordinate_lstm_forward_fake(grad, params, h, c, w_ih, w_hh, bias, head_weight, head_bias,
+                                  preprocess_p, output_scale):
+    _lstm_check_fake(grad, params, h, c, w_ih, w_hh)
+    # The kernels return contiguous tensors whatever the inputs' strides.
+    return params.new_empty(params.shape), h.new_empty(h.shape), c.new_empty(c.shape)
+
+
+@torch.library.register_fake("distillkit::coordinate_lstm_backward")
+def _coordinate_lstm_backward_fake(grad_params_out, grad_h_out, grad_c_out, grad, h, c, w_ih,
+                                   w_hh, bias, head_weight, head_bias, preprocess_p,
+                                   output_scale):
+    _lstm_check_fake(grad, grad, h, c, w_ih, w_hh)
+    head_w = head_weight.new_empty(head_weight.shape) if head_weight is not None else grad.new_empty((0,))
+    head_b = head_bias.new_empty(head_bias.shape) if head_bias is not None else grad.new_empty((0,))
+    return (grad.new_empty(grad.shape), h.new_empty(h.shape), c.new_empty(c.shape),
+            [w.new_empty(w.shape) for w in w_ih], [w.new_empty(w.shape) for w in w_hh],
+            [b.new_empty(b.shape) for b in bias], head_w, head_b)
+
+
+def _coordinate_lstm_setup_context(ctx, inputs, output):
+    grad, params, h, c, w_ih, w_hh, bias, head_weight, head_bias, *scalars = inputs
+    # Only the inputs: the gates are recomputed in the backward, so a K-step unroll
+    # holds (grad, h, c) per step and nothing of size (P, 4H).
+    ctx.save_for_backward(grad, h, c, *w_ih, *w_hh, *bias, head_weight, head_bias)
+    ctx.layers = len(w_ih)
+    ctx.scalars = scalars
+    # Unused outputs (the last step's h_out, c_out) arrive as None, not zeros.
+    ctx.set_materialize_grads(False)
+
+
+def _coordinate_lstm_backward(ctx, grad_params_out: Optional[Tensor], grad_h_out: Optional[Tensor],
+                              grad_c_out: Optional[Tensor]):
+    grad, h, c, *weights = ctx.saved_tensors
+    L = ctx.layers
+    w_ih, w_hh, bias = weights[:L], weights[L:2 * L], weights[2 * L:3 * L]
+    head_weight, head_bias = weights[3 * L], weights[3 * L + 1]
+    need = ctx.needs_input_grad
+    gpo = grad_params_out.contiguous() if grad_params_out is not None else torch.zeros_like(grad)
+    gg, gh, gc, gwi, gwh, gb, ghw, ghb = torch.ops.distillkit.coordinate_lstm_backward(
+        gpo, grad_h_out, grad_c_out, grad, h, c, w_ih, w_hh, bias, head_weight, head_bias,
+        *ctx.scalars)
+
+    def pick(flags: List[bool], grads: List[Tensor]) -> List[Optional[Tensor]]:
+        return [g if f else None for f, g in zip(flags, grads)]
+
+    return (gg if need[0] else None, gpo if need[1] else None, gh if need[2] else None,
+            gc if need[3] else None, pick(need[4], gwi), pick(need[5], gwh), pick(need[6], gb),
+            ghw if need[7] else None, ghb if need[8] else None, None, None)
+
+
+torch.library.register_autograd("distillkit::coordinate_lstm_forward", _coordinate_lstm_backward,
+                                setup_context=_coordinate_lstm_setup_context)
