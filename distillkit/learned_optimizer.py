@@ -11,7 +11,7 @@ Per coordinate and step, with g the gradient:
     θ ← θ + s · out                                                s = output_scale
 
 * :class:`CoordinateLSTM` holds the weights and runs one step over all coordinates
-  through :data:`coordinate_lstm_step`, the single step function of this module.
+  through the fused op :func:`distillkit.ops.coordinate_lstm_step` (CPU and CUDA kernels).
 * :class:`LearnedOptimizer` is a ``torch.optim.Optimizer`` that applies it to every
   parameter of a model, flattened into one coordinate vector.
 * :func:`meta_train` trains the LSTM with Adam on the meta-objective Σ_{t=1..K} f(θ_t)
@@ -30,17 +30,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from distillkit.reference import coordinate_lstm_step_ref
+from distillkit.ops import coordinate_lstm_step
 
-__all__ = ["coordinate_lstm_step", "CoordinateLSTM", "LearnedOptimizer", "Task", "UnrollState",
+__all__ = ["CoordinateLSTM", "LearnedOptimizer", "Task", "UnrollState",
            "module_task", "start_unroll", "unroll_meta_gradient", "meta_train"]
-
-#: The one step function everything here calls, looked up at call time:
-#: ``(grad, params, h, c, w_ih, w_hh, bias, head_weight, head_bias, *, preprocess_p,
-#: output_scale) -> (params_out, h_out, c_out)``, differentiable in the weights and in
-#: (h, c). The plain-PyTorch reference for now; the fused ``distillkit.ops.coordinate_lstm_step``
-#: (same signature and autograd) replaces it with a one-line change.
-coordinate_lstm_step = coordinate_lstm_step_ref
 
 METHODS = ("reverse", "autograd")
 

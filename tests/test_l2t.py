@@ -1,8 +1,7 @@
 """The learned optimizer (SPEC §4), the dynamic loss network and L2T-DLN (SPEC §5), the experiment.
 
-The LSTM step goes through ``distillkit.learned_optimizer.coordinate_lstm_step`` (the
-reference today, the fused op later); the oracles here are
-``distillkit.reference.coordinate_lstm_step_ref``, plain autograd, hand-written loops
+The LSTM step is the fused op ``distillkit.ops.coordinate_lstm_step``; the oracles here
+are ``distillkit.reference.coordinate_lstm_step_ref``, plain autograd, hand-written loops
 and finite differences, all in fp64.
 """
 import math
