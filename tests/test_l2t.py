@@ -397,7 +397,7 @@ def test_l2t_resume_continues_exactly():
 def test_experiment_l2t_quick_writes_tables_and_plots(tmp_path, capsys):
     assert main(["experiment", "l2t", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
     results = (tmp_path / "results.md").read_text()
-    for row in ("| cross entropy |", "| fixed DLN |", "| L2T-DLN |", "| learned (L2L) |",
+    for row in ("| cross entropy |", "| fixed DLN |", "| L2T-DLN |", "| learned (L2L), meta-seed 1 |",
                 "| SGD (lr ", "| Adam (lr "):
         assert row in results
     for png in ("students.png", "optimizer.png"):
