@@ -65,6 +65,43 @@ def test_shapes(device, op, shape, dim):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", ["cosine", "pearson"])
+@pytest.mark.parametrize("shape,dim", [
+    ((2, 4099), -1),        # inner == 1: rows of two full tiles and a ragged one
+    ((2, 5, 1), 1),         # inner == 1 through a trailing unit dim
+    ((3, 40, 15), 1),       # inner < one vector; D spans a partial Chan block
+    ((2, 33, 1500), 1),     # inner > one block of columns, ragged last block
+    ((3000, 3), 0),         # "intra": outer == 1, long D across many Chan blocks
+], ids=str)
+def test_correlation_layouts(device, dtype, op, shape, dim):
+    """Both layouts of the correlation kernels, teacher requiring grad."""
+    s, t = make(shape, dtype, device)
+    assert_matches(*run_both(s, t, op, dim=dim, reduction="none"), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,dim", [((4, 3000), -1), ((2, 300, 20), 1)], ids=str)
+def test_pearson_large_offset(device, shape, dim):
+    """One-pass Pearson stays exact for rows whose mean dwarfs their spread."""
+    base = torch.randn(shape, device=device, dtype=torch.float64)
+    s64 = 1e4 + base
+    t64 = 1e4 + base + 0.5 * torch.randn_like(base)
+    got = distance(s64.float(), t64.float(), "pearson", dim=dim, reduction="none")
+    want = distance_ref(s64.float().double(), t64.float().double(), "pearson", dim=dim,
+                        reduction="none")
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", DISTANCE_OPS)
+def test_large_outputs(device, op):
+    """Gradients above the huge-page / streaming-store threshold, rows not 64-byte aligned."""
+    s, t = make((61, 40003), device=device)
+    assert_matches(*run_both(s, t, op, temperature=2.0), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_matches_pytorch_losses(device):
     s, t = make((8, 50), device=device)
     torch.testing.assert_close(distance(s, t, "l1"), F.l1_loss(s, t))

@@ -5,8 +5,12 @@
 //  - correlation (cosine, Pearson) over the middle dim of (outer, D, inner):
 //    with inner == 1 a row is contiguous and is vectorized along itself; with
 //    inner > 1 (features, or dim=0 "intra" Pearson) a block of consecutive
-//    rows shares each contiguous span, so the loop runs along D over spans and
-//    every load is a contiguous, cache-line-sized read.
+//    rows is vectorized across the rows, one contiguous run per step along D,
+//    so the slab streams from memory in order. Pearson's forward is one pass
+//    (Chan merges of exact per-tile moments), the backward one pass from the
+//    saved per-row stats.
+//  - gradients, written once and far larger than the caches, go to
+//    huge-page-advised buffers through non-temporal stores (vec_tiles.h).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -199,16 +203,32 @@ Corr<acc_t> corr_row_stats(const CorrArgs<acc_t>& a, int64_t row, acc_t* sb, acc
     }
     return {0, 0, std::sqrt(reduce_sum(uu)), std::sqrt(reduce_sum(vv)), reduce_sum(uv)};
   } else {
-    acc_t ms = 0, mt = 0, ss = 0, tt = 0, st = 0;
+    // Moments of (s - ks, t - kt), ks and kt the first tile's means: then a
+    // row mean far above the row's spread is not rounded into every merge.
+    acc_t ks = 0, kt = 0, ms = 0, mt = 0, ss = 0, tt = 0, st = 0;
     for (int64_t j0 = 0; j0 < a.D; j0 += kTile) {
       const int64_t n = std::min(kTile, a.D - j0);
-      load_pair(a.ls, a.s, a.lt, a.t, row * a.D + j0, n, sb, tb);
+      load_pair(a.ls, a.s, a.lt, a.t, row * a.D + j0, n, sb, tb);  // zero padding
+      if (j0 == 0) {
+        Vec vs(0), vt(0);
+        for (int64_t i = 0; i < n; i += Vec::size()) { vs += Vec::loadu(sb + i); vt += Vec::loadu(tb + i); }
+        ks = reduce_sum(vs) / n;
+        kt = reduce_sum(vt) / n;
+      }
+      // Shift in place (the padding stays 0) while summing.
       Vec vs(0), vt(0);
-      for (int64_t i = 0; i < n; i += Vec::size()) { vs += Vec::loadu(sb + i); vt += Vec::loadu(tb + i); }
-      const acc_t bms = reduce_sum(vs) / n, bmt = reduce_sum(vt) / n;
+      const Vec vks(ks), vkt(kt);
+      const int64_t full = n / Vec::size() * Vec::size();
+      for (int64_t i = 0; i < full; i += Vec::size()) {
+        const Vec x = Vec::loadu(sb + i) - vks, y = Vec::loadu(tb + i) - vkt;
+        x.store(sb + i); y.store(tb + i);
+        vs += x; vt += y;
+      }
+      acc_t rs = 0, rt = 0;
+      for (int64_t i = full; i < n; ++i) { rs += sb[i] -= ks; rt += tb[i] -= kt; }
+      const acc_t bms = (reduce_sum(vs) + rs) / n, bmt = (reduce_sum(vt) + rt) / n;
       const Vec vms(bms), vmt(bmt);
       Vec uu(0), vv(0), uv(0);
-      const int64_t full = n / Vec::size() * Vec::size();
       for (int64_t i = 0; i < full; i += Vec::size()) {
         const Vec u = Vec::loadu(sb + i) - vms, v = Vec::loadu(tb + i) - vmt;
         uu = fmadd(u, u, uu); vv = fmadd(v, v, vv); uv = fmadd(u, v, uv);
@@ -222,7 +242,7 @@ Corr<acc_t> corr_row_stats(const CorrArgs<acc_t>& a, int64_t row, acc_t* sb, acc
       chan_merge<acc_t, acc_t>(j0, n, ms, mt, ss, tt, st, bms, bmt, reduce_sum(uu),
                                reduce_sum(vv), reduce_sum(uv));
     }
-    return {ms, mt, std::sqrt(ss), std::sqrt(tt), st};
+    return {ks + ms, kt + mt, std::sqrt(ss), std::sqrt(tt), st};
   }
 }
 
@@ -256,6 +276,9 @@ void for_each_col_block(int64_t outer, int64_t inner, F&& body) {
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+// Per-task scratch of corr_cols_stats: two kDStep x bv tiles and 7 x bv of state.
+constexpr int64_t kColsWork = 2 * kDStep + 7;
+
 template <bool kCenter, typename acc_t>
 void corr_cols_stats(const CorrArgs<acc_t>& a, int64_t o, int64_t c0, int64_t b, acc_t* work,
                      Corr<acc_t>* out) {
@@ -264,8 +287,8 @@ void corr_cols_stats(const CorrArgs<acc_t>& a, int64_t o, int64_t c0, int64_t b,
   const int64_t bv = round_up(b, Vec::size());
   acc_t* sb = work;                      // kDStep x bv
   acc_t* tb = sb + kDStep * bv;          // kDStep x bv
-  acc_t* state = tb + kDStep * bv;       // 5 x bv: ms, mt, ss, tt, st
-  std::fill(state, state + 5 * bv, acc_t(0));
+  acc_t* state = tb + kDStep * bv;       // 7 x bv: ms, mt, ss, tt, st, ks, kt
+  std::fill(state, state + 7 * bv, acc_t(0));
   for (int64_t j0 = 0; j0 < a.D; j0 += kDStep) {
     const int64_t nd = std::min(kDStep, a.D - j0);
     for (int64_t j = 0; j < nd; ++j) {
@@ -283,9 +306,21 @@ void corr_cols_stats(const CorrArgs<acc_t>& a, int64_t o, int64_t c0, int64_t b,
           ss = fmadd(u, u, ss); tt = fmadd(v, v, tt); st = fmadd(u, v, st);
         }
       } else {
-        Vec vs(0), vt(0);
-        for (int64_t j = 0; j < nd; ++j) { vs += Vec::loadu(sb + j * bv + i); vt += Vec::loadu(tb + j * bv + i); }
+        // As corr_row_stats: moments of (s - ks, t - kt), k the first block's means.
         const Vec inv(acc_t(1) / nd);
+        if (j0 == 0) {
+          Vec vs(0), vt(0);
+          for (int64_t j = 0; j < nd; ++j) { vs += Vec::loadu(sb + j * bv + i); vt += Vec::loadu(tb + j * bv + i); }
+          (vs * inv).store(state + 5 * bv + i);
+          (vt * inv).store(state + 6 * bv + i);
+        }
+        const Vec ks = Vec::loadu(state + 5 * bv + i), kt = Vec::loadu(state + 6 * bv + i);
+        Vec vs(0), vt(0);
+        for (int64_t j = 0; j < nd; ++j) {
+          const Vec x = Vec::loadu(sb + j * bv + i) - ks, y = Vec::loadu(tb + j * bv + i) - kt;
+          x.store(sb + j * bv + i); y.store(tb + j * bv + i);
+          vs += x; vt += y;
+        }
         const Vec bms = vs * inv, bmt = vt * inv;
         Vec uu(0), vv(0), uv(0);
         for (int64_t j = 0; j < nd; ++j) {
@@ -299,8 +334,8 @@ void corr_cols_stats(const CorrArgs<acc_t>& a, int64_t o, int64_t c0, int64_t b,
     }
   }
   for (int64_t i = 0; i < b; ++i) {
-    out[i] = {state[i], state[bv + i], std::sqrt(state[2 * bv + i]), std::sqrt(state[3 * bv + i]),
-              state[4 * bv + i]};
+    out[i] = {state[5 * bv + i] + state[i], state[6 * bv + i] + state[bv + i],
+              std::sqrt(state[2 * bv + i]), std::sqrt(state[3 * bv + i]), state[4 * bv + i]};
   }
 }
 
@@ -330,7 +365,7 @@ std::tuple<at::Tensor, at::Tensor> correlation_distance_forward_cpu(
         const int64_t bv = round_up(std::min(inner, kMaxCols), Vectorized<scalar_t>::size());
         for_each_col_block(outer, inner, [&](int64_t o, int64_t c0, int64_t b) {
           thread_local std::vector<scalar_t> work;
-          work.resize((2 * kDStep + 5) * bv);
+          work.resize(kColsWork * bv);
           Corr<scalar_t>* out = st + o * inner + c0;
           corr_cols_stats<kCenter>(a, o, c0, b, work.data(), out);
           for (int64_t i = 0; i < b; ++i) r[o * inner + c0 + i] = corr_distance(out[i]);
