@@ -96,7 +96,7 @@ def test_pearson_large_offset(device, shape, dim):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", DISTANCE_OPS)
 def test_large_outputs(device, op):
-    """Gradients above the huge-page / streaming-store threshold, rows not 64-byte aligned."""
+    """Gradients above the huge-page threshold (vec_tiles.h), rows not 64-byte aligned."""
     s, t = make((61, 40003), device=device)
     assert_matches(*run_both(s, t, op, temperature=2.0), torch.float32)
 

@@ -9,8 +9,8 @@
 //    so the slab streams from memory in order. Pearson's forward is one pass
 //    (Chan merges of exact per-tile moments), the backward one pass from the
 //    saved per-row stats.
-//  - gradients, written once and far larger than the caches, go to
-//    huge-page-advised buffers through non-temporal stores (vec_tiles.h).
+//  - gradients, written once and often far larger than the caches, go to
+//    huge-page-advised buffers (vec_tiles.h: empty_like_huge_pages).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -99,12 +99,12 @@ std::tuple<at::Tensor, at::Tensor> pointwise_distance_backward_cpu(
   const PointwiseOp op = parse_pointwise_op(op_name);
   const at::Tensor s = student.contiguous(), t = teacher.contiguous();
   const int64_t numel = s.numel(), chunks = (numel + kTile - 1) / kTile;
-  at::Tensor gs = empty_like_streamed(s);
-  at::Tensor gt = teacher_grad ? empty_like_streamed(t) : at::empty({0}, t.options());
+  at::Tensor gs = empty_like_huge_pages(s);
+  at::Tensor gt = teacher_grad ? empty_like_huge_pages(t) : at::empty({0}, t.options());
   AT_DISPATCH_FLOATING_TYPES(kd_loss_acc_type(s), "pointwise_distance_backward_cpu", [&] {
     using Vec = Vectorized<scalar_t>;
     const auto ls = loader_for<scalar_t>(s.scalar_type()), lt = loader_for<scalar_t>(t.scalar_type());
-    const auto ss = streamer_for<scalar_t>(s.scalar_type()), st = streamer_for<scalar_t>(t.scalar_type());
+    const auto ss = storer_for<scalar_t>(s.scalar_type()), st = storer_for<scalar_t>(t.scalar_type());
     const Vec g(grad.item<scalar_t>());
     at::parallel_for(0, chunks, 16, [&](int64_t begin, int64_t end) {
       alignas(64) scalar_t sb[kTile], tb[kTile];
@@ -119,7 +119,6 @@ std::tuple<at::Tensor, at::Tensor> pointwise_distance_backward_cpu(
         ss(sb, n, gs.data_ptr(), c * kTile);
         if (teacher_grad) st(tb, n, gt.data_ptr(), c * kTile);
       }
-      stream_fence();
     });
   });
   return {gs, gt};
@@ -385,12 +384,12 @@ std::tuple<at::Tensor, at::Tensor> correlation_distance_backward_cpu(
   const at::Tensor s = student.contiguous(), t = teacher.contiguous();
   const at::Tensor g = grad_rows.contiguous(), stc = stats.contiguous();
   const int64_t outer = s.size(0), D = s.size(1), inner = s.size(2);
-  at::Tensor gs = empty_like_streamed(s);
-  at::Tensor gt = teacher_grad ? empty_like_streamed(t) : at::empty({0}, t.options());
+  at::Tensor gs = empty_like_huge_pages(s);
+  at::Tensor gt = teacher_grad ? empty_like_huge_pages(t) : at::empty({0}, t.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "correlation_distance_backward_cpu", [&] {
     using Vec = Vectorized<scalar_t>;
     const auto a = make_corr_args<scalar_t>(s, t);
-    const auto ss = streamer_for<scalar_t>(s.scalar_type()), sto = streamer_for<scalar_t>(t.scalar_type());
+    const auto ss = storer_for<scalar_t>(s.scalar_type()), sto = storer_for<scalar_t>(t.scalar_type());
     const scalar_t* gp = g.data_ptr<scalar_t>();
     const Corr<scalar_t>* st = reinterpret_cast<const Corr<scalar_t>*>(stc.data_ptr<scalar_t>());
     if (inner == 1) {
@@ -412,8 +411,7 @@ std::tuple<at::Tensor, at::Tensor> correlation_distance_backward_cpu(
             if (teacher_grad) sto(tb, n, gt.data_ptr(), row * D + j0);
           }
         }
-        stream_fence();
-      });
+        });
     } else {
       const int64_t bmax = round_up(std::min(inner, kMaxCols), Vec::size());
       for_each_col_block(outer, inner, [&](int64_t o, int64_t c0, int64_t b) {
@@ -446,8 +444,7 @@ std::tuple<at::Tensor, at::Tensor> correlation_distance_backward_cpu(
           ss(sb, b, gs.data_ptr(), off);
           if (teacher_grad) sto(tb, b, gt.data_ptr(), off);
         }
-        stream_fence();
-      });
+        });
     }
   });
   return {gs, gt};

@@ -8,7 +8,6 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <ATen/ops/empty_like.h>
-#include <immintrin.h>
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -62,52 +61,6 @@ void store_tile(const acc_t* src, int64_t n, void* base, int64_t offset) {
   }
 }
 
-// store_tile (n <= kTile) with non-temporal stores, for an output written once in a
-// single pass (a gradient) that is far larger than the caches: the lines are
-// written without first being read (no read-for-ownership), a third less
-// memory traffic for the store. Call stream_fence() before the data is read
-// by another thread (at the end of each parallel task).
-template <typename scalar_t, typename acc_t>
-void stream_tile(const acc_t* src, int64_t n, void* base, int64_t offset) {
-  scalar_t* dst = static_cast<scalar_t*>(base) + offset;
-  const scalar_t* from;
-  alignas(64) scalar_t buf[kTile];
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    from = src;
-  } else {
-    at::vec::convert(src, buf, n);
-    from = buf;
-  }
-  char* d = reinterpret_cast<char*>(dst);
-  const char* f = reinterpret_cast<const char*>(from);
-  int64_t bytes = n * static_cast<int64_t>(sizeof(scalar_t));
-#if defined(__AVX512F__) || defined(__AVX__)
-#if defined(__AVX512F__)
-  constexpr int64_t kLine = 64;
-#else
-  constexpr int64_t kLine = 32;
-#endif
-  const int64_t head = std::min<int64_t>(bytes, (kLine - reinterpret_cast<uintptr_t>(d) % kLine) % kLine);
-  std::memcpy(d, f, head);
-  d += head, f += head, bytes -= head;
-  for (; bytes >= kLine; d += kLine, f += kLine, bytes -= kLine) {
-#if defined(__AVX512F__)
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(d), _mm512_loadu_si512(f));
-#else
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(d), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(f)));
-#endif
-  }
-#endif
-  std::memcpy(d, f, bytes);
-}
-
-// Orders this thread's non-temporal stores before whatever follows.
-inline void stream_fence() {
-#if defined(__AVX512F__) || defined(__AVX__)
-  _mm_sfence();
-#endif
-}
-
 // The dtype is resolved once per call into a loader/storer; the kernels are
 // templates on the accumulation type only, so mixed student/teacher dtypes
 // cost no extra instantiations and the per-tile indirect call is negligible.
@@ -134,21 +87,6 @@ TileStorer<acc_t> storer_for(at::ScalarType t) {
       case at::kFloat: return &store_tile<float, float>;
       case at::kBFloat16: return &store_tile<at::BFloat16, float>;
       case at::kHalf: return &store_tile<at::Half, float>;
-      default: TORCH_CHECK(false, "distillkit: unsupported dtype ", t);
-    }
-  }
-}
-
-// storer_for's counterpart for streamed (non-temporal) outputs.
-template <typename acc_t>
-TileStorer<acc_t> streamer_for(at::ScalarType t) {
-  if constexpr (std::is_same_v<acc_t, double>) {
-    return &stream_tile<double, double>;
-  } else {
-    switch (t) {
-      case at::kFloat: return &stream_tile<float, float>;
-      case at::kBFloat16: return &stream_tile<at::BFloat16, float>;
-      case at::kHalf: return &stream_tile<at::Half, float>;
       default: TORCH_CHECK(false, "distillkit: unsupported dtype ", t);
     }
   }
@@ -204,7 +142,7 @@ inline at::Tensor unit_stride_rows(const at::Tensor& t) {
 // much CPU as the kernel's own reads and writes; with THP "madvise" (a common
 // default) only advised memory gets huge pages. Harmless where THP is
 // "always" or "never", and on memory the allocator reuses.
-inline at::Tensor empty_like_streamed(const at::Tensor& t) {
+inline at::Tensor empty_like_huge_pages(const at::Tensor& t) {
   at::Tensor out = at::empty_like(t, t.options(), at::MemoryFormat::Contiguous);
 #ifdef MADV_HUGEPAGE
   constexpr uintptr_t kHuge = uintptr_t(1) << 21;
