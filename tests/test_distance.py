@@ -210,17 +210,22 @@ def test_compile_fullgraph(device):
     torch.testing.assert_close(torch.autograd.grad(out, (s, t)), torch.autograd.grad(eager, (s, t)))
 
 
-def test_deterministic_across_thread_counts():
-    s, t = make((300, 2049))
+@pytest.mark.parametrize("shape,dim", [((300, 2049), -1), ((6, 40, 700), 1)], ids=str)
+def test_deterministic_across_thread_counts(shape, dim):
+    """Values and gradients; the features layout splits its columns by thread count."""
+    s, t = make(shape)
     threads = torch.get_num_threads()
     try:
         outs = []
-        for n in (1, 2):
+        for n in (1, 2, 3):
             torch.set_num_threads(n)
-            outs.append(torch.stack([distance(s, t, op) for op in DISTANCE_OPS]))
+            losses = torch.stack([distance(s, t, op, dim=dim) for op in DISTANCE_OPS])
+            outs.append((losses, *torch.autograd.grad(losses.sum(), (s, t))))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(outs[0], outs[1])
+    for out in outs[1:]:
+        for a, b in zip(outs[0], out):
+            assert torch.equal(a, b)
 
 
 def test_cuda_kernels_built_when_expected():
