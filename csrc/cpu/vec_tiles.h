@@ -6,9 +6,11 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-
 #include <ATen/ops/empty_like.h>
+
+#if defined(__linux__)
 #include <sys/mman.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -144,7 +146,7 @@ inline at::Tensor unit_stride_rows(const at::Tensor& t) {
 // "always" or "never", and on memory the allocator reuses.
 inline at::Tensor empty_like_huge_pages(const at::Tensor& t) {
   at::Tensor out = at::empty_like(t, t.options(), at::MemoryFormat::Contiguous);
-#ifdef MADV_HUGEPAGE
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(1) << 21;
   const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
   const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
