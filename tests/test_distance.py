@@ -96,9 +96,17 @@ def test_pearson_large_offset(device, shape, dim):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", DISTANCE_OPS)
 def test_large_outputs(device, op):
-    """Gradients above the huge-page threshold (vec_tiles.h), rows not 64-byte aligned."""
+    """Gradients of 9.8 MB, rows not 64-byte aligned."""
     s, t = make((61, 40003), device=device)
     assert_matches(*run_both(s, t, op, temperature=2.0), torch.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", ["l2", "pearson"])
+def test_huge_page_gradients(op):
+    """CPU gradients of 128 MiB and more go to huge-page-advised buffers (vec_tiles.h)."""
+    s, t = make((1025, 32771), teacher_grad=op == "pearson")
+    assert_matches(*run_both(s, t, op), torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
