@@ -65,6 +65,51 @@ def test_shapes(device, op, shape, dim):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", ["cosine", "pearson"])
+@pytest.mark.parametrize("shape,dim", [
+    ((2, 4099), -1),        # inner == 1: rows of two full tiles and a ragged one
+    ((2, 5, 1), 1),         # inner == 1 through a trailing unit dim
+    ((3, 40, 15), 1),       # inner < one vector; D spans a partial Chan block
+    ((2, 33, 1500), 1),     # inner > one block of columns, ragged last block
+    ((3000, 3), 0),         # "intra": outer == 1, long D across many Chan blocks
+], ids=str)
+def test_correlation_layouts(device, dtype, op, shape, dim):
+    """Both layouts of the correlation kernels, teacher requiring grad."""
+    s, t = make(shape, dtype, device)
+    assert_matches(*run_both(s, t, op, dim=dim, reduction="none"), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,dim", [((4, 3000), -1), ((2, 300, 20), 1)], ids=str)
+def test_pearson_large_offset(device, shape, dim):
+    """One-pass Pearson stays exact for rows whose mean dwarfs their spread."""
+    base = torch.randn(shape, device=device, dtype=torch.float64)
+    s64 = 1e4 + base
+    t64 = 1e4 + base + 0.5 * torch.randn_like(base)
+    got = distance(s64.float(), t64.float(), "pearson", dim=dim, reduction="none")
+    want = distance_ref(s64.float().double(), t64.float().double(), "pearson", dim=dim,
+                        reduction="none")
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", DISTANCE_OPS)
+def test_large_outputs(device, op):
+    """Gradients of 9.8 MB, rows not 64-byte aligned."""
+    s, t = make((61, 40003), device=device)
+    assert_matches(*run_both(s, t, op, temperature=2.0), torch.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", ["l2", "pearson"])
+def test_huge_page_gradients(op):
+    """CPU gradients of 128 MiB and more go to huge-page-advised buffers (vec_tiles.h)."""
+    s, t = make((1025, 32771), teacher_grad=op == "pearson")
+    assert_matches(*run_both(s, t, op), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_matches_pytorch_losses(device):
     s, t = make((8, 50), device=device)
     torch.testing.assert_close(distance(s, t, "l1"), F.l1_loss(s, t))
@@ -173,17 +218,22 @@ def test_compile_fullgraph(device):
     torch.testing.assert_close(torch.autograd.grad(out, (s, t)), torch.autograd.grad(eager, (s, t)))
 
 
-def test_deterministic_across_thread_counts():
-    s, t = make((300, 2049))
+@pytest.mark.parametrize("shape,dim", [((300, 2049), -1), ((6, 40, 700), 1)], ids=str)
+def test_deterministic_across_thread_counts(shape, dim):
+    """Values and gradients; the features layout splits its columns by thread count."""
+    s, t = make(shape)
     threads = torch.get_num_threads()
     try:
         outs = []
-        for n in (1, 2):
+        for n in (1, 2, 3):
             torch.set_num_threads(n)
-            outs.append(torch.stack([distance(s, t, op) for op in DISTANCE_OPS]))
+            losses = torch.stack([distance(s, t, op, dim=dim) for op in DISTANCE_OPS])
+            outs.append((losses, *torch.autograd.grad(losses.sum(), (s, t))))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(outs[0], outs[1])
+    for out in outs[1:]:
+        for a, b in zip(outs[0], out):
+            assert torch.equal(a, b)
 
 
 def test_cuda_kernels_built_when_expected():

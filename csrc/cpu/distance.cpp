@@ -5,8 +5,12 @@
 //  - correlation (cosine, Pearson) over the middle dim of (outer, D, inner):
 //    with inner == 1 a row is contiguous and is vectorized along itself; with
 //    inner > 1 (features, or dim=0 "intra" Pearson) a block of consecutive
-//    rows shares each contiguous span, so the loop runs along D over spans and
-//    every load is a contiguous, cache-line-sized read.
+//    rows is vectorized across the rows, one contiguous run per step along D,
+//    so the slab streams from memory in order. Pearson's forward is one pass
+//    (Chan merges of exact per-tile moments), the backward one pass from the
+//    saved per-row stats.
+//  - gradients, written once and often far larger than the caches, go to
+//    huge-page-advised buffers (vec_tiles.h: empty_like_huge_pages).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -95,8 +99,8 @@ std::tuple<at::Tensor, at::Tensor> pointwise_distance_backward_cpu(
   const PointwiseOp op = parse_pointwise_op(op_name);
   const at::Tensor s = student.contiguous(), t = teacher.contiguous();
   const int64_t numel = s.numel(), chunks = (numel + kTile - 1) / kTile;
-  at::Tensor gs = at::empty_like(s);
-  at::Tensor gt = teacher_grad ? at::empty_like(t) : at::empty({0}, t.options());
+  at::Tensor gs = empty_like_huge_pages(s);
+  at::Tensor gt = teacher_grad ? empty_like_huge_pages(t) : at::empty({0}, t.options());
   AT_DISPATCH_FLOATING_TYPES(kd_loss_acc_type(s), "pointwise_distance_backward_cpu", [&] {
     using Vec = Vectorized<scalar_t>;
     const auto ls = loader_for<scalar_t>(s.scalar_type()), lt = loader_for<scalar_t>(t.scalar_type());
@@ -110,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor> pointwise_distance_backward_cpu(
         for (int64_t i = 0; i < n; i += Vec::size()) {
           const Vec ds = g * pointwise_grad(op, Vec::loadu(sb + i) - Vec::loadu(tb + i));
           ds.store(sb + i);
-          (Vec(0) - ds).store(tb + i);
+          if (teacher_grad) (Vec(0) - ds).store(tb + i);
         }
         ss(sb, n, gs.data_ptr(), c * kTile);
         if (teacher_grad) st(tb, n, gt.data_ptr(), c * kTile);
@@ -122,9 +126,7 @@ std::tuple<at::Tensor, at::Tensor> pointwise_distance_backward_cpu(
 
 // --- correlation ----------------------------------------------------------------
 
-// Per-row sums of the two passes, for a block of up to kBlock rows.
-constexpr int64_t kBlock = 16;
-
+// The stats columns: means (0 for cosine), norms of u and v, <u, v>.
 template <typename acc_t>
 struct Corr {
   acc_t ms, mt, nu, nv, dot;
@@ -158,85 +160,182 @@ struct CorrArgs {
   const void* t;
   TileLoader<acc_t> ls, lt;
   int64_t outer, D, inner;
-  bool center;
 };
 
-// Streams the (o, :, i0 : i0 + b) block of both inputs, calling
-// visit(j, s_span, t_span) for each j with spans of b contiguous values.
-template <typename acc_t, typename F>
-void for_each_span(const CorrArgs<acc_t>& a, int64_t o, int64_t i0, int64_t b, F&& visit) {
-  alignas(64) acc_t sb[kBlock], tb[kBlock];
-  for (int64_t j = 0; j < a.D; ++j) {
-    const int64_t off = (o * a.D + j) * a.inner + i0;
-    a.ls(a.s, off, b, acc_t(1), sb);
-    a.lt(a.t, off, b, acc_t(1), tb);
-    visit(j, sb, tb);
-  }
+template <typename acc_t>
+CorrArgs<acc_t> make_corr_args(const at::Tensor& s, const at::Tensor& t) {
+  return {s.data_ptr(), t.data_ptr(), loader_for<acc_t>(s.scalar_type()),
+          loader_for<acc_t>(t.scalar_type()), s.size(0), s.size(1), s.size(2)};
 }
 
-// Two passes (means, then centred products) avoid the cancellation of
-// sum(s^2) - D mean^2.
-template <typename acc_t>
-void corr_block_stats(const CorrArgs<acc_t>& a, int64_t o, int64_t i0, int64_t b,
-                      Corr<acc_t>* out) {
-  acc_t ms[kBlock] = {}, mt[kBlock] = {}, uu[kBlock] = {}, vv[kBlock] = {}, uv[kBlock] = {};
-  if (a.center) {
-    for_each_span(a, o, i0, b, [&](int64_t, const acc_t* s, const acc_t* t) {
-      for (int64_t i = 0; i < b; ++i) { ms[i] += s[i]; mt[i] += t[i]; }
-    });
-    for (int64_t i = 0; i < b; ++i) { ms[i] /= a.D; mt[i] /= a.D; }
-  }
-  for_each_span(a, o, i0, b, [&](int64_t, const acc_t* s, const acc_t* t) {
-    for (int64_t i = 0; i < b; ++i) {
-      const acc_t u = s[i] - ms[i], v = t[i] - mt[i];
-      uu[i] += u * u; vv[i] += v * v; uv[i] += u * v;
-    }
-  });
-  for (int64_t i = 0; i < b; ++i) out[i] = {ms[i], mt[i], std::sqrt(uu[i]), std::sqrt(vv[i]), uv[i]};
+// Pearson in one pass over memory, as stable as two: a block's means and
+// centred sums are exact two-pass sums over data still in L1, and blocks are
+// combined with Chan et al.'s update. Written for acc_t or a vector of them
+// (one independent merge per lane): `n` pairs so far, `nb` in the new block.
+template <typename T, typename acc_t>
+void chan_merge(acc_t n, acc_t nb, T& ms, T& mt, T& ss, T& tt, T& st, T bms, T bmt, T bss,
+                T btt, T bst) {
+  const acc_t total = n + nb;
+  const T f(n * nb / total), w(nb / total);
+  const T ds = bms - ms, dt = bmt - mt;
+  ss = ss + bss + ds * ds * f;
+  tt = tt + btt + dt * dt * f;
+  st = st + bst + ds * dt * f;
+  ms = ms + ds * w;
+  mt = mt + dt * w;
 }
 
 // A contiguous row (inner == 1), vectorized along the row in tiles.
-template <typename acc_t>
+template <bool kCenter, typename acc_t>
 Corr<acc_t> corr_row_stats(const CorrArgs<acc_t>& a, int64_t row, acc_t* sb, acc_t* tb) {
   using Vec = Vectorized<acc_t>;
-  acc_t ms = 0, mt = 0;
-  auto tiles = [&](auto&& body) {
+  using at::vec::fmadd;
+  if constexpr (!kCenter) {
+    Vec uu(0), vv(0), uv(0);
     for (int64_t j0 = 0; j0 < a.D; j0 += kTile) {
       const int64_t n = std::min(kTile, a.D - j0);
-      load_pair(a.ls, a.s, a.lt, a.t, row * a.D + j0, n, sb, tb);
-      body(n);
+      load_pair(a.ls, a.s, a.lt, a.t, row * a.D + j0, n, sb, tb);  // zero padding
+      for (int64_t i = 0; i < n; i += Vec::size()) {
+        const Vec u = Vec::loadu(sb + i), v = Vec::loadu(tb + i);
+        uu = fmadd(u, u, uu); vv = fmadd(v, v, vv); uv = fmadd(u, v, uv);
+      }
     }
-  };
-  if (a.center) {
-    Vec vs(0), vt(0);
-    tiles([&](int64_t n) {
-      for (int64_t i = 0; i < n; i += Vec::size()) { vs += Vec::loadu(sb + i); vt += Vec::loadu(tb + i); }
-    });
-    ms = reduce_sum(vs) / a.D;
-    mt = reduce_sum(vt) / a.D;
+    return {0, 0, std::sqrt(reduce_sum(uu)), std::sqrt(reduce_sum(vv)), reduce_sum(uv)};
+  } else {
+    // Moments of (s - ks, t - kt), ks and kt the first tile's means: then a
+    // row mean far above the row's spread is not rounded into every merge.
+    acc_t ks = 0, kt = 0, ms = 0, mt = 0, ss = 0, tt = 0, st = 0;
+    for (int64_t j0 = 0; j0 < a.D; j0 += kTile) {
+      const int64_t n = std::min(kTile, a.D - j0);
+      load_pair(a.ls, a.s, a.lt, a.t, row * a.D + j0, n, sb, tb);  // zero padding
+      if (j0 == 0) {
+        Vec vs(0), vt(0);
+        for (int64_t i = 0; i < n; i += Vec::size()) { vs += Vec::loadu(sb + i); vt += Vec::loadu(tb + i); }
+        ks = reduce_sum(vs) / n;
+        kt = reduce_sum(vt) / n;
+      }
+      // Shift in place (the padding stays 0) while summing.
+      Vec vs(0), vt(0);
+      const Vec vks(ks), vkt(kt);
+      const int64_t full = n / Vec::size() * Vec::size();
+      for (int64_t i = 0; i < full; i += Vec::size()) {
+        const Vec x = Vec::loadu(sb + i) - vks, y = Vec::loadu(tb + i) - vkt;
+        x.store(sb + i); y.store(tb + i);
+        vs += x; vt += y;
+      }
+      acc_t rs = 0, rt = 0;
+      for (int64_t i = full; i < n; ++i) { rs += sb[i] -= ks; rt += tb[i] -= kt; }
+      const acc_t bms = (reduce_sum(vs) + rs) / n, bmt = (reduce_sum(vt) + rt) / n;
+      const Vec vms(bms), vmt(bmt);
+      Vec uu(0), vv(0), uv(0);
+      for (int64_t i = 0; i < full; i += Vec::size()) {
+        const Vec u = Vec::loadu(sb + i) - vms, v = Vec::loadu(tb + i) - vmt;
+        uu = fmadd(u, u, uu); vv = fmadd(v, v, vv); uv = fmadd(u, v, uv);
+      }
+      // The padded tail would be (0 - mean): take the last partial vector masked.
+      if (full < n) {
+        const Vec u = Vec::set(Vec(0), Vec::loadu(sb + full) - vms, n - full);
+        const Vec v = Vec::set(Vec(0), Vec::loadu(tb + full) - vmt, n - full);
+        uu = fmadd(u, u, uu); vv = fmadd(v, v, vv); uv = fmadd(u, v, uv);
+      }
+      chan_merge<acc_t, acc_t>(j0, n, ms, mt, ss, tt, st, bms, bmt, reduce_sum(uu),
+                               reduce_sum(vv), reduce_sum(uv));
+    }
+    return {ks + ms, kt + mt, std::sqrt(ss), std::sqrt(tt), st};
   }
-  Vec uu(0), vv(0), uv(0);
-  const Vec vms(ms), vmt(mt);
-  tiles([&](int64_t n) {
-    const int64_t full = n / Vec::size() * Vec::size();
-    for (int64_t i = 0; i < full; i += Vec::size()) {
-      const Vec u = Vec::loadu(sb + i) - vms, v = Vec::loadu(tb + i) - vmt;
-      uu += u * u; vv += v * v; uv += u * v;
-    }
-    // The padded tail would be (0 - mean): take the last partial vector masked.
-    if (full < n) {
-      const Vec u = Vec::set(Vec(0), Vec::loadu(sb + full) - vms, n - full);
-      const Vec v = Vec::set(Vec(0), Vec::loadu(tb + full) - vmt, n - full);
-      uu += u * u; vv += v * v; uv += u * v;
-    }
-  });
-  return {ms, mt, std::sqrt(reduce_sum(uu)), std::sqrt(reduce_sum(vv)), reduce_sum(uv)};
 }
 
-template <typename acc_t>
-CorrArgs<acc_t> make_corr_args(const at::Tensor& s, const at::Tensor& t, bool center) {
-  return {s.data_ptr(), t.data_ptr(), loader_for<acc_t>(s.scalar_type()),
-          loader_for<acc_t>(t.scalar_type()), s.size(0), s.size(1), s.size(2), center};
+// inner > 1 (features, dim=0 Pearson): a task is a block of consecutive rows
+// (columns c0 .. c0 + b of one outer index), vectorized across the rows. Each
+// step along D reads one contiguous run of b values per input, so the slab
+// streams from memory in order; per-row state lives in arrays of b lanes.
+constexpr int64_t kMaxCols = 1024;
+// Steps along D per Chan block: two kDStep x b tiles stay in L2.
+constexpr int64_t kDStep = 16;
+
+// Columns per task: long runs, but at least a few tasks per thread.
+int64_t corr_cols(int64_t outer, int64_t inner) {
+  int64_t cols = std::min(inner, kMaxCols);
+  const int64_t want = 4 * at::get_num_threads();
+  while (cols > 64 && outer * ((inner + cols - 1) / cols) < want) cols = (cols / 2 + 15) / 16 * 16;
+  return cols;
+}
+
+// Calls body(o, c0, b) for every block of columns, in parallel.
+template <typename F>
+void for_each_col_block(int64_t outer, int64_t inner, F&& body) {
+  const int64_t cols = corr_cols(outer, inner), blocks = (inner + cols - 1) / cols;
+  at::parallel_for(0, outer * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c0 = task % blocks * cols;
+      body(task / blocks, c0, std::min(cols, inner - c0));
+    }
+  });
+}
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// Per-task scratch of corr_cols_stats: two kDStep x bv tiles and 7 x bv of state.
+constexpr int64_t kColsWork = 2 * kDStep + 7;
+
+template <bool kCenter, typename acc_t>
+void corr_cols_stats(const CorrArgs<acc_t>& a, int64_t o, int64_t c0, int64_t b, acc_t* work,
+                     Corr<acc_t>* out) {
+  using Vec = Vectorized<acc_t>;
+  using at::vec::fmadd;
+  const int64_t bv = round_up(b, Vec::size());
+  acc_t* sb = work;                      // kDStep x bv
+  acc_t* tb = sb + kDStep * bv;          // kDStep x bv
+  acc_t* state = tb + kDStep * bv;       // 7 x bv: ms, mt, ss, tt, st, ks, kt
+  std::fill(state, state + 7 * bv, acc_t(0));
+  for (int64_t j0 = 0; j0 < a.D; j0 += kDStep) {
+    const int64_t nd = std::min(kDStep, a.D - j0);
+    for (int64_t j = 0; j < nd; ++j) {
+      const int64_t off = (o * a.D + j0 + j) * a.inner + c0;
+      a.ls(a.s, off, b, acc_t(1), sb + j * bv);
+      a.lt(a.t, off, b, acc_t(1), tb + j * bv);
+    }
+    for (int64_t i = 0; i < bv; i += Vec::size()) {
+      Vec ms = Vec::loadu(state + i), mt = Vec::loadu(state + bv + i);
+      Vec ss = Vec::loadu(state + 2 * bv + i), tt = Vec::loadu(state + 3 * bv + i);
+      Vec st = Vec::loadu(state + 4 * bv + i);
+      if constexpr (!kCenter) {
+        for (int64_t j = 0; j < nd; ++j) {
+          const Vec u = Vec::loadu(sb + j * bv + i), v = Vec::loadu(tb + j * bv + i);
+          ss = fmadd(u, u, ss); tt = fmadd(v, v, tt); st = fmadd(u, v, st);
+        }
+      } else {
+        // As corr_row_stats: moments of (s - ks, t - kt), k the first block's means.
+        const Vec inv(acc_t(1) / nd);
+        if (j0 == 0) {
+          Vec vs(0), vt(0);
+          for (int64_t j = 0; j < nd; ++j) { vs += Vec::loadu(sb + j * bv + i); vt += Vec::loadu(tb + j * bv + i); }
+          (vs * inv).store(state + 5 * bv + i);
+          (vt * inv).store(state + 6 * bv + i);
+        }
+        const Vec ks = Vec::loadu(state + 5 * bv + i), kt = Vec::loadu(state + 6 * bv + i);
+        Vec vs(0), vt(0);
+        for (int64_t j = 0; j < nd; ++j) {
+          const Vec x = Vec::loadu(sb + j * bv + i) - ks, y = Vec::loadu(tb + j * bv + i) - kt;
+          x.store(sb + j * bv + i); y.store(tb + j * bv + i);
+          vs += x; vt += y;
+        }
+        const Vec bms = vs * inv, bmt = vt * inv;
+        Vec uu(0), vv(0), uv(0);
+        for (int64_t j = 0; j < nd; ++j) {
+          const Vec u = Vec::loadu(sb + j * bv + i) - bms, v = Vec::loadu(tb + j * bv + i) - bmt;
+          uu = fmadd(u, u, uu); vv = fmadd(v, v, vv); uv = fmadd(u, v, uv);
+        }
+        chan_merge<Vec, acc_t>(j0, nd, ms, mt, ss, tt, st, bms, bmt, uu, vv, uv);
+        ms.store(state + i); mt.store(state + bv + i);
+      }
+      ss.store(state + 2 * bv + i); tt.store(state + 3 * bv + i); st.store(state + 4 * bv + i);
+    }
+  }
+  for (int64_t i = 0; i < b; ++i) {
+    out[i] = {state[5 * bv + i] + state[i], state[6 * bv + i] + state[bv + i],
+              std::sqrt(state[2 * bv + i]), std::sqrt(state[3 * bv + i]), state[4 * bv + i]};
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> correlation_distance_forward_cpu(
@@ -248,29 +347,31 @@ std::tuple<at::Tensor, at::Tensor> correlation_distance_forward_cpu(
   at::Tensor rows = at::empty({outer, inner}, opts);
   at::Tensor stats = at::empty({outer, inner, kCorrelationStats}, opts);
   AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "correlation_distance_forward_cpu", [&] {
-    const auto a = make_corr_args<scalar_t>(s, t, center);
+    const auto a = make_corr_args<scalar_t>(s, t);
     scalar_t* r = rows.data_ptr<scalar_t>();
     Corr<scalar_t>* st = reinterpret_cast<Corr<scalar_t>*>(stats.data_ptr<scalar_t>());
-    if (inner == 1) {
-      at::parallel_for(0, outer, row_grain(a.D), [&](int64_t begin, int64_t end) {
-        alignas(64) scalar_t sb[kTile], tb[kTile];
-        for (int64_t row = begin; row < end; ++row) {
-          st[row] = corr_row_stats(a, row, sb, tb);
-          r[row] = corr_distance(st[row]);
-        }
-      });
-    } else {
-      const int64_t blocks = (inner + kBlock - 1) / kBlock;
-      at::parallel_for(0, outer * blocks, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t task = begin; task < end; ++task) {
-          const int64_t o = task / blocks, i0 = task % blocks * kBlock;
-          const int64_t b = std::min(kBlock, inner - i0);
-          Corr<scalar_t>* out = st + o * inner + i0;
-          corr_block_stats(a, o, i0, b, out);
-          for (int64_t i = 0; i < b; ++i) r[o * inner + i0 + i] = corr_distance(out[i]);
-        }
-      });
-    }
+    auto run = [&](auto center_tag) {
+      constexpr bool kCenter = decltype(center_tag)::value;
+      if (inner == 1) {
+        at::parallel_for(0, outer, row_grain(a.D), [&](int64_t begin, int64_t end) {
+          alignas(64) scalar_t sb[kTile], tb[kTile];
+          for (int64_t row = begin; row < end; ++row) {
+            st[row] = corr_row_stats<kCenter>(a, row, sb, tb);
+            r[row] = corr_distance(st[row]);
+          }
+        });
+      } else {
+        const int64_t bv = round_up(std::min(inner, kMaxCols), Vectorized<scalar_t>::size());
+        for_each_col_block(outer, inner, [&](int64_t o, int64_t c0, int64_t b) {
+          thread_local std::vector<scalar_t> work;
+          work.resize(kColsWork * bv);
+          Corr<scalar_t>* out = st + o * inner + c0;
+          corr_cols_stats<kCenter>(a, o, c0, b, work.data(), out);
+          for (int64_t i = 0; i < b; ++i) r[o * inner + c0 + i] = corr_distance(out[i]);
+        });
+      }
+    };
+    if (center) run(std::true_type{}); else run(std::false_type{});
   });
   return {rows, stats};
 }
@@ -283,15 +384,14 @@ std::tuple<at::Tensor, at::Tensor> correlation_distance_backward_cpu(
   const at::Tensor s = student.contiguous(), t = teacher.contiguous();
   const at::Tensor g = grad_rows.contiguous(), stc = stats.contiguous();
   const int64_t outer = s.size(0), D = s.size(1), inner = s.size(2);
-  at::Tensor gs = at::empty_like(s);
-  at::Tensor gt = teacher_grad ? at::empty_like(t) : at::empty({0}, t.options());
+  at::Tensor gs = empty_like_huge_pages(s);
+  at::Tensor gt = teacher_grad ? empty_like_huge_pages(t) : at::empty({0}, t.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "correlation_distance_backward_cpu", [&] {
     using Vec = Vectorized<scalar_t>;
-    const auto a = make_corr_args<scalar_t>(s, t, center);
+    const auto a = make_corr_args<scalar_t>(s, t);
     const auto ss = storer_for<scalar_t>(s.scalar_type()), sto = storer_for<scalar_t>(t.scalar_type());
     const scalar_t* gp = g.data_ptr<scalar_t>();
     const Corr<scalar_t>* st = reinterpret_cast<const Corr<scalar_t>*>(stc.data_ptr<scalar_t>());
-    const int64_t blocks = (inner + kBlock - 1) / kBlock;
     if (inner == 1) {
       at::parallel_for(0, outer, row_grain(D), [&](int64_t begin, int64_t end) {
         alignas(64) scalar_t sb[kTile], tb[kTile];
@@ -305,38 +405,46 @@ std::tuple<at::Tensor, at::Tensor> correlation_distance_backward_cpu(
             for (int64_t i = 0; i < n; i += Vec::size()) {
               const Vec u = Vec::loadu(sb + i) - ms, v = Vec::loadu(tb + i) - mt;
               (as * v + bs * u).store(sb + i);
-              (as * u + bt * v).store(tb + i);
+              if (teacher_grad) (as * u + bt * v).store(tb + i);
             }
             ss(sb, n, gs.data_ptr(), row * D + j0);
             if (teacher_grad) sto(tb, n, gt.data_ptr(), row * D + j0);
           }
         }
-      });
+        });
     } else {
-      at::parallel_for(0, outer * blocks, 1, [&](int64_t begin, int64_t end) {
-        alignas(64) scalar_t ds[kBlock], dt[kBlock];
-        for (int64_t task = begin; task < end; ++task) {
-          const int64_t o = task / blocks, i0 = task % blocks * kBlock;
-          const int64_t b = std::min(kBlock, inner - i0);
-          scalar_t as[kBlock], bs[kBlock], bt[kBlock];
-          for (int64_t i = 0; i < b; ++i) {
-            const CorrGrad<scalar_t> c(st[o * inner + i0 + i]);
-            const scalar_t gr = gp[o * inner + i0 + i];
-            as[i] = gr * c.a; bs[i] = gr * c.bs; bt[i] = gr * c.bt;
-          }
-          const Corr<scalar_t>* cs = st + o * inner + i0;
-          for_each_span(a, o, i0, b, [&](int64_t j, const scalar_t* sv, const scalar_t* tv) {
-            for (int64_t i = 0; i < b; ++i) {
-              const scalar_t u = sv[i] - cs[i].ms, v = tv[i] - cs[i].mt;
-              ds[i] = as[i] * v + bs[i] * u;
-              dt[i] = as[i] * u + bt[i] * v;
-            }
-            const int64_t off = (o * D + j) * inner + i0;
-            ss(ds, b, gs.data_ptr(), off);
-            if (teacher_grad) sto(dt, b, gt.data_ptr(), off);
-          });
+      const int64_t bmax = round_up(std::min(inner, kMaxCols), Vec::size());
+      for_each_col_block(outer, inner, [&](int64_t o, int64_t c0, int64_t b) {
+        thread_local std::vector<scalar_t> work;
+        work.resize(7 * bmax);
+        const int64_t bv = round_up(b, Vec::size());
+        scalar_t* sb = work.data();
+        scalar_t* tb = sb + bv;
+        scalar_t* as = tb + bv;
+        scalar_t* bs = as + bv;
+        scalar_t* bt = bs + bv;
+        scalar_t* ms = bt + bv;
+        scalar_t* mt = ms + bv;
+        for (int64_t i = 0; i < bv; ++i) {
+          const int64_t k = o * inner + c0 + std::min(i, b - 1);  // padding lanes repeat the last row
+          const CorrGrad<scalar_t> c(st[k]);
+          as[i] = gp[k] * c.a; bs[i] = gp[k] * c.bs; bt[i] = gp[k] * c.bt;
+          ms[i] = st[k].ms; mt[i] = st[k].mt;
         }
-      });
+        for (int64_t j = 0; j < D; ++j) {
+          const int64_t off = (o * D + j) * inner + c0;
+          a.ls(a.s, off, b, scalar_t(1), sb);
+          a.lt(a.t, off, b, scalar_t(1), tb);
+          for (int64_t i = 0; i < bv; i += Vec::size()) {
+            const Vec u = Vec::loadu(sb + i) - Vec::loadu(ms + i), v = Vec::loadu(tb + i) - Vec::loadu(mt + i);
+            const Vec va = Vec::loadu(as + i);
+            (va * v + Vec::loadu(bs + i) * u).store(sb + i);
+            if (teacher_grad) (va * u + Vec::loadu(bt + i) * v).store(tb + i);
+          }
+          ss(sb, b, gs.data_ptr(), off);
+          if (teacher_grad) sto(tb, b, gt.data_ptr(), off);
+        }
+        });
     }
   });
   return {gs, gt};
