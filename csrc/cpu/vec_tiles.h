@@ -138,7 +138,7 @@ inline at::Tensor unit_stride_rows(const at::Tensor& t) {
 }
 
 // empty_like for a large output that one pass then writes in full (a
-// gradient): from kHugePagesMin bytes, its 2 MiB-aligned interior is advised
+// gradient, a new LSTM state): from kHugePagesMin bytes, its 2 MiB-aligned interior is advised
 // onto transparent huge pages. A fresh multi-MB tensor is a fresh mmap, and
 // faulting it in 4 KiB pages (~1.5 us each, under the page-table locks) cost
 // about as much CPU as the kernel's own reads and writes: a (4096, 32000) fp32
