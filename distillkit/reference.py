@@ -43,6 +43,20 @@ def _soft_rows(log_q: Tensor, log_p: Tensor, divergence: str, beta: float) -> Te
     return beta * _plogp_ratio(p, log_p, log_m) + (1.0 - beta) * _plogp_ratio(q, log_q, log_m)
 
 
+def _reduce_kd_rows_ref(rows: Tensor, counted: Tensor, weight: Optional[Tensor], reduction: str,
+                        normalizer: Optional[Union[float, Tensor]], shape) -> Tensor:
+    """SPEC §1's reduction of per-row losses: weighted rows; ``mean`` divides by the
+    ``counted`` (non-ignored) rows unless ``normalizer`` is given, never by Σ weight."""
+    if weight is not None:
+        rows = rows * weight.reshape(-1).to(rows.dtype)
+    if reduction == "none":
+        return rows.reshape(shape)
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    return total / (normalizer if normalizer is not None else counted.sum().clamp(min=1))
+
+
 def kd_loss_ref(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -76,15 +90,8 @@ def kd_loss_ref(
             ce = -torch.log_softmax(z, dim=-1).gather(1, safe_y[:, None]).squeeze(1)
             rows = rows + hard_weight * ce
         rows = torch.where(keep, rows, torch.zeros_like(rows))
-    if weight is not None:
-        rows = rows * weight.reshape(-1).to(acc)
-    if reduction == "none":
-        return rows.reshape(student_logits.shape[:-1])
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    denom = normalizer if normalizer is not None else keep.sum().clamp(min=1)
-    return total / denom
+    return _reduce_kd_rows_ref(rows, keep, weight, reduction, normalizer,
+                               student_logits.shape[:-1])
 
 
 def topk_mask_ref(teacher_probs: Tensor, k: Tensor) -> Tensor:
@@ -241,14 +248,8 @@ def sparse_kd_loss_ref(
         log_p = torch.where(live, log_p, neg_inf)
     log_q = torch.log_softmax(z / temperature, dim=-1).gather(1, idx.clamp(min=0))
     rows = (temperature**2 if scale_by_t2 else 1.0) * _plogp_ratio(log_p.exp(), log_p, log_q)
-    if weight is not None:
-        rows = rows * weight.reshape(-1).to(acc)
-    if reduction == "none":
-        return rows.reshape(student_logits.shape[:-1])
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    return total / (normalizer if normalizer is not None else live_row.sum().clamp(min=1))
+    return _reduce_kd_rows_ref(rows, live_row, weight, reduction, normalizer,
+                               student_logits.shape[:-1])
 
 
 def coordinate_lstm_step_ref(grad: Tensor, params: Tensor, h: Tensor, c: Tensor,
