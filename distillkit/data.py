@@ -6,14 +6,14 @@ Everything is in memory and deterministic given a seed; nothing is downloaded
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-__all__ = ["DictDataset", "WithTensors", "Splits", "load_digits_splits", "mlp", "count_parameters"]
+__all__ = ["BatchCycler", "DictDataset", "WithTensors", "Splits", "load_digits_splits", "mlp", "count_parameters"]
 
 
 class DictDataset(Dataset):
@@ -151,3 +151,26 @@ def mlp(
 def count_parameters(model: nn.Module) -> int:
     """Number of scalar parameters in ``model``."""
     return sum(p.numel() for p in model.parameters())
+
+
+class BatchCycler:
+    """Endless batches of ``batch_size`` rows: epoch after epoch, each a fresh permutation
+    from a private generator seeded with ``seed`` (so the order depends only on the seed).
+    The last, short batch of an epoch is dropped."""
+
+    def __init__(self, inputs: Tensor, labels: Tensor, batch_size: int, seed: int):
+        if not 1 <= batch_size <= len(inputs):
+            raise ValueError(f"batch_size must be in [1, {len(inputs)}] (got {batch_size})")
+        self.inputs, self.labels, self.batch_size = inputs, labels, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order: List[Tensor] = []
+
+    def __next__(self) -> Tuple[Tensor, Tensor]:
+        if not self.order:
+            perm = torch.randperm(len(self.inputs), generator=self.generator)
+            self.order = list(perm[:len(perm) - len(perm) % self.batch_size].split(self.batch_size))
+        rows = self.order.pop(0)
+        return self.inputs[rows], self.labels[rows]
+
+    def __iter__(self):
+        return self

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from distillkit.data import BatchCycler
 from distillkit.ops import coordinate_lstm_step
 
 __all__ = ["CoordinateLSTM", "LearnedOptimizer", "Task", "UnrollState",
@@ -205,20 +206,11 @@ def module_task(model: nn.Module, inputs: Tensor, labels: Tensor, *,
     names, shapes = zip(*[(n, p.shape) for n, p in model.named_parameters()])
     sizes = [math.prod(s) for s in shapes]
     theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    if batch_size is not None and not 1 <= batch_size <= len(inputs):
-        raise ValueError(f"batch_size must be in [1, {len(inputs)}] (got {batch_size})")
-    generator = torch.Generator().manual_seed(seed)
-    order: List[Tensor] = []
+    batches = BatchCycler(inputs, labels, batch_size, seed) if batch_size is not None else None
 
     def loss(theta: Tensor) -> Tensor:
         params = {n: t.view(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
-        x, y = inputs, labels
-        if batch_size is not None:
-            if not order:
-                perm = torch.randperm(len(inputs), generator=generator)
-                order.extend(perm[:len(perm) - len(perm) % batch_size].split(batch_size))
-            rows = order.pop(0).to(inputs.device)
-            x, y = inputs[rows], labels[rows]
+        x, y = next(batches) if batches is not None else (inputs, labels)
         return F.cross_entropy(functional_call(model, params, (x,)), y)
 
     return Task(theta0, loss)

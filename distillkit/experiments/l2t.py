@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distillkit.data import DictDataset, load_digits_splits, mlp
+from distillkit.data import BatchCycler, DictDataset, load_digits_splits, mlp
 from distillkit.dln import DynamicLossNetwork, imitate
 from distillkit.learned_optimizer import CoordinateLSTM, LearnedOptimizer, meta_train, module_task
-from distillkit.trainers.l2t import BatchCycler, L2TDLNTrainer
+from distillkit.trainers.l2t import L2TDLNTrainer
 
 STUDENT_HIDDEN = (32,)
 TASK_HIDDEN = (16,)

@@ -29,10 +29,11 @@ from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 from tqdm.auto import tqdm
 
+from distillkit.data import BatchCycler
 from distillkit.dln import DynamicLossNetwork
 from distillkit.learned_optimizer import CoordinateLSTM
 
-__all__ = ["L2TDLNTrainer", "BatchCycler"]
+__all__ = ["L2TDLNTrainer"]
 
 Batch = Tuple[Tensor, Tensor]
 
@@ -43,29 +44,6 @@ def _tensors(data: Dataset) -> Tuple[Tensor, Tensor]:
     if tensors is None:
         tensors = default_collate([data[i] for i in range(len(data))])
     return tensors["input"], tensors["label"]
-
-
-class BatchCycler:
-    """Endless batches of ``batch_size`` rows: epoch after epoch, each a fresh permutation
-    from a private generator seeded with ``seed`` (so the order depends only on the seed).
-    The last, short batch of an epoch is dropped."""
-
-    def __init__(self, inputs: Tensor, labels: Tensor, batch_size: int, seed: int):
-        if not 1 <= batch_size <= len(inputs):
-            raise ValueError(f"batch_size must be in [1, {len(inputs)}] (got {batch_size})")
-        self.inputs, self.labels, self.batch_size = inputs, labels, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.order: List[Tensor] = []
-
-    def __next__(self) -> Batch:
-        if not self.order:
-            perm = torch.randperm(len(self.inputs), generator=self.generator)
-            self.order = list(perm[:len(perm) - len(perm) % self.batch_size].split(self.batch_size))
-        rows = self.order.pop(0)
-        return self.inputs[rows], self.labels[rows]
-
-    def __iter__(self):
-        return self
 
 
 class L2TDLNTrainer:
