@@ -12,7 +12,9 @@ op, ``eager`` = the reference, ``compile`` = ``torch.compile`` of the reference)
    held right before it (the inputs; for ``backward`` also the retained graph). CPU:
    the process's peak RSS (``VmHWM``, the counter ``getrusage().ru_maxrss`` reports),
    reset through ``/proc/self/clear_refs`` just before the run, so neither torch.compile's
-   compilation nor the reference run of step 1 counts. CUDA: ``max_memory_allocated``;
+   compilation nor the reference run of step 1 counts. distillkit's CPU output cache is
+   emptied first, so the fused op's outputs count as fresh allocations (timed repeats
+   then reuse its blocks, as a training loop does). CUDA: ``max_memory_allocated``;
 3. **time**, per mode: median, IQR and min over repeats, the memory run serving as
    warm-up (``perf_counter`` on CPU, CUDA events on CUDA), and GB/s against the
    op's roofline bytes.
@@ -50,6 +52,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+import distillkit
 
 PROVIDERS = ("distillkit", "eager", "compile")
 MODES = ("forward", "backward", "full")
@@ -164,6 +168,7 @@ class _CpuMeter:
 
     def peak_bytes(self, step: Callable[[], Any]) -> Tuple[int, int]:
         gc.collect()
+        distillkit.empty_cpu_cache()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets the peak RSS to the current RSS (Linux >= 4.0)
         base = _proc_status_bytes("VmRSS")

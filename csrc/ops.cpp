@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/output_cache.h"
+
 TORCH_LIBRARY(distillkit, m) {
   // Soft-label KD loss over rows of (N, C) logits (SPEC §1). Returns the
   // per-row loss (fp32, fp64 for fp64 input; ignored rows are 0) and per-row
@@ -105,9 +107,25 @@ TORCH_LIBRARY(distillkit, m) {
 
 // `import distillkit._C` loads this library (which runs the registrations
 // above) and exposes the torch version it was compiled against, so that
-// distillkit/__init__.py can refuse a stale build with a clear message.
+// distillkit/__init__.py can refuse a stale build with a clear message, and
+// the two functions of the CPU output cache (cpu/output_cache.h).
+static PyObject* empty_cpu_cache(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(distillkit::cpu::release_output_cache());
+}
+
+static PyObject* cpu_cache_bytes(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(distillkit::cpu::output_cache_bytes());
+}
+
+static PyMethodDef distillkit_methods[] = {
+    {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS,
+     "Free the CPU output cache's idle blocks; returns the bytes released."},
+    {"cpu_cache_bytes", cpu_cache_bytes, METH_NOARGS,
+     "Bytes held by the CPU output cache's idle blocks."},
+    {nullptr, nullptr, 0, nullptr}};
+
 static struct PyModuleDef distillkit_module = {
-    PyModuleDef_HEAD_INIT, "_C", "distillkit compiled ops", -1, nullptr};
+    PyModuleDef_HEAD_INIT, "_C", "distillkit compiled ops", -1, distillkit_methods};
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* module = PyModule_Create(&distillkit_module);

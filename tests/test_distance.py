@@ -101,7 +101,7 @@ def test_large_outputs(device, op):
 @pytest.mark.slow
 @pytest.mark.parametrize("op", ["l2", "pearson"])
 def test_huge_page_gradients(op):
-    """CPU gradients of 128 MiB and more go to huge-page-advised buffers (vec_tiles.h)."""
+    """CPU gradients of 128 MiB and more come from huge-page-advised blocks (output_cache.cpp)."""
     s, t = make((1025, 32771), teacher_grad=op == "pearson")
     assert_matches(*run_both(s, t, op), torch.float32)
 
@@ -148,6 +148,19 @@ def test_non_contiguous_and_mixed(device):
     sb = torch.randn(5, 12, device=device).bfloat16().requires_grad_()
     fused, ref = run_both(sb, torch.randn(5, 12, device=device, requires_grad=True), "pearson")
     assert fused[1][0].dtype == torch.bfloat16 and fused[1][1].dtype == torch.float32
+    assert_matches(fused, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["l1", "l2", "smooth_l1"])
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16),
+                                    (torch.float32, torch.float16)], ids=str)
+def test_pointwise_mixed_dtypes(device, op, dtypes):
+    """Each input is read and its gradient written in its own dtype; 1003 elements leave a tail."""
+    s = (torch.randn(17, 59, device=device) * 2).to(dtypes[0]).requires_grad_()
+    t = (torch.randn(17, 59, device=device) * 2).to(dtypes[1]).requires_grad_()
+    fused, ref = run_both(s, t, op)
+    assert [g.dtype for g in fused[1]] == list(dtypes)
     assert_matches(fused, ref, torch.bfloat16)
 
 

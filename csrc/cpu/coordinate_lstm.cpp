@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "coordinate_lstm.h"
+#include "cpu/output_cache.h"
 #include "cpu/vec_tiles.h"
 
 namespace distillkit {
@@ -545,7 +546,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coordinate_lstm_forward_cpu(
   const at::Tensor g = grad.contiguous(), pa = params.contiguous();
   const at::Tensor hc = h.contiguous(), cc = c.contiguous();
   at::Tensor params_out = at::empty_like(pa);
-  at::Tensor h_out = cpu::empty_like_huge_pages(hc), c_out = cpu::empty_like_huge_pages(cc);
+  at::Tensor h_out = cpu::empty_like_cached(hc), c_out = cpu::empty_like_cached(cc);
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "coordinate_lstm_forward_cpu", [&] {
     Packed<scalar_t> pk(shape, w_ih, w_hh, bias, head_weight, head_bias, preprocess_p,
                         output_scale);
@@ -588,7 +589,7 @@ coordinate_lstm_backward_cpu(const at::Tensor& grad_params_out,
   const at::Tensor hc = h.contiguous(), cc = c.contiguous();
   const at::Tensor gho = opt_contiguous(grad_h_out), gco = opt_contiguous(grad_c_out);
   at::Tensor grad_grad = at::empty_like(g);
-  at::Tensor grad_h = cpu::empty_like_huge_pages(hc), grad_c = cpu::empty_like_huge_pages(cc);
+  at::Tensor grad_h = cpu::empty_like_cached(hc), grad_c = cpu::empty_like_cached(cc);
   std::vector<at::Tensor> grad_w_ih, grad_w_hh, grad_bias;
   at::Tensor grad_head_w, grad_head_b;
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "coordinate_lstm_backward_cpu", [&] {

@@ -1,5 +1,6 @@
 // CPU kernels of the KD-Zero distances (SPEC §6).
-//  - pointwise (l1, l2, smooth_l1): fixed chunks reduced in parallel into
+//  - pointwise (l1, l2, smooth_l1): one loop per op and input dtypes,
+//    converting in registers; fixed chunks reduced in parallel into
 //    per-chunk partials summed in chunk order (deterministic for any thread
 //    count); backward recomputes d = s - t and writes both gradients at once.
 //  - correlation (cosine, Pearson) over the middle dim of (outer, D, inner):
@@ -9,8 +10,8 @@
 //    so the slab streams from memory in order. Pearson's forward is one pass
 //    (Chan merges of exact per-tile moments), the backward one pass from the
 //    saved per-row stats.
-//  - gradients, written once and often far larger than the caches, go to
-//    huge-page-advised buffers (vec_tiles.h: empty_like_huge_pages).
+//  - gradients, written once and often far larger than the caches, come
+//    from the output cache (output_cache.h), resident after the first step.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -20,6 +21,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu/output_cache.h"
 #include "cpu/vec_tiles.h"
 #include "distance.h"
 #include "kd_loss.h"
@@ -31,35 +33,79 @@ using namespace cpu;
 
 // --- pointwise ------------------------------------------------------------------
 
-template <typename acc_t>
-Vectorized<acc_t> pointwise_value(PointwiseOp op, Vectorized<acc_t> d) {
+template <PointwiseOp kOp, typename acc_t>
+Vectorized<acc_t> pointwise_value(Vectorized<acc_t> d) {
   using Vec = Vectorized<acc_t>;
+  if constexpr (kOp == PointwiseOp::L1) return d.abs();
+  if constexpr (kOp == PointwiseOp::L2) return d * d;
   const Vec ad = d.abs();
+  return Vec::blendv(ad - Vec(0.5), Vec(0.5) * d * d, ad < Vec(1));
+}
+
+// g * d/dd of the pointwise value; sign(0) = 0, as PyTorch's l1/smooth_l1
+// backward. A comparison is an all-ones mask, so (d > 0) & g is g or 0.
+template <PointwiseOp kOp, typename acc_t>
+Vectorized<acc_t> pointwise_grad(Vectorized<acc_t> d, Vectorized<acc_t> g) {
+  using Vec = Vectorized<acc_t>;
+  if constexpr (kOp == PointwiseOp::L2) return (g + g) * d;
+  const Vec sign_g = ((d > Vec(0)) & g) - ((d < Vec(0)) & g);
+  if constexpr (kOp == PointwiseOp::L1) return sign_g;
+  return Vec::blendv(sign_g, g * d, d.abs() < Vec(1));
+}
+
+template <typename F>
+void dispatch_pointwise_op(PointwiseOp op, F&& f) {
   switch (op) {
-    case PointwiseOp::L1: return ad;
-    case PointwiseOp::L2: return d * d;
-    default: return Vec::blendv(ad - Vec(0.5), Vec(0.5) * d * d, ad < Vec(1));
+    case PointwiseOp::L1: f(std::integral_constant<PointwiseOp, PointwiseOp::L1>{}); break;
+    case PointwiseOp::L2: f(std::integral_constant<PointwiseOp, PointwiseOp::L2>{}); break;
+    default: f(std::integral_constant<PointwiseOp, PointwiseOp::SmoothL1>{});
   }
 }
 
-// d/dd of the pointwise value; sign(0) = 0, as PyTorch's l1/smooth_l1 backward.
-template <typename acc_t>
-Vectorized<acc_t> pointwise_grad(PointwiseOp op, Vectorized<acc_t> d) {
+// Both inputs of a pointwise op, typed: `load` reads elements [i, i + n),
+// n <= kStep, of each into two acc_t vectors, zero past n (d = 0 adds nothing
+// to any op).
+template <PointwiseOp kOp_, typename s_t_, typename t_t_, typename acc_t_>
+struct PointwiseInputs {
+  static constexpr PointwiseOp kOp = kOp_;
+  using s_t = s_t_;
+  using t_t = t_t_;
+  using acc_t = acc_t_;
+  using SIo = VecIo<s_t, acc_t>;
+  using TIo = VecIo<t_t, acc_t>;
   using Vec = Vectorized<acc_t>;
-  if (op == PointwiseOp::L2) return Vec(2) * d;
-  const Vec sign = Vec::blendv(Vec::blendv(Vec(0), Vec(1), d > Vec(0)), Vec(-1), d < Vec(0));
-  if (op == PointwiseOp::L1) return sign;
-  return Vec::blendv(sign, d, d.abs() < Vec(1));
-}
+  static constexpr int64_t kStep = SIo::kStep;
+  const s_t* s;
+  const t_t* t;
 
-// Loads elements [j0, j0 + n) of both flat inputs; the vector padding is set
-// to 0 in both, so it contributes d = 0 to every pointwise op.
-template <typename acc_t>
-void load_pair(TileLoader<acc_t> ls, const void* s, TileLoader<acc_t> lt, const void* t,
-               int64_t j0, int64_t n, acc_t* sb, acc_t* tb) {
-  ls(s, j0, n, acc_t(1), sb);
-  lt(t, j0, n, acc_t(1), tb);
-  for (int64_t i = n; i % Vectorized<acc_t>::size() != 0; ++i) sb[i] = tb[i] = 0;
+  void load(int64_t i, int64_t n, Vec& s0, Vec& s1, Vec& t0, Vec& t1) const {
+    if (n == kStep) {
+      SIo::load(s + i, s0, s1);
+      TIo::load(t + i, t0, t1);
+    } else {
+      SIo::load_partial(s + i, n, s0, s1);
+      TIo::load_partial(t + i, n, t0, t1);
+    }
+  }
+};
+
+// Calls body(PointwiseInputs<...>) once per call: the loops are specialized
+// for the op and both input dtypes, converting in registers.
+template <typename F>
+void dispatch_pointwise(const at::Tensor& s, const at::Tensor& t, PointwiseOp op, F&& body) {
+  AT_DISPATCH_FLOATING_TYPES(kd_loss_acc_type(s), "pointwise_distance_cpu", [&] {
+    using acc_t = scalar_t;
+    dispatch_pointwise_op(op, [&](auto op_tag) {
+      dispatch_input_type<acc_t>(s.scalar_type(), [&](auto s_tag) {
+        dispatch_input_type<acc_t>(t.scalar_type(), [&](auto t_tag) {
+          using s_t = typename decltype(s_tag)::type;
+          using t_t = typename decltype(t_tag)::type;
+          body(PointwiseInputs<decltype(op_tag)::value, s_t, t_t, acc_t>{s.data_ptr<s_t>(),
+                                                                         t.data_ptr<t_t>()});
+        });
+      });
+    });
+  });
 }
 
 at::Tensor pointwise_distance_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
@@ -69,24 +115,27 @@ at::Tensor pointwise_distance_forward_cpu(const at::Tensor& student, const at::T
   const at::Tensor s = student.contiguous(), t = teacher.contiguous();
   const int64_t numel = s.numel(), chunks = (numel + kTile - 1) / kTile;
   at::Tensor out = at::empty({}, s.options().dtype(kd_loss_acc_type(s)));
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "pointwise_distance_forward_cpu", [&] {
-    using Vec = Vectorized<scalar_t>;
-    const auto ls = loader_for<scalar_t>(s.scalar_type()), lt = loader_for<scalar_t>(t.scalar_type());
-    std::vector<scalar_t> partial(chunks);
+  dispatch_pointwise(s, t, op, [&](const auto in) {
+    using In = decltype(in);
+    using acc_t = typename In::acc_t;
+    using Vec = typename In::Vec;
+    // Fixed chunks, partials summed in chunk order: deterministic for any
+    // thread count.
+    std::vector<acc_t> partial(chunks);
     at::parallel_for(0, chunks, 16, [&](int64_t begin, int64_t end) {
-      alignas(64) scalar_t sb[kTile], tb[kTile];
       for (int64_t c = begin; c < end; ++c) {
-        const int64_t n = std::min(kTile, numel - c * kTile);
-        load_pair(ls, s.data_ptr(), lt, t.data_ptr(), c * kTile, n, sb, tb);
-        Vec acc(0);
-        for (int64_t i = 0; i < n; i += Vec::size()) {
-          acc += pointwise_value(op, Vec::loadu(sb + i) - Vec::loadu(tb + i));
+        const int64_t j0 = c * kTile, n = std::min(kTile, numel - j0);
+        Vec acc0(0), acc1(0), s0, s1, t0, t1;
+        for (int64_t i = 0; i < n; i += In::kStep) {
+          in.load(j0 + i, std::min(In::kStep, n - i), s0, s1, t0, t1);
+          acc0 += pointwise_value<In::kOp>(s0 - t0);
+          acc1 += pointwise_value<In::kOp>(s1 - t1);
         }
-        partial[c] = reduce_sum(acc);
+        partial[c] = reduce_sum(acc0 + acc1);
       }
     });
-    scalar_t total = 0;
-    for (const scalar_t v : partial) total += v;
+    acc_t total = 0;
+    for (const acc_t v : partial) total += v;
     out.fill_(total);
   });
   return out;
@@ -98,26 +147,26 @@ std::tuple<at::Tensor, at::Tensor> pointwise_distance_backward_cpu(
   check_distance_inputs(student, teacher, -1);
   const PointwiseOp op = parse_pointwise_op(op_name);
   const at::Tensor s = student.contiguous(), t = teacher.contiguous();
-  const int64_t numel = s.numel(), chunks = (numel + kTile - 1) / kTile;
-  at::Tensor gs = empty_like_huge_pages(s);
-  at::Tensor gt = teacher_grad ? empty_like_huge_pages(t) : at::empty({0}, t.options());
-  AT_DISPATCH_FLOATING_TYPES(kd_loss_acc_type(s), "pointwise_distance_backward_cpu", [&] {
-    using Vec = Vectorized<scalar_t>;
-    const auto ls = loader_for<scalar_t>(s.scalar_type()), lt = loader_for<scalar_t>(t.scalar_type());
-    const auto ss = storer_for<scalar_t>(s.scalar_type()), st = storer_for<scalar_t>(t.scalar_type());
-    const Vec g(grad.item<scalar_t>());
-    at::parallel_for(0, chunks, 16, [&](int64_t begin, int64_t end) {
-      alignas(64) scalar_t sb[kTile], tb[kTile];
-      for (int64_t c = begin; c < end; ++c) {
-        const int64_t n = std::min(kTile, numel - c * kTile);
-        load_pair(ls, s.data_ptr(), lt, t.data_ptr(), c * kTile, n, sb, tb);
-        for (int64_t i = 0; i < n; i += Vec::size()) {
-          const Vec ds = g * pointwise_grad(op, Vec::loadu(sb + i) - Vec::loadu(tb + i));
-          ds.store(sb + i);
-          if (teacher_grad) (Vec(0) - ds).store(tb + i);
+  const int64_t numel = s.numel();
+  at::Tensor gs = empty_like_cached(s);
+  at::Tensor gt = teacher_grad ? empty_like_cached(t) : at::empty({0}, t.options());
+  dispatch_pointwise(s, t, op, [&](const auto in) {
+    using In = decltype(in);
+    using Vec = typename In::Vec;
+    typename In::s_t* gsp = gs.template data_ptr<typename In::s_t>();
+    typename In::t_t* gtp = teacher_grad ? gt.template data_ptr<typename In::t_t>() : nullptr;
+    const Vec g(grad.item<typename In::acc_t>());
+    at::parallel_for(0, numel, 16 * kTile, [&](int64_t begin, int64_t end) {
+      Vec s0, s1, t0, t1;
+      for (int64_t i = begin; i < end; i += In::kStep) {
+        const int64_t n = std::min(In::kStep, end - i);
+        in.load(i, n, s0, s1, t0, t1);
+        const Vec d0 = pointwise_grad<In::kOp>(s0 - t0, g), d1 = pointwise_grad<In::kOp>(s1 - t1, g);
+        if (n == In::kStep) In::SIo::store(gsp + i, d0, d1); else In::SIo::store_partial(gsp + i, n, d0, d1);
+        if (teacher_grad) {
+          const Vec e0 = Vec(0) - d0, e1 = Vec(0) - d1;
+          if (n == In::kStep) In::TIo::store(gtp + i, e0, e1); else In::TIo::store_partial(gtp + i, n, e0, e1);
         }
-        ss(sb, n, gs.data_ptr(), c * kTile);
-        if (teacher_grad) st(tb, n, gt.data_ptr(), c * kTile);
       }
     });
   });
@@ -125,6 +174,16 @@ std::tuple<at::Tensor, at::Tensor> pointwise_distance_backward_cpu(
 }
 
 // --- correlation ----------------------------------------------------------------
+
+// Loads elements [j0, j0 + n) of both flat inputs into tiles; the vector
+// padding is set to 0 in both.
+template <typename acc_t>
+void load_pair(TileLoader<acc_t> ls, const void* s, TileLoader<acc_t> lt, const void* t,
+               int64_t j0, int64_t n, acc_t* sb, acc_t* tb) {
+  ls(s, j0, n, acc_t(1), sb);
+  lt(t, j0, n, acc_t(1), tb);
+  for (int64_t i = n; i % Vectorized<acc_t>::size() != 0; ++i) sb[i] = tb[i] = 0;
+}
 
 // The stats columns: means (0 for cosine), norms of u and v, <u, v>.
 template <typename acc_t>
@@ -384,8 +443,8 @@ std::tuple<at::Tensor, at::Tensor> correlation_distance_backward_cpu(
   const at::Tensor s = student.contiguous(), t = teacher.contiguous();
   const at::Tensor g = grad_rows.contiguous(), stc = stats.contiguous();
   const int64_t outer = s.size(0), D = s.size(1), inner = s.size(2);
-  at::Tensor gs = empty_like_huge_pages(s);
-  at::Tensor gt = teacher_grad ? empty_like_huge_pages(t) : at::empty({0}, t.options());
+  at::Tensor gs = empty_like_cached(s);
+  at::Tensor gt = teacher_grad ? empty_like_cached(t) : at::empty({0}, t.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "correlation_distance_backward_cpu", [&] {
     using Vec = Vectorized<scalar_t>;
     const auto a = make_corr_args<scalar_t>(s, t);

@@ -20,6 +20,7 @@
 #include <cstring>
 #include <limits>
 
+#include "cpu/output_cache.h"
 #include "cpu/vec_tiles.h"
 #include "kd_loss.h"
 
@@ -297,8 +298,8 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_backward_cpu(
       p.has_labels ? std::optional<at::Tensor>(labels->contiguous()) : std::nullopt;
   const at::Tensor g = grad_loss.contiguous();
   const at::Tensor st = stats.contiguous();
-  at::Tensor grad_s = empty_like_huge_pages(s);
-  at::Tensor grad_t = teacher_grad ? empty_like_huge_pages(t) : at::empty({0}, t.options());
+  at::Tensor grad_s = empty_like_cached(s);
+  at::Tensor grad_t = teacher_grad ? empty_like_cached(t) : at::empty({0}, t.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "kd_loss_backward_cpu", [&] {
     const Args<scalar_t> a = make_args<scalar_t>(s, t, y, p);
     const TileStorer<scalar_t> store_s = storer_for<scalar_t>(s.scalar_type());

@@ -13,6 +13,7 @@
 #include <functional>
 #include <vector>
 
+#include "cpu/output_cache.h"
 #include "cpu/vec_tiles.h"
 #include "slam_loss.h"
 
@@ -304,7 +305,7 @@ at::Tensor slam_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor&
   const at::Tensor s = unit_stride_rows(student_logits), t = unit_stride_rows(teacher_probs);
   const at::Tensor al = alpha.contiguous(), kk = k.contiguous();
   const at::Tensor g = grad_loss.contiguous(), st = stats.contiguous();
-  at::Tensor grad = empty_like_huge_pages(s);
+  at::Tensor grad = empty_like_cached(s);
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "slam_loss_backward_cpu", [&] {
     const auto a = make_slam_args<scalar_t>(s, t, al, kk, p);
     const TileStorer<scalar_t> store = storer_for<scalar_t>(s.scalar_type());

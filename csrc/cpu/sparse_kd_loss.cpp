@@ -22,6 +22,7 @@
 #include <cmath>
 #include <limits>
 
+#include "cpu/output_cache.h"
 #include "cpu/vec_tiles.h"
 #include "kd_loss.h"
 #include "sparse_kd_loss.h"
@@ -240,7 +241,7 @@ at::Tensor sparse_kd_loss_backward_cpu(
   const std::optional<at::Tensor> y = contiguous_labels(labels);
   const at::Tensor g = grad_loss.contiguous();
   const at::Tensor st = stats.contiguous();
-  at::Tensor grad_s = empty_like_huge_pages(s);
+  at::Tensor grad_s = empty_like_cached(s);
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "sparse_kd_loss_backward_cpu", [&] {
     const Args<scalar_t> a = make_args<scalar_t>(s, idx, lp, y, p);
     const TileStorer<scalar_t> store_s = storer_for<scalar_t>(s.scalar_type());

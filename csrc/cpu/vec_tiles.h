@@ -6,16 +6,13 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <ATen/ops/empty_like.h>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 
 namespace distillkit::cpu {
@@ -94,6 +91,68 @@ TileStorer<acc_t> storer_for(at::ScalarType t) {
   }
 }
 
+// Direct vector I/O for kernels that stream their inputs once, elementwise:
+// one step is two accumulation vectors, converted in registers (a 16-bit
+// type loads and stores as one full vector of its own), so no tile buffer
+// sits between memory and the math.
+template <typename scalar_t, typename acc_t>
+struct VecIo {
+  using Vec = Vectorized<acc_t>;
+  static constexpr int64_t kStep = 2 * Vec::size();
+
+  static void load(const scalar_t* p, Vec& a, Vec& b) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      a = Vec::loadu(p);
+      b = Vec::loadu(p + Vec::size());
+    } else {
+      std::tie(a, b) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
+    }
+  }
+
+  static void store(scalar_t* p, Vec a, Vec b) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      a.store(p);
+      b.store(p + Vec::size());
+    } else {
+      at::vec::convert_from_float<scalar_t>(a, b).store(p);
+    }
+  }
+
+  // A last step of n < kStep elements: missing lanes read as 0, are not written.
+  static void load_partial(const scalar_t* p, int64_t n, Vec& a, Vec& b) {
+    alignas(64) scalar_t buf[kStep] = {};
+    std::copy(p, p + n, buf);
+    load(buf, a, b);
+  }
+
+  static void store_partial(scalar_t* p, int64_t n, Vec a, Vec b) {
+    alignas(64) scalar_t buf[kStep];
+    store(buf, a, b);
+    std::copy(buf, buf + n, p);
+  }
+};
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls f(TypeTag<scalar_t>{}) for an input dtype read in acc_t: fp64 only
+// in fp64, the fp32 family in fp32.
+template <typename acc_t, typename F>
+void dispatch_input_type(at::ScalarType t, F&& f) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    f(TypeTag<double>{});
+  } else {
+    switch (t) {
+      case at::kFloat: f(TypeTag<float>{}); break;
+      case at::kBFloat16: f(TypeTag<at::BFloat16>{}); break;
+      case at::kHalf: f(TypeTag<at::Half>{}); break;
+      default: TORCH_CHECK(false, "distillkit: unsupported dtype ", t);
+    }
+  }
+}
+
 template <typename acc_t>
 acc_t reduce_max(Vectorized<acc_t> v) {
   alignas(64) acc_t buf[Vectorized<acc_t>::size()];
@@ -135,33 +194,6 @@ inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 32768 / std
 // slices such as logits[:, :V] need no copy.
 inline at::Tensor unit_stride_rows(const at::Tensor& t) {
   return t.stride(1) == 1 ? t : t.contiguous();
-}
-
-// empty_like for a large output that one pass then writes in full (a
-// gradient, a new LSTM state): from kHugePagesMin bytes, its 2 MiB-aligned interior is advised
-// onto transparent huge pages. A fresh multi-MB tensor is a fresh mmap, and
-// faulting it in 4 KiB pages (~1.5 us each, under the page-table locks) cost
-// about as much CPU as the kernel's own reads and writes: a (4096, 32000) fp32
-// gradient took ~300 ms with 4 KiB pages, ~185 ms advised. With THP
-// "madvise" (a common default) only advised memory gets huge pages. Below the
-// threshold the advice measured bimodal (a 67 MB gradient: 21 ms once warm,
-// ~90 ms for the first several calls of a process, against a steady 31 ms
-// unadvised), so smaller outputs keep 4 KiB pages. Harmless where THP is
-// "always" or "never", and on memory the allocator reuses.
-constexpr int64_t kHugePagesMin = int64_t(128) << 20;
-
-inline at::Tensor empty_like_huge_pages(const at::Tensor& t) {
-  at::Tensor out = at::empty_like(t, t.options(), at::MemoryFormat::Contiguous);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
-  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t hi = (begin + out.nbytes()) & ~(kHuge - 1);
-  if (static_cast<int64_t>(out.nbytes()) >= kHugePagesMin && hi > lo) {
-    madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advice only: ignore failure
-  }
-#endif
-  return out;
 }
 
 }  // namespace distillkit::cpu
