@@ -47,8 +47,6 @@ class OutputCache final : public c10::Allocator {
     capacity_ = mb << 20;
   }
 
-  bool enabled() const { return capacity_ > 0; }
-
   c10::DataPtr allocate(size_t n) override {
     const size_t size = (std::max(n, size_t(1)) + kHugePage - 1) / kHugePage * kHugePage;
     Block* block = take(size);
@@ -148,11 +146,12 @@ void OutputCache::give_back(void* ctx) { cache().put(static_cast<Block*>(ctx)); 
 }  // namespace
 
 at::Tensor empty_like_cached(const at::Tensor& t) {
-  OutputCache& c = cache();
-  if (!c.enabled() || static_cast<size_t>(t.nbytes()) < kMinCached) {
+  if (static_cast<size_t>(t.nbytes()) < kMinCached) {
     return at::empty_like(t, t.options(), at::MemoryFormat::Contiguous);
   }
-  return at::detail::empty_generic(t.sizes(), &c, c10::DispatchKeySet(c10::DispatchKey::CPU),
+  // With the cache off (capacity 0) blocks still come from here, huge-page
+  // advised, and are freed on release.
+  return at::detail::empty_generic(t.sizes(), &cache(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    t.scalar_type(), at::MemoryFormat::Contiguous);
 }
 
