@@ -1,5 +1,5 @@
 import os
-import socket
+import tempfile
 
 import pytest
 import torch
@@ -51,21 +51,22 @@ def one_thread():
 
 
 def spawn_ranks(fn, world, *args):
-    """Run ``fn(rank, world, *args)`` in ``world`` processes joined by a gloo group on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank_main, args=(fn, world, port, args), nprocs=world, join=True)
+    """Run ``fn(rank, world, *args)`` in ``world`` processes joined by a gloo group on loopback.
+
+    The ranks meet through a file store: a TCP store's port, picked free here and bound
+    later by rank 0, could be taken in between by anything else on the machine.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        init_method = "file://" + os.path.join(tmp, "store")
+        mp.spawn(_rank_main, args=(fn, world, init_method, args), nprocs=world, join=True)
 
 
-def _rank_main(rank, fn, world, port, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _rank_main(rank, fn, world, init_method, args):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
-        # No rank tears the group down while a peer may still use it (rank 0 hosts the
-        # store); without this barrier a rank aborted now and then at exit in CI
+        # No rank tears the group down while a peer may still use it; without this barrier a rank aborted now and then at exit in CI
         # ("terminate called without an active exception").
         dist.barrier()
     finally:
