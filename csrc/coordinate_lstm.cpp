@@ -110,4 +110,8 @@ void check_coordinate_lstm_backward_args(const at::Tensor& grad_params_out,
   }
 }
 
+at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
 }  // namespace distillkit

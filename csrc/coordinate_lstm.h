@@ -48,4 +48,8 @@ void check_coordinate_lstm_backward_args(const at::Tensor& grad_params_out,
                                          const std::optional<at::Tensor>& grad_c_out,
                                          const at::Tensor& grad, const at::Tensor& h);
 
+// An optional tensor made contiguous, or an undefined tensor when absent (the
+// kernels then take a null pointer).
+at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t);
+
 }  // namespace distillkit

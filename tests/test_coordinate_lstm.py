@@ -94,16 +94,21 @@ def assert_close(got, want, tol):
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol * scale)
 
 
-def check_against_module(P, name, dtype, device, grad=None, step=STEP):
-    hidden, head = CONFIG[name]
-    module = Stack(hidden, head, dtype, device)
-    state = make_state(P, hidden, dtype, device, grad)
-    outs, grads = outputs_and_grads(module.fused, module, state, step)
-    want_outs, want_grads = outputs_and_grads(module, module, state, step)
+def assert_matches(fn, ref, module, state, step, dtype):
+    """fn's outputs and gradients (w.r.t. the state and the weights) against ref's."""
+    outs, grads = outputs_and_grads(fn, module, state, step)
+    want_outs, want_grads = outputs_and_grads(ref, module, state, step)
     for got, want in zip(outs, want_outs):
         assert_close(got, want, FWD_TOL[dtype])
     for got, want in zip(grads, want_grads):
         assert_close(got, want, GRAD_TOL[dtype])
+
+
+def check_against_module(P, name, dtype, device, grad=None, step=STEP):
+    hidden, head = CONFIG[name]
+    module = Stack(hidden, head, dtype, device)
+    state = make_state(P, hidden, dtype, device, grad)
+    assert_matches(module.fused, module, module, state, step, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -138,12 +143,7 @@ def test_matches_reference(device, dtype, name, step):
     def ref(*args, **kw):
         return coordinate_lstm_step_ref(*args, *module.weights(), **kw)
 
-    outs, grads = outputs_and_grads(module.fused, module, state, step)
-    want_outs, want_grads = outputs_and_grads(ref, module, state, step)
-    for got, want in zip(outs, want_outs):
-        assert_close(got, want, FWD_TOL[dtype])
-    for got, want in zip(grads, want_grads):
-        assert_close(got, want, GRAD_TOL[dtype])
+    assert_matches(module.fused, ref, module, state, step, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)

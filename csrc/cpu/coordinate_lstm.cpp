@@ -531,10 +531,6 @@ void backward_block(const LstmKernelParams<T>& p, int64_t r0, int64_t n, T* scra
 
 // --- host ---------------------------------------------------------------------------
 
-at::Tensor opt_contiguous(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->contiguous() : at::Tensor();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> coordinate_lstm_forward_cpu(
     const at::Tensor& grad, const at::Tensor& params, const at::Tensor& h, const at::Tensor& c,
     at::TensorList w_ih, at::TensorList w_hh, at::TensorList bias,
@@ -587,7 +583,8 @@ coordinate_lstm_backward_cpu(const at::Tensor& grad_params_out,
   check_coordinate_lstm_backward_args(grad_params_out, grad_h_out, grad_c_out, grad, h);
   const at::Tensor gpo = grad_params_out.contiguous(), g = grad.contiguous();
   const at::Tensor hc = h.contiguous(), cc = c.contiguous();
-  const at::Tensor gho = opt_contiguous(grad_h_out), gco = opt_contiguous(grad_c_out);
+  const at::Tensor gho = contiguous_or_undefined(grad_h_out);
+  const at::Tensor gco = contiguous_or_undefined(grad_c_out);
   at::Tensor grad_grad = at::empty_like(g);
   at::Tensor grad_h = cpu::empty_like_cached(hc), grad_c = cpu::empty_like_cached(cc);
   std::vector<at::Tensor> grad_w_ih, grad_w_hh, grad_bias;

@@ -23,6 +23,7 @@
 
 #include "cpu/output_cache.h"
 #include "cpu/vec_tiles.h"
+#include "dispatch.h"
 #include "distance.h"
 #include "kd_loss.h"
 
@@ -90,20 +91,18 @@ struct PointwiseInputs {
 };
 
 // Calls body(PointwiseInputs<...>) once per call: the loops are specialized
-// for the op and both input dtypes, converting in registers.
+// for the op and both input dtypes, converting in registers (fp64 is read in
+// fp64, the fp32 family in fp32).
 template <typename F>
 void dispatch_pointwise(const at::Tensor& s, const at::Tensor& t, PointwiseOp op, F&& body) {
-  AT_DISPATCH_FLOATING_TYPES(kd_loss_acc_type(s), "pointwise_distance_cpu", [&] {
-    using acc_t = scalar_t;
-    dispatch_pointwise_op(op, [&](auto op_tag) {
-      dispatch_input_type<acc_t>(s.scalar_type(), [&](auto s_tag) {
-        dispatch_input_type<acc_t>(t.scalar_type(), [&](auto t_tag) {
-          using s_t = typename decltype(s_tag)::type;
-          using t_t = typename decltype(t_tag)::type;
-          body(PointwiseInputs<decltype(op_tag)::value, s_t, t_t, acc_t>{s.data_ptr<s_t>(),
-                                                                         t.data_ptr<t_t>()});
-        });
-      });
+  dispatch_pointwise_op(op, [&](auto op_tag) {
+    dispatch_input_types(s.scalar_type(), t.scalar_type(), "student", "teacher",
+                         [&](auto s_tag, auto t_tag) {
+      using s_t = typename decltype(s_tag)::type;
+      using t_t = typename decltype(t_tag)::type;
+      using acc_t = std::conditional_t<std::is_same_v<s_t, double>, double, float>;
+      body(PointwiseInputs<decltype(op_tag)::value, s_t, t_t, acc_t>{s.data_ptr<s_t>(),
+                                                                     t.data_ptr<t_t>()});
     });
   });
 }

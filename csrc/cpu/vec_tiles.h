@@ -132,27 +132,6 @@ struct VecIo {
   }
 };
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-// Calls f(TypeTag<scalar_t>{}) for an input dtype read in acc_t: fp64 only
-// in fp64, the fp32 family in fp32.
-template <typename acc_t, typename F>
-void dispatch_input_type(at::ScalarType t, F&& f) {
-  if constexpr (std::is_same_v<acc_t, double>) {
-    f(TypeTag<double>{});
-  } else {
-    switch (t) {
-      case at::kFloat: f(TypeTag<float>{}); break;
-      case at::kBFloat16: f(TypeTag<at::BFloat16>{}); break;
-      case at::kHalf: f(TypeTag<at::Half>{}); break;
-      default: TORCH_CHECK(false, "distillkit: unsupported dtype ", t);
-    }
-  }
-}
-
 template <typename acc_t>
 acc_t reduce_max(Vectorized<acc_t> v) {
   alignas(64) acc_t buf[Vectorized<acc_t>::size()];

@@ -622,10 +622,6 @@ std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
   return out;
 }
 
-at::Tensor contiguous_or_empty(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->contiguous() : at::Tensor();
-}
-
 template <typename T>
 void launch_forward(const LstmShape& shape, const at::Tensor& grad, const at::Tensor& params,
                     const at::Tensor& h, const at::Tensor& c, const std::vector<at::Tensor>& w_ih,
@@ -738,9 +734,9 @@ void launch_backward(const LstmShape& shape, const at::Tensor& grad_params_out,
 template <typename F>
 void dispatch_lstm_type(at::ScalarType type, F&& f) {
   if (type == at::kDouble) {
-    f(launch::TypeTag<double>{});
+    f(TypeTag<double>{});
   } else {
-    f(launch::TypeTag<float>{});
+    f(TypeTag<float>{});
   }
 }
 
@@ -765,8 +761,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coordinate_lstm_forward_cuda(
   const std::vector<at::Tensor> wi = contiguous_all(w_ih);
   const std::vector<at::Tensor> wh = contiguous_all(w_hh);
   const std::vector<at::Tensor> b = contiguous_all(bias);
-  const at::Tensor hw = contiguous_or_empty(head_weight);
-  const at::Tensor hb = contiguous_or_empty(head_bias);
+  const at::Tensor hw = contiguous_or_undefined(head_weight);
+  const at::Tensor hb = contiguous_or_undefined(head_bias);
   dispatch_lstm_type(g.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     launch_forward<T>(shape, g, th, hc, cc, wi, wh, b, hw, hb, preprocess_p, output_scale,
@@ -806,16 +802,16 @@ coordinate_lstm_backward_cuda(const at::Tensor& grad_params_out,
   at::Tensor grad_head_bias = shape.head ? at::empty({1}, opts) : at::empty({0}, opts);
 
   const at::Tensor gp = grad_params_out.contiguous();
-  const at::Tensor gh = contiguous_or_empty(grad_h_out);
-  const at::Tensor gc = contiguous_or_empty(grad_c_out);
+  const at::Tensor gh = contiguous_or_undefined(grad_h_out);
+  const at::Tensor gc = contiguous_or_undefined(grad_c_out);
   const at::Tensor g = grad.contiguous();
   const at::Tensor hc = h.contiguous();
   const at::Tensor cc = c.contiguous();
   const std::vector<at::Tensor> wi = contiguous_all(w_ih);
   const std::vector<at::Tensor> wh = contiguous_all(w_hh);
   const std::vector<at::Tensor> b = contiguous_all(bias);
-  const at::Tensor hw = contiguous_or_empty(head_weight);
-  const at::Tensor hb = contiguous_or_empty(head_bias);
+  const at::Tensor hw = contiguous_or_undefined(head_weight);
+  const at::Tensor hb = contiguous_or_undefined(head_bias);
   // The weight gradients are written even for P = 0 (zeros), so always launch.
   dispatch_lstm_type(g.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;

@@ -582,7 +582,7 @@ at::Tensor pointwise_distance_forward_cuda(const at::Tensor& student, const at::
   const at::Tensor s = student.contiguous();
   const at::Tensor t = teacher.contiguous();
   at::Tensor out = at::empty({}, s.options().dtype(kd_loss_acc_type(s)));
-  launch::dispatch_input_types(s.scalar_type(), t.scalar_type(), "student", "teacher",
+  dispatch_input_types(s.scalar_type(), t.scalar_type(), "student", "teacher",
                                [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using U = typename decltype(t_tag)::type;
@@ -607,7 +607,7 @@ std::tuple<at::Tensor, at::Tensor> pointwise_distance_backward_cuda(
   at::Tensor gs = at::empty_like(s);
   at::Tensor gt = teacher_grad ? at::empty_like(t) : at::empty({0}, t.options());
   if (s.numel() == 0) return {gs, gt};
-  launch::dispatch_input_types(s.scalar_type(), t.scalar_type(), "student", "teacher",
+  dispatch_input_types(s.scalar_type(), t.scalar_type(), "student", "teacher",
                                [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using U = typename decltype(t_tag)::type;
@@ -628,7 +628,7 @@ std::tuple<at::Tensor, at::Tensor> correlation_distance_forward_cuda(
   at::Tensor rows = at::empty({outer, inner}, opts);
   at::Tensor stats = at::empty({outer, inner, kCorrelationStats}, opts);
   if (rows.numel() == 0) return {rows, stats};
-  launch::dispatch_input_types(s.scalar_type(), t.scalar_type(), "student", "teacher",
+  dispatch_input_types(s.scalar_type(), t.scalar_type(), "student", "teacher",
                                [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using U = typename decltype(t_tag)::type;
@@ -652,7 +652,7 @@ std::tuple<at::Tensor, at::Tensor> correlation_distance_backward_cuda(
   at::Tensor gs = at::empty_like(s);
   at::Tensor gt = teacher_grad ? at::empty_like(t) : at::empty({0}, t.options());
   if (s.numel() == 0) return {gs, gt};
-  launch::dispatch_input_types(s.scalar_type(), t.scalar_type(), "student", "teacher",
+  dispatch_input_types(s.scalar_type(), t.scalar_type(), "student", "teacher",
                                [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using U = typename decltype(t_tag)::type;

@@ -422,7 +422,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_forward_cuda(
   const at::Tensor z = student_logits.contiguous();
   const at::Tensor u = teacher_logits.contiguous();
   const at::Tensor y = p.has_labels ? labels->contiguous() : at::Tensor();
-  launch::dispatch_input_types(z.scalar_type(), u.scalar_type(), "student_logits",
+  dispatch_input_types(z.scalar_type(), u.scalar_type(), "student_logits",
                                "teacher_logits", [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using U = typename decltype(t_tag)::type;
@@ -460,7 +460,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_backward_cuda(
   const at::Tensor u = teacher_logits.contiguous();
   const at::Tensor y = p.has_labels ? labels->contiguous() : at::Tensor();
   const at::Tensor s = stats.contiguous();
-  launch::dispatch_input_types(z.scalar_type(), u.scalar_type(), "student_logits",
+  dispatch_input_types(z.scalar_type(), u.scalar_type(), "student_logits",
                                "teacher_logits", [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using U = typename decltype(t_tag)::type;

@@ -1,5 +1,4 @@
-// Host-side helpers shared by the CUDA ops: the dispatch over the admitted
-// dtype pairs, pack alignment, grid sizes, the launch of a row-group kernel
+// Host-side helpers shared by the CUDA ops: pack alignment, grid sizes, the launch of a row-group kernel
 // and the check that a row's columns fit the kernels' int indices.
 #pragma once
 
@@ -14,41 +13,10 @@
 
 #include "checks.h"
 #include "common.cuh"
+#include "dispatch.h"
 
 namespace distillkit {
 namespace launch {
-
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-template <typename S, typename F>
-void dispatch_teacher_type(at::ScalarType teacher, const char* teacher_name, F&& f) {
-  switch (teacher) {
-    case at::kFloat: return f(TypeTag<S>{}, TypeTag<float>{});
-    case at::kHalf: return f(TypeTag<S>{}, TypeTag<c10::Half>{});
-    case at::kBFloat16: return f(TypeTag<S>{}, TypeTag<c10::BFloat16>{});
-    default:
-      DK_CHECK(false, teacher_name, " must be fp32, fp64, bf16 or fp16 (got ", teacher, ")");
-  }
-}
-
-// The dtype pairs the ops' argument checks admit: both fp64, or any two of
-// fp32/bf16/fp16 (10 instantiations, not 4 x 4). f gets a TypeTag of each
-// type; the names are the arguments' as the error messages give them.
-template <typename F>
-void dispatch_input_types(at::ScalarType student, at::ScalarType teacher,
-                          const char* student_name, const char* teacher_name, F&& f) {
-  switch (student) {
-    case at::kDouble: return f(TypeTag<double>{}, TypeTag<double>{});
-    case at::kFloat: return dispatch_teacher_type<float>(teacher, teacher_name, f);
-    case at::kHalf: return dispatch_teacher_type<c10::Half>(teacher, teacher_name, f);
-    case at::kBFloat16: return dispatch_teacher_type<c10::BFloat16>(teacher, teacher_name, f);
-    default:
-      DK_CHECK(false, student_name, " must be fp32, fp64, bf16 or fp16 (got ", student, ")");
-  }
-}
 
 template <int kVec, typename T>
 bool pack_aligned(const T* p) {

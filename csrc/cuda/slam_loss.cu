@@ -471,7 +471,7 @@ std::tuple<at::Tensor, at::Tensor> slam_loss_forward_cuda(
   const at::Tensor t = teacher_probs.contiguous();
   const at::Tensor al = alpha.contiguous();
   const at::Tensor kk = k.contiguous();
-  launch::dispatch_input_types(z.scalar_type(), t.scalar_type(), "student_logits",
+  dispatch_input_types(z.scalar_type(), t.scalar_type(), "student_logits",
                                "teacher_probs", [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using T = typename decltype(t_tag)::type;
@@ -498,7 +498,7 @@ at::Tensor slam_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor
   const at::Tensor al = alpha.contiguous();
   const at::Tensor kk = k.contiguous();
   const at::Tensor st = stats.contiguous();
-  launch::dispatch_input_types(z.scalar_type(), t.scalar_type(), "student_logits",
+  dispatch_input_types(z.scalar_type(), t.scalar_type(), "student_logits",
                                "teacher_probs", [&](auto s_tag, auto t_tag) {
     using S = typename decltype(s_tag)::type;
     using T = typename decltype(t_tag)::type;

@@ -337,7 +337,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_forward_cuda(
   const at::Tensor idx = teacher_indices.contiguous();
   const at::Tensor lp = teacher_logprobs.contiguous();
   const at::Tensor y = p.has_labels ? labels->contiguous() : at::Tensor();
-  launch::dispatch_input_types(z.scalar_type(), lp.scalar_type(), "student_logits",
+  dispatch_input_types(z.scalar_type(), lp.scalar_type(), "student_logits",
                                "teacher_logprobs", [&](auto s_tag, auto l_tag) {
     using S = typename decltype(s_tag)::type;
     using L = typename decltype(l_tag)::type;
@@ -372,7 +372,7 @@ at::Tensor sparse_kd_loss_backward_cuda(
   const at::Tensor lp = teacher_logprobs.contiguous();
   const at::Tensor y = p.has_labels ? labels->contiguous() : at::Tensor();
   const at::Tensor s = stats.contiguous();
-  launch::dispatch_input_types(z.scalar_type(), lp.scalar_type(), "student_logits",
+  dispatch_input_types(z.scalar_type(), lp.scalar_type(), "student_logits",
                                "teacher_logprobs", [&](auto s_tag, auto l_tag) {
     using S = typename decltype(s_tag)::type;
     using L = typename decltype(l_tag)::type;
