@@ -100,8 +100,18 @@ def assert_matches(fn, ref, module, state, step, dtype):
     want_outs, want_grads = outputs_and_grads(ref, module, state, step)
     for got, want in zip(outs, want_outs):
         assert_close(got, want, FWD_TOL[dtype])
-    for got, want in zip(grads, want_grads):
-        assert_close(got, want, GRAD_TOL[dtype])
+    n_rows = state[0].shape[0]
+    for i, (got, want) in enumerate(zip(grads, want_grads)):
+        # The weight gradients (after the state's) are sums over the P coordinates: their
+        # rounding error grows as sqrt(P) eps (both sides sum in different orders).
+        tol = GRAD_TOL[dtype] if i < len(state) else reduction_tol(GRAD_TOL[dtype], dtype, n_rows)
+        assert_close(got, want, tol)
+
+
+def reduction_tol(tol, dtype, n, c=8.0):
+    """(rtol, atol) for a sum of n terms: at least tol, and c sqrt(n) eps of the dtype."""
+    bound = c * math.sqrt(n) * torch.finfo(dtype).eps
+    return max(tol[0], bound), max(tol[1], bound)
 
 
 def check_against_module(P, name, dtype, device, grad=None, step=STEP):

@@ -64,7 +64,14 @@ def test_padding_does_not_change_real_tokens():
     model = tiny(0).eval()
     short = torch.tensor([[BOS, 104, 105]])
     padded = torch.tensor([[BOS, 104, 105, PAD, PAD]])
-    torch.testing.assert_close(model(padded)[:, :3], model(short), rtol=0, atol=0)
+    # The two batches may take different GEMM kernels (BLAS promises no bit-equality across
+    # shapes): allow the rounding of a few chained length-`dim` reductions, c sqrt(dim) eps
+    # relative to the logits' size. A padding token that leaked into a real position would
+    # move the logits by orders of magnitude more.
+    want = model(short)
+    tol = 64 * math.sqrt(16) * torch.finfo(torch.float32).eps
+    torch.testing.assert_close(model(padded)[:, :3], want, rtol=tol,
+                               atol=tol * want.abs().max().item())
     assert model.lm_head.out_features == VOCAB_SIZE
 
 

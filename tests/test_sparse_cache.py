@@ -50,7 +50,10 @@ def test_round_trip(tmp_path, teacher, index_dtype, logprob_dtype, chunk_tokens)
         assert item["teacher_indices"].dtype == index_dtype
         assert item["teacher_logprobs"].dtype == logprob_dtype
         assert torch.equal(item["teacher_indices"].long(), indices)
-        tol = 1e-3 if logprob_dtype == torch.float16 else 0.0
+        # fp16 storage rounds to ~1e-3; in fp32 the cache's batched teacher and this
+        # one-sequence call may take different GEMM kernels: a few sqrt(V) eps of rounding.
+        fp32_tol = 16 * V**0.5 * torch.finfo(torch.float32).eps
+        tol = 1e-3 if logprob_dtype == torch.float16 else fp32_tol
         torch.testing.assert_close(item["teacher_logprobs"].float(), logprobs, rtol=tol, atol=tol)
 
 
