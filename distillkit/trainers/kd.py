@@ -8,7 +8,9 @@ extra per-example tensors such as teacher probabilities or importance weights.
 """
 from __future__ import annotations
 
+import os
 import random
+import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -112,6 +114,29 @@ def _build_optimizer(optimizer, model: nn.Module) -> torch.optim.Optimizer:
     return optimizer
 
 
+def _save_atomically(obj: Any, path: str) -> None:
+    """``torch.save`` to ``path`` so that a process killed at any instant leaves either the old
+    file or the new one, never a torn one: write a temporary file in the same directory (same
+    filesystem, so the rename is atomic), flush and fsync it, then ``os.replace`` it."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    # The rename itself is durable only once the directory entry is on disk.
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def _save_with_rng(state: Dict[str, Any], path: str, rank: int, world_size: int,
                    device: torch.device) -> None:
     """Rank 0 writes ``state`` plus every rank's RNG states (gathered) to ``path``."""
@@ -120,7 +145,7 @@ def _save_with_rng(state: Dict[str, Any], path: str, rank: int, world_size: int,
         rng = [None] * world_size
         dist.all_gather_object(rng, _rng_state(device))
     if rank == 0:
-        torch.save({**state, "rng": rng}, path)
+        _save_atomically({**state, "rng": rng}, path)
     if world_size > 1:
         # Nobody reads the file before it is complete.
         dist.barrier()
