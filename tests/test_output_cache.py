@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import distillkit
@@ -70,7 +71,11 @@ def test_capacity_bound_and_off_switch():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
-def test_bad_setting_names_the_variable():
-    out = run_with_cache_mb("lots", "l2_grad(0)")
+@pytest.mark.parametrize("value", ["lots", "-5", " -5", "12 ", "1e3", "18446744073709551616",
+                                   str(2**63)])
+def test_bad_setting_names_the_variable(value):
+    """Garbage, negative (with or without leading blanks), overflowing, or too large to be a
+    byte count once shifted by 20 bits."""
+    out = run_with_cache_mb(value, "l2_grad(0)")
     assert out.returncode != 0
     assert "DISTILLKIT_CPU_CACHE_MB must be a non-negative integer" in out.stderr

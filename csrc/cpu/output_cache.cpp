@@ -9,6 +9,8 @@
 #include <sys/mman.h>
 #endif
 
+#include <cerrno>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <list>
@@ -39,10 +41,15 @@ class OutputCache final : public c10::Allocator {
     const char* env = std::getenv("DISTILLKIT_CPU_CACHE_MB");
     size_t mb = 2048;
     if (env != nullptr && *env != '\0') {
-      char* end = nullptr;
-      mb = std::strtoull(env, &end, 10);
-      TORCH_CHECK(*end == '\0' && env[0] != '-', "distillkit: DISTILLKIT_CPU_CACHE_MB must be a "
-                  "non-negative integer (MiB), got '", env, "'");
+      // Digits only: strtoull alone would skip blanks, wrap " -5" to a huge value and saturate
+      // on overflow; and the MiB count must fit in size_t once shifted to bytes.
+      bool digits = true;
+      for (const char* c = env; *c != '\0'; ++c) digits = digits && *c >= '0' && *c <= '9';
+      errno = 0;
+      mb = digits ? std::strtoull(env, nullptr, 10) : 0;
+      TORCH_CHECK(digits && errno == 0 && mb <= (SIZE_MAX >> 20), "distillkit: "
+                  "DISTILLKIT_CPU_CACHE_MB must be a non-negative integer (MiB) of at most ",
+                  SIZE_MAX >> 20, ", got '", env, "'");
     }
     capacity_ = mb << 20;
   }
