@@ -1,3 +1,4 @@
+import math
 import os
 import tempfile
 
@@ -48,6 +49,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def rounding_bound(dtype, n, c):
+    """c sqrt(n) eps of dtype: the rounding error, relative to the terms' size, that two sums
+    of n terms in different orders (other BLAS kernels, other blocking) may differ by."""
+    return c * math.sqrt(n) * torch.finfo(dtype).eps
 
 
 def spawn_ranks(fn, world, *args):

@@ -38,11 +38,11 @@ def test_sigkill_during_save_leaves_a_loadable_checkpoint(tmp_path):
             # Kill only once a file is growing: a save is in progress. (Every version has the
             # same size, so only a file being written grows: the atomic writer's temporary
             # file, or a non-atomic writer's checkpoint itself.)
-            for tmp in files(tmp_path):
+            for name in files(tmp_path):
                 try:
-                    before = os.path.getsize(tmp)
+                    before = os.path.getsize(name)
                     time.sleep(0.002)
-                    caught = 0 < before < os.path.getsize(tmp)
+                    caught = 0 < before < os.path.getsize(name)
                 except FileNotFoundError:  # that save just finished
                     continue
                 if caught:

@@ -7,7 +7,7 @@ import torch
 from distillkit.ops import coordinate_lstm_step
 from distillkit.reference import coordinate_lstm_step_ref
 
-from conftest import DEVICES
+from conftest import DEVICES, rounding_bound
 
 # (rtol, atol) declared once per dtype; atol is relative to max(1, max |expected|), as
 # weight gradients are sums over all P coordinates.
@@ -104,14 +104,11 @@ def assert_matches(fn, ref, module, state, step, dtype):
     for i, (got, want) in enumerate(zip(grads, want_grads)):
         # The weight gradients (after the state's) are sums over the P coordinates: their
         # rounding error grows as sqrt(P) eps (both sides sum in different orders).
-        tol = GRAD_TOL[dtype] if i < len(state) else reduction_tol(GRAD_TOL[dtype], dtype, n_rows)
+        tol = GRAD_TOL[dtype]
+        if i >= len(state):
+            bound = rounding_bound(dtype, n_rows, c=8.0)
+            tol = (max(tol[0], bound), max(tol[1], bound))
         assert_close(got, want, tol)
-
-
-def reduction_tol(tol, dtype, n, c=8.0):
-    """(rtol, atol) for a sum of n terms: at least tol, and c sqrt(n) eps of the dtype."""
-    bound = c * math.sqrt(n) * torch.finfo(dtype).eps
-    return max(tol[0], bound), max(tol[1], bound)
 
 
 def check_against_module(P, name, dtype, device, grad=None, step=STEP):
