@@ -93,6 +93,7 @@ defines = [
 cxx_flags = opt + ["-std=c++20", "-fopenmp", "-fdiagnostics-color=always"] + defines
 sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
 sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+sources += sorted(glob.glob(os.path.join("csrc", "python", "*.cpp")))
 
 # Only the kernel files get ISA flags; ops.cpp and the checks stay portable.
 extra_compile_args = {"cxx": cxx_flags + ISA_FLAGS[CPU_ISA]}

@@ -1,4 +1,4 @@
-// Host-side pieces shared by the CPU and CUDA coordinate-wise LSTM kernels (SPEC §4).
+// Host-side pieces shared by the CPU and CUDA coordinate-wise LSTM kernels (docs/math.md §8).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>

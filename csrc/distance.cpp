@@ -1,7 +1,8 @@
 #include "distance.h"
 
 #include "checks.h"
-#include "kd_loss.h"
+#include "row_loss.h"
+#include "stats_layout.h"
 
 namespace distillkit {
 
@@ -27,18 +28,19 @@ PointwiseOp parse_pointwise_op(c10::string_view op) {
   return PointwiseOp::L1;
 }
 
-void check_correlation_backward_args(const at::Tensor& grad_rows, const at::Tensor& stats,
-                                     const at::Tensor& student) {
-  const auto acc = kd_loss_acc_type(student);
+void check_correlation_distance_backward_args(const at::Tensor& grad_rows,
+                                              const at::Tensor& stats,
+                                              const at::Tensor& student) {
+  const auto acc = acc_scalar_type(student);
   const int64_t outer = student.size(0), inner = student.size(2);
   DK_CHECK(grad_rows.dim() == 2 && grad_rows.size(0) == outer && grad_rows.size(1) == inner &&
                grad_rows.scalar_type() == acc,
            "grad_rows must be a (", outer, ", ", inner, ") ", acc, " tensor (got ",
            grad_rows.sizes(), " ", grad_rows.scalar_type(), ")");
   DK_CHECK(stats.dim() == 3 && stats.size(0) == outer && stats.size(1) == inner &&
-               stats.size(2) == kCorrelationStats && stats.scalar_type() == acc,
-           "stats must be a (", outer, ", ", inner, ", ", kCorrelationStats, ") ", acc,
-           " tensor (got ", stats.sizes(), " ", stats.scalar_type(), ")");
+               stats.size(2) == correlation_distance_stats::kCols && stats.scalar_type() == acc,
+           "stats must be a (", outer, ", ", inner, ", ", correlation_distance_stats::kCols, ") ",
+           acc, " tensor (got ", stats.sizes(), " ", stats.scalar_type(), ")");
   DK_CHECK_SAME_DEVICE(grad_rows, "grad_rows", student, "student");
   DK_CHECK_SAME_DEVICE(stats, "stats", student, "student");
 }

@@ -3,9 +3,11 @@
 #include <ATen/ops/logical_and.h>
 #include <ATen/ops/logical_or.h>
 
-#include <cmath>
+#include <string>
 
 #include "checks.h"
+#include "row_loss.h"
+#include "stats_layout.h"
 
 namespace distillkit {
 
@@ -52,8 +54,7 @@ KDLossParams check_kd_loss_args(
   DK_CHECK(student_logits.size(1) >= 1 || student_logits.size(0) == 0,
            "student_logits must have at least one class (got shape ",
            student_logits.sizes(), ")");
-  DK_CHECK(std::isfinite(temperature) && temperature > 0.0,
-           "temperature must be finite and > 0 (got ", temperature, ")");
+  check_temperature(temperature);
   DK_CHECK(beta >= 0.0 && beta <= 1.0, "beta must be in [0, 1] (got ", beta, ")");
   DK_CHECK(hard_weight >= 0.0 && hard_weight <= 1.0,
            "hard_weight must be in [0, 1] (got ", hard_weight, ")");
@@ -74,19 +75,14 @@ KDLossParams check_kd_loss_args(
            " and labels=None)");
   if (p.has_labels) {
     const at::Tensor& y = *labels;
-    DK_CHECK(y.scalar_type() == at::kLong, "labels must be int64 (got ",
-             y.scalar_type(), ")");
-    DK_CHECK(y.dim() == 1 && y.size(0) == p.rows,
-             "labels must have shape (", p.rows, ",) to match the rows of "
-             "student_logits (got ", y.sizes(), ")");
-    DK_CHECK_SAME_DEVICE(y, "labels", student_logits, "student_logits");
+    check_row_labels(y, p.rows, student_logits);
     // A host-side check (one sync on CUDA) instead of a device assert, so a
     // bad label is a catchable error that names the argument.
     if (check_label_range && p.rows > 0) {
       const at::Tensor ok = at::logical_or(
           at::logical_and(y.ge(0), y.lt(p.cols)), y.eq(ignore_index));
-      if (!ok.all().item<bool>()) {
-        const int64_t bad = (~ok).nonzero().select(1, 0)[0].item<int64_t>();
+      const int64_t bad = first_bad_row(ok);
+      if (bad >= 0) {
         DK_CHECK(false, "labels must be in [0, ", p.cols, ") or equal ignore_index=",
                  ignore_index, " (labels[", bad, "] = ", y[bad].item<int64_t>(), ")");
       }
@@ -95,36 +91,12 @@ KDLossParams check_kd_loss_args(
   return p;
 }
 
-at::ScalarType kd_loss_acc_type(const at::Tensor& student_logits) {
-  return student_logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_row_backward_args(
-    const at::Tensor& grad_loss,
-    const at::Tensor& stats,
-    const at::Tensor& student_logits,
-    int64_t rows,
-    int64_t stats_cols) {
-  const auto acc = kd_loss_acc_type(student_logits);
-  DK_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == rows,
-           "grad_loss must have shape (", rows, ",) (got ", grad_loss.sizes(), ")");
-  DK_CHECK(grad_loss.scalar_type() == acc, "grad_loss must be ", acc, " (got ",
-           grad_loss.scalar_type(), ")");
-  DK_CHECK(stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == stats_cols,
-           "stats must have shape (", rows, ", ", stats_cols, ") (got ",
-           stats.sizes(), ")");
-  DK_CHECK(stats.scalar_type() == acc, "stats must be ", acc, " (got ",
-           stats.scalar_type(), ")");
-  DK_CHECK_SAME_DEVICE(grad_loss, "grad_loss", student_logits, "student_logits");
-  DK_CHECK_SAME_DEVICE(stats, "stats", student_logits, "student_logits");
-}
-
 void check_kd_loss_backward_args(
     const at::Tensor& grad_loss,
     const at::Tensor& stats,
     const at::Tensor& student_logits,
     const KDLossParams& params) {
-  check_row_backward_args(grad_loss, stats, student_logits, params.rows, kStatsCols);
+  check_row_backward_args(grad_loss, stats, student_logits, params.rows, kd_loss_stats::kCols);
 }
 
 }  // namespace distillkit

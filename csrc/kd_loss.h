@@ -1,8 +1,8 @@
 // Host-side pieces shared by the CPU and CUDA kd_loss kernels: argument
-// checks, the params struct the kernels read, and output allocation.
+// checks and the params struct the kernels read. The per-row stats that the
+// backward reads are laid out in stats_layout.h.
 //
 // Per row, with zs = z/T, us = u/T, q = softmax(zs), p = softmax(us):
-//   stats[:, 0] = lse(zs)   stats[:, 1] = lse(us)   stats[:, 2] = lse(z)
 //   forward KL:  D_teacher = KL(p||q)                 D_student = 0
 //   reverse KL:  D_student = KL(q||p)                 D_teacher = 0
 //   JSD(beta):   D_teacher = sum p (log p - log m)    D_student = sum q (log q - log m)
@@ -18,10 +18,8 @@
 
 namespace distillkit {
 
-// beta = 0 and beta = 1 of "jsd" resolve to the KL ends (SPEC §1).
+// beta = 0 and beta = 1 of "jsd" resolve to the KL ends (docs/math.md §1.1).
 enum class Divergence : int { ForwardKL = 0, ReverseKL = 1, JSD = 2 };
-
-constexpr int64_t kStatsCols = 5;
 
 struct KDLossParams {
   int64_t rows;
@@ -52,18 +50,6 @@ KDLossParams check_kd_loss_args(
     int64_t ignore_index,
     bool scale_by_t2,
     bool check_label_range);
-
-// fp64 when the inputs are fp64, fp32 otherwise.
-at::ScalarType kd_loss_acc_type(const at::Tensor& student_logits);
-
-// grad_loss (rows,) and stats (rows, stats_cols) in the accumulation type of
-// student_logits and on its device: the backward inputs of a per-row loss.
-void check_row_backward_args(
-    const at::Tensor& grad_loss,
-    const at::Tensor& stats,
-    const at::Tensor& student_logits,
-    int64_t rows,
-    int64_t stats_cols);
 
 void check_kd_loss_backward_args(
     const at::Tensor& grad_loss,

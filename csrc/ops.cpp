@@ -1,16 +1,15 @@
 // The table of contents: every distillkit op schema, declared once. Kernels
 // register per dispatch key at the foot of csrc/cpu/<op>.cpp and
-// csrc/cuda/<op>.cu; autograd and fake kernels live in distillkit/ops.py.
-#include <Python.h>
+// csrc/cuda/<op>.cu; autograd and fake kernels live in distillkit/ops.py. The
+// stats layouts are named in stats_layout.h; the Python module distillkit._C
+// is python/module.cpp.
 #include <torch/library.h>
 
-#include "cpu/output_cache.h"
-
 TORCH_LIBRARY(distillkit, m) {
-  // Soft-label KD loss over rows of (N, C) logits (SPEC §1). Returns the
+  // Soft-label KD loss over rows of (N, C) logits (docs/math.md §1). Returns the
   // per-row loss (fp32, fp64 for fp64 input; ignored rows are 0) and per-row
-  // statistics (N, 5) that the backward reuses instead of an N x C buffer:
-  // [lse(z/T), lse(u/T), lse(z), D_student, D_teacher] (see kd_loss_common.h).
+  // statistics (N, kd_loss_stats::kCols) that the backward reuses instead of
+  // an N x C buffer (stats_layout.h; the math in kd_loss.h).
   m.def(
       "kd_loss_forward(Tensor student_logits, Tensor teacher_logits, "
       "Tensor? labels, float temperature, str divergence, float beta, "
@@ -25,11 +24,11 @@ TORCH_LIBRARY(distillkit, m) {
       "bool scale_by_t2, bool teacher_grad) "
       "-> (Tensor grad_student, Tensor grad_teacher)");
 
-  // SLaM student-label-mixing loss (SPEC §2) over rows of (N, C) student
+  // SLaM student-label-mixing loss (docs/math.md §5) over rows of (N, C) student
   // logits and teacher probabilities; alpha (N,) in (0, 1], k (N,) int64 in
-  // [1, C]. Returns the per-row loss and per-row stats (N, 6) for backward:
-  // [lse(z), top-k threshold, ties taken at the threshold, argmax of the
-  // teacher, sum of teacher probabilities, S = sum_i h_i] (see slam_loss.h).
+  // [1, C]. Returns the per-row loss and per-row stats (N,
+  // slam_loss_stats::kCols) for backward (stats_layout.h; the math in
+  // slam_loss.h).
   m.def(
       "slam_loss_forward(Tensor student_logits, Tensor teacher_probs, "
       "Tensor alpha, Tensor k, bool normalized, bool hard) "
@@ -39,7 +38,7 @@ TORCH_LIBRARY(distillkit, m) {
       "Tensor teacher_probs, Tensor alpha, Tensor k, Tensor stats, "
       "bool normalized, bool hard) -> Tensor");
 
-  // Elementwise distances for searched distillers (SPEC §6): op is "l1",
+  // Elementwise distances for searched distillers (docs/math.md §7): op is "l1",
   // "l2" (squared error) or "smooth_l1" (beta = 1). Forward returns the sum
   // over all elements as a 0-d tensor (fixed-order partials: deterministic);
   // backward returns grad * d/dstudent and, if teacher_grad, its negation
@@ -52,7 +51,8 @@ TORCH_LIBRARY(distillkit, m) {
   // dimension of (outer, D, inner) inputs: cosine (u = s, v = t) or, with
   // center, Pearson (u, v centred). A row with |u| = 0 or |v| = 0 has
   // distance 1 and zero gradient. Returns rows (outer, inner) and stats
-  // (outer, inner, 5) = [mean s, mean t, |u|, |v|, <u, v>] for the backward.
+  // (outer, inner, correlation_distance_stats::kCols) for the backward
+  // (stats_layout.h).
   m.def(
       "correlation_distance_forward(Tensor student, Tensor teacher, bool center) "
       "-> (Tensor rows, Tensor stats)");
@@ -61,11 +61,11 @@ TORCH_LIBRARY(distillkit, m) {
       "Tensor stats, bool center, bool teacher_grad) "
       "-> (Tensor grad_student, Tensor grad_teacher)");
 
-  // KD loss against a sparse (top-K) teacher (SPEC §1d): rows of (N, C)
+  // KD loss against a sparse (top-K) teacher (docs/math.md §4): rows of (N, C)
   // student logits, (N, K) int64 teacher indices (-1 = padding) and their
   // teacher log-probabilities. Returns the per-row loss (fp32, fp64 for fp64
-  // input; dead rows are 0) and stats (N, 3) = [lse(z/T), teacher log
-  // normalizer, kept teacher mass] for the backward (see sparse_kd_loss.h).
+  // input; dead rows are 0) and stats (N, sparse_kd_loss_stats::kCols) for
+  // the backward (stats_layout.h; the math in sparse_kd_loss.h).
   // Indices out of [0, C) (other than -1) are an error; so are classes
   // repeated within a row, unless check_duplicates is false.
   m.def(
@@ -78,7 +78,7 @@ TORCH_LIBRARY(distillkit, m) {
       "Tensor teacher_indices, Tensor teacher_logprobs, Tensor? labels, Tensor stats, "
       "float temperature, bool renormalize, int ignore_index, bool scale_by_t2) -> Tensor");
 
-  // One step of the coordinate-wise LSTM optimizer (SPEC §4) on P independent
+  // One step of the coordinate-wise LSTM optimizer (docs/math.md §8) on P independent
   // coordinates sharing the weights: preprocess grad (P,), run L stacked LSTM
   // cells (w_ih[l] (4H_l, in_l), w_hh[l] (4H_l, H_l), bias[l] (4H_l,) = b_ih +
   // b_hh, gate order i, f, g, o; in_0 = 2), take out = head_weight . h_L +
@@ -103,34 +103,4 @@ TORCH_LIBRARY(distillkit, m) {
       "-> (Tensor grad_grad, Tensor grad_h, Tensor grad_c, Tensor[] grad_w_ih, "
       "Tensor[] grad_w_hh, Tensor[] grad_bias, Tensor grad_head_weight, "
       "Tensor grad_head_bias)");
-}
-
-// `import distillkit._C` loads this library (which runs the registrations
-// above) and exposes the torch version it was compiled against, so that
-// distillkit/__init__.py can refuse a stale build with a clear message, and
-// the two functions of the CPU output cache (cpu/output_cache.h).
-static PyObject* empty_cpu_cache(PyObject*, PyObject*) {
-  return PyLong_FromLongLong(distillkit::cpu::release_output_cache());
-}
-
-static PyObject* cpu_cache_bytes(PyObject*, PyObject*) {
-  return PyLong_FromLongLong(distillkit::cpu::output_cache_bytes());
-}
-
-static PyMethodDef distillkit_methods[] = {
-    {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS,
-     "Free the CPU output cache's idle blocks; returns the bytes released."},
-    {"cpu_cache_bytes", cpu_cache_bytes, METH_NOARGS,
-     "Bytes held by the CPU output cache's idle blocks."},
-    {nullptr, nullptr, 0, nullptr}};
-
-static struct PyModuleDef distillkit_module = {
-    PyModuleDef_HEAD_INIT, "_C", "distillkit compiled ops", -1, distillkit_methods};
-
-PyMODINIT_FUNC PyInit__C(void) {
-  PyObject* module = PyModule_Create(&distillkit_module);
-  if (module == nullptr) return nullptr;
-  PyModule_AddStringConstant(module, "__torch_version__", DISTILLKIT_TORCH_VERSION);
-  PyModule_AddIntConstant(module, "with_cuda", DISTILLKIT_WITH_CUDA);
-  return module;
 }

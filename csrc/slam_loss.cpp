@@ -7,19 +7,15 @@
 #include <ATen/ops/logical_or.h>
 
 #include "checks.h"
-#include "kd_loss.h"
+#include "row_loss.h"
+#include "stats_layout.h"
 
 namespace distillkit {
 
-// Index of the first row where ok is false, or -1.
-static int64_t first_bad_row(const at::Tensor& ok) {
-  if (ok.all().item<bool>()) return -1;
-  return (~ok).nonzero().select(1, 0)[0].item<int64_t>();
-}
-
-SlamParams check_slam_args(const at::Tensor& student_logits, const at::Tensor& teacher_probs,
-                           const at::Tensor& alpha, const at::Tensor& k, bool normalized,
-                           bool hard, bool check_values) {
+SlamLossParams check_slam_loss_args(const at::Tensor& student_logits,
+                                    const at::Tensor& teacher_probs, const at::Tensor& alpha,
+                                    const at::Tensor& k, bool normalized, bool hard,
+                                    bool check_values) {
   DK_CHECK_DIM(student_logits, "student_logits", 2);
   DK_CHECK_DIM(teacher_probs, "teacher_probs", 2);
   DK_CHECK_FLOATING(student_logits, "student_logits");
@@ -34,11 +30,11 @@ SlamParams check_slam_args(const at::Tensor& student_logits, const at::Tensor& t
   DK_CHECK(s64 == (teacher_probs.scalar_type() == at::kDouble),
            "teacher_probs and student_logits must both be fp64 or both be fp32/bf16/fp16 (got ",
            teacher_probs.scalar_type(), " and ", student_logits.scalar_type(), ")");
-  SlamParams p{student_logits.size(0), student_logits.size(1), normalized, hard};
+  SlamLossParams p{student_logits.size(0), student_logits.size(1), normalized, hard};
   DK_CHECK(alpha.dim() == 1 && alpha.size(0) == p.rows, "alpha must have shape (", p.rows,
            ",) (got ", alpha.sizes(), ")");
-  DK_CHECK(alpha.scalar_type() == kd_loss_acc_type(student_logits), "alpha must be ",
-           kd_loss_acc_type(student_logits), " (got ", alpha.scalar_type(), ")");
+  DK_CHECK(alpha.scalar_type() == acc_scalar_type(student_logits), "alpha must be ",
+           acc_scalar_type(student_logits), " (got ", alpha.scalar_type(), ")");
   DK_CHECK(k.dim() == 1 && k.size(0) == p.rows, "k must have shape (", p.rows, ",) (got ",
            k.sizes(), ")");
   DK_CHECK(k.scalar_type() == at::kLong, "k must be int64 (got ", k.scalar_type(), ")");
@@ -64,7 +60,7 @@ SlamParams check_slam_args(const at::Tensor& student_logits, const at::Tensor& t
     bad = first_bad_row(t.amin(1).ge(0));  // NaN fails too
     DK_CHECK(bad < 0, "teacher_probs must be non-negative (row ", r0 + bad,
              " has a negative or NaN entry)");
-    const at::Tensor sums = t.sum(1, /*keepdim=*/false, kd_loss_acc_type(teacher_probs));
+    const at::Tensor sums = t.sum(1, /*keepdim=*/false, acc_scalar_type(teacher_probs));
     bad = first_bad_row(at::abs(sums.sub(1.0)).le(tol));
     DK_CHECK(bad < 0, "teacher_probs rows must sum to 1 within ", tol, " (row ", r0 + bad,
              " sums to ", bad < 0 ? 0.0 : sums[bad].item<double>(), ")");
@@ -72,17 +68,18 @@ SlamParams check_slam_args(const at::Tensor& student_logits, const at::Tensor& t
   return p;
 }
 
-void check_slam_backward_args(const at::Tensor& grad_loss, const at::Tensor& stats,
-                              const at::Tensor& student_logits, const SlamParams& params) {
-  const auto acc = kd_loss_acc_type(student_logits);
+void check_slam_loss_backward_args(const at::Tensor& grad_loss, const at::Tensor& stats,
+                                   const at::Tensor& student_logits,
+                                   const SlamLossParams& params) {
+  const auto acc = acc_scalar_type(student_logits);
   DK_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == params.rows &&
                grad_loss.scalar_type() == acc,
            "grad_loss must be a (", params.rows, ",) ", acc, " tensor (got ", grad_loss.sizes(),
            " ", grad_loss.scalar_type(), ")");
   DK_CHECK(stats.dim() == 2 && stats.size(0) == params.rows &&
-               stats.size(1) == kSlamStatsCols && stats.scalar_type() == acc,
-           "stats must be a (", params.rows, ", ", kSlamStatsCols, ") ", acc, " tensor (got ",
-           stats.sizes(), " ", stats.scalar_type(), ")");
+               stats.size(1) == slam_loss_stats::kCols && stats.scalar_type() == acc,
+           "stats must be a (", params.rows, ", ", slam_loss_stats::kCols, ") ", acc,
+           " tensor (got ", stats.sizes(), " ", stats.scalar_type(), ")");
   DK_CHECK_SAME_DEVICE(grad_loss, "grad_loss", student_logits, "student_logits");
   DK_CHECK_SAME_DEVICE(stats, "stats", student_logits, "student_logits");
 }

@@ -3,10 +3,11 @@
 #include <ATen/ops/logical_and.h>
 #include <ATen/ops/logical_or.h>
 
-#include <cmath>
+#include <tuple>
 
 #include "checks.h"
-#include "kd_loss.h"
+#include "row_loss.h"
+#include "stats_layout.h"
 
 namespace distillkit {
 
@@ -37,7 +38,7 @@ static void check_index_values(const at::Tensor& idx, int64_t cols, bool check_d
   }
 }
 
-SparseKDParams check_sparse_kd_loss_args(
+SparseKDLossParams check_sparse_kd_loss_args(
     const at::Tensor& student_logits,
     const at::Tensor& teacher_indices,
     const at::Tensor& teacher_logprobs,
@@ -73,10 +74,9 @@ SparseKDParams check_sparse_kd_loss_args(
   DK_CHECK(student_logits.size(1) >= 1 || student_logits.size(0) == 0,
            "student_logits must have at least one class (got shape ",
            student_logits.sizes(), ")");
-  DK_CHECK(std::isfinite(temperature) && temperature > 0.0,
-           "temperature must be finite and > 0 (got ", temperature, ")");
+  check_temperature(temperature);
 
-  SparseKDParams p;
+  SparseKDLossParams p;
   p.rows = student_logits.size(0);
   p.cols = student_logits.size(1);
   p.k = teacher_indices.size(1);
@@ -86,12 +86,7 @@ SparseKDParams check_sparse_kd_loss_args(
   p.ignore_index = ignore_index;
   p.has_labels = labels.has_value();
   if (p.has_labels) {
-    const at::Tensor& y = *labels;
-    DK_CHECK(y.scalar_type() == at::kLong, "labels must be int64 (got ", y.scalar_type(), ")");
-    DK_CHECK(y.dim() == 1 && y.size(0) == p.rows,
-             "labels must have shape (", p.rows, ",) to match the rows of "
-             "student_logits (got ", y.sizes(), ")");
-    DK_CHECK_SAME_DEVICE(y, "labels", student_logits, "student_logits");
+    check_row_labels(*labels, p.rows, student_logits);
   }
   if (check_indices) check_index_values(teacher_indices, p.cols, check_duplicates);
   return p;
@@ -101,8 +96,9 @@ void check_sparse_kd_loss_backward_args(
     const at::Tensor& grad_loss,
     const at::Tensor& stats,
     const at::Tensor& student_logits,
-    const SparseKDParams& params) {
-  check_row_backward_args(grad_loss, stats, student_logits, params.rows, kSparseStatsCols);
+    const SparseKDLossParams& params) {
+  check_row_backward_args(grad_loss, stats, student_logits, params.rows,
+                          sparse_kd_loss_stats::kCols);
 }
 
 }  // namespace distillkit

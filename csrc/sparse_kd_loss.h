@@ -1,5 +1,5 @@
-// Host-side pieces shared by the CPU and CUDA sparse_kd_loss kernels (SPEC
-// §1d): argument checks, the params struct the kernels read.
+// Host-side pieces shared by the CPU and CUDA sparse_kd_loss kernels (docs/math.md
+// §4): argument checks, the params struct the kernels read.
 //
 // The teacher is given per row as K kept classes I (int64, -1 = padding) and
 // their log-probabilities l (already at temperature T). With the kept set
@@ -9,11 +9,10 @@
 // and q = softmax(z/T) over all C classes, the row loss is
 //   soft_scale * sum_{k in V} p_k (log p_k - log q_{I_k}),
 //   d/dz_j = soft_scale / T * (q_j * sum_k p_k - sum_k p_k [I_k = j]).
-// stats (N, kSparseStatsCols) = [lse(z/T), log normalizer, mass]:
-// log normalizer is lse_t (renormalize) or 0, mass = sum_{k in V} p_k. A row
-// is dead (loss 0, gradient 0) when its label is ignore_index or it has no
-// kept entry; dead rows have stats [0, 0, 0], and mass = 0 also tells the
-// backward to write zeros.
+// The per-row stats that the backward reads are laid out in stats_layout.h.
+// A row is dead (loss 0, gradient 0) when its label is ignore_index or it has
+// no kept entry; dead rows have all-zero stats, and a kept mass of 0 also
+// tells the backward to write zeros.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -21,9 +20,7 @@
 
 namespace distillkit {
 
-constexpr int64_t kSparseStatsCols = 3;
-
-struct SparseKDParams {
+struct SparseKDLossParams {
   int64_t rows;
   int64_t cols;  // C, the student's classes
   int64_t k;     // kept teacher entries per row
@@ -40,7 +37,7 @@ struct SparseKDParams {
 // CUDA), that every index is in [0, C) or -1 and, if check_duplicates, that
 // no row repeats a class (a sort of the N x K indices). Throws ValueError
 // naming the offending argument.
-SparseKDParams check_sparse_kd_loss_args(
+SparseKDLossParams check_sparse_kd_loss_args(
     const at::Tensor& student_logits,
     const at::Tensor& teacher_indices,
     const at::Tensor& teacher_logprobs,
@@ -56,6 +53,6 @@ void check_sparse_kd_loss_backward_args(
     const at::Tensor& grad_loss,
     const at::Tensor& stats,
     const at::Tensor& student_logits,
-    const SparseKDParams& params);
+    const SparseKDLossParams& params);
 
 }  // namespace distillkit

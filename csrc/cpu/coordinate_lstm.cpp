@@ -1,4 +1,4 @@
-// CPU kernels of the coordinate-wise LSTM optimizer step (SPEC §4).
+// CPU kernels of the coordinate-wise LSTM optimizer step (docs/math.md §8).
 //
 // Coordinates are independent rows that share small weights, so each block of
 // kBlockRows coordinates runs the whole stack in L1/L2-resident scratch: per
@@ -17,9 +17,9 @@
 // sums its blocks in order into its own partial, and the partials are added
 // in group order, so the result has the same bits for any thread count.
 //
-// The GEMMs are a hand-written microkernel on at::vec::Vectorized: K is at
-// most 2 H + 1 <= 257 and N at most 4 H = 512, sizes where a BLAS call costs
-// more in dispatch and packing than it saves (and at::native::cpublas::gemm's
+// The GEMMs are cpu/small_gemm.h's register-blocked microkernel: K is at most
+// 2 H + 1 <= 257 and N at most 4 H = 512, sizes where a BLAS call costs more
+// in dispatch and packing than it saves (and at::native::cpublas::gemm's
 // fp32/fp64 overloads are not exported by libtorch_cpu, so they do not link).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -37,6 +37,7 @@
 
 #include "coordinate_lstm.h"
 #include "cpu/output_cache.h"
+#include "cpu/small_gemm.h"
 #include "cpu/vec_tiles.h"
 
 namespace distillkit {
@@ -44,20 +45,9 @@ namespace {
 
 using at::vec::Vectorized;
 
-// Register tile of the microkernel: MR rows x NV vectors of accumulators
-// (+ NV loaded B vectors + 1 broadcast) fit the 32 zmm (16 ymm) registers:
-// 4 x 6 in general, 8 x 3 for narrow outputs (the backward's dX and dW of a
-// small layer), where 4 rows would leave half the registers idle.
-constexpr int kMR = 4;
-#if defined(CPU_CAPABILITY_AVX512)
-constexpr int kNV = 6;
-constexpr int kMRNarrow = 8;
-#else
-constexpr int kNV = 3;
-constexpr int kMRNarrow = 4;
-#endif
-// Block rows are padded to a multiple of this, so every tile is whole.
-constexpr int kRowPad = 8;
+// Block rows are padded to a multiple of this, so that every small_gemm tile
+// of a block is whole, the taller tiles of narrow outputs included.
+constexpr int64_t kRowPad = cpu::kSmallGemmNarrowRows;
 
 // Coordinates per block: a block's scratch (every layer's X, gates and
 // tanh(c'), ~0.5 MB for 4 layers of H = 128 in fp32) stays within L2, and the
@@ -79,81 +69,6 @@ int64_t block_grain(const LstmShape& shape) {
     fma_per_row += (shape.input[l] + shape.hidden[l] + 1) * 4 * shape.hidden[l];
   }
   return std::max<int64_t>(1, (int64_t{1} << 20) / (kBlockRows * fma_per_row));
-}
-
-// --- GEMM microkernel -------------------------------------------------------------
-
-// C[0:kMR, 0:NV V] = (accumulate ? C : 0) + Σ_{k<K} A(m, k) B[k, :], with
-// A(m, k) = a[m sam + k sak]: the strides let one kernel read Ā as either
-// operand layout (gates and dX: A row-major; dW: A = Āᵀ).
-template <typename T, int MR, int NV>
-void micro_tile(int64_t K, const T* a, int64_t sam, int64_t sak, const T* b, int64_t ldb, T* c,
-                int64_t ldc, bool accumulate) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t V = Vec::size();
-  Vec acc[MR][NV];
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) {
-#pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j) acc[i][j] = accumulate ? Vec::loadu(c + i * ldc + j * V) : Vec(T(0));
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    Vec bv[NV];
-#pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j) bv[j] = Vec::loadu(b + k * ldb + j * V);
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const Vec ai(a[i * sam + k * sak]);
-#pragma GCC unroll 8
-      for (int j = 0; j < NV; ++j) acc[i][j] = at::vec::fmadd(ai, bv[j], acc[i][j]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) {
-#pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j) acc[i][j].store(c + i * ldc + j * V);
-  }
-}
-
-template <typename T, int MR, int NV>
-void tile_dispatch(int64_t nv, int64_t K, const T* a, int64_t sam, int64_t sak, const T* b,
-                   int64_t ldb, T* c, int64_t ldc, bool accumulate) {
-  if constexpr (NV > 1) {
-    if (nv < NV) {
-      tile_dispatch<T, MR, NV - 1>(nv, K, a, sam, sak, b, ldb, c, ldc, accumulate);
-      return;
-    }
-  }
-  micro_tile<T, MR, NV>(K, a, sam, sak, b, ldb, c, ldc, accumulate);
-}
-
-// Column panels of up to NV vectors outermost: a K x NV V panel of B stays in
-// L1 while the rows stream past it in MR-row tiles.
-template <typename T, int MR, int NV>
-void gemm_panels(int64_t M, int64_t N, int64_t K, const T* a, int64_t sam, int64_t sak,
-                 const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
-  constexpr int64_t V = Vectorized<T>::size();
-  for (int64_t n0 = 0; n0 < N; n0 += NV * V) {
-    const int64_t nv = std::min<int64_t>(NV, (N - n0) / V);
-    for (int64_t m0 = 0; m0 < M; m0 += MR) {
-      tile_dispatch<T, MR, NV>(nv, K, a + m0 * sam, sam, sak, b + n0, ldb, c + m0 * ldc + n0, ldc,
-                               accumulate);
-    }
-  }
-}
-
-// C (M x N) (+)= A (M x K) · B (K x N); M a multiple of kMR, N of the vector
-// size. 8-row tiles of up to 3 vectors where N is narrow; elsewhere they
-// measured no faster than 4 x 6.
-template <typename T>
-void small_gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t sam, int64_t sak, const T* b,
-                int64_t ldb, T* c, int64_t ldc, bool accumulate) {
-  constexpr int64_t V = Vectorized<T>::size();
-  if (M % kMRNarrow == 0 && N <= 3 * V) {
-    gemm_panels<T, kMRNarrow, 3>(M, N, K, a, sam, sak, b, ldb, c, ldc, accumulate);
-  } else {
-    gemm_panels<T, kMR, kNV>(M, N, K, a, sam, sak, b, ldb, c, ldc, accumulate);
-  }
 }
 
 // --- elementwise pieces -----------------------------------------------------------
@@ -377,7 +292,7 @@ void forward_block(const LstmKernelParams<T>& p, int64_t r0, int64_t n, T* scrat
     const LayerDims& d = p.dim[l];
     const T* X = scratch + p.x_off[l];
     T* G = scratch + p.g_off[l];
-    small_gemm<T>(Mr, d.Np, d.K + 1, X, d.Kp, 1, p.wt[l], d.Np, G, d.Np, false);
+    cpu::small_gemm<T>(Mr, d.Np, d.K + 1, X, d.Kp, 1, p.wt[l], d.Np, G, d.Np, false);
     for (int64_t e = 0; e < Mr * d.Np; e += V) vsigmoid(Vec::loadu(G + e)).store(G + e);
 
     const bool last = l + 1 == p.layers;
@@ -515,8 +430,8 @@ void backward_block(const LstmKernelParams<T>& p, int64_t r0, int64_t n, T* scra
     std::fill(Abar + n * d.Np, Abar + Mr * d.Np, T(0));
 
     // dW += Āᵀ X (column K: the bias), dX = Ā · [w_ih | w_hh].
-    small_gemm<T>(d.N, d.Kp, Mr, Abar, 1, d.Np, X, d.Kp, part + p.w_off[l], d.Kp, true);
-    small_gemm<T>(Mr, round_up(d.K, V), d.N, Abar, d.Np, 1, p.wc[l], d.Kp, dX, d.Kp, false);
+    cpu::small_gemm<T>(d.N, d.Kp, Mr, Abar, 1, d.Np, X, d.Kp, part + p.w_off[l], d.Kp, true);
+    cpu::small_gemm<T>(Mr, round_up(d.K, V), d.N, Abar, d.Np, 1, p.wc[l], d.Kp, dX, d.Kp, false);
     for (int64_t r = 0; r < n; ++r) {
       const T* xr = dX + r * d.Kp;
       std::memcpy(p.grad_h + (r0 + r) * p.width + d.off, xr + d.in, d.H * sizeof(T));

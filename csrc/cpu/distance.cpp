@@ -1,4 +1,4 @@
-// CPU kernels of the KD-Zero distances (SPEC §6).
+// CPU kernels of the KD-Zero distances (docs/math.md §7).
 //  - pointwise (l1, l2, smooth_l1): one loop per op and input dtypes,
 //    converting in registers; fixed chunks reduced in parallel into
 //    per-chunk partials summed in chunk order (deterministic for any thread
@@ -19,13 +19,15 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstddef>
 #include <vector>
 
 #include "cpu/output_cache.h"
 #include "cpu/vec_tiles.h"
 #include "dispatch.h"
 #include "distance.h"
-#include "kd_loss.h"
+#include "row_loss.h"
+#include "stats_layout.h"
 
 namespace distillkit {
 namespace {
@@ -96,10 +98,7 @@ struct PointwiseInputs {
 template <typename F>
 void dispatch_pointwise(const at::Tensor& s, const at::Tensor& t, PointwiseOp op, F&& body) {
   dispatch_pointwise_op(op, [&](auto op_tag) {
-    dispatch_input_types(s.scalar_type(), t.scalar_type(), "student", "teacher",
-                         [&](auto s_tag, auto t_tag) {
-      using s_t = typename decltype(s_tag)::type;
-      using t_t = typename decltype(t_tag)::type;
+    dispatch_input_types(s, "student", t, "teacher", [&]<typename s_t, typename t_t>() {
       using acc_t = std::conditional_t<std::is_same_v<s_t, double>, double, float>;
       body(PointwiseInputs<decltype(op_tag)::value, s_t, t_t, acc_t>{s.data_ptr<s_t>(),
                                                                      t.data_ptr<t_t>()});
@@ -113,7 +112,7 @@ at::Tensor pointwise_distance_forward_cpu(const at::Tensor& student, const at::T
   const PointwiseOp op = parse_pointwise_op(op_name);
   const at::Tensor s = student.contiguous(), t = teacher.contiguous();
   const int64_t numel = s.numel(), chunks = (numel + kTile - 1) / kTile;
-  at::Tensor out = at::empty({}, s.options().dtype(kd_loss_acc_type(s)));
+  at::Tensor out = at::empty({}, s.options().dtype(acc_scalar_type(s)));
   dispatch_pointwise(s, t, op, [&](const auto in) {
     using In = decltype(in);
     using acc_t = typename In::acc_t;
@@ -184,11 +183,25 @@ void load_pair(TileLoader<acc_t> ls, const void* s, TileLoader<acc_t> lt, const 
   for (int64_t i = n; i % Vectorized<acc_t>::size() != 0; ++i) sb[i] = tb[i] = 0;
 }
 
-// The stats columns: means (0 for cosine), norms of u and v, <u, v>.
+// A row's stats (correlation_distance_stats), read and written in place:
+// means (0 for cosine), norms of u and v, <u, v>.
 template <typename acc_t>
 struct Corr {
   acc_t ms, mt, nu, nv, dot;
 };
+
+template <typename acc_t>
+constexpr bool corr_matches_stats_layout() {
+  namespace col = correlation_distance_stats;
+  constexpr size_t kSize = sizeof(acc_t);
+  return sizeof(Corr<acc_t>) == col::kCols * kSize &&
+         offsetof(Corr<acc_t>, ms) == col::kMeanStudent * kSize &&
+         offsetof(Corr<acc_t>, mt) == col::kMeanTeacher * kSize &&
+         offsetof(Corr<acc_t>, nu) == col::kNormStudent * kSize &&
+         offsetof(Corr<acc_t>, nv) == col::kNormTeacher * kSize &&
+         offsetof(Corr<acc_t>, dot) == col::kDot * kSize;
+}
+static_assert(corr_matches_stats_layout<float>() && corr_matches_stats_layout<double>());
 
 // 1 - rho and the backward coefficients: ds = g (a_s v + b_s u), dt = g (a_t u + b_t v).
 template <typename acc_t>
@@ -401,9 +414,9 @@ std::tuple<at::Tensor, at::Tensor> correlation_distance_forward_cpu(
   check_distance_inputs(student, teacher, 3);
   const at::Tensor s = student.contiguous(), t = teacher.contiguous();
   const int64_t outer = s.size(0), inner = s.size(2);
-  const auto opts = s.options().dtype(kd_loss_acc_type(s));
+  const auto opts = s.options().dtype(acc_scalar_type(s));
   at::Tensor rows = at::empty({outer, inner}, opts);
-  at::Tensor stats = at::empty({outer, inner, kCorrelationStats}, opts);
+  at::Tensor stats = at::empty({outer, inner, correlation_distance_stats::kCols}, opts);
   AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "correlation_distance_forward_cpu", [&] {
     const auto a = make_corr_args<scalar_t>(s, t);
     scalar_t* r = rows.data_ptr<scalar_t>();
@@ -438,7 +451,7 @@ std::tuple<at::Tensor, at::Tensor> correlation_distance_backward_cpu(
     const at::Tensor& grad_rows, const at::Tensor& student, const at::Tensor& teacher,
     const at::Tensor& stats, bool center, bool teacher_grad) {
   check_distance_inputs(student, teacher, 3);
-  check_correlation_backward_args(grad_rows, stats, student);
+  check_correlation_distance_backward_args(grad_rows, stats, student);
   const at::Tensor s = student.contiguous(), t = teacher.contiguous();
   const at::Tensor g = grad_rows.contiguous(), stc = stats.contiguous();
   const int64_t outer = s.size(0), D = s.size(1), inner = s.size(2);

@@ -1,4 +1,4 @@
-// CPU kernels of kd_loss (SPEC §1). Rows run in parallel; within a row the
+// CPU kernels of kd_loss (docs/math.md §1). Rows run in parallel; within a row the
 // logits stream through fixed tiles converted to the accumulation type, so
 // a row of any length (C = 256k included) costs two small L1 buffers:
 //   forward:  one pass with an online max / sum-exp per row (JSD adds a
@@ -23,6 +23,8 @@
 #include "cpu/output_cache.h"
 #include "cpu/vec_tiles.h"
 #include "kd_loss.h"
+#include "row_loss.h"
+#include "stats_layout.h"
 
 namespace distillkit {
 namespace {
@@ -87,10 +89,10 @@ void forward_row(const Args<acc_t>& a, int64_t row, acc_t* zb, acc_t* ub, acc_t*
                  acc_t* stats) {
   using Vec = Vectorized<acc_t>;
   const KDLossParams& p = a.p;
-  acc_t* st = stats + row * kStatsCols;
+  acc_t* st = stats + row * kd_loss_stats::kCols;
   if (row_ignored(a, row)) {
     loss[row] = 0;
-    for (int64_t k = 0; k < kStatsCols; ++k) st[k] = 0;
+    for (int64_t k = 0; k < kd_loss_stats::kCols; ++k) st[k] = 0;
     return;
   }
   const acc_t T = static_cast<acc_t>(p.temperature);
@@ -171,11 +173,11 @@ void forward_row(const Args<acc_t>& a, int64_t row, acc_t* zb, acc_t* ub, acc_t*
     out += static_cast<acc_t>(p.hard_weight) * (lse1 - label_logit(a, row));
   }
   loss[row] = out;
-  st[0] = lse_s;
-  st[1] = lse_t;
-  st[2] = lse1;
-  st[3] = d_student;
-  st[4] = d_teacher;
+  st[kd_loss_stats::kLseStudent] = lse_s;
+  st[kd_loss_stats::kLseTeacher] = lse_t;
+  st[kd_loss_stats::kLseStudentT1] = lse1;
+  st[kd_loss_stats::kDStudent] = d_student;
+  st[kd_loss_stats::kDTeacher] = d_teacher;
 }
 
 template <typename acc_t>
@@ -195,7 +197,7 @@ void backward_row(const Args<acc_t>& a, int64_t row, const acc_t* grad_loss,
     }
     return;
   }
-  const acc_t* st = stats + row * kStatsCols;
+  const acc_t* st = stats + row * kd_loss_stats::kCols;
   const acc_t T = static_cast<acc_t>(p.temperature);
   const acc_t inv_t = acc_t(1) / T;
   const acc_t g = grad_loss[row];
@@ -206,7 +208,9 @@ void backward_row(const Args<acc_t>& a, int64_t row, const acc_t* grad_loss,
   // JSD: the student side carries (1 - beta), the teacher side beta.
   const Vec cs(p.divergence == Divergence::JSD ? c * (acc_t(1) - beta) : c);
   const Vec ct(p.divergence == Divergence::JSD ? c * beta : c);
-  const Vec vls(st[0]), vlt(st[1]), vl1(st[2]), vds(st[3]), vdt(st[4]);
+  const Vec vls(st[kd_loss_stats::kLseStudent]), vlt(st[kd_loss_stats::kLseTeacher]);
+  const Vec vl1(st[kd_loss_stats::kLseStudentT1]);
+  const Vec vds(st[kd_loss_stats::kDStudent]), vdt(st[kd_loss_stats::kDTeacher]);
   const Vec vb(beta), vb1(acc_t(1) - beta), vT(T), hc(g * static_cast<acc_t>(p.hard_weight));
   const int64_t y = p.hard ? a.labels[row] : -1;
 
@@ -267,9 +271,9 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_forward_cpu(
   const at::Tensor t = unit_stride_rows(teacher_logits);
   const std::optional<at::Tensor> y =
       p.has_labels ? std::optional<at::Tensor>(labels->contiguous()) : std::nullopt;
-  const auto opts = s.options().dtype(kd_loss_acc_type(s));
+  const auto opts = s.options().dtype(acc_scalar_type(s));
   at::Tensor loss = at::empty({p.rows}, opts);
-  at::Tensor stats = at::empty({p.rows, kStatsCols}, opts);
+  at::Tensor stats = at::empty({p.rows, kd_loss_stats::kCols}, opts);
   AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "kd_loss_forward_cpu", [&] {
     const Args<scalar_t> a = make_args<scalar_t>(s, t, y, p);
     scalar_t* loss_ptr = loss.data_ptr<scalar_t>();

@@ -1,4 +1,4 @@
-// CPU kernels of slam_loss (SPEC §2). Rows run in parallel; each thread holds
+// CPU kernels of slam_loss (docs/math.md §5). Rows run in parallel; each thread holds
 // one student row and one teacher row in acc_t buffers (L2-resident for LLM
 // vocabularies), so the teacher is read from memory once per pass while the
 // top-k threshold, the log-sum-exp and the sums reuse it from cache. Only the
@@ -16,6 +16,7 @@
 #include "cpu/output_cache.h"
 #include "cpu/vec_tiles.h"
 #include "slam_loss.h"
+#include "stats_layout.h"
 
 namespace distillkit {
 namespace {
@@ -36,7 +37,7 @@ struct SlamArgs {
   const int64_t* k;
   TileLoader<acc_t> load_s;
   TileLoader<acc_t> load_t;
-  SlamParams p;
+  SlamLossParams p;
 };
 
 // Per-thread row buffers, sized to whole vectors.
@@ -215,13 +216,13 @@ acc_t slam_forward_row(const SlamArgs<acc_t>& a, int64_t row, RowBuffers<acc_t>&
     s = static_cast<acc_t>(-rest_t + m_h);
     t_sum = static_cast<acc_t>(rest_t + m_t);
   }
-  acc_t* st = stats + row * kSlamStatsCols;
-  st[0] = lse;
-  st[1] = thr;
-  st[2] = static_cast<acc_t>(ties);
-  st[3] = static_cast<acc_t>(yhat);
-  st[4] = t_sum;
-  st[5] = s;
+  acc_t* st = stats + row * slam_loss_stats::kCols;
+  st[slam_loss_stats::kLseStudent] = lse;
+  st[slam_loss_stats::kThreshold] = thr;
+  st[slam_loss_stats::kTies] = static_cast<acc_t>(ties);
+  st[slam_loss_stats::kTeacherArgmax] = static_cast<acc_t>(yhat);
+  st[slam_loss_stats::kTeacherMass] = t_sum;
+  st[slam_loss_stats::kHSum] = s;
   return loss;
 }
 
@@ -233,9 +234,9 @@ void slam_backward_row(const SlamArgs<acc_t>& a, int64_t row, acc_t g, const acc
   load_row(a, row, b);
   acc_t* z = b.z.data();
   const acc_t* t = b.t.data();
-  const acc_t* st = stats + row * kSlamStatsCols;
-  const acc_t lse = st[0], s = st[5];
-  const int64_t yhat = static_cast<int64_t>(st[3]);
+  const acc_t* st = stats + row * slam_loss_stats::kCols;
+  const acc_t lse = st[slam_loss_stats::kLseStudent], s = st[slam_loss_stats::kHSum];
+  const int64_t yhat = static_cast<int64_t>(st[slam_loss_stats::kTeacherArgmax]);
   const Mix<acc_t> mix(a.alpha[row], k, a.p.normalized);
   // Members' gradients need the logits, so they are computed before the
   // vectorized pass overwrites z with dz.
@@ -247,7 +248,9 @@ void slam_backward_row(const SlamArgs<acc_t>& a, int64_t row, acc_t g, const acc
   if (a.p.hard) {
     member_grad(yhat, acc_t(1));
   } else {
-    for_each_candidate(t, C, st[1], static_cast<int64_t>(st[2]), [&](int64_t i, bool member) {
+    const acc_t thr = st[slam_loss_stats::kThreshold];
+    const int64_t ties = static_cast<int64_t>(st[slam_loss_stats::kTies]);
+    for_each_candidate(t, C, thr, ties, [&](int64_t i, bool member) {
       if (member) member_grad(i, t[i]);
     });
   }
@@ -265,7 +268,7 @@ void slam_backward_row(const SlamArgs<acc_t>& a, int64_t row, acc_t g, const acc
 
 template <typename acc_t>
 SlamArgs<acc_t> make_slam_args(const at::Tensor& s, const at::Tensor& t, const at::Tensor& alpha,
-                               const at::Tensor& k, const SlamParams& p) {
+                               const at::Tensor& k, const SlamLossParams& p) {
   return SlamArgs<acc_t>{s.data_ptr(), t.data_ptr(), s.stride(0), t.stride(0),
                          alpha.data_ptr<acc_t>(), k.data_ptr<int64_t>(),
                          loader_for<acc_t>(s.scalar_type()), loader_for<acc_t>(t.scalar_type()),
@@ -275,12 +278,12 @@ SlamArgs<acc_t> make_slam_args(const at::Tensor& s, const at::Tensor& t, const a
 std::tuple<at::Tensor, at::Tensor> slam_loss_forward_cpu(
     const at::Tensor& student_logits, const at::Tensor& teacher_probs, const at::Tensor& alpha,
     const at::Tensor& k, bool normalized, bool hard) {
-  const SlamParams p = check_slam_args(student_logits, teacher_probs, alpha, k, normalized, hard,
-                                       /*check_values=*/true);
+  const SlamLossParams p = check_slam_loss_args(student_logits, teacher_probs, alpha, k,
+                                               normalized, hard, /*check_values=*/true);
   const at::Tensor s = unit_stride_rows(student_logits), t = unit_stride_rows(teacher_probs);
   const at::Tensor al = alpha.contiguous(), kk = k.contiguous();
   at::Tensor loss = at::empty({p.rows}, al.options());
-  at::Tensor stats = at::empty({p.rows, kSlamStatsCols}, al.options());
+  at::Tensor stats = at::empty({p.rows, slam_loss_stats::kCols}, al.options());
   AT_DISPATCH_FLOATING_TYPES(al.scalar_type(), "slam_loss_forward_cpu", [&] {
     const auto a = make_slam_args<scalar_t>(s, t, al, kk, p);
     scalar_t* loss_ptr = loss.data_ptr<scalar_t>();
@@ -299,9 +302,9 @@ at::Tensor slam_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor&
                                   const at::Tensor& teacher_probs, const at::Tensor& alpha,
                                   const at::Tensor& k, const at::Tensor& stats, bool normalized,
                                   bool hard) {
-  const SlamParams p = check_slam_args(student_logits, teacher_probs, alpha, k, normalized, hard,
-                                       /*check_values=*/false);
-  check_slam_backward_args(grad_loss, stats, student_logits, p);
+  const SlamLossParams p = check_slam_loss_args(student_logits, teacher_probs, alpha, k,
+                                               normalized, hard, /*check_values=*/false);
+  check_slam_loss_backward_args(grad_loss, stats, student_logits, p);
   const at::Tensor s = unit_stride_rows(student_logits), t = unit_stride_rows(teacher_probs);
   const at::Tensor al = alpha.contiguous(), kk = k.contiguous();
   const at::Tensor g = grad_loss.contiguous(), st = stats.contiguous();

@@ -1,4 +1,4 @@
-// CPU kernels of sparse_kd_loss (SPEC §1d); the math and the stats layout
+// CPU kernels of sparse_kd_loss (docs/math.md §4); the math and the stats layout
 // are in sparse_kd_loss.h. Rows run in parallel, one thread per row, so
 // results are the same bits for any thread count. Per row:
 //   forward:  K gathers of (l_k, z[I_k]) build the teacher's online
@@ -24,8 +24,9 @@
 
 #include "cpu/output_cache.h"
 #include "cpu/vec_tiles.h"
-#include "kd_loss.h"
+#include "row_loss.h"
 #include "sparse_kd_loss.h"
+#include "stats_layout.h"
 
 namespace distillkit {
 namespace {
@@ -42,7 +43,7 @@ struct Args {
   int64_t s_row_stride;
   TileLoader<acc_t> load_s;
   TileLoader<acc_t> load_t;
-  SparseKDParams p;
+  SparseKDLossParams p;
 };
 
 // One element through a tile loader (which pads its output to a whole vector).
@@ -90,8 +91,8 @@ std::pair<acc_t, acc_t> student_lse(const Args<acc_t>& a, int64_t row, acc_t* zb
 template <typename acc_t>
 void forward_row(const Args<acc_t>& a, int64_t row, acc_t* zb, acc_t* loss, acc_t* stats) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  const SparseKDParams& p = a.p;
-  acc_t* st = stats + row * kSparseStatsCols;
+  const SparseKDLossParams& p = a.p;
+  acc_t* st = stats + row * sparse_kd_loss_stats::kCols;
   const acc_t inv_t = static_cast<acc_t>(1.0 / p.temperature);
   // Teacher side, online over the kept entries: t_sum = sum exp(l - t_max),
   // t_cross = sum exp(l - t_max) (l - z[I]/T).
@@ -119,7 +120,7 @@ void forward_row(const Args<acc_t>& a, int64_t row, acc_t* zb, acc_t* loss, acc_
   }
   if (kept == 0) {  // ignored label or all padding: a dead row
     loss[row] = 0;
-    for (int64_t c = 0; c < kSparseStatsCols; ++c) st[c] = 0;
+    for (int64_t c = 0; c < sparse_kd_loss_stats::kCols; ++c) st[c] = 0;
     return;
   }
   const auto [s_max, s_sum] = student_lse(a, row, zb);
@@ -138,19 +139,19 @@ void forward_row(const Args<acc_t>& a, int64_t row, acc_t* zb, acc_t* loss, acc_
     soft = mass == 0 ? acc_t(0) : mass * (t_cross / t_sum + lse_s);
   }
   loss[row] = static_cast<acc_t>(p.soft_scale) * soft;
-  st[0] = lse_s;
-  st[1] = p.renormalize ? lse_t : acc_t(0);
-  st[2] = mass;
+  st[sparse_kd_loss_stats::kLseStudent] = lse_s;
+  st[sparse_kd_loss_stats::kTeacherLogNormalizer] = p.renormalize ? lse_t : acc_t(0);
+  st[sparse_kd_loss_stats::kTeacherMass] = mass;
 }
 
 template <typename acc_t>
 void backward_row(const Args<acc_t>& a, int64_t row, const acc_t* grad_loss,
                   const acc_t* stats, TileStorer<acc_t> store_s, void* grad_s, acc_t* zb) {
   using Vec = Vectorized<acc_t>;
-  const SparseKDParams& p = a.p;
-  const acc_t* st = stats + row * kSparseStatsCols;
+  const SparseKDLossParams& p = a.p;
+  const acc_t* st = stats + row * sparse_kd_loss_stats::kCols;
   const int64_t s_off = row * a.s_row_stride, out_off = row * p.cols;
-  const acc_t mass = st[2];
+  const acc_t mass = st[sparse_kd_loss_stats::kTeacherMass];
   if (label_ignored(a, row) || mass == 0) {
     std::fill(zb, zb + std::min(kTile, p.cols), acc_t(0));
     for (int64_t j0 = 0; j0 < p.cols; j0 += kTile) {
@@ -159,7 +160,8 @@ void backward_row(const Args<acc_t>& a, int64_t row, const acc_t* grad_loss,
     return;
   }
   const acc_t inv_t = static_cast<acc_t>(1.0 / p.temperature);
-  const acc_t lse_s = st[0], log_norm = st[1];
+  const acc_t lse_s = st[sparse_kd_loss_stats::kLseStudent];
+  const acc_t log_norm = st[sparse_kd_loss_stats::kTeacherLogNormalizer];
   const acc_t c = grad_loss[row] * static_cast<acc_t>(p.soft_scale) * inv_t;
   const Vec vcm(c * mass), vls(lse_s);
   for (int64_t j0 = 0; j0 < p.cols; j0 += kTile) {
@@ -182,7 +184,7 @@ void backward_row(const Args<acc_t>& a, int64_t row, const acc_t* grad_loss,
 
 template <typename acc_t>
 Args<acc_t> make_args(const at::Tensor& s, const at::Tensor& idx, const at::Tensor& lp,
-                      const std::optional<at::Tensor>& labels, const SparseKDParams& p) {
+                      const std::optional<at::Tensor>& labels, const SparseKDLossParams& p) {
   Args<acc_t> a;
   a.student = s.data_ptr();
   a.logprobs = lp.data_ptr();
@@ -204,16 +206,16 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_forward_cpu(
     const at::Tensor& teacher_logprobs, const std::optional<at::Tensor>& labels,
     double temperature, bool renormalize, int64_t ignore_index, bool scale_by_t2,
     bool check_duplicates) {
-  const SparseKDParams p = check_sparse_kd_loss_args(
+  const SparseKDLossParams p = check_sparse_kd_loss_args(
       student_logits, teacher_indices, teacher_logprobs, labels, temperature, renormalize,
       ignore_index, scale_by_t2, /*check_indices=*/true, check_duplicates);
   const at::Tensor s = unit_stride_rows(student_logits);
   const at::Tensor idx = teacher_indices.contiguous();
   const at::Tensor lp = teacher_logprobs.contiguous();
   const std::optional<at::Tensor> y = contiguous_labels(labels);
-  const auto opts = s.options().dtype(kd_loss_acc_type(s));
+  const auto opts = s.options().dtype(acc_scalar_type(s));
   at::Tensor loss = at::empty({p.rows}, opts);
-  at::Tensor stats = at::empty({p.rows, kSparseStatsCols}, opts);
+  at::Tensor stats = at::empty({p.rows, sparse_kd_loss_stats::kCols}, opts);
   AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "sparse_kd_loss_forward_cpu", [&] {
     const Args<scalar_t> a = make_args<scalar_t>(s, idx, lp, y, p);
     scalar_t* loss_ptr = loss.data_ptr<scalar_t>();
@@ -231,7 +233,7 @@ at::Tensor sparse_kd_loss_backward_cpu(
     const at::Tensor& teacher_indices, const at::Tensor& teacher_logprobs,
     const std::optional<at::Tensor>& labels, const at::Tensor& stats, double temperature,
     bool renormalize, int64_t ignore_index, bool scale_by_t2) {
-  const SparseKDParams p = check_sparse_kd_loss_args(
+  const SparseKDLossParams p = check_sparse_kd_loss_args(
       student_logits, teacher_indices, teacher_logprobs, labels, temperature, renormalize,
       ignore_index, scale_by_t2, /*check_indices=*/false, /*check_duplicates=*/false);
   check_sparse_kd_loss_backward_args(grad_loss, stats, student_logits, p);

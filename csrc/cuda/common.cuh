@@ -55,6 +55,8 @@ __device__ __forceinline__ float acc_log(float x) { return logf(x); }
 __device__ __forceinline__ double acc_log(double x) { return log(x); }
 __device__ __forceinline__ float acc_log1p(float x) { return log1pf(x); }
 __device__ __forceinline__ double acc_log1p(double x) { return log1p(x); }
+__device__ __forceinline__ float acc_abs(float x) { return fabsf(x); }
+__device__ __forceinline__ double acc_abs(double x) { return fabs(x); }
 // fmax/fmin ignore a NaN operand; callers that need NaN to propagate carry
 // it through a sum instead (see OnlineLSE).
 __device__ __forceinline__ float acc_max(float a, float b) { return fmaxf(a, b); }

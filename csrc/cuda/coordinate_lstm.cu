@@ -1,4 +1,4 @@
-// CUDA kernels of the coordinate-wise LSTM optimizer step (SPEC §4); the
+// CUDA kernels of the coordinate-wise LSTM optimizer step (docs/math.md §8); the
 // shapes and argument checks are shared with the CPU kernels
 // (coordinate_lstm.h), and distillkit/reference.py::coordinate_lstm_step_ref
 // is the oracle.
@@ -61,6 +61,7 @@
 namespace distillkit {
 namespace {
 
+using device::acc_abs;
 using device::acc_exp;
 using device::acc_log;
 using launch::grid_for;
@@ -97,8 +98,6 @@ constexpr int kMaxMatrices = kLstmMaxLayers + 1;
 
 __device__ __forceinline__ float acc_tanh(float x) { return tanhf(x); }
 __device__ __forceinline__ double acc_tanh(double x) { return tanh(x); }
-__device__ __forceinline__ float acc_abs(float x) { return fabsf(x); }
-__device__ __forceinline__ double acc_abs(double x) { return fabs(x); }
 
 template <typename T>
 __device__ __forceinline__ T sigmoid(T x) {
@@ -730,16 +729,6 @@ void launch_backward(const LstmShape& shape, const at::Tensor& grad_params_out,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// fp32 or fp64 (the argument checks admit nothing else).
-template <typename F>
-void dispatch_lstm_type(at::ScalarType type, F&& f) {
-  if (type == at::kDouble) {
-    f(TypeTag<double>{});
-  } else {
-    f(TypeTag<float>{});
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> coordinate_lstm_forward_cuda(
     const at::Tensor& grad, const at::Tensor& params, const at::Tensor& h, const at::Tensor& c,
     at::TensorList w_ih, at::TensorList w_hh, at::TensorList bias,
@@ -763,8 +752,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coordinate_lstm_forward_cuda(
   const std::vector<at::Tensor> b = contiguous_all(bias);
   const at::Tensor hw = contiguous_or_undefined(head_weight);
   const at::Tensor hb = contiguous_or_undefined(head_bias);
-  dispatch_lstm_type(g.scalar_type(), [&](auto tag) {
-    using T = typename decltype(tag)::type;
+  // fp32 or fp64: check_coordinate_lstm_args admits nothing else, for grad
+  // and, through grad's dtype, for every other tensor.
+  dispatch_fp32_fp64(g, "grad", [&]<typename T>() {
     launch_forward<T>(shape, g, th, hc, cc, wi, wh, b, hw, hb, preprocess_p, output_scale,
                       params_out, h_out, c_out);
   });
@@ -813,8 +803,7 @@ coordinate_lstm_backward_cuda(const at::Tensor& grad_params_out,
   const at::Tensor hw = contiguous_or_undefined(head_weight);
   const at::Tensor hb = contiguous_or_undefined(head_bias);
   // The weight gradients are written even for P = 0 (zeros), so always launch.
-  dispatch_lstm_type(g.scalar_type(), [&](auto tag) {
-    using T = typename decltype(tag)::type;
+  dispatch_fp32_fp64(g, "grad", [&]<typename T>() {
     launch_backward<T>(shape, gp, gh, gc, g, hc, cc, wi, wh, b, hw, hb, preprocess_p,
                        output_scale, grad_grad, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_bias,
                        grad_head_weight, grad_head_bias);

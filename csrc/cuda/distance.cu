@@ -1,6 +1,6 @@
-// CUDA kernels of the KD-Zero distances (SPEC §6). The CPU kernels in
+// CUDA kernels of the KD-Zero distances (docs/math.md §7). The CPU kernels in
 // cpu/distance.cpp are the reference for every output, the correlation stats
-// layout included (the backward reads it).
+// (stats_layout.h) included (the backward reads them).
 //
 // Pointwise (l1, l2, smooth_l1):
 //  - forward: a grid whose size depends on numel alone walks the flat inputs
@@ -39,12 +39,14 @@
 #include "checks.h"
 #include "common.cuh"
 #include "distance.h"
-#include "kd_loss.h"
 #include "launch.cuh"
+#include "row_loss.h"
+#include "stats_layout.h"
 
 namespace distillkit {
 namespace {
 
+using device::acc_abs;
 using device::acc_t;
 using device::first_row;
 using device::for_each_pack;
@@ -55,12 +57,9 @@ using device::pack_width;
 using device::row_stride;
 using device::store_pack;
 using launch::grid_for;
+using launch::kBlockThreads;
+using launch::kWarpRowMaxCols;
 using launch::pack_aligned;
-
-constexpr int kBlockThreads = 256;
-// Contiguous rows up to this length go one per warp: a block per row would
-// leave most of its threads idle and pay block barriers for a few packs.
-constexpr int kWarpRowMaxCols = 1024;
 // Pointwise forward: at most this many blocks, hence partials. Enough to fill
 // any current GPU; fixed, so the summation order does not depend on the GPU.
 constexpr int kMaxPartials = 1024;
@@ -68,8 +67,6 @@ constexpr int kMaxPartials = 1024;
 constexpr int kTileRows = kWarpSize;
 constexpr int kSlices = kBlockThreads / kTileRows;
 
-__device__ __forceinline__ float acc_abs(float x) { return fabsf(x); }
-__device__ __forceinline__ double acc_abs(double x) { return fabs(x); }
 __device__ __forceinline__ float acc_sqrt(float x) { return sqrtf(x); }
 __device__ __forceinline__ double acc_sqrt(double x) { return sqrt(x); }
 
@@ -161,7 +158,7 @@ struct PointwiseBackwardArgs {
 
 template <typename S, typename U, typename A>
 __global__ void __launch_bounds__(kBlockThreads)
-    pointwise_forward_kernel(const PointwiseForwardArgs<S, U, A> args) {
+    pointwise_distance_forward_kernel(const PointwiseForwardArgs<S, U, A> args) {
   constexpr int kVec = pack_width<S, U>();
   __shared__ Sums<A, 1> smem[kBlockThreads / kWarpSize];
   Sums<A, 1> acc{{A(0)}};
@@ -181,7 +178,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 // a fixed-order block reduction. n = 0 writes 0 (an empty input's sum).
 template <typename A>
 __global__ void __launch_bounds__(kBlockThreads)
-    sum_partials_kernel(const A* partials, int n, A* out) {
+    pointwise_distance_sum_partials_kernel(const A* partials, int n, A* out) {
   __shared__ Sums<A, 1> smem[kBlockThreads / kWarpSize];
   Sums<A, 1> acc{{A(0)}};
   for (int k = threadIdx.x; k < n; k += kBlockThreads) acc.v[0] += partials[k];
@@ -191,7 +188,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 template <typename S, typename U, typename A>
 __global__ void __launch_bounds__(kBlockThreads)
-    pointwise_backward_kernel(const PointwiseBackwardArgs<S, U, A> args) {
+    pointwise_distance_backward_kernel(const PointwiseBackwardArgs<S, U, A> args) {
   constexpr int kVec = pack_width<S, U>();
   const A g = *args.grad;
   for_each_flat<kVec>(args.numel, args.aligned, [&](int64_t j, auto n) {
@@ -216,7 +213,7 @@ struct CorrForwardArgs {
   const S* student;
   const U* teacher;
   A* rows;   // (outer * inner,)
-  A* stats;  // (outer * inner, kCorrelationStats)
+  A* stats;  // (outer * inner, correlation_distance_stats::kCols)
   int64_t outer;
   int64_t D;
   int64_t inner;
@@ -227,7 +224,7 @@ struct CorrForwardArgs {
 template <typename S, typename U, typename A>
 struct CorrBackwardArgs {
   const A* grad_rows;  // (outer * inner,)
-  const A* stats;      // (outer * inner, kCorrelationStats), from the forward
+  const A* stats;      // (outer * inner, correlation_distance_stats::kCols), from the forward
   const S* student;
   const U* teacher;
   S* grad_student;
@@ -238,19 +235,19 @@ struct CorrBackwardArgs {
   bool aligned;  // every base pointer is aligned to a pack (inner == 1 only)
 };
 
-// Stores row r's stats [mean s, mean t, |u|, |v|, <u, v>] and its distance
+// Stores row r's stats (mean s, mean t, |u|, |v|, <u, v>) and its distance
 // 1 - <u, v> / (|u| |v| + eps), or 1 for a degenerate row (|u| = 0 or |v| = 0).
 template <typename S, typename U, typename A>
 __device__ __forceinline__ void store_row(const CorrForwardArgs<S, U, A>& args, int64_t r,
                                           A ms, A mt, A uu, A vv, A uv) {
   const A nu = acc_sqrt(uu);
   const A nv = acc_sqrt(vv);
-  A* st = args.stats + r * kCorrelationStats;
-  st[0] = ms;
-  st[1] = mt;
-  st[2] = nu;
-  st[3] = nv;
-  st[4] = uv;
+  A* st = args.stats + r * correlation_distance_stats::kCols;
+  st[correlation_distance_stats::kMeanStudent] = ms;
+  st[correlation_distance_stats::kMeanTeacher] = mt;
+  st[correlation_distance_stats::kNormStudent] = nu;
+  st[correlation_distance_stats::kNormTeacher] = nv;
+  st[correlation_distance_stats::kDot] = uv;
   args.rows[r] = (nu == A(0) || nv == A(0))
                      ? A(1)
                      : A(1) - uv / (nu * nv + static_cast<A>(kCorrelationEps));
@@ -268,9 +265,12 @@ struct CorrGrad {
 
 template <typename A>
 __device__ __forceinline__ CorrGrad<A> corr_grad(const A* stats, const A* grad_rows, int64_t r) {
-  const A* st = stats + r * kCorrelationStats;
-  const A nu = st[2], nv = st[3], dot = st[4];
-  CorrGrad<A> c{st[0], st[1], A(0), A(0), A(0)};
+  const A* st = stats + r * correlation_distance_stats::kCols;
+  const A nu = st[correlation_distance_stats::kNormStudent];
+  const A nv = st[correlation_distance_stats::kNormTeacher];
+  const A dot = st[correlation_distance_stats::kDot];
+  CorrGrad<A> c{st[correlation_distance_stats::kMeanStudent],
+                st[correlation_distance_stats::kMeanTeacher], A(0), A(0), A(0)};
   if (nu == A(0) || nv == A(0)) return c;
   const A g = grad_rows[r];
   const A den = nu * nv + static_cast<A>(kCorrelationEps);
@@ -283,7 +283,7 @@ __device__ __forceinline__ CorrGrad<A> corr_grad(const A* stats, const A* grad_r
 // inner == 1: row r is elements [r * D, (r + 1) * D).
 template <typename S, typename U, typename A, int kRowThreads>
 __global__ void __launch_bounds__(kBlockThreads)
-    corr_rows_forward_kernel(const CorrForwardArgs<S, U, A> args) {
+    correlation_distance_rows_forward_kernel(const CorrForwardArgs<S, U, A> args) {
   constexpr int kVec = pack_width<S, U>();
   __shared__ Sums<A, 2> mean_smem[kBlockThreads / kWarpSize];
   __shared__ Sums<A, 3> prod_smem[kBlockThreads / kWarpSize];
@@ -334,7 +334,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 template <typename S, typename U, typename A, int kRowThreads>
 __global__ void __launch_bounds__(kBlockThreads)
-    corr_rows_backward_kernel(const CorrBackwardArgs<S, U, A> args) {
+    correlation_distance_rows_backward_kernel(const CorrBackwardArgs<S, U, A> args) {
   constexpr int kVec = pack_width<S, U>();
   const int lane = threadIdx.x % kRowThreads;
   const int cols = static_cast<int>(args.D);
@@ -387,7 +387,7 @@ __device__ __forceinline__ Sums<A, N> slice_allreduce(Sums<A, N> v,
 // and j = slice, slice + kSlices, ...
 template <typename S, typename U, typename A>
 __global__ void __launch_bounds__(kBlockThreads)
-    corr_strided_forward_kernel(const CorrForwardArgs<S, U, A> args) {
+    correlation_distance_strided_forward_kernel(const CorrForwardArgs<S, U, A> args) {
   __shared__ Sums<A, 2> mean_smem[kSlices][kTileRows];
   __shared__ Sums<A, 3> prod_smem[kSlices][kTileRows];
   const int lane = threadIdx.x % kTileRows;
@@ -434,7 +434,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 template <typename S, typename U, typename A>
 __global__ void __launch_bounds__(kBlockThreads)
-    corr_strided_backward_kernel(const CorrBackwardArgs<S, U, A> args) {
+    correlation_distance_strided_backward_kernel(const CorrBackwardArgs<S, U, A> args) {
   const int lane = threadIdx.x % kTileRows;
   const int slice = threadIdx.x / kTileRows;
   const int64_t rows = args.outer * args.inner;
@@ -477,11 +477,11 @@ void launch_pointwise_forward(const at::Tensor& s, const at::Tensor& t, Pointwis
   args.partials = partials.data_ptr<A>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (blocks > 0) {
-    pointwise_forward_kernel<S, U, A><<<blocks, kBlockThreads, 0, stream>>>(args);
+    pointwise_distance_forward_kernel<S, U, A><<<blocks, kBlockThreads, 0, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  sum_partials_kernel<A><<<1, kBlockThreads, 0, stream>>>(args.partials, blocks,
-                                                          out.data_ptr<A>());
+  pointwise_distance_sum_partials_kernel<A>
+      <<<1, kBlockThreads, 0, stream>>>(args.partials, blocks, out.data_ptr<A>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -504,7 +504,7 @@ void launch_pointwise_backward(const at::Tensor& grad, const at::Tensor& s, cons
                  (!teacher_grad || pack_aligned<kVec>(args.grad_teacher));
   const int64_t units = args.aligned ? (args.numel + kVec - 1) / kVec : args.numel;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  pointwise_backward_kernel<S, U, A>
+  pointwise_distance_backward_kernel<S, U, A>
       <<<grid_for(units, kBlockThreads), kBlockThreads, 0, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -523,8 +523,8 @@ void launch_correlation(const Args& args, void (*strided)(Args), void (*per_warp
   if (args.inner > 1) {
     strided<<<grid_for(args.outer * args.inner, kTileRows), kBlockThreads, 0, stream>>>(args);
   } else {
-    launch::launch_row_groups<kBlockThreads>(args.D <= kWarpRowMaxCols, args.outer, per_warp,
-                                             per_block, args, stream);
+    launch::launch_row_groups(args.D <= kWarpRowMaxCols, args.outer, per_warp, per_block, args,
+                              stream);
   }
 }
 
@@ -543,9 +543,9 @@ void launch_correlation_forward(const at::Tensor& s, const at::Tensor& t, bool c
   args.inner = s.size(2);
   args.center = center;
   args.aligned = pack_aligned<kVec>(args.student) && pack_aligned<kVec>(args.teacher);
-  launch_correlation(args, corr_strided_forward_kernel<S, U, A>,
-                     corr_rows_forward_kernel<S, U, A, kWarpSize>,
-                     corr_rows_forward_kernel<S, U, A, kBlockThreads>);
+  launch_correlation(args, correlation_distance_strided_forward_kernel<S, U, A>,
+                     correlation_distance_rows_forward_kernel<S, U, A, kWarpSize>,
+                     correlation_distance_rows_forward_kernel<S, U, A, kBlockThreads>);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -568,9 +568,9 @@ void launch_correlation_backward(const at::Tensor& g, const at::Tensor& s, const
   args.aligned = pack_aligned<kVec>(args.student) && pack_aligned<kVec>(args.teacher) &&
                  pack_aligned<kVec>(args.grad_student) &&
                  (!teacher_grad || pack_aligned<kVec>(args.grad_teacher));
-  launch_correlation(args, corr_strided_backward_kernel<S, U, A>,
-                     corr_rows_backward_kernel<S, U, A, kWarpSize>,
-                     corr_rows_backward_kernel<S, U, A, kBlockThreads>);
+  launch_correlation(args, correlation_distance_strided_backward_kernel<S, U, A>,
+                     correlation_distance_rows_backward_kernel<S, U, A, kWarpSize>,
+                     correlation_distance_rows_backward_kernel<S, U, A, kBlockThreads>);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -581,11 +581,8 @@ at::Tensor pointwise_distance_forward_cuda(const at::Tensor& student, const at::
   const c10::cuda::CUDAGuard guard(student.device());
   const at::Tensor s = student.contiguous();
   const at::Tensor t = teacher.contiguous();
-  at::Tensor out = at::empty({}, s.options().dtype(kd_loss_acc_type(s)));
-  dispatch_input_types(s.scalar_type(), t.scalar_type(), "student", "teacher",
-                               [&](auto s_tag, auto t_tag) {
-    using S = typename decltype(s_tag)::type;
-    using U = typename decltype(t_tag)::type;
+  at::Tensor out = at::empty({}, s.options().dtype(acc_scalar_type(s)));
+  dispatch_input_types(s, "student", t, "teacher", [&]<typename S, typename U>() {
     launch_pointwise_forward<S, U>(s, t, op, out);
   });
   return out;
@@ -597,7 +594,7 @@ std::tuple<at::Tensor, at::Tensor> pointwise_distance_backward_cuda(
   check_distance_inputs(student, teacher, -1);
   const PointwiseOp op = parse_pointwise_op(op_name);
   // The kernels read grad on the device: no .item() host sync.
-  const auto acc = kd_loss_acc_type(student);
+  const auto acc = acc_scalar_type(student);
   DK_CHECK(grad.numel() == 1 && grad.scalar_type() == acc, "grad must be a one-element ", acc,
            " tensor (got ", grad.sizes(), " ", grad.scalar_type(), ")");
   DK_CHECK_SAME_DEVICE(grad, "grad", student, "student");
@@ -607,10 +604,7 @@ std::tuple<at::Tensor, at::Tensor> pointwise_distance_backward_cuda(
   at::Tensor gs = at::empty_like(s);
   at::Tensor gt = teacher_grad ? at::empty_like(t) : at::empty({0}, t.options());
   if (s.numel() == 0) return {gs, gt};
-  dispatch_input_types(s.scalar_type(), t.scalar_type(), "student", "teacher",
-                               [&](auto s_tag, auto t_tag) {
-    using S = typename decltype(s_tag)::type;
-    using U = typename decltype(t_tag)::type;
+  dispatch_input_types(s, "student", t, "teacher", [&]<typename S, typename U>() {
     launch_pointwise_backward<S, U>(grad, s, t, op, gs, gt, teacher_grad);
   });
   return {gs, gt};
@@ -624,14 +618,11 @@ std::tuple<at::Tensor, at::Tensor> correlation_distance_forward_cuda(
   const at::Tensor s = student.contiguous();
   const at::Tensor t = teacher.contiguous();
   const int64_t outer = s.size(0), inner = s.size(2);
-  const auto opts = s.options().dtype(kd_loss_acc_type(s));
+  const auto opts = s.options().dtype(acc_scalar_type(s));
   at::Tensor rows = at::empty({outer, inner}, opts);
-  at::Tensor stats = at::empty({outer, inner, kCorrelationStats}, opts);
+  at::Tensor stats = at::empty({outer, inner, correlation_distance_stats::kCols}, opts);
   if (rows.numel() == 0) return {rows, stats};
-  dispatch_input_types(s.scalar_type(), t.scalar_type(), "student", "teacher",
-                               [&](auto s_tag, auto t_tag) {
-    using S = typename decltype(s_tag)::type;
-    using U = typename decltype(t_tag)::type;
+  dispatch_input_types(s, "student", t, "teacher", [&]<typename S, typename U>() {
     launch_correlation_forward<S, U>(s, t, center, rows, stats);
   });
   return {rows, stats};
@@ -642,7 +633,7 @@ std::tuple<at::Tensor, at::Tensor> correlation_distance_backward_cuda(
     const at::Tensor& grad_rows, const at::Tensor& student, const at::Tensor& teacher,
     const at::Tensor& stats, bool /*center*/, bool teacher_grad) {
   check_distance_inputs(student, teacher, 3);
-  check_correlation_backward_args(grad_rows, stats, student);
+  check_correlation_distance_backward_args(grad_rows, stats, student);
   check_row_fits(student.size(1), student.size(2));
   const c10::cuda::CUDAGuard guard(student.device());
   const at::Tensor s = student.contiguous();
@@ -652,10 +643,7 @@ std::tuple<at::Tensor, at::Tensor> correlation_distance_backward_cuda(
   at::Tensor gs = at::empty_like(s);
   at::Tensor gt = teacher_grad ? at::empty_like(t) : at::empty({0}, t.options());
   if (s.numel() == 0) return {gs, gt};
-  dispatch_input_types(s.scalar_type(), t.scalar_type(), "student", "teacher",
-                               [&](auto s_tag, auto t_tag) {
-    using S = typename decltype(s_tag)::type;
-    using U = typename decltype(t_tag)::type;
+  dispatch_input_types(s, "student", t, "teacher", [&]<typename S, typename U>() {
     launch_correlation_backward<S, U>(g, s, t, st, gs, gt, teacher_grad);
   });
   return {gs, gt};

@@ -1,5 +1,5 @@
-// CUDA kernels for kd_loss (SPEC §1); the math and the stats layout are in
-// kd_loss.h.
+// CUDA kernels for kd_loss (docs/math.md §1); the math is in kd_loss.h, the
+// stats layout in stats_layout.h.
 //
 // Mapping: one row per thread group, a warp for C <= kWarpRowMaxCols and the
 // whole block otherwise, so a row's reductions never leave the block (no
@@ -31,6 +31,8 @@
 #include "common.cuh"
 #include "kd_loss.h"
 #include "launch.cuh"
+#include "row_loss.h"
+#include "stats_layout.h"
 
 namespace distillkit {
 namespace {
@@ -46,13 +48,9 @@ using device::pack_width;
 using device::row_stride;
 using device::store_pack;
 using device::xmul;
+using launch::kBlockThreads;
+using launch::kWarpRowMaxCols;
 using launch::pack_aligned;
-
-constexpr int kBlockThreads = 256;
-// Rows up to this length go one per warp (at most 32 values per lane for
-// 2-byte logits): a block per row would leave most of its threads idle and
-// pay block barriers for a few packs.
-constexpr int kWarpRowMaxCols = 1024;
 
 // Per-launch scalars, resolved on the host in double and rounded once.
 template <typename A>
@@ -81,7 +79,7 @@ struct ForwardArgs {
   const U* teacher;
   const int64_t* labels;  // nullptr without labels
   A* loss;                // (N,)
-  A* stats;               // (N, kStatsCols)
+  A* stats;               // (N, kd_loss_stats::kCols)
   KDScalars<A> k;
 };
 
@@ -91,7 +89,7 @@ struct BackwardArgs {
   const S* student;
   const U* teacher;
   const int64_t* labels;  // nullptr without labels
-  const A* stats;         // (N, kStatsCols), from the forward
+  const A* stats;         // (N, kd_loss_stats::kCols), from the forward
   S* grad_student;
   U* grad_teacher;        // nullptr unless the teacher gradient is wanted
   KDScalars<A> k;
@@ -147,13 +145,13 @@ __global__ void __launch_bounds__(kBlockThreads)
   for (int64_t row = first_row<kBlockThreads, kRowThreads>(); row < k.rows;
        row += row_stride<kBlockThreads, kRowThreads>()) {
     const int64_t label = k.has_labels ? args.labels[row] : 0;
-    A* stats = args.stats + row * kStatsCols;
+    A* stats = args.stats + row * kd_loss_stats::kCols;
     if (k.has_labels && label == k.ignore_index) {
       // Ignored rows skip both passes; their zero stats are never read.
       if (lane == 0) {
         args.loss[row] = A(0);
 #pragma unroll
-        for (int c = 0; c < kStatsCols; ++c) stats[c] = A(0);
+        for (int c = 0; c < kd_loss_stats::kCols; ++c) stats[c] = A(0);
       }
       continue;
     }
@@ -239,17 +237,17 @@ __global__ void __launch_bounds__(kBlockThreads)
 
     if (lane == 0) {
       // lse(z) costs a third online stream, so it is tracked only when the
-      // hard term needs it and T != 1; otherwise stats[:, 2] repeats
+      // hard term needs it and T != 1; otherwise its column repeats
       // lse(z/T), as the CPU kernel does (the backward never reads it then).
       const A lse_z1 = track_z1 ? st.z1.lse() : lse_z;
       A loss = k.soft_scale * soft;
       if (k.hard) loss += k.hard_weight * (lse_z1 - static_cast<A>(z[label]));
       args.loss[row] = loss;
-      stats[0] = lse_z;
-      stats[1] = lse_u;
-      stats[2] = lse_z1;
-      stats[3] = d_student;
-      stats[4] = d_teacher;
+      stats[kd_loss_stats::kLseStudent] = lse_z;
+      stats[kd_loss_stats::kLseTeacher] = lse_u;
+      stats[kd_loss_stats::kLseStudentT1] = lse_z1;
+      stats[kd_loss_stats::kDStudent] = d_student;
+      stats[kd_loss_stats::kDTeacher] = d_teacher;
     }
   }
 }
@@ -280,12 +278,12 @@ __global__ void __launch_bounds__(kBlockThreads)
       continue;
     }
 
-    const A* stats = args.stats + row * kStatsCols;
-    const A lse_z = stats[0];
-    const A lse_u = stats[1];
-    const A lse_z1 = stats[2];
-    const A d_student = stats[3];
-    const A d_teacher = stats[4];
+    const A* stats = args.stats + row * kd_loss_stats::kCols;
+    const A lse_z = stats[kd_loss_stats::kLseStudent];
+    const A lse_u = stats[kd_loss_stats::kLseTeacher];
+    const A lse_z1 = stats[kd_loss_stats::kLseStudentT1];
+    const A d_student = stats[kd_loss_stats::kDStudent];
+    const A d_teacher = stats[kd_loss_stats::kDTeacher];
     const A g = args.grad_loss[row];
     const A c = g * k.soft_grad_scale;
     // JSD weights its two KL terms by 1 - beta (student) and beta (teacher).
@@ -369,7 +367,7 @@ void launch_forward(const at::Tensor& z, const at::Tensor& u, const at::Tensor& 
   args.loss = loss.data_ptr<A>();
   args.stats = stats.data_ptr<A>();
   args.k = make_scalars<A>(p, pack_aligned<kVec>(args.student) && pack_aligned<kVec>(args.teacher));
-  launch::launch_row_groups<kBlockThreads>(
+  launch::launch_row_groups(
       p.cols <= kWarpRowMaxCols, p.rows, kd_loss_forward_kernel<S, U, A, kWarpSize>,
       kd_loss_forward_kernel<S, U, A, kBlockThreads>, args, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -393,7 +391,7 @@ void launch_backward(const at::Tensor& grad_loss, const at::Tensor& z, const at:
                        pack_aligned<kVec>(args.grad_student) &&
                        (!teacher_grad || pack_aligned<kVec>(args.grad_teacher));
   args.k = make_scalars<A>(p, aligned);
-  launch::launch_row_groups<kBlockThreads>(
+  launch::launch_row_groups(
       p.cols <= kWarpRowMaxCols, p.rows, kd_loss_backward_kernel<S, U, A, kWarpSize>,
       kd_loss_backward_kernel<S, U, A, kBlockThreads>, args, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -414,18 +412,16 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_forward_cuda(
       ignore_index, scale_by_t2, /*check_label_range=*/true);
   launch::check_cols_fit(p.cols, "student_logits", "classes");
   const c10::cuda::CUDAGuard guard(student_logits.device());
-  const auto acc_options = student_logits.options().dtype(kd_loss_acc_type(student_logits));
+  const auto acc_options = student_logits.options().dtype(acc_scalar_type(student_logits));
   at::Tensor loss = at::empty({p.rows}, acc_options);
-  at::Tensor stats = at::empty({p.rows, kStatsCols}, acc_options);
+  at::Tensor stats = at::empty({p.rows, kd_loss_stats::kCols}, acc_options);
   if (p.rows == 0) return {loss, stats};
 
   const at::Tensor z = student_logits.contiguous();
   const at::Tensor u = teacher_logits.contiguous();
   const at::Tensor y = p.has_labels ? labels->contiguous() : at::Tensor();
-  dispatch_input_types(z.scalar_type(), u.scalar_type(), "student_logits",
-                               "teacher_logits", [&](auto s_tag, auto t_tag) {
-    using S = typename decltype(s_tag)::type;
-    using U = typename decltype(t_tag)::type;
+  dispatch_input_types(z, "student_logits", u, "teacher_logits",
+                       [&]<typename S, typename U>() {
     launch_forward<S, U>(z, u, y, loss, stats, p);
   });
   return {loss, stats};
@@ -460,10 +456,8 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_backward_cuda(
   const at::Tensor u = teacher_logits.contiguous();
   const at::Tensor y = p.has_labels ? labels->contiguous() : at::Tensor();
   const at::Tensor s = stats.contiguous();
-  dispatch_input_types(z.scalar_type(), u.scalar_type(), "student_logits",
-                               "teacher_logits", [&](auto s_tag, auto t_tag) {
-    using S = typename decltype(s_tag)::type;
-    using U = typename decltype(t_tag)::type;
+  dispatch_input_types(z, "student_logits", u, "teacher_logits",
+                       [&]<typename S, typename U>() {
     launch_backward<S, U>(g, z, u, y, s, grad_z, grad_u, teacher_grad, p);
   });
   return {grad_z, grad_u};

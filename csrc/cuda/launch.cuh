@@ -1,10 +1,9 @@
-// Host-side helpers shared by the CUDA ops: pack alignment, grid sizes, the launch of a row-group kernel
-// and the check that a row's columns fit the kernels' int indices.
+// Host-side helpers shared by the CUDA ops: the launch constants, pack
+// alignment, grid sizes, the launch of a row-group kernel and the check that a
+// row's columns fit the kernels' int indices. The dtype dispatch is
+// dispatch.h's, shared with the CPU host code.
 #pragma once
 
-#include <c10/core/ScalarType.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -17,6 +16,14 @@
 
 namespace distillkit {
 namespace launch {
+
+// Threads per block of the row kernels (kd_loss, sparse_kd_loss, slam_loss,
+// the distances); their __launch_bounds__ and row loops are compiled for it.
+constexpr int kBlockThreads = 256;
+// Contiguous rows up to this length go one per warp (at most 32 values per
+// lane for 2-byte inputs): a block per row would leave most of its threads
+// idle and pay block barriers for a few packs.
+constexpr int kWarpRowMaxCols = 1024;
 
 template <int kVec, typename T>
 bool pack_aligned(const T* p) {
@@ -31,10 +38,10 @@ inline dim3 grid_for(int64_t units, int64_t per_block) {
       std::min<int64_t>(blocks, std::numeric_limits<int32_t>::max())));
 }
 
-// Launches a kernel that takes one row per group of threads (see
-// device::first_row): per_warp, a row per warp, when warp_rows, else
-// per_block, a row per block. The caller checks the launch.
-template <int kBlockThreads, typename Args>
+// Launches a kernel of kBlockThreads threads that takes one row per group of
+// threads (see device::first_row): per_warp, a row per warp, when warp_rows,
+// else per_block, a row per block. The caller checks the launch.
+template <typename Args>
 void launch_row_groups(bool warp_rows, int64_t rows, void (*per_warp)(Args),
                        void (*per_block)(Args), const Args& args, cudaStream_t stream) {
   if (warp_rows) {

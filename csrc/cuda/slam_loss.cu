@@ -1,6 +1,6 @@
-// CUDA kernels for slam_loss (SPEC §2); the math and the stats layout are in
-// slam_loss.h, and the CPU kernel (csrc/cpu/slam_loss.cpp) is the reference
-// for every stat the backward reads.
+// CUDA kernels for slam_loss (docs/math.md §5); the math is in slam_loss.h,
+// the stats layout in stats_layout.h, and the CPU kernel
+// (csrc/cpu/slam_loss.cpp) is the reference for every stat the backward reads.
 //
 // Mapping: one row per block of kBlockThreads threads (a grid-stride loop
 // over rows), so every row reduction stays in the block: warp shuffles, then
@@ -41,6 +41,7 @@
 #include "common.cuh"
 #include "launch.cuh"
 #include "slam_loss.h"
+#include "stats_layout.h"
 
 namespace distillkit {
 namespace {
@@ -57,9 +58,8 @@ using device::pack_width;
 using device::store_pack;
 using device::xmul;
 using launch::grid_for;
+using launch::kBlockThreads;
 using launch::pack_aligned;
-
-constexpr int kBlockThreads = 256;
 
 // Radix keys of teacher values in the accumulator type.
 template <typename A>
@@ -86,7 +86,7 @@ struct ForwardArgs {
   const A* alpha;     // (N,)
   const int64_t* k;   // (N,)
   A* loss;            // (N,)
-  A* stats;           // (N, kSlamStatsCols)
+  A* stats;           // (N, slam_loss_stats::kCols)
   SlamScalars p;
 };
 
@@ -97,7 +97,7 @@ struct BackwardArgs {
   const T* teacher;
   const A* alpha;
   const int64_t* k;
-  const A* stats;      // (N, kSlamStatsCols), from either backend's forward
+  const A* stats;      // (N, slam_loss_stats::kCols), from either backend's forward
   S* grad_student;
   SlamScalars p;
 };
@@ -330,14 +330,14 @@ __global__ void __launch_bounds__(kBlockThreads)
     }
 
     if (tid == 0) {
-      A* st = args.stats + row * kSlamStatsCols;
+      A* st = args.stats + row * slam_loss_stats::kCols;
       args.loss[row] = loss;
-      st[0] = lse;
-      st[1] = thr;
-      st[2] = static_cast<A>(ties);
-      st[3] = static_cast<A>(yhat);
-      st[4] = t_sum;
-      st[5] = s;
+      st[slam_loss_stats::kLseStudent] = lse;
+      st[slam_loss_stats::kThreshold] = thr;
+      st[slam_loss_stats::kTies] = static_cast<A>(ties);
+      st[slam_loss_stats::kTeacherArgmax] = static_cast<A>(yhat);
+      st[slam_loss_stats::kTeacherMass] = t_sum;
+      st[slam_loss_stats::kHSum] = s;
     }
   }
 }
@@ -355,15 +355,15 @@ __global__ void __launch_bounds__(kBlockThreads)
     const S* z = args.student + row_start;
     const T* t = args.teacher + row_start;
     S* dz = args.grad_student + row_start;
-    const A* st = args.stats + row * kSlamStatsCols;
-    const A lse = st[0];
-    const A s = st[5];
+    const A* st = args.stats + row * slam_loss_stats::kCols;
+    const A lse = st[slam_loss_stats::kLseStudent];
+    const A s = st[slam_loss_stats::kHSum];
     const A g = args.grad_loss[row];
     const Mix<A> mix(args.alpha[row], args.k[row], p.normalized);
 
     if (p.hard) {
       // h is 0 everywhere but at yhat, where t is taken as 1.
-      const int yhat = static_cast<int>(st[3]);
+      const int yhat = static_cast<int>(st[slam_loss_stats::kTeacherArgmax]);
       for_each_pack<kVec>(row_start, p.cols, p.aligned, tid, kBlockThreads, [&](int col, auto n) {
         constexpr int N = decltype(n)::value;
         A zr[N], gz[N];
@@ -382,8 +382,10 @@ __global__ void __launch_bounds__(kBlockThreads)
       continue;
     }
 
-    const Members<A> m{st[1], tie_cut<kVec>(t, row_start, p, st[1], static_cast<int>(st[2]),
-                                            /*count_eq=*/-1, select_smem)};
+    const A thr = st[slam_loss_stats::kThreshold];
+    const int ties = static_cast<int>(st[slam_loss_stats::kTies]);
+    const Members<A> m{thr, tie_cut<kVec>(t, row_start, p, thr, ties, /*count_eq=*/-1,
+                                          select_smem)};
     for_each_pack<kVec>(row_start, p.cols, p.aligned, tid, kBlockThreads, [&](int col, auto n) {
       constexpr int N = decltype(n)::value;
       A zr[N], tr[N], gz[N];
@@ -408,18 +410,18 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 // Columns are int indices on the device (and ties/yhat are saved in the acc
 // type, exact up to 2^24 classes for fp32, as on the CPU).
-void check_cols_fit(const SlamParams& p) {
+void check_cols_fit(const SlamLossParams& p) {
   launch::check_cols_fit(p.cols, "student_logits", "classes");
 }
 
-SlamScalars make_scalars(const SlamParams& p, bool aligned) {
+SlamScalars make_scalars(const SlamLossParams& p, bool aligned) {
   return SlamScalars{p.rows, static_cast<int>(p.cols), p.normalized, p.hard, aligned};
 }
 
 template <typename S, typename T>
 void launch_forward(const at::Tensor& z, const at::Tensor& t, const at::Tensor& alpha,
                     const at::Tensor& k, at::Tensor& loss, at::Tensor& stats,
-                    const SlamParams& p) {
+                    const SlamLossParams& p) {
   using A = acc_t<S>;
   constexpr int kVec = pack_width<S, T>();
   ForwardArgs<S, T, A> args;
@@ -438,7 +440,7 @@ void launch_forward(const at::Tensor& z, const at::Tensor& t, const at::Tensor& 
 template <typename S, typename T>
 void launch_backward(const at::Tensor& grad_loss, const at::Tensor& z, const at::Tensor& t,
                      const at::Tensor& alpha, const at::Tensor& k, const at::Tensor& stats,
-                     at::Tensor& grad, const SlamParams& p) {
+                     at::Tensor& grad, const SlamLossParams& p) {
   using A = acc_t<S>;
   constexpr int kVec = pack_width<S, T>();
   BackwardArgs<S, T, A> args;
@@ -459,22 +461,20 @@ void launch_backward(const at::Tensor& grad_loss, const at::Tensor& z, const at:
 std::tuple<at::Tensor, at::Tensor> slam_loss_forward_cuda(
     const at::Tensor& student_logits, const at::Tensor& teacher_probs, const at::Tensor& alpha,
     const at::Tensor& k, bool normalized, bool hard) {
-  const SlamParams p = check_slam_args(student_logits, teacher_probs, alpha, k, normalized, hard,
-                                       /*check_values=*/true);
+  const SlamLossParams p = check_slam_loss_args(student_logits, teacher_probs, alpha, k,
+                                               normalized, hard, /*check_values=*/true);
   check_cols_fit(p);
   const c10::cuda::CUDAGuard guard(student_logits.device());
   at::Tensor loss = at::empty({p.rows}, alpha.options());
-  at::Tensor stats = at::empty({p.rows, kSlamStatsCols}, alpha.options());
+  at::Tensor stats = at::empty({p.rows, slam_loss_stats::kCols}, alpha.options());
   if (p.rows == 0) return {loss, stats};
 
   const at::Tensor z = student_logits.contiguous();
   const at::Tensor t = teacher_probs.contiguous();
   const at::Tensor al = alpha.contiguous();
   const at::Tensor kk = k.contiguous();
-  dispatch_input_types(z.scalar_type(), t.scalar_type(), "student_logits",
-                               "teacher_probs", [&](auto s_tag, auto t_tag) {
-    using S = typename decltype(s_tag)::type;
-    using T = typename decltype(t_tag)::type;
+  dispatch_input_types(z, "student_logits", t, "teacher_probs",
+                       [&]<typename S, typename T>() {
     launch_forward<S, T>(z, t, al, kk, loss, stats, p);
   });
   return {loss, stats};
@@ -484,9 +484,9 @@ at::Tensor slam_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor
                                    const at::Tensor& teacher_probs, const at::Tensor& alpha,
                                    const at::Tensor& k, const at::Tensor& stats, bool normalized,
                                    bool hard) {
-  const SlamParams p = check_slam_args(student_logits, teacher_probs, alpha, k, normalized, hard,
-                                       /*check_values=*/false);
-  check_slam_backward_args(grad_loss, stats, student_logits, p);
+  const SlamLossParams p = check_slam_loss_args(student_logits, teacher_probs, alpha, k,
+                                               normalized, hard, /*check_values=*/false);
+  check_slam_loss_backward_args(grad_loss, stats, student_logits, p);
   check_cols_fit(p);
   const c10::cuda::CUDAGuard guard(student_logits.device());
   at::Tensor grad = at::empty({p.rows, p.cols}, student_logits.options());
@@ -498,10 +498,8 @@ at::Tensor slam_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor
   const at::Tensor al = alpha.contiguous();
   const at::Tensor kk = k.contiguous();
   const at::Tensor st = stats.contiguous();
-  dispatch_input_types(z.scalar_type(), t.scalar_type(), "student_logits",
-                               "teacher_probs", [&](auto s_tag, auto t_tag) {
-    using S = typename decltype(s_tag)::type;
-    using T = typename decltype(t_tag)::type;
+  dispatch_input_types(z, "student_logits", t, "teacher_probs",
+                       [&]<typename S, typename T>() {
     launch_backward<S, T>(g, z, t, al, kk, st, grad, p);
   });
   return grad;

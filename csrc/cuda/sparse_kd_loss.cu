@@ -1,5 +1,5 @@
-// CUDA kernels for sparse_kd_loss (SPEC §1d); the math and the stats layout
-// are in sparse_kd_loss.h.
+// CUDA kernels for sparse_kd_loss (docs/math.md §4); the math is in
+// sparse_kd_loss.h, the stats layout in stats_layout.h.
 //
 // Mapping as in kd_loss.cu: one row per thread group, a warp for C <=
 // kWarpRowMaxCols and the whole block otherwise, so a row's reductions never
@@ -31,9 +31,10 @@
 
 #include "checks.h"
 #include "common.cuh"
-#include "kd_loss.h"
 #include "launch.cuh"
+#include "row_loss.h"
 #include "sparse_kd_loss.h"
+#include "stats_layout.h"
 
 namespace distillkit {
 namespace {
@@ -48,11 +49,9 @@ using device::OnlineLSE;
 using device::row_stride;
 using device::store_pack;
 using device::xmul;
+using launch::kBlockThreads;
+using launch::kWarpRowMaxCols;
 using launch::pack_aligned;
-
-constexpr int kBlockThreads = 256;
-// Rows up to this length go one per warp, as in kd_loss.cu.
-constexpr int kWarpRowMaxCols = 1024;
 
 // Per-launch scalars, resolved on the host in double and rounded once.
 template <typename A>
@@ -76,7 +75,7 @@ struct ForwardArgs {
   const L* logprobs;     // (N, K)
   const int64_t* labels; // nullptr without labels
   A* loss;               // (N,)
-  A* stats;              // (N, kSparseStatsCols)
+  A* stats;              // (N, sparse_kd_loss_stats::kCols)
   SparseScalars<A> k;
 };
 
@@ -87,7 +86,7 @@ struct BackwardArgs {
   const int64_t* index;
   const L* logprobs;
   const int64_t* labels; // nullptr without labels
-  const A* stats;        // (N, kSparseStatsCols), from the forward
+  const A* stats;        // (N, sparse_kd_loss_stats::kCols), from the forward
   S* grad_student;
   SparseScalars<A> k;
 };
@@ -130,7 +129,7 @@ __device__ __forceinline__ void write_row(const RowState<A>& st, const SparseSca
   if (st.kept == A(0)) {  // all padding: a dead row
     *loss = A(0);
 #pragma unroll
-    for (int c = 0; c < kSparseStatsCols; ++c) stats[c] = A(0);
+    for (int c = 0; c < sparse_kd_loss_stats::kCols; ++c) stats[c] = A(0);
     return;
   }
   const A lse_z = st.z.lse();
@@ -150,9 +149,9 @@ __device__ __forceinline__ void write_row(const RowState<A>& st, const SparseSca
     soft = xmul(mass, st.t.a / st.t.s + lse_z);
   }
   *loss = k.soft_scale * soft;
-  stats[0] = lse_z;
-  stats[1] = k.renormalize ? lse_t : A(0);
-  stats[2] = mass;
+  stats[sparse_kd_loss_stats::kLseStudent] = lse_z;
+  stats[sparse_kd_loss_stats::kTeacherLogNormalizer] = k.renormalize ? lse_t : A(0);
+  stats[sparse_kd_loss_stats::kTeacherMass] = mass;
 }
 
 template <typename S, typename L, typename A, int kRowThreads>
@@ -165,12 +164,12 @@ __global__ void __launch_bounds__(kBlockThreads)
 
   for (int64_t row = first_row<kBlockThreads, kRowThreads>(); row < k.rows;
        row += row_stride<kBlockThreads, kRowThreads>()) {
-    A* stats = args.stats + row * kSparseStatsCols;
+    A* stats = args.stats + row * sparse_kd_loss_stats::kCols;
     if (k.has_labels && args.labels[row] == k.ignore_index) {
       if (lane == 0) {
         args.loss[row] = A(0);
 #pragma unroll
-        for (int c = 0; c < kSparseStatsCols; ++c) stats[c] = A(0);
+        for (int c = 0; c < sparse_kd_loss_stats::kCols; ++c) stats[c] = A(0);
       }
       continue;
     }
@@ -214,8 +213,8 @@ __global__ void __launch_bounds__(kBlockThreads)
     const int64_t row_start = row * k.cols;
     const S* z = args.student + row_start;
     S* dz = args.grad_student + row_start;
-    const A* stats = args.stats + row * kSparseStatsCols;
-    const A mass = stats[2];
+    const A* stats = args.stats + row * sparse_kd_loss_stats::kCols;
+    const A mass = stats[sparse_kd_loss_stats::kTeacherMass];
 
     if ((k.has_labels && args.labels[row] == k.ignore_index) || mass == A(0)) {
       for_each_pack<kVec>(row_start, k.cols, k.aligned, lane, kRowThreads, [&](int col, auto n) {
@@ -226,8 +225,8 @@ __global__ void __launch_bounds__(kBlockThreads)
       continue;
     }
 
-    const A lse_z = stats[0];
-    const A log_norm = stats[1];
+    const A lse_z = stats[sparse_kd_loss_stats::kLseStudent];
+    const A log_norm = stats[sparse_kd_loss_stats::kTeacherLogNormalizer];
     const A c = args.grad_loss[row] * k.soft_grad_scale;
     const A cm = c * mass;
     for_each_pack<kVec>(row_start, k.cols, k.aligned, lane, kRowThreads, [&](int col, auto n) {
@@ -255,7 +254,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 // ---------------------------------------------------------------- host side
 
 template <typename A>
-SparseScalars<A> make_scalars(const SparseKDParams& p, bool aligned) {
+SparseScalars<A> make_scalars(const SparseKDLossParams& p, bool aligned) {
   SparseScalars<A> k;
   k.rows = p.rows;
   k.cols = static_cast<int>(p.cols);
@@ -273,7 +272,7 @@ SparseScalars<A> make_scalars(const SparseKDParams& p, bool aligned) {
 template <typename S, typename L>
 void launch_forward(const at::Tensor& z, const at::Tensor& idx, const at::Tensor& lp,
                     const at::Tensor& labels, at::Tensor& loss, at::Tensor& stats,
-                    const SparseKDParams& p) {
+                    const SparseKDLossParams& p) {
   using A = acc_t<S>;
   constexpr int kVec = 16 / sizeof(S);
   ForwardArgs<S, L, A> args;
@@ -284,7 +283,7 @@ void launch_forward(const at::Tensor& z, const at::Tensor& idx, const at::Tensor
   args.loss = loss.data_ptr<A>();
   args.stats = stats.data_ptr<A>();
   args.k = make_scalars<A>(p, pack_aligned<kVec>(args.student));
-  launch::launch_row_groups<kBlockThreads>(
+  launch::launch_row_groups(
       p.cols <= kWarpRowMaxCols, p.rows, sparse_kd_loss_forward_kernel<S, L, A, kWarpSize>,
       sparse_kd_loss_forward_kernel<S, L, A, kBlockThreads>, args,
       c10::cuda::getCurrentCUDAStream());
@@ -294,7 +293,7 @@ void launch_forward(const at::Tensor& z, const at::Tensor& idx, const at::Tensor
 template <typename S, typename L>
 void launch_backward(const at::Tensor& grad_loss, const at::Tensor& z, const at::Tensor& idx,
                      const at::Tensor& lp, const at::Tensor& labels, const at::Tensor& stats,
-                     at::Tensor& grad_z, const SparseKDParams& p) {
+                     at::Tensor& grad_z, const SparseKDLossParams& p) {
   using A = acc_t<S>;
   constexpr int kVec = 16 / sizeof(S);
   BackwardArgs<S, L, A> args;
@@ -306,7 +305,7 @@ void launch_backward(const at::Tensor& grad_loss, const at::Tensor& z, const at:
   args.stats = stats.data_ptr<A>();
   args.grad_student = grad_z.data_ptr<S>();
   args.k = make_scalars<A>(p, pack_aligned<kVec>(args.student) && pack_aligned<kVec>(args.grad_student));
-  launch::launch_row_groups<kBlockThreads>(
+  launch::launch_row_groups(
       p.cols <= kWarpRowMaxCols, p.rows, sparse_kd_loss_backward_kernel<S, L, A, kWarpSize>,
       sparse_kd_loss_backward_kernel<S, L, A, kBlockThreads>, args,
       c10::cuda::getCurrentCUDAStream());
@@ -323,24 +322,22 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_forward_cuda(
     int64_t ignore_index,
     bool scale_by_t2,
     bool check_duplicates) {
-  const SparseKDParams p = check_sparse_kd_loss_args(
+  const SparseKDLossParams p = check_sparse_kd_loss_args(
       student_logits, teacher_indices, teacher_logprobs, labels, temperature, renormalize,
       ignore_index, scale_by_t2, /*check_indices=*/true, check_duplicates);
   launch::check_cols_fit(p.cols, "student_logits", "classes");
   const c10::cuda::CUDAGuard guard(student_logits.device());
-  const auto acc_options = student_logits.options().dtype(kd_loss_acc_type(student_logits));
+  const auto acc_options = student_logits.options().dtype(acc_scalar_type(student_logits));
   at::Tensor loss = at::empty({p.rows}, acc_options);
-  at::Tensor stats = at::empty({p.rows, kSparseStatsCols}, acc_options);
+  at::Tensor stats = at::empty({p.rows, sparse_kd_loss_stats::kCols}, acc_options);
   if (p.rows == 0) return {loss, stats};
 
   const at::Tensor z = student_logits.contiguous();
   const at::Tensor idx = teacher_indices.contiguous();
   const at::Tensor lp = teacher_logprobs.contiguous();
   const at::Tensor y = p.has_labels ? labels->contiguous() : at::Tensor();
-  dispatch_input_types(z.scalar_type(), lp.scalar_type(), "student_logits",
-                               "teacher_logprobs", [&](auto s_tag, auto l_tag) {
-    using S = typename decltype(s_tag)::type;
-    using L = typename decltype(l_tag)::type;
+  dispatch_input_types(z, "student_logits", lp, "teacher_logprobs",
+                       [&]<typename S, typename L>() {
     launch_forward<S, L>(z, idx, lp, y, loss, stats, p);
   });
   return {loss, stats};
@@ -357,7 +354,7 @@ at::Tensor sparse_kd_loss_backward_cuda(
     bool renormalize,
     int64_t ignore_index,
     bool scale_by_t2) {
-  const SparseKDParams p = check_sparse_kd_loss_args(
+  const SparseKDLossParams p = check_sparse_kd_loss_args(
       student_logits, teacher_indices, teacher_logprobs, labels, temperature, renormalize,
       ignore_index, scale_by_t2, /*check_indices=*/false, /*check_duplicates=*/false);
   check_sparse_kd_loss_backward_args(grad_loss, stats, student_logits, p);
@@ -372,10 +369,8 @@ at::Tensor sparse_kd_loss_backward_cuda(
   const at::Tensor lp = teacher_logprobs.contiguous();
   const at::Tensor y = p.has_labels ? labels->contiguous() : at::Tensor();
   const at::Tensor s = stats.contiguous();
-  dispatch_input_types(z.scalar_type(), lp.scalar_type(), "student_logits",
-                               "teacher_logprobs", [&](auto s_tag, auto l_tag) {
-    using S = typename decltype(s_tag)::type;
-    using L = typename decltype(l_tag)::type;
+  dispatch_input_types(z, "student_logits", lp, "teacher_logprobs",
+                       [&]<typename S, typename L>() {
     launch_backward<S, L>(g, z, idx, lp, y, s, grad_z, p);
   });
   return grad_z;

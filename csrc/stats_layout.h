@@ -1,0 +1,94 @@
+// The per-row statistics that the forwards return and the backwards read back
+// instead of an N x C buffer: one named column per value, and the only
+// definition of each layout. The CPU and CUDA kernels index stats by these
+// names; the Python module exports the same tables (python/module.cpp) as
+// distillkit._C.<op>_stats_layout (name -> column) and <op>_stats_cols.
+#pragma once
+
+namespace distillkit {
+
+// A column as Python sees it: its name and its index.
+struct StatsColumn {
+  const char* name;
+  int index;
+};
+
+// kd_loss_forward: stats (N, kCols). With zs = z/T and us = u/T (D_student
+// and D_teacher as defined in kd_loss.h); ignored rows are all zeros.
+namespace kd_loss_stats {
+enum Column : int {
+  kLseStudent,    // lse(zs)
+  kLseTeacher,    // lse(us)
+  kLseStudentT1,  // lse(z), the hard term's; repeats lse(zs) unless the hard term is on and T != 1
+  kDStudent,      // D_student
+  kDTeacher,      // D_teacher
+  kCols
+};
+inline constexpr StatsColumn kColumns[] = {
+    {"lse_student", kLseStudent}, {"lse_teacher", kLseTeacher},
+    {"lse_student_t1", kLseStudentT1}, {"d_student", kDStudent}, {"d_teacher", kDTeacher}};
+}  // namespace kd_loss_stats
+
+// slam_loss_forward: stats (N, kCols), in the notation of slam_loss.h.
+namespace slam_loss_stats {
+enum Column : int {
+  kLseStudent,     // lse(z)
+  kThreshold,      // thr, the k-th largest teacher probability
+  kTies,           // entries equal to thr taken into the top-k set M
+  kTeacherArgmax,  // yhat = argmax t (the first one)
+  kTeacherMass,    // sum_i t_i (soft) or 1 (hard)
+  kHSum,           // S = sum_i h_i
+  kCols
+};
+inline constexpr StatsColumn kColumns[] = {
+    {"lse_student", kLseStudent}, {"threshold", kThreshold},        {"ties", kTies},
+    {"teacher_argmax", kTeacherArgmax}, {"teacher_mass", kTeacherMass}, {"h_sum", kHSum}};
+}  // namespace slam_loss_stats
+
+// sparse_kd_loss_forward: stats (N, kCols), in the notation of
+// sparse_kd_loss.h; dead rows are all zeros.
+namespace sparse_kd_loss_stats {
+enum Column : int {
+  kLseStudent,           // lse(z/T)
+  kTeacherLogNormalizer, // lse_t (renormalize) or 0
+  kTeacherMass,          // sum_{k in V} p_k; 0 marks a dead row
+  kCols
+};
+inline constexpr StatsColumn kColumns[] = {{"lse_student", kLseStudent},
+                                           {"teacher_log_normalizer", kTeacherLogNormalizer},
+                                           {"teacher_mass", kTeacherMass}};
+}  // namespace sparse_kd_loss_stats
+
+// correlation_distance_forward: stats (outer, inner, kCols) of the row
+// distance 1 - <u, v> / (|u| |v| + eps), u = s - mean s, v = t - mean t (the
+// means are 0 without centring).
+namespace correlation_distance_stats {
+enum Column : int {
+  kMeanStudent,  // mean s (0 without centring)
+  kMeanTeacher,  // mean t (0 without centring)
+  kNormStudent,  // |u|
+  kNormTeacher,  // |v|
+  kDot,          // <u, v>
+  kCols
+};
+inline constexpr StatsColumn kColumns[] = {
+    {"mean_student", kMeanStudent}, {"mean_teacher", kMeanTeacher},
+    {"norm_student", kNormStudent}, {"norm_teacher", kNormTeacher}, {"dot", kDot}};
+}  // namespace correlation_distance_stats
+
+// Each table names every column once, in column order.
+template <int kCols, int kNames>
+constexpr bool names_every_column(const StatsColumn (&columns)[kNames]) {
+  if (kNames != kCols) return false;
+  for (int i = 0; i < kNames; ++i) {
+    if (columns[i].index != i) return false;
+  }
+  return true;
+}
+static_assert(names_every_column<kd_loss_stats::kCols>(kd_loss_stats::kColumns));
+static_assert(names_every_column<slam_loss_stats::kCols>(slam_loss_stats::kColumns));
+static_assert(names_every_column<sparse_kd_loss_stats::kCols>(sparse_kd_loss_stats::kColumns));
+static_assert(names_every_column<correlation_distance_stats::kCols>(
+    correlation_distance_stats::kColumns));
+
+}  // namespace distillkit

@@ -1,0 +1,389 @@
+"""distillkit's case table for the CUDA emulator (../shared/cudaemu): every
+CUDA op, forward and backward, run through a backend namespace
+(torch.ops.distillkit for the CPU kernels, torch.ops.distillkit_emu for the
+emulated CUDA kernels) on the same inputs, outputs returned by name.
+
+    python ../shared/cudaemu/run.py --csrc csrc --cases tests/cuda_emulated/cases.py
+
+The calls below follow the schemas of csrc/ops.cpp: a schema change updates
+its op's case builder here. Sizes are small: the emulator runs every thread of
+a block as a fiber. Not collected by pytest (not a test_*.py file).
+"""
+import math
+
+import torch
+
+F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
+SHORT = {F32: "f32", F64: "f64", BF16: "bf16", F16: "f16"}
+IGNORE = -100
+
+
+def acc_of(dtype):
+    return F64 if dtype == F64 else F32
+
+
+class Case:
+    """name, the op family, and run(ops) -> {output name: tensor}."""
+
+    def __init__(self, family, name, make):
+        self.family = family
+        self.name = f"{family}/{name}"
+        self._make = make  # seed -> run(ops)
+        self._run = None
+
+    def run(self, ops):
+        if self._run is None:
+            seed = sum(ord(c) * (i + 1) for i, c in enumerate(self.name)) % (2**31)
+            self._run = self._make(torch.Generator().manual_seed(seed))
+        return self._run(ops)
+
+
+def randn(shape, dtype, g, scale=1.0, misalign=False):
+    """A contiguous tensor; misalign: its data starts one element past an
+    aligned allocation (storage offset 1), so no 16-byte pack is aligned."""
+    n = math.prod(shape)
+    base = (torch.randn(n + 1, generator=g, dtype=F64) * scale).to(dtype)
+    return base[1:].view(shape) if misalign else base[:n].clone().view(shape)
+
+
+def like(x, dtype, misalign=False):
+    """x (float64) copied into a fresh tensor of dtype, optionally misaligned."""
+    n = x.numel()
+    base = torch.empty(n + 1, dtype=dtype)
+    out = base[1:].view(x.shape) if misalign else base[:n].view(x.shape)
+    out.copy_(x)
+    return out
+
+
+# ----------------------------------------------------------------- kd_loss
+
+def kd_case(N, C, div="forward_kl", beta=0.5, T=1.0, labels=False, hard=0.0,
+            sdt=F32, tdt=None, misalign=False, teacher_grad=True, t2=True, scale=3.0):
+    tdt = tdt or sdt
+    name = (f"{div}{'' if div != 'jsd' else f'_b{beta}'}_T{T:g}_N{N}_C{C}_{SHORT[sdt]}"
+            f"{'' if tdt == sdt else '-' + SHORT[tdt]}"
+            f"{'' if not labels else '_labels' if labels is True else '_' + labels}"
+            f"{f'_hw{hard:g}' if hard else ''}"
+            f"{'_misaligned' if misalign else ''}{'' if teacher_grad else '_no_tgrad'}"
+            f"{'' if t2 else '_no_t2'}")
+
+    def make(g):
+        z = randn((N, C), sdt, g, scale, misalign)
+        u = randn((N, C), tdt, g, scale, misalign)
+        y = None
+        if labels:
+            y = torch.randint(0, C, (N,), generator=g)
+            if labels == "all_ignored":
+                y[:] = IGNORE
+            elif N > 1:
+                y[1::3] = IGNORE
+        gl = torch.rand(N, generator=g, dtype=acc_of(sdt)) + 0.5
+
+        def run(ops):
+            loss, stats = ops.kd_loss_forward(z, u, y, T, div, beta, hard, IGNORE, t2)
+            gz, gu = ops.kd_loss_backward(gl, z, u, y, stats, T, div, beta, hard, IGNORE, t2,
+                                          teacher_grad)
+            return {"loss": loss, "stats": stats, "grad_student": gz, "grad_teacher": gu}
+        return run
+    return Case("kd_loss", name, make)
+
+
+def kd_cases():
+    out = []
+    # The one-warp-per-row path (C <= 1024) and the block-per-row path (C > 1024),
+    # each divergence, both temperatures.
+    for N, C in [(7, 100), (3, 1500)]:
+        for div, beta in [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5),
+                          ("jsd", 0.0), ("jsd", 1.0), ("jsd", 0.3)]:
+            for T in (1.0, 2.0):
+                out.append(kd_case(N, C, div, beta, T))
+    # Labels (with ignored rows) and a hard term, T = 1 and T != 1 (lse(z) tracked).
+    for N, C in [(9, 37), (4, 2001)]:
+        for T in (1.0, 2.0):
+            out.append(kd_case(N, C, "forward_kl", T=T, labels=True, hard=0.3))
+            out.append(kd_case(N, C, "jsd", 0.5, T=T, labels=True, hard=0.7))
+        out.append(kd_case(N, C, "reverse_kl", T=2.0, labels=True, hard=0.0))
+        out.append(kd_case(N, C, "forward_kl", T=2.0, labels=True, hard=1.0))
+    # dtypes, mixed pairs, C not a multiple of any pack width, misaligned bases.
+    for sdt, tdt in [(F64, F64), (BF16, BF16), (F16, F16), (F32, BF16), (BF16, F32),
+                     (F16, BF16), (F32, F16)]:
+        for N, C in [(5, 203), (2, 1100)]:
+            out.append(kd_case(N, C, "forward_kl", T=2.0, sdt=sdt, tdt=tdt))
+        out.append(kd_case(3, 333, "jsd", 0.5, T=1.0, sdt=sdt, tdt=tdt, labels=True, hard=0.2))
+    for sdt, tdt in [(F32, F32), (BF16, BF16), (F64, F64), (F32, BF16)]:
+        for N, C in [(6, 77), (2, 1300)]:
+            out.append(kd_case(N, C, "forward_kl", T=2.0, sdt=sdt, tdt=tdt, misalign=True,
+                               labels=True, hard=0.5))
+        out.append(kd_case(3, 64, "reverse_kl", T=1.0, sdt=sdt, tdt=tdt, misalign=True))
+    # N = 1 and N = 1000; C = 1 and the path boundary C = 1024 / 1025.
+    for N, C in [(1, 5), (1, 1), (1, 3000), (1000, 40), (1000, 8), (2, 1024), (2, 1025)]:
+        out.append(kd_case(N, C, "jsd", 0.5, T=2.0, labels=True, hard=0.25))
+    out.append(kd_case(1000, 13, "reverse_kl", T=1.0, sdt=BF16))
+    for N, C in [(3, 50), (2, 1500)]:
+        out.append(kd_case(N, C, "jsd", 0.5, T=2.0, labels="all_ignored", hard=0.5))
+    out.append(kd_case(5, 300, "forward_kl", T=2.0, teacher_grad=False, t2=False))
+    out.append(kd_case(4, 1200, "jsd", 0.5, T=4.0, teacher_grad=False, t2=False, scale=20.0))
+    return out
+
+
+# ----------------------------------------------------------------- slam_loss
+
+def slam_case(N, C, k, normalized, hard, sdt=F32, tdt=None, ties=False, misalign=False,
+              alpha_one=False):
+    tdt = tdt or sdt
+    name = (f"k{k}_{'norm' if normalized else 'unnorm'}_{'hard' if hard else 'soft'}"
+            f"_N{N}_C{C}_{SHORT[sdt]}{'' if tdt == sdt else '-' + SHORT[tdt]}"
+            f"{'_ties' if ties else ''}{'_misaligned' if misalign else ''}"
+            f"{'_alpha1' if alpha_one else ''}")
+
+    def make(g):
+        acc = acc_of(sdt)
+        z = randn((N, C), sdt, g, 2.0, misalign)
+        if ties:
+            # Few distinct values, exact zeros and many equal entries at the
+            # top-k threshold, so the select's ties and the cut are exercised.
+            levels = torch.randint(0, 4, (N, C), generator=g).to(F64)
+            levels[:, ::5] = 0
+            levels[:, 0] = 3  # no all-zero row
+            t = levels / levels.sum(1, keepdim=True)
+        else:
+            t = torch.softmax(torch.randn(N, C, generator=g, dtype=F64) * 2.0, 1)
+        t = like(t, tdt, misalign)
+        alpha = (torch.rand(N, generator=g, dtype=F64) * 0.9 + 0.1).to(acc)
+        if alpha_one:
+            alpha[::2] = 1.0
+        kmin = 2 if normalized else 1
+        kk = torch.randint(kmin, k + 1, (N,), generator=g) if k > kmin else torch.full((N,), k)
+        kk[0] = k
+        gl = torch.rand(N, generator=g, dtype=acc) + 0.5
+
+        def run(ops):
+            loss, stats = ops.slam_loss_forward(z, t, alpha, kk, normalized, hard)
+            grad = ops.slam_loss_backward(gl, z, t, alpha, kk, stats, normalized, hard)
+            return {"loss": loss, "stats": stats, "grad_student": grad}
+        return run
+    return Case("slam_loss", name, make)
+
+
+def slam_cases():
+    out = []
+    for k, normalized in [(1, False), (2, False), (2, True), (5, False), (5, True)]:
+        for hard in (False, True):
+            out.append(slam_case(6, 50, k, normalized, hard))
+            out.append(slam_case(2, 3000, k, normalized, hard))
+    for k in (1, 2, 5):
+        out.append(slam_case(5, 97, k, False, False, ties=True))
+        out.append(slam_case(3, 2500, k, k > 1, False, ties=True))
+    out.append(slam_case(4, 40, 40, True, False, ties=True))  # k = C: every entry a member
+    for sdt, tdt in [(F64, F64), (BF16, BF16), (F16, F32), (F32, BF16)]:
+        out.append(slam_case(4, 333, 5, True, False, sdt=sdt, tdt=tdt))
+        out.append(slam_case(2, 1500, 2, False, True, sdt=sdt, tdt=tdt, ties=True))
+    out.append(slam_case(4, 201, 5, True, False, misalign=True, alpha_one=True))
+    out.append(slam_case(3, 1029, 5, False, False, misalign=True, ties=True))
+    out.append(slam_case(1, 7, 5, True, False, alpha_one=True))
+    out.append(slam_case(1, 1, 1, False, False))
+    out.append(slam_case(1, 1, 1, False, True))
+    out.append(slam_case(64, 30, 3, True, False, alpha_one=True))
+    return out
+
+
+# ----------------------------------------------------------------- distances
+
+def pointwise_case(shape, op, sdt=F32, tdt=None, misalign=False, teacher_grad=True):
+    tdt = tdt or sdt
+    name = (f"{op}_{'x'.join(map(str, shape))}_{SHORT[sdt]}"
+            f"{'' if tdt == sdt else '-' + SHORT[tdt]}{'_misaligned' if misalign else ''}"
+            f"{'' if teacher_grad else '_no_tgrad'}")
+
+    def make(g):
+        s = randn(shape, sdt, g, 1.5, misalign)
+        t = randn(shape, tdt, g, 1.5, misalign)
+        gr = torch.tensor(0.75, dtype=acc_of(sdt))
+
+        def run(ops):
+            out = ops.pointwise_distance_forward(s, t, op)
+            gs, gt = ops.pointwise_distance_backward(gr, s, t, op, teacher_grad)
+            return {"sum": out, "grad_student": gs, "grad_teacher": gt}
+        return run
+    return Case("distance", name, make)
+
+
+def corr_case(outer, D, inner, center, sdt=F32, tdt=None, misalign=False, degenerate=False,
+              teacher_grad=True):
+    tdt = tdt or sdt
+    name = (f"{'pearson' if center else 'cosine'}_{outer}x{D}x{inner}_{SHORT[sdt]}"
+            f"{'' if tdt == sdt else '-' + SHORT[tdt]}{'_misaligned' if misalign else ''}"
+            f"{'_degenerate' if degenerate else ''}{'' if teacher_grad else '_no_tgrad'}")
+
+    def make(g):
+        s64 = torch.randn(outer, D, inner, generator=g, dtype=F64) + 0.3
+        t64 = 0.5 * s64 + torch.randn(outer, D, inner, generator=g, dtype=F64)
+        if degenerate:
+            s64[0, :, 0] = 0.0                     # |u| = 0 (cosine and Pearson)
+            if outer * inner > 1:
+                r = (1, 0) if outer > 1 else (0, 1)
+                t64[r[0], :, r[1]] = 2.5           # constant: |v| = 0 for Pearson
+        s = like(s64, sdt, misalign)
+        t = like(t64, tdt, misalign)
+        gr = torch.rand(outer, inner, generator=g, dtype=acc_of(sdt)) + 0.5
+
+        def run(ops):
+            rows, stats = ops.correlation_distance_forward(s, t, center)
+            gs, gt = ops.correlation_distance_backward(gr, s, t, stats, center, teacher_grad)
+            return {"rows": rows, "stats": stats, "grad_student": gs, "grad_teacher": gt}
+        return run
+    return Case("distance", name, make)
+
+
+def distance_cases():
+    out = []
+    for op in ("l1", "l2", "smooth_l1"):
+        out.append(pointwise_case((7, 33), op))
+        out.append(pointwise_case((1, 1), op))
+        out.append(pointwise_case((64, 1000), op))
+        out.append(pointwise_case((3, 101), op, BF16, misalign=True))
+    out.append(pointwise_case((1100, 1000), "l2"))                # > 1024 partials' worth
+    out.append(pointwise_case((300, 1001), "smooth_l1", misalign=True))
+    for sdt, tdt in [(F64, F64), (BF16, BF16), (F16, F16), (F32, BF16), (BF16, F16)]:
+        out.append(pointwise_case((17, 129), "smooth_l1", sdt, tdt))
+    out.append(pointwise_case((5, 77), "l1", teacher_grad=False))
+    for center in (False, True):
+        # logits layout (dim = -1: rows contiguous), warp and block paths
+        out.append(corr_case(8, 100, 1, center))
+        out.append(corr_case(3, 2000, 1, center))
+        out.append(corr_case(1000, 7, 1, center))
+        out.append(corr_case(5, 1024, 1, center, degenerate=True))
+        out.append(corr_case(4, 515, 1, center, BF16, misalign=True))
+        out.append(corr_case(2, 1031, 1, center, F64, misalign=True))
+        # features layout (B, C, H*W) over dim = 1, and (1, N, C) for dim = 0
+        out.append(corr_case(2, 64, 49, center))
+        out.append(corr_case(3, 10, 33, center, degenerate=True))
+        out.append(corr_case(1, 300, 40, center))
+        out.append(corr_case(1, 9, 70, center, BF16, F32))
+        out.append(corr_case(2, 5, 3, center, F64))
+    for sdt, tdt in [(F16, F16), (F32, BF16), (BF16, BF16)]:
+        out.append(corr_case(6, 200, 1, True, sdt, tdt))
+        out.append(corr_case(2, 37, 17, False, sdt, tdt))
+    out.append(corr_case(4, 50, 1, True, teacher_grad=False))
+    out.append(corr_case(2, 20, 5, False, teacher_grad=False))
+    return out
+
+
+# ----------------------------------------------------------------- sparse_kd_loss
+
+def sparse_case(N, C, K, renorm=True, T=1.0, labels=False, sdt=F32, padding=False,
+                dead_row=False, misalign=False):
+    name = (f"K{K}_{'renorm' if renorm else 'raw'}_T{T:g}_N{N}_C{C}_{SHORT[sdt]}"
+            f"{'_labels' if labels else ''}{'_padding' if padding else ''}"
+            f"{'_deadrow' if dead_row else ''}{'_misaligned' if misalign else ''}")
+
+    def make(g):
+        z = randn((N, C), sdt, g, 3.0, misalign)
+        idx = torch.stack([torch.randperm(C, generator=g)[:K] for _ in range(N)])
+        teacher = torch.log_softmax(torch.randn(N, C, generator=g, dtype=F64) * 3.0 / T, 1)
+        lp = teacher.gather(1, idx).to(sdt)
+        if padding:
+            idx[::2, K - max(1, K // 3):] = -1
+        if dead_row:
+            idx[0] = -1
+        y = None
+        if labels:
+            y = torch.randint(0, C, (N,), generator=g)
+            if N > 1:
+                y[1::3] = IGNORE
+        gl = torch.rand(N, generator=g, dtype=acc_of(sdt)) + 0.5
+
+        def run(ops):
+            loss, stats = ops.sparse_kd_loss_forward(z, idx, lp, y, T, renorm, IGNORE, True, True)
+            gz = ops.sparse_kd_loss_backward(gl, z, idx, lp, y, stats, T, renorm, IGNORE, True)
+            return {"loss": loss, "stats": stats, "grad_student": gz}
+        return run
+    return Case("sparse_kd_loss", name, make)
+
+
+def sparse_cases():
+    out = []
+    for K in (1, 8, 32):
+        for renorm in (True, False):
+            out.append(sparse_case(9, 100, K, renorm, T=1.0))
+            out.append(sparse_case(3, 1800, K, renorm, T=2.0))
+        out.append(sparse_case(7, 64, K, True, T=2.0, labels=True, padding=True, dead_row=True))
+        out.append(sparse_case(2, 1500, K, False, labels=True, padding=True, dead_row=True))
+    for sdt in (F64, BF16, F16):
+        out.append(sparse_case(5, 203, 8, True, T=2.0, sdt=sdt, padding=True))
+        out.append(sparse_case(2, 1100, 32, False, sdt=sdt))
+    out.append(sparse_case(4, 99, 8, True, misalign=True, labels=True))
+    out.append(sparse_case(2, 1201, 32, False, T=2.0, sdt=BF16, misalign=True))
+    out.append(sparse_case(1, 1, 1, True))
+    out.append(sparse_case(1000, 50, 8, True, T=2.0, labels=True, padding=True))
+    out.append(sparse_case(2, 2000, 500, True))  # K > a block's threads
+    return out
+
+
+# ----------------------------------------------------------------- coordinate_lstm
+
+def lstm_case(P, hidden, head, dt=F32, state_grads=True):
+    name = (f"P{P}_H{'-'.join(map(str, hidden))}_{'head' if head else 'nohead'}_{SHORT[dt]}"
+            f"{'' if state_grads else '_no_state_grads'}")
+
+    def make(g):
+        def r(*shape, s=1.0):
+            return (torch.randn(*shape, generator=g, dtype=F64) * s).to(dt)
+        w_ih, w_hh, bias = [], [], []
+        inp = 2
+        for H in hidden:
+            w_ih.append(r(4 * H, inp, s=0.6 / math.sqrt(inp)))
+            w_hh.append(r(4 * H, H, s=0.6 / math.sqrt(H)))
+            bias.append(r(4 * H, s=0.2))
+            inp = H
+        hw = r(1, hidden[-1], s=0.5) if head else None
+        hb = r(1, s=0.1) if head else None
+        width = sum(hidden)
+        # Gradients over many scales: exact zeros, the |g| e^p clamp at +-1, tiny values.
+        mag = torch.pow(10.0, torch.rand(P, generator=g, dtype=F64) * 8 - 9)
+        grad = (torch.randn(P, generator=g, dtype=F64).sign() * mag).to(dt)
+        grad[::17] = 0.0
+        params = r(P)
+        h = r(P, width, s=0.5)
+        c = r(P, width, s=0.8)
+        gpo = r(P)
+        gho = r(P, width, s=0.3) if state_grads else None
+        gco = r(P, width, s=0.3) if state_grads else None
+
+        def run(ops):
+            po, ho, co = ops.coordinate_lstm_forward(grad, params, h, c, w_ih, w_hh, bias, hw, hb,
+                                                     10.0, 0.1)
+            gg, gh, gc, gwi, gwh, gb, ghw, ghb = ops.coordinate_lstm_backward(
+                gpo, gho, gco, grad, h, c, w_ih, w_hh, bias, hw, hb, 10.0, 0.1)
+            out = {"params_out": po, "h_out": ho, "c_out": co, "grad_grad": gg,
+                   "grad_h": gh, "grad_c": gc, "grad_head_weight": ghw, "grad_head_bias": ghb}
+            for l in range(len(hidden)):
+                out[f"grad_w_ih{l}"] = gwi[l]
+                out[f"grad_w_hh{l}"] = gwh[l]
+                out[f"grad_bias{l}"] = gb[l]
+            return out
+        return run
+    return Case("coordinate_lstm", name, make)
+
+
+def lstm_cases():
+    out = []
+    for dt in (F32, F64):
+        for H in (20, 64):
+            for layers in (1, 2, 3):
+                out.append(lstm_case(37, [H] * layers, True, dt))
+                out.append(lstm_case(37, [H] * (layers - 1) + [1], False, dt))
+        out.append(lstm_case(1, [20, 20], True, dt))
+        out.append(lstm_case(1, [64, 1], False, dt))
+        out.append(lstm_case(5000, [20, 20], True, dt))
+    out.append(lstm_case(5000, [64, 64, 1], False, F32))
+    out.append(lstm_case(300, [128], True, F32))
+    out.append(lstm_case(100, [1], False, F64, state_grads=False))
+    out.append(lstm_case(70, [20, 64, 7], True, F32, state_grads=False))
+    # More tiles than the backward's 2048 partial rows: blocks take several tiles.
+    out.append(lstm_case(140000, [4, 1], False, F32))
+    return out
+
+
+def all_cases():
+    return kd_cases() + slam_cases() + distance_cases() + sparse_cases() + lstm_cases()
