@@ -1,4 +1,8 @@
-"""Training loops built only on :mod:`distillkit.functional` (pure Python)."""
+"""Training loops built only on :mod:`distillkit.functional` (pure Python).
+
+What the loops share (distributed context, RNG and checkpoint state, optimizer
+factory, the checkpoint protocol) is :mod:`distillkit.trainers.runtime`.
+"""
 from distillkit.trainers.kd import KDConfig, KDTrainer
 from distillkit.trainers.l2t import L2TDLNTrainer
 from distillkit.trainers.lm import LMDistillationTrainer

@@ -1,4 +1,4 @@
-"""L2T-DLN: a student trained under a dynamic loss network that an LSTM teacher adjusts (SPEC §5).
+"""L2T-DLN: a student trained under a dynamic loss network that an LSTM teacher adjusts (docs/math.md §9.4).
 
 Per iteration (one validation batch), with student weights w₀, DLN weights φ, the
 teacher's LSTM state (h, c) and K training batches B_1..B_K:
@@ -7,7 +7,7 @@ teacher's LSTM state (h, c) and K training batches B_1..B_K:
    w_k = w_{k−1} − η ∇_w DLN_φ(student(w_{k−1}, x_k), y_k), and take
    d = ∂ CE(student(w_K, x_val), y_val) / ∂φ through the whole unroll (second order:
    every ∇_w is formed with ``create_graph``).
-2. **Teacher step.** φ' = φ + s·LSTM(d; h, c) with the coordinate-wise LSTM of SPEC §4
+2. **Teacher step.** φ' = φ + s·LSTM(d; h, c) with the coordinate-wise LSTM of docs/math.md §8
    over the P = 5 000 coordinates of φ (input: the preprocessed d, detached; s = −10⁻³);
    φ' keeps its dependence on the teacher's weights.
 3. **Teacher training.** Re-run the unroll from the same w₀ and the same batches with
@@ -48,7 +48,7 @@ def _tensors(data: Dataset) -> Tuple[Tensor, Tensor]:
 
 class L2TDLNTrainer:
     """Trains ``student`` with a learned loss (a :class:`DynamicLossNetwork`) taught by an
-    LSTM teacher from validation feedback (L2T-DLN, SPEC §5; see the module docstring).
+    LSTM teacher from validation feedback (L2T-DLN, docs/math.md §9.4; see the module docstring).
 
     Args:
         student: maps inputs (B, ...) to logits (B, C); its parameters are the w above.

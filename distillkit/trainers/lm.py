@@ -1,4 +1,4 @@
-"""Causal-LM distillation on :func:`distillkit.fused_linear_kd_loss` (SPEC §1b).
+"""Causal-LM distillation on :func:`distillkit.fused_linear_kd_loss` (docs/math.md §2).
 
 :class:`LMDistillationTrainer` trains a student language model on token batches,
 distilling from a frozen teacher through the fused linear KD loss, so neither
@@ -12,37 +12,24 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from distillkit.fused_linear import fused_linear_kd_loss
 from distillkit.models import PAD
-from distillkit.trainers.kd import (
-    KDConfig,
-    OptimizerFactory,
-    _build_optimizer,
-    _dist_rank_world,
-    _load_with_rng,
-    _place_models,
-    _save_with_rng,
-    _set_rng_state,
-)
+from distillkit.trainers.kd import KDConfig, loss_config_for
+from distillkit.trainers.runtime import BaseTrainer, DistributedContext, OptimizerFactory
 
 __all__ = ["LMDistillationTrainer"]
 
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 IGNORE_INDEX = -100
-# Bumped when the checkpoint layout changes, so an old file fails loudly.
-_CHECKPOINT_VERSION = 1
 
 
 def shift_tokens(tokens: Tensor, pad_id: int) -> Tuple[Tensor, Tensor]:
@@ -51,7 +38,7 @@ def shift_tokens(tokens: Tensor, pad_id: int) -> Tuple[Tensor, Tensor]:
     return tokens[:, :-1], labels.masked_fill(labels == pad_id, IGNORE_INDEX)
 
 
-class LMDistillationTrainer:
+class LMDistillationTrainer(BaseTrainer):
     """Trains a causal ``student`` LM on token sequences, distilling from a frozen ``teacher``.
 
     Model protocol (student and teacher; :class:`distillkit.models.ByteTransformer`
@@ -66,7 +53,7 @@ class LMDistillationTrainer:
     here: inputs ``tokens[:, :-1]``, labels ``tokens[:, 1:]``, ``-100`` where the
     label is ``pad_id``). With a teacher, the loss is
     ``fused_linear_kd_loss(h_student, W_student, teacher_hidden=h_teacher,
-    teacher_weight=W_teacher, labels=..., **asdict(loss))`` — the soft term is
+    teacher_weight=W_teacher, labels=..., options=loss)`` — the soft term is
     ``(1 − hard_weight)·T²·divergence`` and the hard term next-token cross entropy,
     see :class:`distillkit.trainers.KDConfig`. Without one it is plain next-token
     cross entropy. Either way the per-token losses are *summed* and divided by
@@ -135,6 +122,8 @@ class LMDistillationTrainer:
         step: optimizer steps completed.
     """
 
+    progress_key = "step"
+
     def __init__(
         self,
         student: nn.Module,
@@ -162,10 +151,10 @@ class LMDistillationTrainer:
                             ("chunk_rows", chunk_rows), ("eval_every", eval_every)]:
             if value < 1:
                 raise ValueError(f"{name} must be >= 1 (got {value})")
-        if teacher is None and loss is not None:
-            raise ValueError(
-                "loss (a KDConfig) needs a teacher; with teacher=None the loss is cross entropy"
-            )
+        loss_config = loss_config_for(teacher, loss)
+        if loss_config is not None and loss_config.ignore_index != IGNORE_INDEX:
+            raise ValueError(f"loss.ignore_index must be {IGNORE_INDEX}, the label of padding and "
+                             f"prompt tokens here (got {loss_config.ignore_index})")
         for name, model in [("student", student), ("teacher", teacher)]:
             if model is not None and not isinstance(getattr(model, "lm_head", None), nn.Linear):
                 raise ValueError(f"{name} must expose its lm head as an nn.Linear .lm_head")
@@ -177,32 +166,25 @@ class LMDistillationTrainer:
         if amp_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16 "
                              f"(got {amp_dtype})")
-        self.device = torch.device(device)
-        self.rank, self.world_size = _dist_rank_world()
-        self.global_batch = batch_size * accumulation_steps * self.world_size
+        world_size = DistributedContext.current(device).world_size
+        self.global_batch = batch_size * accumulation_steps * world_size
         if len(train_data) < self.global_batch:
             raise ValueError(
                 f"train_data has {len(train_data)} sequences, fewer than one global batch "
                 f"(batch_size × accumulation_steps × world_size = {self.global_batch})"
             )
-        _place_models(self, student, teacher, loss)
-        self.train_data = train_data
-        self.eval_data = eval_data
         self.steps = steps
-        self.batch_size = batch_size
+        super().__init__(student, train_data, teacher=teacher, eval_data=eval_data,
+                         optimizer=optimizer, loss_config=loss_config, batch_size=batch_size,
+                         device=device, seed=seed, progress=progress)
         self.accumulation_steps = accumulation_steps
         self.chunk_rows = chunk_rows
         self.amp_dtype = amp_dtype
         self.max_grad_norm = max_grad_norm
         self.pad_id = pad_id
         self.eval_every = eval_every
-        self.seed = seed
-        self.progress = progress
-        self.optimizer = _build_optimizer(optimizer, self.student)
         self.scheduler = scheduler(self.optimizer) if scheduler is not None else None
         self.steps_per_epoch = len(train_data) // self.global_batch
-        self.history: List[Dict[str, float]] = []
-        self.step = 0
         # The window since the last record: Σ token losses, tokens, training seconds.
         self._window = [0.0, 0, 0.0]
         self._order_epoch, self._order = -1, None
@@ -258,23 +240,17 @@ class LMDistillationTrainer:
         return fused_linear_kd_loss(
             hidden, head.weight, student_bias=head.bias,
             teacher_hidden=teacher_hidden, teacher_weight=self.teacher.lm_head.weight,
-            teacher_bias=self.teacher.lm_head.bias, labels=labels, ignore_index=IGNORE_INDEX,
-            chunk_rows=self.chunk_rows, normalizer=normalizer, **asdict(self.loss_config))
+            teacher_bias=self.teacher.lm_head.bias, labels=labels, chunk_rows=self.chunk_rows,
+            normalizer=normalizer, options=self.loss_config)
 
     # ---- the loop -----------------------------------------------------------
-
-    def _sum_over_ranks(self, values: List[float]) -> List[float]:
-        totals = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-        return totals.tolist()
 
     def train_step(self) -> float:
         """One optimizer step over this rank's micro-batches; returns this rank's mean token loss."""
         self.model.train()
         batches = [shift_tokens(tokens, self.pad_id) for tokens in self._micro_batches(self.step)]
         # The one all-reduce of the step that the loss needs: its token count.
-        (tokens,) = self._sum_over_ranks([sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)])
+        (tokens,) = self.distributed.sum([sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)])
         # DDP averages gradients over ranks; dividing by count / world_size instead
         # of count makes that average the global sum over count.
         normalizer = max(tokens, 1.0) / self.world_size
@@ -309,12 +285,8 @@ class LMDistillationTrainer:
         with ``checkpoint_path``, a checkpoint is written at each record and at
         ``stop_step`` (so a paused run can :meth:`resume` exactly).
         """
-        stop = self.steps if stop_step is None else stop_step
-        if not self.step <= stop <= self.steps:
-            raise ValueError(f"stop_step must be in [{self.step}, {self.steps}] (got {stop_step})")
-        bar = tqdm(total=stop - self.step, disable=not self.progress or self.rank != 0,
-                   unit="step", leave=False, dynamic_ncols=True)
-        with bar:
+        stop = self.stop_at(stop_step)
+        with self.progress_bar(stop - self.step) as bar:
             while self.step < stop:
                 start = time.perf_counter()
                 loss = self.train_step()
@@ -330,14 +302,12 @@ class LMDistillationTrainer:
         return self.history
 
     def _record(self) -> None:
-        (loss_sum,) = self._sum_over_ranks([self._window[0]])
+        (loss_sum,) = self.distributed.sum([self._window[0]])
         tokens, seconds = self._window[1:]
         # Ranks time their own loops; the slowest one sets the pace.
-        seconds = torch.tensor(seconds, dtype=torch.float64, device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+        seconds = self.distributed.max(seconds)
         record = {"step": self.step, "train_loss": loss_sum / max(tokens, 1),
-                  "tokens_per_s": tokens / max(seconds.item(), 1e-9)}
+                  "tokens_per_s": tokens / max(seconds, 1e-9)}
         if self.eval_data is not None:
             record.update({f"eval_{k}": v for k, v in self.evaluate(self.eval_data).items()})
         self.history.append(record)
@@ -358,7 +328,7 @@ class LMDistillationTrainer:
         was_training = model.training
         model.eval()
         head = model.lm_head
-        rows = list(range(self.rank, len(data), self.world_size))
+        rows = list(self.distributed.shard(len(data)))
         batch_size = batch_size or 4 * self.batch_size
         loss_sum, tokens = 0.0, 0
         for start in range(0, len(rows), batch_size):
@@ -373,68 +343,41 @@ class LMDistillationTrainer:
                                             reduction="sum").item()
             tokens += int((labels != IGNORE_INDEX).sum())
         model.train(was_training)
-        loss_sum, tokens = self._sum_over_ranks([loss_sum, tokens])
+        loss_sum, tokens = self.distributed.sum([loss_sum, tokens])
         loss = loss_sum / max(tokens, 1.0)
         return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
 
-    # ---- checkpoints --------------------------------------------------------
+    # ---- checkpoints (the protocol is BaseTrainer's) -------------------------
 
     def state_dict(self) -> Dict[str, Any]:
-        """Everything a resumed run needs, this rank's RNG states excepted."""
+        """:meth:`BaseTrainer.state_dict`, the global batch, the open metrics window and the
+        scheduler. The data order needs no state: it is a function of (seed, step)."""
         return {
-            "version": _CHECKPOINT_VERSION,
-            "step": self.step,
-            "seed": self.seed,
+            **super().state_dict(),
             "global_batch": self.global_batch,
-            "history": self.history,
             "window": list(self._window),
-            "student": self.student.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
         }
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if state.get("version") != _CHECKPOINT_VERSION:
-            raise ValueError(
-                f"checkpoint version {state.get('version')} is not {_CHECKPOINT_VERSION}"
-            )
-        if state["step"] > self.steps:
-            raise ValueError(f"checkpoint is at step {state['step']}, past steps={self.steps}")
+    def check_state_dict(self, state: Dict[str, Any]) -> None:
+        super().check_state_dict(state)
         if state["global_batch"] != self.global_batch:
             raise ValueError(f"checkpoint has global batch {state['global_batch']}; "
                              f"this run has {self.global_batch} (the data order would change)")
         if (state["scheduler"] is None) != (self.scheduler is None):
             raise ValueError("checkpoint and run disagree on having a scheduler")
-        self.step = state["step"]
-        self.seed = state["seed"]
-        self.history = list(state["history"])
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        super().load_state_dict(state)
         # The saved loss sum is all ranks' (see save_checkpoint): rank 0 carries it.
         self._window = [state["window"][0] if self.rank == 0 else 0.0, *state["window"][1:]]
-        self.student.load_state_dict(state["student"])
-        self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self._order_epoch = -1
 
     def save_checkpoint(self, path: str) -> None:
-        """Write the run's state to ``path`` so that :meth:`resume` continues it exactly.
-
-        Student, optimizer, scheduler, step, history, the open metrics window, and
-        every rank's python / numpy / torch (and accelerator) RNG states (dropout).
-        The data order needs no state: it is a function of (seed, step). Under DDP
-        call it on every rank (the RNG states are gathered); rank 0 writes.
-        """
         # The open window's loss sum is per rank: gather it on rank 0, which writes
         # it, so the sum over ranks (what the next record reports) is unchanged.
-        (loss_sum,) = self._sum_over_ranks([self._window[0]])
+        (loss_sum,) = self.distributed.sum([self._window[0]])
         self._window[0] = loss_sum if self.rank == 0 else 0.0
-        _save_with_rng(self.state_dict(), path, self.rank, self.world_size, self.device)
-
-    def resume(self, path: str) -> None:
-        """Load a :meth:`save_checkpoint` file; the next :meth:`fit` continues the run.
-
-        Needs the same world size and global batch as the run that wrote it.
-        """
-        state = _load_with_rng(path, self.world_size)
-        self.load_state_dict(state)
-        _set_rng_state(state["rng"][self.rank], self.device)
+        super().save_checkpoint(path)

@@ -1,6 +1,6 @@
 """Helpers for trainers on a teacher-labelled unlabeled pool (SLaM, weighted distillation).
 
-Distillation with unlabeled examples (SPEC §2, §3) has three data sets: the
+Distillation with unlabeled examples (docs/math.md §9.1, §9.2) has three data sets: the
 *pool* the student trains on (inputs only; the teacher labels it once), a small
 labelled *validation* set V that measures how noisy the teacher is, and any
 evaluation data. Predictions over whole data sets come back on the CPU, in data

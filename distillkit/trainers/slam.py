@@ -1,4 +1,4 @@
-r"""SLaM: distillation with unlabeled examples through student-label mixing (SPEC §2)."""
+r"""SLaM: distillation with unlabeled examples through student-label mixing (docs/math.md §5, §9.1)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-r"""Weighted distillation with unlabeled examples: importance weights from ESTIMATEWEIGHTS (SPEC §3)."""
+r"""Weighted distillation with unlabeled examples: importance weights from ESTIMATEWEIGHTS (docs/math.md §9.2)."""
 from __future__ import annotations
 
 import copy
