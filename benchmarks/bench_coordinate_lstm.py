@@ -1,4 +1,4 @@
-"""Benchmark of ``distillkit.ops.coordinate_lstm_step`` (SPEC §4) against the
+"""Benchmark of ``distillkit.ops.coordinate_lstm_step`` (docs/math.md §8) against the
 ``nn.LSTMCell`` + ``nn.Linear`` formulation, eager and under ``torch.compile``.
 
 A case is an unroll of ``steps`` learned-optimizer steps on P coordinates: at each step the

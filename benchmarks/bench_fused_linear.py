@@ -1,4 +1,4 @@
-"""Benchmark of ``distillkit.fused_linear_kd_loss`` (SPEC §1b).
+"""Benchmark of ``distillkit.fused_linear_kd_loss`` (docs/math.md §2).
 
 Providers: ``distillkit`` (chunked lm-head + fused kd_loss), ``unfused`` (the full (N, C)
 logits ``h @ Wᵀ`` then the fused ``kd_loss``), ``eager`` (matmul + ``kd_loss_ref``) and

@@ -43,8 +43,9 @@ from .functional import (distance, forward_corrected_loss, kd_loss, slam_loss,  
 from .fused_linear import fused_linear_kd_loss  # noqa: E402
 from .learned_optimizer import LearnedOptimizer  # noqa: E402
 from .losses import KDLoss  # noqa: E402
+from .options import KDOptions, SLaMOptions, SparseKDOptions  # noqa: E402
 
 __all__ = ["kd_loss", "slam_loss", "forward_corrected_loss", "distance", "fused_linear_kd_loss",
-           "sparse_kd_loss", "KDLoss", "LearnedOptimizer", "ops", "empty_cpu_cache",
-           "cpu_cache_bytes"]
+           "sparse_kd_loss", "KDLoss", "KDOptions", "SLaMOptions", "SparseKDOptions",
+           "LearnedOptimizer", "ops", "empty_cpu_cache", "cpu_cache_bytes"]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The dynamic loss network of L2T-DLN (SPEC §5): a small MLP that is the student's loss.
+"""The dynamic loss network of L2T-DLN (docs/math.md §9.4): a small MLP that is the student's loss.
 
 Student logits z (N, C) and labels y (N,) become N·C "1-vs-1" rows: with s = σ(z)
 (elementwise sigmoid), the row of example n and class c is

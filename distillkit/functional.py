@@ -8,21 +8,13 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .ops import (correlation_distance_rows, kd_loss_rows, pointwise_distance_sum, slam_loss_rows,
-                  sparse_kd_loss_rows)
+from .ops import (correlation_distance_forward, kd_loss_forward, pointwise_distance_forward,
+                  slam_loss_forward, sparse_kd_loss_forward)
+from .options import REDUCTIONS, KDOptions, SLaMOptions, SparseKDOptions, check_choice
 
 __all__ = ["kd_loss", "slam_loss", "forward_corrected_loss", "distance", "sparse_kd_loss"]
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-REDUCTIONS = ("mean", "sum", "none")
-
-
-def _check_choice(name: str, value: str, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))} (got {value!r})")
-
-
-def _check_normalizer(normalizer, reduction: str) -> None:
+def check_normalizer(normalizer, reduction: str) -> None:
     if normalizer is None:
         return
     if reduction != "mean":
@@ -42,18 +34,13 @@ def kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
     *,
-    temperature: float = 1.0,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
     labels: Optional[Tensor] = None,
-    hard_weight: float = 0.0,
-    ignore_index: int = -100,
     weight: Optional[Tensor] = None,
-    reduction: str = "mean",
     normalizer: Optional[Union[float, Tensor]] = None,
-    scale_by_t2: bool = True,
+    options: Optional[KDOptions] = None,
+    **fields,
 ) -> Tensor:
-    r"""Fused soft-label knowledge-distillation loss (SPEC §1).
+    r"""Fused soft-label knowledge-distillation loss (docs/math.md §1).
 
     Per row, with teacher :math:`p = \mathrm{softmax}(u/T)` and student
     :math:`q = \mathrm{softmax}(z/T)`:
@@ -75,20 +62,19 @@ def kd_loss(
             (a token of a (B, S, V) batch is a row).
         teacher_logits: (..., C) teacher logits u, same shape. Gradients flow to it
             when it requires grad (mutual / online distillation).
-        temperature: T > 0 (finite).
-        divergence: "forward_kl" | "reverse_kl" | "jsd".
-        beta: JSD mixture weight in [0, 1].
         labels: optional (...) int64 class indices for the hard term and row masking.
-        hard_weight: alpha in [0, 1], the weight of the hard cross-entropy term.
-        ignore_index: label value marking rows to skip.
         weight: optional (...) per-row weights (weighted distillation).
-        reduction: "mean" (sum of weighted rows / number of non-ignored rows, not / sum of
-            weights; equals PyTorch's ``batchmean`` for 2-D input, the per-token mean for
-            (B, S, V)), "sum", or "none" (per-row losses with the leading shape).
         normalizer: replaces the mean's denominator (e.g. the token count across
             gradient-accumulation steps and ranks); a positive number or 0-d tensor,
             only with reduction="mean".
-        scale_by_t2: multiply the soft term by T**2.
+        options: a :class:`~distillkit.KDOptions`; ``**fields`` (its field names:
+            ``temperature`` T > 0, ``divergence`` "forward_kl" | "reverse_kl" | "jsd",
+            ``beta`` in [0, 1], ``hard_weight`` in [0, 1], ``ignore_index``,
+            ``reduction`` and ``scale_by_t2``) build one or override those of
+            ``options``. ``reduction="mean"`` divides the sum of weighted rows by the
+            number of non-ignored rows, not by Σ weight: PyTorch's ``batchmean`` for 2-D
+            input, the per-token mean for (B, S, V); ``"none"`` returns per-row losses
+            with the leading shape.
 
     Returns:
         The loss: fp32 for fp32/bf16/fp16 inputs (fp64 if either input is fp64). An empty
@@ -102,20 +88,17 @@ def kd_loss(
     result is deterministic: every row is reduced in a fixed order on CPU and CUDA, and
     the final sum uses no atomics.
     """
-    z, u, y, lead = _kd_rows_inputs(student_logits, teacher_logits, labels, divergence,
-                                    reduction, normalizer)
-    rows = kd_loss_rows(z, u, y, temperature, divergence, beta, hard_weight, ignore_index,
-                        scale_by_t2)
-    return _reduce_kd_rows(rows, lead, y, weight, ignore_index, reduction, normalizer)
+    opts = KDOptions.resolve(options, **fields)
+    z, u, y, lead = kd_rows_inputs(student_logits, teacher_logits, labels, opts, normalizer)
+    rows, _ = kd_loss_forward(z, u, y, opts)
+    return reduce_kd_rows(rows, lead, y, weight, opts, normalizer)
 
 
-def _kd_rows_inputs(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor],
-                    divergence: str, reduction: str, normalizer):
-    """Checks :func:`kd_loss`'s arguments; returns the (N, C) logits, the (N,) labels
-    and the leading shape. fp64 in either input promotes both."""
-    _check_choice("divergence", divergence, DIVERGENCES)
-    _check_choice("reduction", reduction, REDUCTIONS)
-    _check_normalizer(normalizer, reduction)
+def kd_rows_inputs(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor],
+                   opts: KDOptions, normalizer):
+    """Checks the tensors of a kd_loss-family call; returns the (N, C) logits, the (N,)
+    labels and the leading shape. fp64 in either input promotes both."""
+    check_normalizer(normalizer, opts.reduction)
     if student_logits.dim() < 1:
         raise ValueError("student_logits must have at least one dimension (..., C)")
     if teacher_logits.shape != student_logits.shape:
@@ -130,35 +113,48 @@ def _kd_rows_inputs(student_logits: Tensor, teacher_logits: Tensor, labels: Opti
     # fp64 in either input means an fp64 computation (the kernels pair fp64 with fp64).
     if (z.dtype == torch.float64) != (u.dtype == torch.float64):
         z, u = z.double(), u.double()
-    y = None
-    if labels is not None:
-        if labels.shape != lead:
-            raise ValueError(f"labels must have shape {tuple(lead)} (got {tuple(labels.shape)})")
-        y = labels.reshape(-1)
-    return z, u, y, lead
+    return z, u, flat_labels(labels, lead), lead
 
 
-def _reduce_kd_rows(rows: Tensor, lead, y: Optional[Tensor], weight: Optional[Tensor],
-                    ignore_index: int, reduction: str, normalizer) -> Tensor:
-    """:func:`kd_loss`'s weighting and reduction of the (N,) row losses."""
+def flat_labels(labels: Optional[Tensor], lead) -> Optional[Tensor]:
+    """(...) labels checked against the leading shape, as (N,)."""
+    if labels is None:
+        return None
+    if labels.shape != lead:
+        raise ValueError(f"labels must have shape {tuple(lead)} (got {tuple(labels.shape)})")
+    return labels.reshape(-1)
+
+
+def mean_denominator(y: Optional[Tensor], rows: int, ignore_index: int, normalizer):
+    """The ``mean`` reduction's denominator: ``normalizer``, else the number of rows whose
+    label is not ``ignore_index`` (at least 1)."""
+    if normalizer is not None:
+        return normalizer
+    return (y != ignore_index).sum().clamp(min=1) if y is not None else max(rows, 1)
+
+
+def reduce_rows(rows: Tensor, lead, weight: Optional[Tensor], reduction: str,
+                denominator=None) -> Tensor:
+    """Weights multiply rows; ``mean`` divides the sum by ``denominator`` (default: the
+    row count, never Σ weight); ``none`` returns the rows with the leading shape."""
     if weight is not None:
         if weight.shape != lead:
             raise ValueError(f"weight must have shape {tuple(lead)} (got {tuple(weight.shape)})")
-        rows = rows * weight.reshape(-1).to(rows.dtype)
+        rows = rows * weight.reshape(rows.shape).to(rows.dtype)
     if reduction == "none":
         return rows.reshape(lead)
     total = rows.sum()
     if reduction == "sum":
         return total
-    if normalizer is None:
-        normalizer = (y != ignore_index).sum().clamp(min=1) if y is not None else max(rows.numel(), 1)
-    return total / normalizer
+    return total / (denominator if denominator is not None else max(rows.numel(), 1))
 
 
-def _reduce_rows(rows: Tensor, weight: Optional[Tensor], reduction: str) -> Tensor:
-    """:func:`kd_loss`'s reduction for losses without ignored rows: weights multiply rows,
-    ``mean`` divides by the row count (not by Σ weight)."""
-    return _reduce_kd_rows(rows, rows.shape, None, weight, -100, reduction, None)
+def reduce_kd_rows(rows: Tensor, lead, y: Optional[Tensor], weight: Optional[Tensor],
+                   opts: KDOptions, normalizer) -> Tensor:
+    """The weighting and reduction of a kd_loss-family call's (N,) row losses."""
+    denominator = (mean_denominator(y, rows.shape[0], opts.ignore_index, normalizer)
+                   if opts.reduction == "mean" else None)
+    return reduce_rows(rows, lead, weight, opts.reduction, denominator)
 
 
 def slam_loss(
@@ -167,12 +163,11 @@ def slam_loss(
     alpha: Union[float, Tensor],
     k: Union[int, Tensor],
     *,
-    normalized: bool = False,
-    hard: bool = False,
-    reduction: str = "mean",
     weight: Optional[Tensor] = None,
+    options: Optional[SLaMOptions] = None,
+    **fields,
 ) -> Tensor:
-    r"""SLaM student-label-mixing loss (SPEC §2) for distillation with unlabeled examples.
+    r"""SLaM student-label-mixing loss (docs/math.md §5) for distillation with unlabeled examples.
 
     Per row, with student :math:`f = \mathrm{softmax}(z)`, teacher soft labels ``t``, and
     ``M`` the teacher's top-``k`` set (ties go to the lower class index):
@@ -192,15 +187,16 @@ def slam_loss(
             within 1e-3 (1e-2 for bf16/fp16 inputs), else ValueError.
         alpha: (N,) or scalar in (0, 1]: the probability the teacher's label is right.
         k: (N,) int64 or int in [1, C]: the size of each row's top-k set.
-        normalized: c = 1/(k-1) instead of 1.
-        hard: use the teacher's argmax instead of its soft labels.
-        reduction: "mean" (over rows; with ``weight``, Σ w·row / N), "sum" or "none".
         weight: optional (N,) per-row weights.
+        options: a :class:`~distillkit.SLaMOptions`; ``**fields`` (its field names)
+            build one or override those of ``options``: ``normalized`` (c = 1/(k-1)
+            instead of 1), ``hard`` (the teacher's argmax instead of its soft labels),
+            ``reduction`` ("mean" over rows, with ``weight`` Σ w·row / N; "sum"; "none").
 
     Returns:
         fp32 loss (fp64 for fp64 inputs); gradients flow to ``student_logits`` only.
     """
-    _check_choice("reduction", reduction, REDUCTIONS)
+    opts = SLaMOptions.resolve(options, **fields)
     if student_logits.dim() != 2:
         raise ValueError(f"student_logits must be 2-D (N, C) (got shape {tuple(student_logits.shape)})")
     n = student_logits.shape[0]
@@ -216,8 +212,8 @@ def slam_loss(
     k = torch.as_tensor(k, device=z.device)
     if k.dim() == 0:
         k = k.expand(n)
-    rows = slam_loss_rows(z, t, alpha.to(acc).contiguous(), k.contiguous(), normalized, hard)
-    return _reduce_rows(rows, weight, reduction)
+    rows, _ = slam_loss_forward(z, t, alpha.to(acc).contiguous(), k.contiguous(), opts)
+    return reduce_rows(rows, rows.shape, weight, opts.reduction)
 
 
 def forward_corrected_loss(student_logits: Tensor, targets: Tensor, transition: Tensor,
@@ -234,7 +230,7 @@ def forward_corrected_loss(student_logits: Tensor, targets: Tensor, transition: 
     Evaluated stably as :math:`\log (e^{z - \max z})^\top T - \log \sum e^{z - \max z}`: no
     exponent overflows, and memory is O(N·C) (one (N, C) matmul), not O(N·C²).
     """
-    _check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("reduction", reduction, REDUCTIONS)
     if student_logits.dim() != 2:
         raise ValueError(f"student_logits must be 2-D (N, C) (got shape {tuple(student_logits.shape)})")
     n, c = student_logits.shape
@@ -261,7 +257,7 @@ def forward_corrected_loss(student_logits: Tensor, targets: Tensor, transition: 
             raise ValueError(f"targets must have shape ({n},) or ({n}, {c}) (got {tuple(targets.shape)})")
         t = targets.to(acc)
         rows = -torch.where(t == 0, torch.zeros_like(t), t * log_noisy).sum(1)
-    return _reduce_rows(rows, None, reduction)
+    return reduce_rows(rows, rows.shape, None, reduction)
 
 
 DISTANCE_OPS = ("l1", "l2", "smooth_l1", "kl", "cosine", "pearson")
@@ -269,7 +265,7 @@ DISTANCE_OPS = ("l1", "l2", "smooth_l1", "kl", "cosine", "pearson")
 
 def distance(student: Tensor, teacher: Tensor, op: str, *, dim: int = -1,
              temperature: float = 1.0, reduction: str = "mean") -> Tensor:
-    r"""Fused distances between student and teacher outputs, for searched distillers (SPEC §6).
+    r"""Fused distances between student and teacher outputs, for searched distillers (docs/math.md §7).
 
     ``op``:
 
@@ -288,8 +284,8 @@ def distance(student: Tensor, teacher: Tensor, op: str, *, dim: int = -1,
     features (N, C, H, W). Gradients flow to the student and, when it requires grad, the
     teacher. Results are fp32 (fp64 for fp64 inputs) and deterministic.
     """
-    _check_choice("op", op, DISTANCE_OPS)
-    _check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("op", op, DISTANCE_OPS)
+    check_choice("reduction", reduction, REDUCTIONS)
     if teacher.shape != student.shape:
         raise ValueError(f"teacher must have the shape of student "
                          f"(got {tuple(teacher.shape)} and {tuple(student.shape)})")
@@ -305,7 +301,7 @@ def distance(student: Tensor, teacher: Tensor, op: str, *, dim: int = -1,
             d = s.float() - t.float() if s.dtype != torch.float64 else s - t
             return {"l1": d.abs(), "l2": d * d,
                     "smooth_l1": torch.where(d.abs() < 1, 0.5 * d * d, d.abs() - 0.5)}[op]
-        total = pointwise_distance_sum(s, t, op)
+        total = pointwise_distance_forward(s, t, op)
         return total if reduction == "sum" else total / max(s.numel(), 1)
     dim = dim % s.dim()
     if op == "kl":
@@ -314,8 +310,9 @@ def distance(student: Tensor, teacher: Tensor, op: str, *, dim: int = -1,
     outer = math.prod(s.shape[:dim])
     inner = math.prod(s.shape[dim + 1:])
     shape3 = (outer, s.shape[dim], inner)
-    rows = correlation_distance_rows(s.reshape(shape3), t.reshape(shape3), op == "pearson")
-    return _reduce_rows(rows.reshape(s.shape[:dim] + s.shape[dim + 1:]), None, reduction)
+    rows, _ = correlation_distance_forward(s.reshape(shape3), t.reshape(shape3), op == "pearson")
+    lead = s.shape[:dim] + s.shape[dim + 1:]
+    return reduce_rows(rows.reshape(lead), lead, None, reduction)
 
 
 def sparse_kd_loss(
@@ -323,17 +320,13 @@ def sparse_kd_loss(
     teacher_indices: Tensor,
     teacher_logprobs: Tensor,
     *,
-    temperature: float = 1.0,
-    renormalize: bool = True,
     labels: Optional[Tensor] = None,
-    ignore_index: int = -100,
     weight: Optional[Tensor] = None,
-    reduction: str = "mean",
     normalizer: Optional[Union[float, Tensor]] = None,
-    scale_by_t2: bool = True,
-    check_duplicates: bool = True,
+    options: Optional[SparseKDOptions] = None,
+    **fields,
 ) -> Tensor:
-    r"""KD loss against a sparse (top-K) teacher, e.g. an offline cache (SPEC §1d).
+    r"""KD loss against a sparse (top-K) teacher, e.g. an offline cache (docs/math.md §4).
 
     The teacher is stored per row as its K kept classes :math:`I` and their
     log-probabilities :math:`\ell` (computed at the same temperature T, e.g. by
@@ -360,26 +353,28 @@ def sparse_kd_loss(
         teacher_logprobs: (..., K) teacher log-probabilities of those classes (any float
             dtype, fp16 caches included; values at padding are never read). The cache
             is data: no gradient flows to it.
-        temperature: T > 0 (finite), applied to the student only.
-        renormalize: softmax over the kept entries (True) or raw exp(ℓ) (False).
         labels: optional (...) int64; rows whose label is ``ignore_index`` are skipped
             (only compared with ``ignore_index``: there is no hard term; add
             ``F.cross_entropy`` for one).
-        ignore_index: label value marking rows to skip.
         weight: optional (...) per-row weights.
-        reduction: "mean" (Σ w·row over live rows / number of live rows, not / Σ w),
-            "sum", or "none" (per-row losses with the leading shape). A row is dead, gives
-            0 and leaves the mean's denominator when its label is ``ignore_index`` or all
-            of its K indices are -1.
         normalizer: replaces the mean's denominator (e.g. the token count across
             gradient-accumulation steps and ranks); a positive number or 0-d tensor,
             only with reduction="mean".
-        scale_by_t2: multiply the row by T**2.
-        check_duplicates: check on the host that no row repeats a class (an error if
-            one does). It sorts the N x K indices (O(N K log K), one device sync on
-            CUDA: small next to the O(N C) kernel); pass False for indices known to be
-            unique (e.g. from ``topk``), and results with repeats are then undefined.
-            Indices out of [0, C) other than -1 are always an error.
+        options: a :class:`~distillkit.SparseKDOptions`; ``**fields`` (its field names)
+            build one or override those of ``options``:
+            ``temperature`` T > 0 (finite), applied to the student only;
+            ``renormalize``: softmax over the kept entries (True) or raw exp(ℓ) (False);
+            ``ignore_index``: label value marking rows to skip;
+            ``reduction``: "mean" (Σ w·row over live rows / number of live rows, not
+            / Σ w), "sum", or "none" (per-row losses with the leading shape). A row is
+            dead, gives 0 and leaves the mean's denominator when its label is
+            ``ignore_index`` or all of its K indices are -1;
+            ``scale_by_t2``: multiply the row by T**2;
+            ``check_duplicates``: check on the host that no row repeats a class (an
+            error if one does). It sorts the N x K indices (O(N K log K), one device
+            sync on CUDA: small next to the O(N C) kernel); pass False for indices
+            known to be unique (e.g. from ``topk``), and results with repeats are then
+            undefined. Indices out of [0, C) other than -1 are always an error.
 
     Returns:
         The loss: fp32 for fp32/bf16/fp16 inputs (fp64 if either float input is fp64);
@@ -394,8 +389,8 @@ def sparse_kd_loss(
     log-sum-exp, K gathers, and in backward one pass writing dz (recomputed from z and
     three saved per-row statistics, no N x C buffer kept).
     """
-    _check_choice("reduction", reduction, REDUCTIONS)
-    _check_normalizer(normalizer, reduction)
+    opts = SparseKDOptions.resolve(options, **fields)
+    check_normalizer(normalizer, opts.reduction)
     if student_logits.dim() < 1:
         raise ValueError("student_logits must have at least one dimension (..., C)")
     lead = student_logits.shape[:-1]
@@ -414,17 +409,13 @@ def sparse_kd_loss(
     # fp64 on either side means an fp64 computation (the kernels pair fp64 with fp64).
     if (z.dtype == torch.float64) != (lp.dtype == torch.float64):
         z, lp = z.double(), lp.double()
-    y = None
-    if labels is not None:
-        if labels.shape != lead:
-            raise ValueError(f"labels must have shape {tuple(lead)} (got {tuple(labels.shape)})")
-        y = labels.reshape(-1)
-    rows = sparse_kd_loss_rows(z, idx, lp, y, temperature, renormalize, ignore_index,
-                               scale_by_t2, check_duplicates)
-    if reduction == "mean" and normalizer is None:
+    y = flat_labels(labels, lead)
+    rows, _ = sparse_kd_loss_forward(z, idx, lp, y, opts)
+    denominator = None
+    if opts.reduction == "mean":
         # Rows with no kept class are dead too, not only those with an ignored label.
         live = (idx >= 0).any(-1)
         if y is not None:
-            live = live & (y != ignore_index)
-        normalizer = live.sum().clamp(min=1)
-    return _reduce_kd_rows(rows, lead, y, weight, ignore_index, reduction, normalizer)
+            live = live & (y != opts.ignore_index)
+        denominator = normalizer if normalizer is not None else live.sum().clamp(min=1)
+    return reduce_rows(rows, lead, weight, opts.reduction, denominator)

@@ -1,4 +1,4 @@
-"""Fused linear KD (SPEC §1b): the lm-head matmul and kd_loss, chunked over rows.
+"""Fused linear KD (docs/math.md §2): the lm-head matmul and kd_loss, chunked over rows.
 
 LLM distillation runs out of memory on logits, not on weights: N tokens × a 128k
 vocabulary, for student and teacher. Here at most ``chunk_rows × C`` logits of each
@@ -15,7 +15,9 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .functional import DIVERGENCES, _check_choice, _check_normalizer
+from .functional import check_normalizer, flat_labels, mean_denominator
+from .ops import RaiseOnBackward, kd_loss_backward, kd_loss_forward, reject_functorch
+from .options import KDOptions
 
 __all__ = ["fused_linear_kd_loss"]
 
@@ -27,8 +29,7 @@ def _linear(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, teacher_logits, teacher_h, teacher_weight, teacher_bias,
-                labels, row_scale, chunk_rows, options):
-        temperature, divergence, beta, hard_weight, ignore_index, scale_by_t2 = options
+                labels, row_scale, chunk_rows, options: KDOptions):
         n = h.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
@@ -46,31 +47,37 @@ class _FusedLinearKD(torch.autograd.Function):
             u = (teacher_logits[rows] if teacher_logits is not None
                  else _linear(teacher_h[rows], teacher_weight, teacher_bias))
             y = labels[rows] if labels is not None else None
-            args = (temperature, divergence, beta, hard_weight, ignore_index, scale_by_t2)
-            loss, stats = torch.ops.distillkit.kd_loss_forward(z, u, y, *args)
+            loss, stats = kd_loss_forward(z, u, y, options)
             scale = row_scale[rows].contiguous()
             total += (loss * scale).sum()
             if not (need_h or need_w or need_b):
                 continue
-            dz, _ = torch.ops.distillkit.kd_loss_backward(scale, z, u, y, stats, *args, False)
+            dz, _ = kd_loss_backward(scale, z, u, y, stats, options, False)
             if need_h:
                 grad_h[rows] = dz @ weight
             if need_w:
                 grad_w += (dz.t() @ h_c).to(grad_w.dtype)
             if need_b:
                 grad_b += dz.sum(0, dtype=grad_b.dtype)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        # h and weight only anchor a create_graph=True gradient (see backward); saved
+        # inputs cost no memory.
+        ctx.save_for_backward(grad_h, grad_w, grad_b, h, weight)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
+        grad_h, grad_w, grad_b, h, weight = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
         g = grad_output
         out_h = grad_h * g.to(grad_h.dtype) if grad_h is not None else None
         out_w = (grad_w * g).to(w_dtype) if grad_w is not None else None
         out_b = (grad_b * g).to(b_dtype) if grad_b is not None else None
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradients were formed in the forward and do not
+            # depend on h or W here; a loss on them must fail by name, not miss a term.
+            out_h, out_w, out_b = (RaiseOnBackward.apply(t, h, weight, "fused_linear_kd_loss")
+                                   if t is not None else None for t in (out_h, out_w, out_b))
         return out_h, out_w, out_b, None, None, None, None, None, None, None, None
 
 
@@ -84,16 +91,11 @@ def fused_linear_kd_loss(
     teacher_weight: Optional[Tensor] = None,
     teacher_bias: Optional[Tensor] = None,
     chunk_rows: int = 1024,
-    temperature: float = 1.0,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
     labels: Optional[Tensor] = None,
-    hard_weight: float = 0.0,
-    ignore_index: int = -100,
     weight: Optional[Tensor] = None,
-    reduction: str = "mean",
     normalizer: Optional[Union[float, Tensor]] = None,
-    scale_by_t2: bool = True,
+    options: Optional[KDOptions] = None,
+    **fields,
 ) -> Tensor:
     r"""``kd_loss(student_hidden @ student_weightᵀ + student_bias, teacher_logits, ...)``
     without materializing the (N, C) logits.
@@ -105,8 +107,8 @@ def fused_linear_kd_loss(
             (..., H_t) and ``teacher_weight`` (C, H_t) (+ ``teacher_bias``): then the
             teacher's logits are also formed one chunk at a time.
         chunk_rows: rows per chunk; peak extra memory is O(chunk_rows × C).
-        The remaining arguments are those of :func:`distillkit.kd_loss`, with the same
-        meaning; ``reduction`` is ``"mean"`` or ``"sum"`` (per-row losses would need the
+        labels, weight, normalizer, options, **fields: those of :func:`distillkit.kd_loss`,
+        with the same meaning; ``reduction`` is ``"mean"`` or ``"sum"`` (per-row losses would need the
         logits again in backward — use ``kd_loss`` for ``"none"``).
 
     Gradients flow to the student's hidden states, weight and bias; the teacher is
@@ -115,9 +117,11 @@ def fused_linear_kd_loss(
     Logits are formed in the inputs' dtype (bf16 matmuls accumulate in fp32 and round
     once); the loss then runs in fp32 as in ``kd_loss``.
     """
-    _check_choice("divergence", divergence, DIVERGENCES)
-    _check_choice("reduction", reduction, ("mean", "sum"))
-    _check_normalizer(normalizer, reduction)
+    opts = KDOptions.resolve(options, **fields)
+    if opts.reduction == "none":
+        raise ValueError("reduction must be 'mean' or 'sum' for fused_linear_kd_loss (got 'none'; "
+                         "use kd_loss for per-row losses)")
+    check_normalizer(normalizer, opts.reduction)
     if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ValueError(f"chunk_rows must be a positive int (got {chunk_rows!r})")
     hidden = student_hidden.shape[-1]
@@ -147,11 +151,7 @@ def fused_linear_kd_loss(
         t_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
         teacher_weight = teacher_weight.detach()
         teacher_bias = teacher_bias.detach() if teacher_bias is not None else None
-    y = None
-    if labels is not None:
-        if labels.shape != lead:
-            raise ValueError(f"labels must have shape {tuple(lead)} (got {tuple(labels.shape)})")
-        y = labels.reshape(-1)
+    y = flat_labels(labels, lead)
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     # The reduction's derivative w.r.t. each row's loss, known before the loop.
     row_scale = torch.ones(h.shape[0], dtype=acc, device=h.device)
@@ -159,11 +159,8 @@ def fused_linear_kd_loss(
         if weight.shape != lead:
             raise ValueError(f"weight must have shape {tuple(lead)} (got {tuple(weight.shape)})")
         row_scale = row_scale * weight.reshape(-1).to(acc)
-    if reduction == "mean":
-        if normalizer is None:
-            normalizer = (y != ignore_index).sum().clamp(min=1) if y is not None else max(h.shape[0], 1)
-        row_scale = row_scale / normalizer
-    options = (float(temperature), divergence, float(beta), float(hard_weight), int(ignore_index),
-               bool(scale_by_t2))
+    if opts.reduction == "mean":
+        row_scale = row_scale / mean_denominator(y, h.shape[0], opts.ignore_index, normalizer)
+    reject_functorch("fused_linear_kd_loss")
     return _FusedLinearKD.apply(h, student_weight, student_bias, t_logits, t_hidden,
-                                teacher_weight, teacher_bias, y, row_scale, chunk_rows, options)
+                                teacher_weight, teacher_bias, y, row_scale, chunk_rows, opts)

@@ -1,4 +1,4 @@
-"""A coordinate-wise LSTM optimizer and its meta-training (SPEC §4).
+"""A coordinate-wise LSTM optimizer and its meta-training (docs/math.md §8, §9.3).
 
 "Learning to learn by gradient descent by gradient descent" (Andrychowicz et al.,
 2016): one small LSTM, its weights shared by all P coordinates of a parameter
@@ -16,7 +16,7 @@ Per coordinate and step, with g the gradient:
   parameter of a model, flattened into one coordinate vector.
 * :func:`meta_train` trains the LSTM with Adam on the meta-objective Σ_{t=1..K} f(θ_t)
   of unrolls of K steps (truncated BPTT), with the meta-gradient computed by the
-  reverse scan of SPEC §4 (:func:`unroll_meta_gradient`).
+  reverse scan of docs/math.md §9.3 (:func:`unroll_meta_gradient`).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ METHODS = ("reverse", "autograd")
 
 
 class CoordinateLSTM(nn.Module):
-    """The weights of L stacked LSTM cells shared by every coordinate (SPEC §4).
+    """The weights of L stacked LSTM cells shared by every coordinate (docs/math.md §8).
 
     Args:
         hidden_sizes: H_1 … H_L. L2L's optimizer is (20, 20) with a head; the

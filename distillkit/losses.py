@@ -6,37 +6,26 @@ from typing import Optional, Union
 from torch import Tensor, nn
 
 from .functional import kd_loss
+from .options import KDOptions
 
 __all__ = ["KDLoss"]
 
 
 class KDLoss(nn.Module):
-    """Module form of :func:`distillkit.kd_loss`; the constructor takes its keyword
-    arguments, ``forward(student_logits, teacher_logits, labels=None, weight=None,
-    normalizer=None)`` the per-batch ones."""
+    """Module form of :func:`distillkit.kd_loss`: the constructor takes a
+    :class:`~distillkit.KDOptions` and/or its fields as keywords (checked there, once),
+    ``forward(student_logits, teacher_logits, labels=None, weight=None, normalizer=None)``
+    the per-batch tensors."""
 
-    def __init__(self, *, temperature: float = 1.0, divergence: str = "forward_kl",
-                 beta: float = 0.5, hard_weight: float = 0.0, ignore_index: int = -100,
-                 reduction: str = "mean", scale_by_t2: bool = True):
+    def __init__(self, options: Optional[KDOptions] = None, **fields):
         super().__init__()
-        self.temperature = temperature
-        self.divergence = divergence
-        self.beta = beta
-        self.hard_weight = hard_weight
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.scale_by_t2 = scale_by_t2
+        self.options = KDOptions.resolve(options, **fields)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor,
                 labels: Optional[Tensor] = None, weight: Optional[Tensor] = None,
                 normalizer: Optional[Union[float, Tensor]] = None) -> Tensor:
-        return kd_loss(student_logits, teacher_logits, temperature=self.temperature,
-                       divergence=self.divergence, beta=self.beta, labels=labels,
-                       hard_weight=self.hard_weight, ignore_index=self.ignore_index,
-                       weight=weight, reduction=self.reduction, normalizer=normalizer,
-                       scale_by_t2=self.scale_by_t2)
+        return kd_loss(student_logits, teacher_logits, labels=labels, weight=weight,
+                       normalizer=normalizer, options=self.options)
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, divergence={self.divergence!r}, "
-                f"beta={self.beta}, hard_weight={self.hard_weight}, "
-                f"reduction={self.reduction!r}, scale_by_t2={self.scale_by_t2}")
+        return repr(self.options)

@@ -4,61 +4,98 @@ The dispatcher picks the CPU or CUDA kernel; nothing here branches on device.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["kd_loss_rows", "slam_loss_rows", "pointwise_distance_sum", "correlation_distance_rows",
-           "sparse_kd_loss_rows", "coordinate_lstm_step"]
+from . import _C
+from .options import KDOptions, SLaMOptions, SparseKDOptions
 
-# Columns of the per-row statistics kd_loss_forward saves for its backward.
-KD_STATS_COLS = 5
+__all__ = ["kd_loss_forward", "kd_loss_backward", "slam_loss_forward", "pointwise_distance_forward",
+           "correlation_distance_forward", "sparse_kd_loss_forward", "coordinate_lstm_step"]
+
+class StatsLayout:
+    """The named columns of the per-row statistics an op's forward saves for its backward.
+
+    Defined once, in C++ (csrc/stats_layout.h), and read here from the extension
+    (``_C.<op>_stats_layout``, name -> column): each column name is an attribute holding
+    its index, ``cols`` is their number.
+    """
+
+    def __init__(self, columns: Dict[str, int]):
+        self.names = tuple(sorted(columns, key=columns.__getitem__))
+        self.cols = len(self.names)
+        for name, index in columns.items():
+            setattr(self, name, index)
+
+    def stack(self, **columns: Tensor) -> Tensor:
+        """(N, cols) statistics from one (N,) tensor per named column."""
+        if set(columns) != set(self.names):
+            raise ValueError(f"stats columns must be {self.names} (got {tuple(columns)})")
+        return torch.stack([columns[name] for name in self.names], 1)
+
+
+KD_STATS = StatsLayout(_C.kd_loss_stats_layout)
+SLAM_STATS = StatsLayout(_C.slam_loss_stats_layout)
+SPARSE_KD_STATS = StatsLayout(_C.sparse_kd_loss_stats_layout)
+CORRELATION_STATS = StatsLayout(_C.correlation_distance_stats_layout)
+
+
+def reject_functorch(op: str) -> None:
+    """torch.func transforms cannot run the ops' autograd (registered with
+    torch.library, which has no functorch rule): say so by name, before PyTorch's
+    generic message about setup_context."""
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        raise RuntimeError(f"{op} does not support torch.func transforms (grad, vjp, vmap, "
+                           "jacrev, ...); take its gradient with torch.autograd.grad or "
+                           ".backward()")
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def kd_loss_rows(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    labels: Optional[Tensor],
-    temperature: float,
-    divergence: str,
-    beta: float,
-    hard_weight: float,
-    ignore_index: int,
-    scale_by_t2: bool,
-) -> Tensor:
-    """Per-row KD loss of (N, C) logits, shape (N,), fp32 (fp64 for fp64 input).
+def kd_loss_forward(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor],
+                    options: KDOptions) -> Tuple[Tensor, Tensor]:
+    """Per-row KD losses of (N, C) logits, shape (N,), fp32 (fp64 for fp64 input), and the
+    per-row statistics the backward reads, (N, ``KD_STATS.cols``) in the same dtype.
 
-    Rows whose label is ``ignore_index`` are 0. Differentiable w.r.t. both
-    logits; see :func:`distillkit.kd_loss` for the math.
+    Rows whose label is ``options.ignore_index`` are 0. The losses are differentiable
+    w.r.t. both logits (the registered autograd); see :func:`distillkit.kd_loss` for the
+    math. ``options.reduction`` is not applied here.
     """
-    loss, _ = torch.ops.distillkit.kd_loss_forward(
-        student_logits, teacher_logits, labels, float(temperature), divergence,
-        float(beta), float(hard_weight), int(ignore_index), bool(scale_by_t2),
-    )
-    return loss
+    reject_functorch("kd_loss")
+    return torch.ops.distillkit.kd_loss_forward(student_logits, teacher_logits, labels,
+                                                *options.schema_args())
+
+
+def kd_loss_backward(grad_rows: Tensor, student_logits: Tensor, teacher_logits: Tensor,
+                     labels: Optional[Tensor], stats: Tensor, options: KDOptions,
+                     teacher_grad: bool) -> Tuple[Tensor, Tensor]:
+    """The gradients of ``Σ grad_rows · rows`` w.r.t. the student logits and (when
+    ``teacher_grad``, else an empty tensor) the teacher logits, from the forward's
+    ``stats``: one pass over the logits, for callers that form gradients themselves
+    (fused linear KD, vocabulary-parallel KD)."""
+    return torch.ops.distillkit.kd_loss_backward(grad_rows, student_logits, teacher_logits,
+                                                 labels, stats, *options.schema_args(),
+                                                 teacher_grad)
 
 
 @torch.library.register_fake("distillkit::kd_loss_forward")
-def _kd_loss_forward_fake(student_logits, teacher_logits, labels, temperature, divergence,
-                          beta, hard_weight, ignore_index, scale_by_t2):
+def _kd_loss_forward_fake(student_logits, teacher_logits, labels, *scalars):
     torch._check(student_logits.dim() == 2, lambda: "student_logits must be 2-D")
     torch._check(teacher_logits.shape == student_logits.shape,
                  lambda: "teacher_logits must have the shape of student_logits")
     n = student_logits.shape[0]
     acc = _acc_dtype(student_logits)
     return (student_logits.new_empty((n,), dtype=acc),
-            student_logits.new_empty((n, KD_STATS_COLS), dtype=acc))
+            student_logits.new_empty((n, KD_STATS.cols), dtype=acc))
 
 
 @torch.library.register_fake("distillkit::kd_loss_backward")
-def _kd_loss_backward_fake(grad_loss, student_logits, teacher_logits, labels, stats, temperature,
-                           divergence, beta, hard_weight, ignore_index, scale_by_t2,
-                           teacher_grad):
+def _kd_loss_backward_fake(grad_loss, student_logits, teacher_logits, labels, stats, *scalars):
+    teacher_grad = scalars[-1]
     grad_teacher = (torch.empty_like(teacher_logits) if teacher_grad
                     else teacher_logits.new_empty((0,)))
     return torch.empty_like(student_logits), grad_teacher
@@ -91,15 +128,14 @@ torch.library.register_autograd(
 
 # --- slam_loss ---------------------------------------------------------------------
 
-SLAM_STATS_COLS = 6
 
-
-def slam_loss_rows(student_logits: Tensor, teacher_probs: Tensor, alpha: Tensor, k: Tensor,
-                   normalized: bool, hard: bool) -> Tensor:
-    """Per-row SLaM loss of (N, C) inputs, shape (N,); see :func:`distillkit.slam_loss`."""
-    loss, _ = torch.ops.distillkit.slam_loss_forward(student_logits, teacher_probs, alpha, k,
-                                                     bool(normalized), bool(hard))
-    return loss
+def slam_loss_forward(student_logits: Tensor, teacher_probs: Tensor, alpha: Tensor, k: Tensor,
+                      options: SLaMOptions) -> Tuple[Tensor, Tensor]:
+    """Per-row SLaM losses of (N, C) inputs, shape (N,), and the (N, ``SLAM_STATS.cols``)
+    statistics the backward reads; see :func:`distillkit.slam_loss`."""
+    reject_functorch("slam_loss")
+    return torch.ops.distillkit.slam_loss_forward(student_logits, teacher_probs, alpha, k,
+                                                  *options.schema_args())
 
 
 @torch.library.register_fake("distillkit::slam_loss_forward")
@@ -109,7 +145,7 @@ def _slam_loss_forward_fake(student_logits, teacher_probs, alpha, k, normalized,
     n = student_logits.shape[0]
     acc = _acc_dtype(student_logits)
     return (student_logits.new_empty((n,), dtype=acc),
-            student_logits.new_empty((n, SLAM_STATS_COLS), dtype=acc))
+            student_logits.new_empty((n, SLAM_STATS.cols), dtype=acc))
 
 
 @torch.library.register_fake("distillkit::slam_loss_backward")
@@ -141,11 +177,10 @@ torch.library.register_autograd("distillkit::slam_loss_forward", _slam_backward,
 
 # --- distances (KD-Zero) -----------------------------------------------------------
 
-CORRELATION_STATS = 5
 
-
-def pointwise_distance_sum(student: Tensor, teacher: Tensor, op: str) -> Tensor:
+def pointwise_distance_forward(student: Tensor, teacher: Tensor, op: str) -> Tensor:
     """Σ over all elements of |s − t| ("l1"), (s − t)² ("l2") or smooth-L1 (β = 1), 0-d."""
+    reject_functorch("distance")
     return torch.ops.distillkit.pointwise_distance_forward(student, teacher, op)
 
 
@@ -179,11 +214,13 @@ torch.library.register_autograd("distillkit::pointwise_distance_forward", _point
                                 setup_context=_pointwise_setup_context)
 
 
-def correlation_distance_rows(student: Tensor, teacher: Tensor, center: bool) -> Tensor:
+def correlation_distance_forward(student: Tensor, teacher: Tensor, center: bool
+                                 ) -> Tuple[Tensor, Tensor]:
     """1 − cos (center=False) or 1 − Pearson ρ (center=True) over dim 1 of (outer, D, inner)
-    inputs; returns (outer, inner)."""
-    rows, _ = torch.ops.distillkit.correlation_distance_forward(student, teacher, bool(center))
-    return rows
+    inputs: (outer, inner) distances and the (outer, inner, ``CORRELATION_STATS.cols``)
+    statistics the backward reads."""
+    reject_functorch("distance")
+    return torch.ops.distillkit.correlation_distance_forward(student, teacher, bool(center))
 
 
 @torch.library.register_fake("distillkit::correlation_distance_forward")
@@ -193,7 +230,7 @@ def _correlation_forward_fake(student, teacher, center):
     outer, _, inner = student.shape
     acc = _acc_dtype(student)
     return (student.new_empty((outer, inner), dtype=acc),
-            student.new_empty((outer, inner, CORRELATION_STATS), dtype=acc))
+            student.new_empty((outer, inner, CORRELATION_STATS.cols), dtype=acc))
 
 
 @torch.library.register_fake("distillkit::correlation_distance_backward")
@@ -223,30 +260,23 @@ torch.library.register_autograd("distillkit::correlation_distance_forward", _cor
 
 # --- sparse_kd_loss ----------------------------------------------------------------
 
-# Columns of the per-row statistics sparse_kd_loss_forward saves for its backward:
-# [lse(z/T), teacher log normalizer, kept teacher mass].
-SPARSE_KD_STATS_COLS = 3
 
-
-def sparse_kd_loss_rows(student_logits: Tensor, teacher_indices: Tensor,
-                        teacher_logprobs: Tensor, labels: Optional[Tensor], temperature: float,
-                        renormalize: bool, ignore_index: int, scale_by_t2: bool,
-                        check_duplicates: bool) -> Tensor:
-    """Per-row KD loss of (N, C) student logits against a top-K teacher ((N, K) int64
-    indices, -1 = padding, and log-probabilities), shape (N,), fp32 (fp64 for fp64 input).
-    Dead rows (label == ignore_index, or no kept entry) are 0. Differentiable w.r.t. the
-    student only; see :func:`distillkit.sparse_kd_loss` for the math."""
-    loss, _ = torch.ops.distillkit.sparse_kd_loss_forward(
-        student_logits, teacher_indices, teacher_logprobs, labels, float(temperature),
-        bool(renormalize), int(ignore_index), bool(scale_by_t2), bool(check_duplicates),
-    )
-    return loss
+def sparse_kd_loss_forward(student_logits: Tensor, teacher_indices: Tensor,
+                           teacher_logprobs: Tensor, labels: Optional[Tensor],
+                           options: SparseKDOptions) -> Tuple[Tensor, Tensor]:
+    """Per-row KD losses of (N, C) student logits against a top-K teacher ((N, K) int64
+    indices, -1 = padding, and log-probabilities), shape (N,), fp32 (fp64 for fp64 input),
+    and the (N, ``SPARSE_KD_STATS.cols``) statistics the backward reads. Dead rows (label
+    == ignore_index, or no kept entry) are 0. Differentiable w.r.t. the student only;
+    see :func:`distillkit.sparse_kd_loss` for the math."""
+    reject_functorch("sparse_kd_loss")
+    return torch.ops.distillkit.sparse_kd_loss_forward(
+        student_logits, teacher_indices, teacher_logprobs, labels, *options.schema_args())
 
 
 @torch.library.register_fake("distillkit::sparse_kd_loss_forward")
 def _sparse_kd_loss_forward_fake(student_logits, teacher_indices, teacher_logprobs, labels,
-                                 temperature, renormalize, ignore_index, scale_by_t2,
-                                 check_duplicates):
+                                 *scalars):
     torch._check(student_logits.dim() == 2, lambda: "student_logits must be 2-D")
     torch._check(teacher_indices.dim() == 2 and teacher_logprobs.shape == teacher_indices.shape,
                  lambda: "teacher_logprobs must have the shape of teacher_indices (N, K)")
@@ -255,13 +285,12 @@ def _sparse_kd_loss_forward_fake(student_logits, teacher_indices, teacher_logpro
     n = student_logits.shape[0]
     acc = _acc_dtype(student_logits)
     return (student_logits.new_empty((n,), dtype=acc),
-            student_logits.new_empty((n, SPARSE_KD_STATS_COLS), dtype=acc))
+            student_logits.new_empty((n, SPARSE_KD_STATS.cols), dtype=acc))
 
 
 @torch.library.register_fake("distillkit::sparse_kd_loss_backward")
 def _sparse_kd_loss_backward_fake(grad_loss, student_logits, teacher_indices, teacher_logprobs,
-                                  labels, stats, temperature, renormalize, ignore_index,
-                                  scale_by_t2):
+                                  labels, stats, *scalars):
     return torch.empty_like(student_logits)
 
 
@@ -287,14 +316,14 @@ torch.library.register_autograd("distillkit::sparse_kd_loss_forward", _sparse_kd
                                 setup_context=_sparse_kd_setup_context)
 
 
-# --- coordinate_lstm (SPEC §4) -------------------------------------------------------
+# --- coordinate_lstm (docs/math.md §8) -----------------------------------------------
 
 def coordinate_lstm_step(grad: Tensor, params: Tensor, h: Tensor, c: Tensor,
                          w_ih: Sequence[Tensor], w_hh: Sequence[Tensor], bias: Sequence[Tensor],
                          head_weight: Optional[Tensor] = None, head_bias: Optional[Tensor] = None,
                          *, preprocess_p: float = 10.0, output_scale: float = 0.1
                          ) -> Tuple[Tensor, Tensor, Tensor]:
-    """One step of the coordinate-wise LSTM optimizer (L2L / L2T-DLN teacher, SPEC §4).
+    """One step of the coordinate-wise LSTM optimizer (L2L / L2T-DLN teacher, docs/math.md §8).
 
     Each of the P coordinates is one batch row of L stacked LSTM cells sharing the weights.
     Per coordinate, with p = ``preprocess_p`` and s = ``output_scale``:
@@ -317,6 +346,7 @@ def coordinate_lstm_step(grad: Tensor, params: Tensor, h: Tensor, c: Tensor,
     (grad, h, c) and the weights and recomputes the gates. Weight gradients are sums over
     the coordinates in a fixed order: the same bits run to run and for any thread count.
     """
+    reject_functorch("coordinate_lstm_step")
     return torch.ops.distillkit.coordinate_lstm_forward(
         grad, params, h, c, list(w_ih), list(w_hh), list(bias), head_weight, head_bias,
         float(preprocess_p), float(output_scale))
@@ -385,3 +415,43 @@ def _coordinate_lstm_backward(ctx, grad_params_out: Optional[Tensor], grad_h_out
 
 torch.library.register_autograd("distillkit::coordinate_lstm_forward", _coordinate_lstm_backward,
                                 setup_context=_coordinate_lstm_setup_context)
+
+
+# --- no double backward ------------------------------------------------------------
+
+def double_backward_error(op: str) -> RuntimeError:
+    return RuntimeError(
+        f"{op} does not support double backward: its gradient is formed by a fused kernel "
+        "that is not itself differentiable, so a loss on that gradient (create_graph=True, "
+        "then backward through it) would silently lose the second-order term")
+
+
+def _register_no_double_backward(op: str) -> None:
+    """A gradient taken with ``create_graph=True`` carries a node that raises, by name,
+    when something differentiates through it, instead of a silently missing term."""
+    def backward(ctx, *grads):
+        raise double_backward_error(op)
+
+    torch.library.register_autograd(f"distillkit::{op}_backward", backward,
+                                    setup_context=lambda ctx, inputs, output: None)
+
+
+for _op in ("kd_loss", "slam_loss", "pointwise_distance", "correlation_distance",
+            "sparse_kd_loss", "coordinate_lstm"):
+    _register_no_double_backward(_op)
+
+
+class RaiseOnBackward(torch.autograd.Function):
+    """``t`` unchanged, as a function of ``anchors`` whose backward raises
+    :func:`double_backward_error`: marks the gradients an ``autograd.Function`` returns
+    under ``create_graph=True`` (the anchors, the inputs they are gradients for, make
+    them part of the graph)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, *anchors_and_op) -> Tensor:
+        ctx.op = anchors_and_op[-1]
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise double_backward_error(ctx.op)

@@ -1,4 +1,4 @@
-r"""Vocabulary-parallel KD loss (SPEC §1c): logits sharded on the class dimension.
+r"""Vocabulary-parallel KD loss (docs/math.md §3): logits sharded on the class dimension.
 
 Under tensor parallelism the lm head is split by vocabulary, so rank r of a
 ``torch.distributed`` group holds the columns ``[start_r, start_r + C_r)`` of every row
@@ -36,7 +36,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .functional import _kd_rows_inputs, _reduce_kd_rows
+from .functional import kd_rows_inputs, reduce_kd_rows
+from .ops import KD_STATS, kd_loss_backward, kd_loss_forward, reject_functorch
+from .options import KDOptions
 
 __all__ = ["vocab_parallel_kd_loss"]
 
@@ -49,11 +51,11 @@ _JSD_CHUNK_ELEMENTS = 1 << 22
 _A, _B, _LSE1, _CROSS_S, _CROSS_T, _Z_Y = range(6)
 
 
-def _resolve(divergence: str, beta: float) -> str:
-    """JSD at beta = 0 / 1 is forward / reverse KL (SPEC §1), as in the kernels."""
-    if divergence == "jsd" and beta in (0.0, 1.0):
-        return "forward_kl" if beta == 0.0 else "reverse_kl"
-    return divergence
+def _resolve(opts: KDOptions) -> str:
+    """JSD at beta = 0 / 1 is forward / reverse KL (docs/math.md §1.1), as in the kernels."""
+    if opts.divergence == "jsd" and opts.beta in (0.0, 1.0):
+        return "forward_kl" if opts.beta == 0.0 else "reverse_kl"
+    return opts.divergence
 
 
 def _all_gather(t: Tensor, group, world: int) -> Tensor:
@@ -91,6 +93,8 @@ def _jsd_shard_terms(z: Tensor, u: Tensor, y_fwd: Optional[Tensor], gathered: Te
     acc = gathered.dtype
     n, width = z.shape
     chunk = max(1, _JSD_CHUNK_ELEMENTS // (width + 1))
+    augmented = KDOptions(temperature=1.0, divergence="jsd", beta=beta,
+                          ignore_index=_LOCAL_IGNORE, scale_by_t2=False)
     stats = []
     for lo in range(0, n, chunk):
         rows = slice(lo, min(lo + chunk, n))
@@ -101,16 +105,16 @@ def _jsd_shard_terms(z: Tensor, u: Tensor, y_fwd: Optional[Tensor], gathered: Te
         uc[:, :width].copy_(u[rows]).div_(temperature)
         zc[:, width], uc[:, width] = rest_a[rows], rest_b[rows]
         yc = y_fwd[rows] if y_fwd is not None else None
-        _, st = torch.ops.distillkit.kd_loss_forward(zc, uc, yc, 1.0, "jsd", beta, 0.0,
-                                                     _LOCAL_IGNORE, False)
+        _, st = kd_loss_forward(zc, uc, yc, augmented)
         stats.append(st)
-    st = torch.cat(stats) if stats else gathered.new_zeros((0, 5))
-    log_q_rest, log_p_rest = rest_a - st[:, 0], rest_b - st[:, 1]
+    st = torch.cat(stats) if stats else gathered.new_zeros((0, KD_STATS.cols))
+    log_q_rest = rest_a - st[:, KD_STATS.lse_student]
+    log_p_rest = rest_b - st[:, KD_STATS.lse_teacher]
     q_rest, p_rest = log_q_rest.exp(), log_p_rest.exp()
     m_rest = beta * p_rest + (1.0 - beta) * q_rest
     log_m_rest = torch.log(torch.where(m_rest == 0, torch.ones_like(m_rest), m_rest))
-    return torch.stack([st[:, 3] - _xterm(q_rest, log_q_rest - log_m_rest),
-                        st[:, 4] - _xterm(p_rest, log_p_rest - log_m_rest)], 1)
+    return torch.stack([st[:, KD_STATS.d_student] - _xterm(q_rest, log_q_rest - log_m_rest),
+                        st[:, KD_STATS.d_teacher] - _xterm(p_rest, log_p_rest - log_m_rest)], 1)
 
 
 def _shard_layout(z: Tensor, group) -> Tuple[int, int, List[int]]:
@@ -132,12 +136,13 @@ class _VocabParallelKD(torch.autograd.Function):
     """Per-row global KD loss (N,) from this rank's (N, C_r) shards."""
 
     @staticmethod
-    def forward(ctx, z, u, y, group, temperature, divergence, beta, hard_weight, ignore_index,
-                scale_by_t2):
+    def forward(ctx, z, u, y, group, opts: KDOptions):
         rank, start, widths = _shard_layout(z, group)
         n, width = z.shape
         num_classes = sum(widths)
-        kind = _resolve(divergence, beta)
+        kind = _resolve(opts)
+        temperature, beta, hard_weight, ignore_index = (opts.temperature, opts.beta,
+                                                        opts.hard_weight, opts.ignore_index)
         hard = y is not None and hard_weight > 0
         y_fwd = y_bwd = None
         owned = keep = None
@@ -159,14 +164,15 @@ class _VocabParallelKD(torch.autograd.Function):
         # The first pass's KL kind only decides which cross term comes back; JSD needs
         # just the lse's here.
         first = "forward_kl" if kind == "jsd" else kind
-        _, st = torch.ops.distillkit.kd_loss_forward(z, u, y_fwd, temperature, first, beta,
-                                                     hard_weight, _LOCAL_IGNORE, scale_by_t2)
+        _, st = kd_loss_forward(z, u, y_fwd, opts.replace(divergence=first,
+                                                          ignore_index=_LOCAL_IGNORE))
+        a, b = st[:, KD_STATS.lse_student], st[:, KD_STATS.lse_teacher]
         mine = st.new_zeros((n, 6))
-        mine[:, _A], mine[:, _B], mine[:, _LSE1] = st[:, 0], st[:, 1], st[:, 2]
+        mine[:, _A], mine[:, _B], mine[:, _LSE1] = a, b, st[:, KD_STATS.lse_student_t1]
         if kind == "forward_kl":
-            mine[:, _CROSS_T] = _shard_cross(st[:, 4], st[:, 1], st[:, 0])
+            mine[:, _CROSS_T] = _shard_cross(st[:, KD_STATS.d_teacher], b, a)
         elif kind == "reverse_kl":
-            mine[:, _CROSS_S] = _shard_cross(st[:, 3], st[:, 0], st[:, 1])
+            mine[:, _CROSS_S] = _shard_cross(st[:, KD_STATS.d_student], a, b)
         if hard:
             z_y = z.gather(1, y_fwd.clamp(min=0)[:, None])[:, 0].to(st.dtype)
             mine[:, _Z_Y] = torch.where(owned, z_y, torch.zeros_like(z_y))
@@ -185,7 +191,7 @@ class _VocabParallelKD(torch.autograd.Function):
                                 group, len(widths)).sum(0)
             d_s, d_t = terms[:, 0], terms[:, 1]
             soft = beta * d_t + (1.0 - beta) * d_s
-        soft_scale = (1.0 - hard_weight) * (temperature ** 2 if scale_by_t2 else 1.0)
+        soft_scale = (1.0 - hard_weight) * (temperature ** 2 if opts.scale_by_t2 else 1.0)
         rows = soft_scale * soft
         lse1 = lse_s
         if hard:
@@ -193,10 +199,11 @@ class _VocabParallelKD(torch.autograd.Function):
             rows = rows + hard_weight * (lse1 - g[:, :, _Z_Y].sum(0))
         if keep is not None:
             rows = torch.where(keep, rows, torch.zeros_like(rows))
-        stats = torch.stack([lse_s, lse_t, lse1, d_s, d_t], 1)
+        stats = KD_STATS.stack(lse_student=lse_s, lse_teacher=lse_t, lse_student_t1=lse1,
+                               d_student=d_s, d_teacher=d_t)
 
         ctx.save_for_backward(z, u, y_bwd, stats)
-        ctx.scalars = (temperature, kind, beta, hard_weight, _LOCAL_IGNORE, scale_by_t2)
+        ctx.options = opts.replace(divergence=kind, ignore_index=_LOCAL_IGNORE)
         return rows
 
     @staticmethod
@@ -205,10 +212,10 @@ class _VocabParallelKD(torch.autograd.Function):
         teacher_grad = ctx.needs_input_grad[1]
         # Global stats make the shard kernel write this rank's columns of the global
         # gradient: no communication.
-        grad_z, grad_u = torch.ops.distillkit.kd_loss_backward(
-            grad_rows.contiguous(), z, u, y_bwd, stats, *ctx.scalars, teacher_grad)
+        grad_z, grad_u = kd_loss_backward(grad_rows.contiguous(), z, u, y_bwd, stats,
+                                          ctx.options, teacher_grad)
         return (grad_z if ctx.needs_input_grad[0] else None,
-                grad_u if teacher_grad else None) + (None,) * 8
+                grad_u if teacher_grad else None) + (None,) * 3
 
 
 def vocab_parallel_kd_loss(
@@ -216,16 +223,11 @@ def vocab_parallel_kd_loss(
     teacher_shard: Tensor,
     *,
     group: Optional[dist.ProcessGroup] = None,
-    temperature: float = 1.0,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
     labels: Optional[Tensor] = None,
-    hard_weight: float = 0.0,
-    ignore_index: int = -100,
     weight: Optional[Tensor] = None,
-    reduction: str = "mean",
     normalizer: Optional[Union[float, Tensor]] = None,
-    scale_by_t2: bool = True,
+    options: Optional[KDOptions] = None,
+    **fields,
 ) -> Tensor:
     r""":func:`distillkit.kd_loss` of logits sharded on the class dimension across the
     ranks of a ``torch.distributed`` process group (vocabulary / tensor parallelism).
@@ -245,7 +247,7 @@ def vocab_parallel_kd_loss(
         labels: optional (...) int64 **global** class indices in [0, C) or
             ``ignore_index``; replicated (the same on every rank), as is ``weight``.
             The hard term's label logit is taken from the rank that owns the column.
-        The other arguments are those of :func:`distillkit.kd_loss`, with its math,
+        weight, normalizer, options, **fields: those of :func:`distillkit.kd_loss`, with its math,
         ``ignore_index`` row masking, weights, reductions and ``normalizer`` (which,
         being replicated, is the global token count only if the caller makes it so).
 
@@ -262,8 +264,8 @@ def vocab_parallel_kd_loss(
     one extra column in the accumulation dtype (at most 2²² elements each). Gradients flow
     only through this function's autograd node (the collectives are not differentiated).
     """
-    z, u, y, lead = _kd_rows_inputs(student_shard, teacher_shard, labels, divergence,
-                                    reduction, normalizer)
-    rows = _VocabParallelKD.apply(z, u, y, group, float(temperature), divergence, float(beta),
-                                  float(hard_weight), int(ignore_index), bool(scale_by_t2))
-    return _reduce_kd_rows(rows, lead, y, weight, ignore_index, reduction, normalizer)
+    opts = KDOptions.resolve(options, **fields)
+    z, u, y, lead = kd_rows_inputs(student_shard, teacher_shard, labels, opts, normalizer)
+    reject_functorch("vocab_parallel_kd_loss")
+    rows = _VocabParallelKD.apply(z, u, y, group, opts)
+    return reduce_kd_rows(rows, lead, y, weight, opts, normalizer)

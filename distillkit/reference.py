@@ -1,6 +1,6 @@
 """Pure-PyTorch references, the oracle for tests and benchmarks.
 
-Written for clarity, not speed: each op is the SPEC formula with plain tensor
+Written for clarity, not speed: each op is its docs/math.md formula in plain tensor
 ops, accumulating in fp32 (fp64 for fp64 inputs). They allocate several N x C
 temporaries, which is exactly what the fused kernels avoid.
 """
@@ -11,6 +11,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+
+from .options import KDOptions, SLaMOptions, SparseKDOptions
 
 __all__ = ["kd_loss_ref", "slam_loss_ref", "topk_mask_ref", "forward_corrected_loss_ref",
            "distance_ref", "DISTANCE_OPS", "sparse_kd_loss_ref", "coordinate_lstm_step_ref"]
@@ -45,7 +47,7 @@ def _soft_rows(log_q: Tensor, log_p: Tensor, divergence: str, beta: float) -> Te
 
 def _reduce_kd_rows_ref(rows: Tensor, counted: Tensor, weight: Optional[Tensor], reduction: str,
                         normalizer: Optional[Union[float, Tensor]], shape) -> Tensor:
-    """SPEC §1's reduction of per-row losses: weighted rows; ``mean`` divides by the
+    """The reduction of per-row losses (docs/math.md §1.3): weighted rows; ``mean`` divides by the
     ``counted`` (non-ignored) rows unless ``normalizer`` is given, never by Σ weight."""
     if weight is not None:
         rows = rows * weight.reshape(-1).to(rows.dtype)
@@ -61,26 +63,23 @@ def kd_loss_ref(
     student_logits: Tensor,
     teacher_logits: Tensor,
     *,
-    temperature: float = 1.0,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
     labels: Optional[Tensor] = None,
-    hard_weight: float = 0.0,
-    ignore_index: int = -100,
     weight: Optional[Tensor] = None,
-    reduction: str = "mean",
     normalizer: Optional[Union[float, Tensor]] = None,
-    scale_by_t2: bool = True,
+    options: Optional[KDOptions] = None,
+    **fields,
 ) -> Tensor:
-    """Reference for :func:`distillkit.kd_loss` (same arguments, SPEC §1)."""
+    """Reference for :func:`distillkit.kd_loss` (same arguments, docs/math.md §1)."""
+    o = KDOptions.resolve(options, **fields)
+    temperature, hard_weight, ignore_index = o.temperature, o.hard_weight, o.ignore_index
     acc = _acc_dtype(student_logits, teacher_logits)
     C = student_logits.shape[-1]
     z = student_logits.reshape(-1, C).to(acc)
     u = teacher_logits.reshape(-1, C).to(acc)
     log_q = torch.log_softmax(z / temperature, dim=-1)
     log_p = torch.log_softmax(u / temperature, dim=-1)
-    soft = _soft_rows(log_q, log_p, divergence, beta)
-    rows = (1.0 - hard_weight) * (temperature**2 if scale_by_t2 else 1.0) * soft
+    soft = _soft_rows(log_q, log_p, o.divergence, o.beta)
+    rows = (1.0 - hard_weight) * (temperature**2 if o.scale_by_t2 else 1.0) * soft
     keep = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
     if labels is not None:
         y = labels.reshape(-1)
@@ -90,7 +89,7 @@ def kd_loss_ref(
             ce = -torch.log_softmax(z, dim=-1).gather(1, safe_y[:, None]).squeeze(1)
             rows = rows + hard_weight * ce
         rows = torch.where(keep, rows, torch.zeros_like(rows))
-    return _reduce_kd_rows_ref(rows, keep, weight, reduction, normalizer,
+    return _reduce_kd_rows_ref(rows, keep, weight, o.reduction, normalizer,
                                student_logits.shape[:-1])
 
 
@@ -110,12 +109,12 @@ def slam_loss_ref(
     alpha: Union[float, Tensor],
     k: Union[int, Tensor],
     *,
-    normalized: bool = False,
-    hard: bool = False,
-    reduction: str = "mean",
     weight: Optional[Tensor] = None,
+    options: Optional[SLaMOptions] = None,
+    **fields,
 ) -> Tensor:
-    """Reference for :func:`distillkit.slam_loss` (SPEC §2), the mixture formed explicitly."""
+    """Reference for :func:`distillkit.slam_loss` (docs/math.md §5), the mixture formed explicitly."""
+    o = SLaMOptions.resolve(options, **fields)
     acc = _acc_dtype(student_logits, teacher_probs)
     z = student_logits.to(acc)
     t = teacher_probs.to(acc)
@@ -123,7 +122,7 @@ def slam_loss_ref(
     alpha = torch.as_tensor(alpha, dtype=acc, device=z.device).expand(n).reshape(n, 1)
     k = torch.as_tensor(k, dtype=torch.int64, device=z.device).expand(n)
     mask = topk_mask_ref(t, k).to(acc)
-    cc = 1.0 / (k - 1).clamp(min=1).to(acc).reshape(n, 1) if normalized else 1.0
+    cc = 1.0 / (k - 1).clamp(min=1).to(acc).reshape(n, 1) if o.normalized else 1.0
     log_f = torch.log_softmax(z, dim=1)
     # log q = logaddexp(log(alpha f), log(b (1 - f))) with b = (1 - alpha) c M: exact when
     # f underflows or rounds to 1. The double `where` keeps masked-out logs from
@@ -134,16 +133,16 @@ def slam_loss_ref(
     log_b_rest = torch.where(live, torch.log(torch.where(live, b * one_minus_f, torch.ones_like(b))),
                              torch.full_like(b, float("-inf")))
     log_q = torch.logaddexp(torch.log(alpha) + log_f, log_b_rest)
-    if hard:
+    if o.hard:
         target = torch.zeros_like(t).scatter_(1, t.argmax(1, keepdim=True), 1.0)
     else:
         target = t
     rows = -torch.where(target == 0, torch.zeros_like(log_q), target * log_q).sum(1)
     if weight is not None:
         rows = rows * weight.to(acc)
-    if reduction == "none":
+    if o.reduction == "none":
         return rows
-    return rows.sum() if reduction == "sum" else rows.sum() / max(n, 1)
+    return rows.sum() if o.reduction == "sum" else rows.sum() / max(n, 1)
 
 
 def forward_corrected_loss_ref(student_logits: Tensor, targets: Tensor, transition: Tensor,
@@ -175,7 +174,7 @@ def _rows_last(x: Tensor, dim: int) -> Tensor:
 
 def _correlation_distance(s: Tensor, t: Tensor, center: bool) -> Tensor:
     """1 − ⟨u, v⟩ / (‖u‖‖v‖ + ε) per row; a row with ‖u‖ = 0 or ‖v‖ = 0 has distance 1 and
-    zero gradient (SPEC §6)."""
+    zero gradient (docs/math.md §7.3)."""
     u = s - s.mean(-1, keepdim=True) if center else s
     v = t - t.mean(-1, keepdim=True) if center else t
     nu, nv = u.norm(dim=-1), v.norm(dim=-1)
@@ -187,7 +186,7 @@ def _correlation_distance(s: Tensor, t: Tensor, center: bool) -> Tensor:
 
 def distance_ref(student: Tensor, teacher: Tensor, op: str, *, dim: int = -1,
                  temperature: float = 1.0, reduction: str = "mean") -> Tensor:
-    """Reference for :func:`distillkit.distance` (SPEC §6).
+    """Reference for :func:`distillkit.distance` (docs/math.md §7).
 
     l1 / l2 / smooth_l1 are elementwise (``F.l1_loss``, ``F.mse_loss``,
     ``F.smooth_l1_loss`` with beta = 1; ``mean`` over elements, ``none`` elementwise);
@@ -216,21 +215,19 @@ def sparse_kd_loss_ref(
     teacher_indices: Tensor,
     teacher_logprobs: Tensor,
     *,
-    temperature: float = 1.0,
-    renormalize: bool = True,
     labels: Optional[Tensor] = None,
-    ignore_index: int = -100,
     weight: Optional[Tensor] = None,
-    reduction: str = "mean",
     normalizer: Optional[Union[float, Tensor]] = None,
-    scale_by_t2: bool = True,
-    check_duplicates: bool = True,
+    options: Optional[SparseKDOptions] = None,
+    **fields,
 ) -> Tensor:
-    """Reference for :func:`distillkit.sparse_kd_loss` (same arguments, SPEC §1d).
+    """Reference for :func:`distillkit.sparse_kd_loss` (same arguments, docs/math.md §4).
 
     Forms the full (N, C) student log-softmax and gathers it at the kept classes;
     ``check_duplicates`` is accepted for signature parity and not checked here.
     """
+    o = SparseKDOptions.resolve(options, **fields)
+    temperature, ignore_index = o.temperature, o.ignore_index
     acc = _acc_dtype(student_logits, teacher_logprobs)
     C, K = student_logits.shape[-1], teacher_indices.shape[-1]
     z = student_logits.reshape(-1, C).to(acc)
@@ -242,13 +239,13 @@ def sparse_kd_loss_ref(
     live = (idx >= 0) & live_row[:, None]
     neg_inf = torch.full_like(lp, float("-inf"))
     log_p = torch.where(live, lp, neg_inf)
-    if renormalize:
+    if o.renormalize:
         # Dead rows get a finite dummy row so that their (masked) softmax is not NaN.
         log_p = torch.log_softmax(torch.where(live_row[:, None], log_p, torch.zeros_like(lp)), -1)
         log_p = torch.where(live, log_p, neg_inf)
     log_q = torch.log_softmax(z / temperature, dim=-1).gather(1, idx.clamp(min=0))
-    rows = (temperature**2 if scale_by_t2 else 1.0) * _plogp_ratio(log_p.exp(), log_p, log_q)
-    return _reduce_kd_rows_ref(rows, live_row, weight, reduction, normalizer,
+    rows = (temperature**2 if o.scale_by_t2 else 1.0) * _plogp_ratio(log_p.exp(), log_p, log_q)
+    return _reduce_kd_rows_ref(rows, live_row, weight, o.reduction, normalizer,
                                student_logits.shape[:-1])
 
 
@@ -257,7 +254,7 @@ def coordinate_lstm_step_ref(grad: Tensor, params: Tensor, h: Tensor, c: Tensor,
                              bias: Sequence[Tensor], head_weight: Optional[Tensor] = None,
                              head_bias: Optional[Tensor] = None, *, preprocess_p: float = 10.0,
                              output_scale: float = 0.1) -> tuple[Tensor, Tensor, Tensor]:
-    """One coordinate-wise LSTM optimizer step (SPEC §4), the oracle of ``coordinate_lstm_step``.
+    """One coordinate-wise LSTM optimizer step (docs/math.md §8), the oracle of ``coordinate_lstm_step``.
 
     Each of the P coordinates is one batch row of stacked ``nn.LSTMCell``s: the input is
     the preprocessed gradient (a, b), a = max(log(|g| + 1e-8) / p, -1),

@@ -1,4 +1,4 @@
-r"""Estimating SLaM's mixing coefficient α(x) and top-k size k(x) on a validation set (SPEC §2).
+r"""Estimating SLaM's mixing coefficient α(x) and top-k size k(x) on a validation set (docs/math.md §9.1).
 
 SLaM (Student-Label Mixing) treats the teacher's soft label ``t`` of an unlabeled
 example as right with probability α(x) and otherwise as some other class among the
@@ -158,8 +158,8 @@ class SLaMEstimator:
     k is clamped to [2, C] (top-C accuracy is 1, so the rule always stops by C).
 
     Args:
-        eps: ε in [0, 0.5), the clip of α away from 0 and 1 (SPEC default 1e-3).
-        tau: τ in (0, 1], the top-k accuracy target (SPEC default 0.9).
+        eps: ε in [0, 0.5), the clip of α away from 0 and 1 (default 1e-3, docs/math.md §9.1).
+        tau: τ in (0, 1], the top-k accuracy target (default 0.9).
         per_bin_k: estimate k per margin bin instead of globally.
 
     Attributes (after ``fit``):

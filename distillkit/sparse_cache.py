@@ -1,4 +1,4 @@
-"""An offline top-K teacher cache for :func:`distillkit.sparse_kd_loss` (SPEC §1d).
+"""An offline top-K teacher cache for :func:`distillkit.sparse_kd_loss` (docs/math.md §4).
 
 :func:`write_teacher_topk` runs a teacher once over a token dataset and stores, per token
 position, the teacher's K most likely next tokens and their log-probabilities at

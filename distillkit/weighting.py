@@ -1,4 +1,4 @@
-r"""Per-example importance weights for weighted distillation (SPEC §3, ESTIMATEWEIGHTS).
+r"""Per-example importance weights for weighted distillation (ESTIMATEWEIGHTS, docs/math.md §9.2).
 
 A teacher-labelled pool row x is down-weighted where the teacher tends to be
 wrong. "Where" is judged in a 2-D feature space that looks at both models,

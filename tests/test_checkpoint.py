@@ -7,18 +7,18 @@ import time
 
 import torch
 
-from distillkit.trainers.kd import _save_atomically
+from distillkit.trainers.runtime import save_atomically
 
 # 64 MiB per version: a save takes long enough to be caught in progress.
 NUMEL = 16 * 2**20
 
 WRITER = f"""
 import sys, torch
-from distillkit.trainers.kd import _save_atomically
+from distillkit.trainers.runtime import save_atomically
 path = sys.argv[1]
 i = 1
 while True:
-    _save_atomically({{"i": i, "x": torch.full(({NUMEL},), float(i))}}, path)
+    save_atomically({{"i": i, "x": torch.full(({NUMEL},), float(i))}}, path)
     i += 1
 """
 
@@ -29,7 +29,7 @@ def files(directory):
 
 def test_sigkill_during_save_leaves_a_loadable_checkpoint(tmp_path):
     path = str(tmp_path / "ckpt.pt")
-    _save_atomically({"i": 0, "x": torch.zeros(NUMEL)}, path)
+    save_atomically({"i": 0, "x": torch.zeros(NUMEL)}, path)
     child = subprocess.Popen([sys.executable, "-c", WRITER, path])
     try:
         deadline = time.monotonic() + 120

@@ -1,4 +1,4 @@
-"""coordinate_lstm_step (SPEC §4) against stacked nn.LSTMCell + nn.Linear and the reference."""
+"""coordinate_lstm_step (docs/math.md §8) against stacked nn.LSTMCell + nn.Linear and the reference."""
 import math
 
 import pytest

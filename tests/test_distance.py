@@ -1,4 +1,4 @@
-"""distance (SPEC §6) against distance_ref and PyTorch's own losses."""
+"""distance (docs/math.md §7) against distance_ref and PyTorch's own losses."""
 import pytest
 import torch
 import torch.nn.functional as F

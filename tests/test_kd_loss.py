@@ -1,4 +1,4 @@
-"""kd_loss (SPEC §1) against kd_loss_ref: numeric tables, edge cases, bad input,
+"""kd_loss (docs/math.md §1) against kd_loss_ref: numeric tables, edge cases, bad input,
 autograd machinery (gradcheck, opcheck, torch.compile) and determinism."""
 import pytest
 import torch

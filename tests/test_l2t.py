@@ -1,4 +1,4 @@
-"""The learned optimizer (SPEC §4), the dynamic loss network and L2T-DLN (SPEC §5), the experiment.
+"""The learned optimizer (docs/math.md §9.3), the dynamic loss network and L2T-DLN (docs/math.md §9.4), the experiment.
 
 The LSTM step is the fused op ``distillkit.ops.coordinate_lstm_step``; the oracles here
 are ``distillkit.reference.coordinate_lstm_step_ref``, plain autograd, hand-written loops

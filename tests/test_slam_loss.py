@@ -1,4 +1,4 @@
-"""slam_loss (SPEC §2) and forward_corrected_loss against their references."""
+"""slam_loss (docs/math.md §5) and forward_corrected_loss (§6) against their references."""
 import itertools
 
 import pytest

@@ -1,4 +1,4 @@
-"""sparse_kd_loss (SPEC §1d) against sparse_kd_loss_ref, and against the dense kd_loss when
+"""sparse_kd_loss (docs/math.md §4) against sparse_kd_loss_ref, and against the dense kd_loss when
 the teacher keeps every class: numeric tables, padding, dead rows, bad input, autograd
 machinery (gradcheck, opcheck, torch.compile) and determinism."""
 import pytest

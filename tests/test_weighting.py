@@ -1,4 +1,4 @@
-"""estimate_weights (ESTIMATEWEIGHTS, SPEC §3) against a brute-force kNN, ties, |V| = 0, the k_nn cap."""
+"""estimate_weights (ESTIMATEWEIGHTS, docs/math.md §9.2) against a brute-force kNN, ties, |V| = 0, the k_nn cap."""
 import math
 
 import pytest

@@ -1,7 +1,7 @@
 """KD-Zero on digits: search a distiller for an MLP pair; compare with vanilla KD and plain CE.
 
 ``python -m distillkit experiment kdzero``: the KD-Zero protocol at small scale, on
-scikit-learn's 8×8 digits (SPEC §6). A teacher MLP (64→256→256→10) is trained on
+scikit-learn's 8×8 digits (docs/math.md §9.5). A teacher MLP (64→256→256→10) is trained on
 the full training split; the student (MLP 64→32→10) trains on a small labelled
 transfer set (the first ``--transfer-size`` training examples), where soft labels
 matter most (see ``demo``), with the loss ``CE + distiller``.

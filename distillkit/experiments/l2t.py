@@ -1,6 +1,6 @@
 """L2T-DLN and the learned (L2L) optimizer on digits: a learned loss vs CE, an LSTM optimizer vs SGD/Adam.
 
-``python -m distillkit experiment l2t``: both methods of SPEC §4–5 at small scale, on
+``python -m distillkit experiment l2t``: both methods of docs/math.md §9.3–9.4 at small scale, on
 scikit-learn's 8×8 digits (1077 train / 270 validation / 450 test, split seed 0).
 
 (a) **Learned loss.** A student MLP 64→32→10 trains for ``--iterations × --unroll``

@@ -1,4 +1,4 @@
-"""KD-Zero: searched distillers (SPEC §6).
+"""KD-Zero: searched distillers (docs/math.md §9.5).
 
 A distiller is a genotype — a chain of knowledge transforms applied alike to teacher
 and student outputs, a distance op and a loss weight — evolved for a teacher–student

@@ -1,4 +1,4 @@
-r"""A searched distiller: a genotype that renders to a formula and evaluates to a loss (SPEC §6).
+r"""A searched distiller: a genotype that renders to a formula and evaluates to a loss (docs/math.md §9.5).
 
 A :class:`Distiller` is a transform chain φ = φ_k ∘ … ∘ φ_1 (names in
 :data:`~distillkit.kdzero.transforms.TRANSFORMS`), a distance D (a name in
@@ -58,7 +58,7 @@ DISTANCES: Dict[str, Distance] = {
     "pearson_intra": Distance("pearson", dim=0),
 }
 
-# SPEC §6: "a small discrete set (e.g. 0.1 … 100)", roughly log-spaced.
+# docs/math.md §9.5: a small discrete set from 0.1 to 100, roughly log-spaced.
 WEIGHTS: Tuple[float, ...] = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 
 _SYMBOLS = {"logits": "z", "feature": "f"}

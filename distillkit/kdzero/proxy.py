@@ -1,4 +1,4 @@
-"""Training students with a distiller, and the search's fitness: a short proxy run (SPEC §6).
+"""Training students with a distiller, and the search's fitness: a short proxy run (docs/math.md §9.5).
 
 The student's objective is ``CE(z_s, y) + L(s, t)`` with ``L`` a
 :class:`~distillkit.kdzero.distiller.Distiller` (no distiller: plain cross entropy).

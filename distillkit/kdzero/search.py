@@ -1,4 +1,4 @@
-"""Evolutionary search over distillers (KD-Zero, SPEC §6).
+"""Evolutionary search over distillers (KD-Zero, docs/math.md §9.5).
 
 The search keeps a population of evaluated distillers, ranked by fitness. Round 0
 fills it with random members (redrawing rejected ones). Every later round makes
@@ -400,7 +400,7 @@ def search(
         evaluate: fitness function, ``Distiller -> Evaluation``; must be deterministic for
             the search to be (e.g. :class:`~distillkit.kdzero.proxy.ProxyTask`).
         space: the genes to draw from.
-        population: members kept (>= 10, SPEC §6).
+        population: members kept (>= 10, docs/math.md §9.5).
         rounds: rounds after round 0 (the random initial population).
         children: offspring per round; each round also adds one fresh random member.
         seed: seeds every random choice of the search.

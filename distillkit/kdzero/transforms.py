@@ -1,4 +1,4 @@
-r"""Knowledge transforms: the building blocks of a searched distiller's transform chain (SPEC §6).
+r"""Knowledge transforms: the building blocks of a searched distiller's transform chain (docs/math.md §9.5).
 
 A transform is applied to the student's and the teacher's outputs alike before the
 distance op compares them. Shapes follow one convention: a tensor of rank 2 is
@@ -11,8 +11,8 @@ Each :class:`Transform` has a name (its key in :data:`TRANSFORMS`), declares the
 input ranks it accepts and the rank it returns, and is a pure function of its
 input, except the *random* ones, which also take one uniform draw ``u ~ U[0, 1)`` of
 the input's shape: :meth:`Transform.__call__` draws ``u`` once and applies the same
-``u`` to student and teacher, so both are masked alike (SPEC: "the same random mask
-for teacher and student").
+``u`` to student and teacher, so both are masked alike (docs/math.md §9.5: one mask
+for teacher and student).
 """
 from __future__ import annotations
 

@@ -1,0 +1,187 @@
+"""The settings of each loss family, validated once where they are made.
+
+Every entry point of a family (the function, its ``nn.Module``, the fused-linear and
+vocabulary-parallel forms, the trainers' configs and the reference) takes the same
+options object, or its fields as keywords, and the op wrappers turn it into the
+schema's arguments. A new option is a new field here, a check in ``__post_init__`` and
+the schema argument it maps to.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Tuple
+
+__all__ = ["KDOptions", "SparseKDOptions", "SLaMOptions", "check_choice", "DIVERGENCES", "REDUCTIONS"]
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))} (got {value!r})")
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number (got {value!r})")
+    return float(value)
+
+
+def _temperature(value) -> float:
+    t = _real("temperature", value)
+    if not (math.isfinite(t) and t > 0.0):
+        raise ValueError(f"temperature must be finite and > 0 (got {value!r})")
+    return t
+
+
+def _int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int (got {value!r})")
+    return int(value)
+
+
+def _bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool (got {value!r})")
+    return value
+
+
+class _Options:
+    """What the option dataclasses share: building from an object and/or fields."""
+
+    @classmethod
+    def resolve(cls, options=None, **fields):
+        """``options`` with ``fields`` replaced, or ``cls(**fields)`` without one: how each
+        entry point accepts either form."""
+        if options is None:
+            return cls(**fields)
+        if not isinstance(options, cls):
+            raise ValueError(f"options must be a {cls.__name__} (got {type(options).__name__})")
+        return options.replace(**fields) if fields else options
+
+    def replace(self, **fields):
+        """A copy with ``fields`` changed (validated again)."""
+        return dataclasses.replace(self, **fields)
+
+    def _set(self, name: str, value) -> None:
+        # Normalized types: the schema takes float / int, and equal options compare equal.
+        object.__setattr__(self, name, value)
+
+
+def _unit_interval(name: str, value) -> float:
+    x = _real(name, value)
+    if not 0.0 <= x <= 1.0:  # False for NaN too
+        raise ValueError(f"{name} must be in [0, 1] (got {value!r})")
+    return x
+
+
+@dataclass(frozen=True)
+class KDOptions(_Options):
+    r"""Settings of :func:`distillkit.kd_loss` and of every loss built on it.
+
+    Per row, with teacher :math:`p = \mathrm{softmax}(u/T)` and student
+    :math:`q = \mathrm{softmax}(z/T)` (docs/math.md §1):
+
+    Attributes:
+        temperature: T, finite and > 0.
+        divergence: ``"forward_kl"`` KL(p‖q) (Hinton), ``"reverse_kl"`` KL(q‖p), or
+            ``"jsd"``: β KL(p‖m) + (1 − β) KL(q‖m), m = βp + (1 − β)q.
+        beta: the JSD mixture weight β in [0, 1]; β = 0 and β = 1 are *defined* as
+            forward and reverse KL (TRL GKD / Liger convention).
+        hard_weight: weight of the hard cross entropy at T = 1, in [0, 1]; the row loss is
+            (1 − hard_weight)·s·soft + hard_weight·CE(z, label), s = T² or 1.
+        ignore_index: the label value of rows that count for nothing.
+        reduction: ``"mean"`` (weighted sum / number of non-ignored rows), ``"sum"`` or
+            ``"none"``.
+        scale_by_t2: s = T² (True) or 1.
+
+    Invalid values raise ``ValueError`` naming the field when the object is made, so a
+    config fails before any model runs. Immutable; :meth:`replace` makes a changed copy.
+    """
+
+    temperature: float = 1.0
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    hard_weight: float = 0.0
+    ignore_index: int = -100
+    reduction: str = "mean"
+    scale_by_t2: bool = True
+
+    def __post_init__(self):
+        self._set("temperature", _temperature(self.temperature))
+        check_choice("divergence", self.divergence, DIVERGENCES)
+        self._set("beta", _unit_interval("beta", self.beta))
+        self._set("hard_weight", _unit_interval("hard_weight", self.hard_weight))
+        self._set("ignore_index", _int("ignore_index", self.ignore_index))
+        check_choice("reduction", self.reduction, REDUCTIONS)
+        _bool("scale_by_t2", self.scale_by_t2)
+
+    def schema_args(self) -> Tuple[float, str, float, float, int, bool]:
+        """The scalars of ``distillkit::kd_loss_forward`` / ``kd_loss_backward``, in
+        schema order (reduction is applied in Python, after the op)."""
+        return (self.temperature, self.divergence, self.beta, self.hard_weight,
+                self.ignore_index, self.scale_by_t2)
+
+
+@dataclass(frozen=True)
+class SparseKDOptions(_Options):
+    r"""Settings of :func:`distillkit.sparse_kd_loss` (a top-K teacher, docs/math.md §4).
+
+    Attributes:
+        temperature: T, finite and > 0, applied to the student (the cached teacher
+            log-probabilities were taken at the same T).
+        renormalize: softmax over the kept entries (True) or their raw probabilities.
+        ignore_index: the label value of rows that count for nothing.
+        reduction: ``"mean"`` (Σ w·row over live rows / number of live rows), ``"sum"``
+            or ``"none"``.
+        scale_by_t2: multiply each row by T².
+        check_duplicates: reject rows that repeat a class (one host sort of the indices).
+    """
+
+    temperature: float = 1.0
+    renormalize: bool = True
+    ignore_index: int = -100
+    reduction: str = "mean"
+    scale_by_t2: bool = True
+    check_duplicates: bool = True
+
+    def __post_init__(self):
+        self._set("temperature", _temperature(self.temperature))
+        _bool("renormalize", self.renormalize)
+        self._set("ignore_index", _int("ignore_index", self.ignore_index))
+        check_choice("reduction", self.reduction, REDUCTIONS)
+        _bool("scale_by_t2", self.scale_by_t2)
+        _bool("check_duplicates", self.check_duplicates)
+
+    def schema_args(self) -> Tuple[float, bool, int, bool, bool]:
+        """The scalars of ``distillkit::sparse_kd_loss_forward``, in schema order."""
+        return (self.temperature, self.renormalize, self.ignore_index, self.scale_by_t2,
+                self.check_duplicates)
+
+
+@dataclass(frozen=True)
+class SLaMOptions(_Options):
+    r"""Settings of :func:`distillkit.slam_loss` (student-label mixing, docs/math.md §5).
+
+    Attributes:
+        normalized: the mixing constant c = 1/(k − 1) (True) or 1 (the paper's form).
+        hard: train on the teacher's argmax instead of its soft labels.
+        reduction: ``"mean"`` (Σ w·row / N), ``"sum"`` or ``"none"``.
+    """
+
+    normalized: bool = False
+    hard: bool = False
+    reduction: str = "mean"
+
+    def __post_init__(self):
+        _bool("normalized", self.normalized)
+        _bool("hard", self.hard)
+        check_choice("reduction", self.reduction, REDUCTIONS)
+
+    def schema_args(self) -> Tuple[bool, bool]:
+        """The flags of ``distillkit::slam_loss_forward`` / ``slam_loss_backward``."""
+        return (self.normalized, self.hard)
