@@ -1,6 +1,8 @@
 # make demo   install everything (torch included) into .venv, build, run the demo
 # make test   install everything, build (CPU + CUDA kernels when a toolkit exists), run the tests
 # make bench  full benchmarks (tens of minutes); make bench-quick: a few seconds each (CI)
+# make test-cuda-emulated  the CUDA kernels run on the CPU by the emulator at
+#             $(DISTILLKIT_CUDAEMU) (default ../shared/cudaemu), compared with the CPU kernels
 PYTHON_BIN ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +10,7 @@ PY := $(VENV)/bin/python
 export CUDA_HOME ?= $(wildcard /usr/local/cuda)
 export MAX_JOBS ?= 2
 
-.PHONY: install build test demo bench bench-quick clean
+.PHONY: install build test test-cuda-emulated demo bench bench-quick clean
 
 $(VENV)/.deps: requirements.txt
 	$(PYTHON_BIN) -m venv $(VENV)
@@ -33,6 +35,16 @@ build: $(BUILD_STAMP)
 
 test: build
 	$(PY) -m pytest -q tests
+
+DISTILLKIT_CUDAEMU ?= ../shared/cudaemu
+
+# A development tool, not a dependency: without it the target says so and succeeds.
+test-cuda-emulated: build
+	@if [ -f "$(DISTILLKIT_CUDAEMU)/run.py" ]; then \
+	  $(PY) $(DISTILLKIT_CUDAEMU)/run.py --csrc csrc --cases tests/cuda_emulated/cases.py; \
+	else \
+	  echo "test-cuda-emulated: skipped, no CUDA emulator at $(DISTILLKIT_CUDAEMU)/run.py (set DISTILLKIT_CUDAEMU)"; \
+	fi
 
 demo: build
 	$(PY) -m distillkit demo
