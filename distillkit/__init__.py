@@ -38,12 +38,12 @@ def cpu_cache_bytes() -> int:
     return _C.cpu_cache_bytes()
 
 
-from .functional import (distance, forward_corrected_loss, kd_loss, slam_loss,  # noqa: E402
-                         sparse_kd_loss)
-from .fused_linear import fused_linear_kd_loss  # noqa: E402
-from .learned_optimizer import LearnedOptimizer  # noqa: E402
-from .losses import KDLoss  # noqa: E402
-from .options import KDOptions, SLaMOptions, SparseKDOptions  # noqa: E402
+# The layers, bottom up: ops (schemas' wrappers, options, references) -> losses -> methods ->
+# trainers -> integrations -> experiments; data holds the datasets, models and teacher cache.
+from .losses import (KDLoss, distance, forward_corrected_loss, fused_linear_kd_loss,  # noqa: E402
+                     kd_loss, slam_loss, sparse_kd_loss)
+from .methods.learned_optimizer import LearnedOptimizer  # noqa: E402
+from .ops.options import KDOptions, SLaMOptions, SparseKDOptions  # noqa: E402
 
 __all__ = ["kd_loss", "slam_loss", "forward_corrected_loss", "distance", "fused_linear_kd_loss",
            "sparse_kd_loss", "KDLoss", "KDOptions", "SLaMOptions", "SparseKDOptions",

@@ -11,7 +11,8 @@ import argparse
 import sys
 from typing import List, Optional
 
-from distillkit import demo, experiments
+from distillkit import experiments
+from distillkit.experiments import demo
 
 COMMANDS = {"demo": demo, "experiment": experiments}
 

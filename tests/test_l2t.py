@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from distillkit.__main__ import main
 from distillkit.data import DictDataset, mlp
-from distillkit.dln import DynamicLossNetwork, imitate
-from distillkit.learned_optimizer import (CoordinateLSTM, LearnedOptimizer, Task, UnrollState,
+from distillkit.methods.dln import DynamicLossNetwork, imitate
+from distillkit.methods.learned_optimizer import (CoordinateLSTM, LearnedOptimizer, Task, UnrollState,
                                           meta_train, module_task, start_unroll,
                                           unroll_meta_gradient)
 from distillkit.reference import coordinate_lstm_step_ref

@@ -11,8 +11,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distillkit.__main__ import main
 from distillkit.data import DictDataset
-from distillkit.functional import kd_loss
-from distillkit.models import BOS, EOS, PAD, VOCAB_SIZE, ByteTransformer, byte_sequences
+from distillkit.losses.functional import kd_loss
+from distillkit.data.models import BOS, EOS, PAD, VOCAB_SIZE, ByteTransformer, byte_sequences
 from distillkit.trainers import KDConfig, LMDistillationTrainer
 from distillkit.trainers.lm import shift_tokens
 from conftest import rounding_bound, spawn_ranks

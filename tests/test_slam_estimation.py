@@ -7,7 +7,7 @@ import torch
 from sklearn.isotonic import IsotonicRegression
 
 from conftest import DEVICES
-from distillkit.slam import SLaMEstimator, isotonic_predict, isotonic_regression, teacher_margin
+from distillkit.methods.slam import SLaMEstimator, isotonic_predict, isotonic_regression, teacher_margin
 
 EPS = 1e-3
 

@@ -12,11 +12,11 @@ import torch
 from conftest import DEVICES, spawn_ranks
 from distillkit.__main__ import main
 from distillkit.data import DictDataset, WithTensors, load_digits_splits, mlp
-from distillkit.functional import slam_loss
-from distillkit.slam import SLaMEstimator
+from distillkit.losses.functional import slam_loss
+from distillkit.methods.slam import SLaMEstimator
 from distillkit.trainers import KDTrainer, SLaMTrainer, WeightedDistillationTrainer
 from distillkit.trainers.pool import predict_logits
-from distillkit.weighting import estimate_weights
+from distillkit.methods.weighting import estimate_weights
 from test_distributed import WORLD
 
 LABELLED = 200

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import DEVICES
-from distillkit.weighting import estimate_weights
+from distillkit.methods.weighting import estimate_weights
 
 
 def brute_force(teacher, student, val_teacher, val_student, val_labels, rule="distortion",

@@ -6,7 +6,7 @@ the full training split; the student (MLP 64→32→10) trains on a small labell
 transfer set (the first ``--transfer-size`` training examples), where soft labels
 matter most (see ``demo``), with the loss ``CE + distiller``.
 
-1. Search: :func:`distillkit.kdzero.search` evolves distillers of the student's
+1. Search: :func:`distillkit.methods.kdzero.search` evolves distillers of the student's
    logits (``--feature``: also of its hidden layer, through a linear connector to the
    teacher's width). A candidate's fitness is the mean validation accuracy of
    ``--proxy-seeds`` students trained ``--proxy-steps`` steps with it (the seeds,
@@ -34,8 +34,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from distillkit.data import DictDataset, load_digits_splits, mlp
-from distillkit.kdzero import Distiller, ProxyTask, SearchResult, SearchSpace, search
-from distillkit.kdzero.proxy import Diverged
+from distillkit.methods.kdzero import Distiller, ProxyTask, SearchResult, SearchSpace, search
+from distillkit.methods.kdzero.proxy import Diverged
 from distillkit.trainers import KDTrainer
 
 TEACHER_HIDDEN = (256, 256)

@@ -7,14 +7,14 @@ scikit-learn's 8×8 digits (1077 train / 270 validation / 450 test, split seed 0
     SGD steps (lr ``--student-lr``, batch ``--batch-size``) with
     * cross entropy,
     * a fixed DLN: the dynamic loss network fitted to the 1-vs-1 binary cross
-      entropy −log s_y − log(1 − s_c) (:func:`distillkit.dln.imitate`) and never
+      entropy −log s_y − log(1 − s_c) (:func:`distillkit.methods.dln.imitate`) and never
       changed — the learned loss's starting point,
     * L2T-DLN (:class:`distillkit.trainers.L2TDLNTrainer`): the same DLN, adjusted by
       the LSTM teacher from validation batches (K = ``--unroll`` steps per iteration).
     Per seed the three students share the initialization and the sequence of training
     batches; L2T-DLN alone also sees the validation split (as the teacher's signal).
     Scored on the test split.
-(b) **Learned optimizer.** A :class:`distillkit.learned_optimizer.CoordinateLSTM` (2 × 20,
+(b) **Learned optimizer.** A :class:`distillkit.methods.learned_optimizer.CoordinateLSTM` (2 × 20,
     head, p = 10, output scale 0.1) is meta-trained with :func:`meta_train` (Adam 1e-3,
     unrolls of ``--opt-unroll``, ``--opt-steps`` steps per task) on tasks "MLP
     64→16→10 from a fresh init, CE on minibatches of 128 of the training split" (as
@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distillkit.data import BatchCycler, DictDataset, load_digits_splits, mlp
-from distillkit.dln import DynamicLossNetwork, imitate
-from distillkit.learned_optimizer import CoordinateLSTM, LearnedOptimizer, meta_train, module_task
+from distillkit.methods.dln import DynamicLossNetwork, imitate
+from distillkit.methods.learned_optimizer import CoordinateLSTM, LearnedOptimizer, meta_train, module_task
 from distillkit.trainers.l2t import L2TDLNTrainer
 
 STUDENT_HIDDEN = (32,)

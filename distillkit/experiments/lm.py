@@ -4,10 +4,10 @@
 the language reference topics that ship with every CPython (about 466 kB of
 English and code; nothing is downloaded). Topics are split, not positions: every
 10th topic (sorted by name, from the 6th) is held out. Texts are byte-tokenized
-(:func:`distillkit.models.byte_sequences`, windows of ``--seq-len`` + 1 tokens, the
+(:func:`distillkit.data.models.byte_sequences`, windows of ``--seq-len`` + 1 tokens, the
 last window of each topic right-padded).
 
-A teacher :class:`~distillkit.models.ByteTransformer` is trained with cross
+A teacher :class:`~distillkit.data.models.ByteTransformer` is trained with cross
 entropy; then one student architecture, from the same initialisation and data
 order, for the same number of steps, is trained (a) with plain next-token cross
 entropy and (b) by fused linear KD from the teacher (forward KL at ``--temperature``
@@ -39,9 +39,9 @@ import torch
 from pydoc_data.topics import topics
 
 from distillkit.data import DictDataset, count_parameters
-from distillkit.functional import kd_loss
-from distillkit.fused_linear import fused_linear_kd_loss
-from distillkit.models import PAD, ByteTransformer, byte_sequences
+from distillkit.losses.functional import kd_loss
+from distillkit.losses.fused_linear import fused_linear_kd_loss
+from distillkit.data.models import PAD, ByteTransformer, byte_sequences
 from distillkit.trainers import KDConfig, LMDistillationTrainer
 
 # (dim, layers, heads) per model and preset.

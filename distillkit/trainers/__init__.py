@@ -1,4 +1,4 @@
-"""Training loops built only on :mod:`distillkit.functional` (pure Python).
+"""Training loops built only on :mod:`distillkit.losses.functional` (pure Python).
 
 What the loops share (distributed context, RNG and checkpoint state, optimizer
 factory, the checkpoint protocol) is :mod:`distillkit.trainers.runtime`.

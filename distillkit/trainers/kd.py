@@ -1,4 +1,4 @@
-"""A knowledge-distillation training loop on :func:`distillkit.functional.kd_loss`.
+"""A knowledge-distillation training loop on :func:`distillkit.losses.functional.kd_loss`.
 
 :class:`KDTrainer` owns the loop (shuffling, optimisation, evaluation, metrics,
 checkpoints, DDP); the loss of one batch is :meth:`KDTrainer.compute_loss`,
@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
-from distillkit.functional import kd_loss
-from distillkit.options import KDOptions
+from distillkit.losses.functional import kd_loss
+from distillkit.ops.options import KDOptions
 from distillkit.trainers.runtime import BaseTrainer, OptimizerFactory
 
 __all__ = ["KDConfig", "KDTrainer", "loss_config_for"]

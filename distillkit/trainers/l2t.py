@@ -30,8 +30,8 @@ from torch.utils.data.dataloader import default_collate
 from tqdm.auto import tqdm
 
 from distillkit.data import BatchCycler
-from distillkit.dln import DynamicLossNetwork
-from distillkit.learned_optimizer import CoordinateLSTM
+from distillkit.methods.dln import DynamicLossNetwork
+from distillkit.methods.learned_optimizer import CoordinateLSTM
 
 __all__ = ["L2TDLNTrainer"]
 

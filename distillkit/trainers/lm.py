@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
-from distillkit.fused_linear import fused_linear_kd_loss
-from distillkit.models import PAD
+from distillkit.losses.fused_linear import fused_linear_kd_loss
+from distillkit.data.models import PAD
 from distillkit.trainers.kd import KDConfig, loss_config_for
 from distillkit.trainers.runtime import BaseTrainer, DistributedContext, OptimizerFactory
 
@@ -41,7 +41,7 @@ def shift_tokens(tokens: Tensor, pad_id: int) -> Tuple[Tensor, Tensor]:
 class LMDistillationTrainer(BaseTrainer):
     """Trains a causal ``student`` LM on token sequences, distilling from a frozen ``teacher``.
 
-    Model protocol (student and teacher; :class:`distillkit.models.ByteTransformer`
+    Model protocol (student and teacher; :class:`distillkit.data.models.ByteTransformer`
     follows it): ``model(tokens)`` maps int64 tokens (B, S) to final hidden states
     (B, S, H) — causal, position s seeing tokens 0..s only — and ``model.lm_head`` is
     an ``nn.Linear(H, C)`` (bias optional) that the forward pass does **not** apply;
@@ -68,7 +68,7 @@ class LMDistillationTrainer(BaseTrainer):
         student: the model to train (protocol above).
         train_data: map-style data set whose items are dicts with ``"tokens"``, an
             int64 (S,) sequence right-padded with ``pad_id`` (e.g.
-            ``DictDataset(tokens=distillkit.models.byte_sequences(texts, S))``).
+            ``DictDataset(tokens=distillkit.data.models.byte_sequences(texts, S))``).
         teacher: frozen teacher (protocol above); put in eval mode with
             ``requires_grad=False``. ``None`` trains on cross entropy alone.
         eval_data: held-out data set like ``train_data``, evaluated every

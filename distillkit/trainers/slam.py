@@ -9,8 +9,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from distillkit.data import WithTensors
-from distillkit.functional import slam_loss
-from distillkit.slam import SLaMEstimator
+from distillkit.losses.functional import slam_loss
+from distillkit.methods.slam import SLaMEstimator
 from distillkit.trainers.kd import Batch, KDTrainer
 from distillkit.trainers.pool import label_with_teacher
 
@@ -22,7 +22,7 @@ class SLaMTrainer(KDTrainer):
 
     At construction the teacher labels the pool once, :math:`t = \mathrm{softmax}(u/T)`,
     and its probabilities on the labelled validation set V (same T) fit a
-    :class:`distillkit.slam.SLaMEstimator`, which gives every pool row its α(x) and
+    :class:`distillkit.methods.slam.SLaMEstimator`, which gives every pool row its α(x) and
     k(x). Training then minimises, per batch, the mean over rows of
 
     .. math::
@@ -42,7 +42,7 @@ class SLaMTrainer(KDTrainer):
         teacher: maps inputs to logits (B, C); frozen, moved to ``device``.
         val_data: V, a non-empty data set of dicts with ``"input"`` and ``"label"``.
         temperature: T > 0 of the teacher's soft labels.
-        estimator: an unfitted :class:`~distillkit.slam.SLaMEstimator` carrying the
+        estimator: an unfitted :class:`~distillkit.methods.slam.SLaMEstimator` carrying the
             ε, τ and k-binning choices; default ``SLaMEstimator()``.
         normalized, hard: passed to :func:`distillkit.slam_loss`.
         device: where the teacher labels and the student trains.

@@ -9,10 +9,10 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from distillkit.data import WithTensors
-from distillkit.functional import kd_loss
+from distillkit.losses.functional import kd_loss
 from distillkit.trainers.kd import Batch, KDTrainer
 from distillkit.trainers.pool import label_with_teacher, predict_logits
-from distillkit.weighting import RULES, estimate_weights
+from distillkit.methods.weighting import RULES, estimate_weights
 
 __all__ = ["WeightedDistillationTrainer"]
 
@@ -28,7 +28,7 @@ class WeightedDistillationTrainer(KDTrainer):
 
     whose student gradient is that of :math:`\sum_x w(x)\,\mathrm{CE}(t(x), f(x))`
     (the two differ by the teacher's entropy, a constant). The weights come from
-    :func:`distillkit.weighting.estimate_weights`, which looks at the current
+    :func:`distillkit.methods.weighting.estimate_weights`, which looks at the current
     student's confidence, so they are estimated on a schedule over the epochs
     0, 1, …, ``epochs − 1``:
 
@@ -55,7 +55,7 @@ class WeightedDistillationTrainer(KDTrainer):
             default ``refresh_every`` if given, else ``epochs // 2``.
         refresh_every: re-estimate every this many epochs after the first estimate.
         retrain: reset the student and optimizer at the first estimate.
-        rule, k_nn: passed to :func:`~distillkit.weighting.estimate_weights`.
+        rule, k_nn: passed to :func:`~distillkit.methods.weighting.estimate_weights`.
         device: where the models run.
         **kwargs: :class:`KDTrainer`'s ``eval_data``, ``optimizer``, ``batch_size``,
             ``seed``, ``progress``.

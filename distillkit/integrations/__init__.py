@@ -28,7 +28,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .functional import kd_loss
+from ..losses.functional import kd_loss
 
 __all__ = ["generalized_jsd_loss"]
 

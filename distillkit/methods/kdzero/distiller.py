@@ -1,7 +1,7 @@
 r"""A searched distiller: a genotype that renders to a formula and evaluates to a loss (docs/math.md §9.5).
 
 A :class:`Distiller` is a transform chain φ = φ_k ∘ … ∘ φ_1 (names in
-:data:`~distillkit.kdzero.transforms.TRANSFORMS`), a distance D (a name in
+:data:`~distillkit.methods.kdzero.transforms.TRANSFORMS`), a distance D (a name in
 :data:`DISTANCES`) and a weight w; on student and teacher outputs s, t its loss is
 
 .. math::
@@ -21,9 +21,9 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from distillkit.kdzero.transforms import TRANSFORMS, apply_chain, chain_rank
+from distillkit.methods.kdzero.transforms import TRANSFORMS, apply_chain, chain_rank
 
-from distillkit import functional
+from distillkit.losses import functional
 
 __all__ = ["Distance", "DISTANCES", "WEIGHTS", "Distiller"]
 

@@ -8,9 +8,9 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .ops import (correlation_distance_forward, kd_loss_forward, pointwise_distance_forward,
+from ..ops import (correlation_distance_forward, kd_loss_forward, pointwise_distance_forward,
                   slam_loss_forward, sparse_kd_loss_forward)
-from .options import REDUCTIONS, KDOptions, SLaMOptions, SparseKDOptions, check_choice
+from ..ops.options import REDUCTIONS, KDOptions, SLaMOptions, SparseKDOptions, check_choice
 
 __all__ = ["kd_loss", "slam_loss", "forward_corrected_loss", "distance", "sparse_kd_loss"]
 

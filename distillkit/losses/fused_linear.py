@@ -15,9 +15,9 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from ..ops import RaiseOnBackward, kd_loss_backward, kd_loss_forward, reject_functorch
+from ..ops.options import KDOptions
 from .functional import check_normalizer, flat_labels, mean_denominator
-from .ops import RaiseOnBackward, kd_loss_backward, kd_loss_forward, reject_functorch
-from .options import KDOptions
 
 __all__ = ["fused_linear_kd_loss"]
 

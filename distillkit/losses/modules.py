@@ -1,12 +1,12 @@
-"""nn.Module losses over distillkit.functional."""
+"""nn.Module forms of the functional losses."""
 from __future__ import annotations
 
 from typing import Optional, Union
 
 from torch import Tensor, nn
 
+from ..ops.options import KDOptions
 from .functional import kd_loss
-from .options import KDOptions
 
 __all__ = ["KDLoss"]
 

@@ -14,7 +14,7 @@ evaluation: the same fitness and a tiebreak (a validation loss) within
 ``synonym_tol`` (relative) of the member's, which rounding-level differences in
 training meet and different distillers in practice do not.
 
-The fitness function is injected (:class:`~distillkit.kdzero.proxy.ProxyTask` trains a
+The fitness function is injected (:class:`~distillkit.methods.kdzero.proxy.ProxyTask` trains a
 student briefly); it returns an :class:`Evaluation` whose status says whether the
 candidate was rejected before training (loss rejection) or diverged in training.
 Such candidates never join the population; they are counted and logged.
@@ -37,8 +37,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from tqdm.auto import tqdm
 
-from distillkit.kdzero.distiller import DISTANCES, WEIGHTS, Distiller
-from distillkit.kdzero.transforms import TRANSFORMS
+from distillkit.methods.kdzero.distiller import DISTANCES, WEIGHTS, Distiller
+from distillkit.methods.kdzero.transforms import TRANSFORMS
 
 __all__ = ["SearchSpace", "Evaluation", "SearchResult", "search"]
 
@@ -398,7 +398,7 @@ def search(
 
     Args:
         evaluate: fitness function, ``Distiller -> Evaluation``; must be deterministic for
-            the search to be (e.g. :class:`~distillkit.kdzero.proxy.ProxyTask`).
+            the search to be (e.g. :class:`~distillkit.methods.kdzero.proxy.ProxyTask`).
         space: the genes to draw from.
         population: members kept (>= 10, docs/math.md §9.5).
         rounds: rounds after round 0 (the random initial population).

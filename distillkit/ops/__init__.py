@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import _C
+from .. import _C
 from .options import KDOptions, SLaMOptions, SparseKDOptions
 
 __all__ = ["kd_loss_forward", "kd_loss_backward", "slam_loss_forward", "pointwise_distance_forward",

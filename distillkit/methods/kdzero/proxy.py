@@ -1,7 +1,7 @@
 """Training students with a distiller, and the search's fitness: a short proxy run (docs/math.md §9.5).
 
 The student's objective is ``CE(z_s, y) + L(s, t)`` with ``L`` a
-:class:`~distillkit.kdzero.distiller.Distiller` (no distiller: plain cross entropy).
+:class:`~distillkit.methods.kdzero.distiller.Distiller` (no distiller: plain cross entropy).
 Teacher and student are ``nn.Sequential`` networks whose last layer maps a hidden
 *feature* to the logits (the :func:`distillkit.data.mlp` factory builds these).
 A distiller of the ``"feature"`` output compares the teacher's feature with the
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distillkit.data import DictDataset
-from distillkit.kdzero.distiller import Distiller
-from distillkit.kdzero.search import Evaluation
+from distillkit.methods.kdzero.distiller import Distiller
+from distillkit.methods.kdzero.search import Evaluation
 from distillkit.trainers import KDTrainer
 
 __all__ = ["DistillStudent", "DistillerTrainer", "ProxyTask", "teacher_outputs"]
