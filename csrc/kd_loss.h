@@ -36,9 +36,10 @@ struct KDLossParams {
 };
 
 // Validates every argument of kd_loss_forward / kd_loss_backward (shapes,
-// dtypes, devices, scalar ranges, labels in [0, C) or ignore_index) and
-// resolves them into the params the kernels use. Throws ValueError naming the
-// offending argument.
+// dtypes, devices, scalar ranges) and resolves them into the params the
+// kernels use. Throws ValueError naming the offending argument. Label values
+// are the kernels' to check where they read them (input_errors.h); the CPU
+// forward checks them first (cpu_value_checks.h).
 KDLossParams check_kd_loss_args(
     const at::Tensor& student_logits,
     const at::Tensor& teacher_logits,
@@ -48,8 +49,7 @@ KDLossParams check_kd_loss_args(
     double beta,
     double hard_weight,
     int64_t ignore_index,
-    bool scale_by_t2,
-    bool check_label_range);
+    bool scale_by_t2);
 
 void check_kd_loss_backward_args(
     const at::Tensor& grad_loss,

@@ -6,6 +6,11 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(distillkit, m) {
+  // Raises the ValueError of a bad input value that a CUDA kernel found and
+  // recorded (csrc/input_errors.h, cuda/device_errors.cuh), after waiting for
+  // the device of `like`; a no-op on the CPU, whose ops raise at the call.
+  m.def("check_errors(Tensor like) -> ()");
+
   // Soft-label KD loss over rows of (N, C) logits (docs/math.md §1). Returns the
   // per-row loss (fp32, fp64 for fp64 input; ignored rows are 0) and per-row
   // statistics (N, kd_loss_stats::kCols) that the backward reuses instead of

@@ -10,11 +10,6 @@ at::ScalarType acc_scalar_type(const at::Tensor& input) {
   return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-int64_t first_bad_row(const at::Tensor& ok) {
-  if (ok.all().item<bool>()) return -1;
-  return (~ok).nonzero().select(1, 0)[0].item<int64_t>();
-}
-
 void check_row_labels(const at::Tensor& labels, int64_t rows, const at::Tensor& student_logits) {
   DK_CHECK(labels.scalar_type() == at::kLong, "labels must be int64 (got ",
            labels.scalar_type(), ")");

@@ -21,13 +21,17 @@ struct SlamLossParams {
   bool hard;
 };
 
-// Validates shapes, dtypes and devices of every argument, alpha in (0, 1],
-// k in [1, C] (>= 2 when normalized), and (forward only) teacher rows that are
-// non-negative and sum to 1 within 1e-3 (fp32/fp64) or 1e-2 (bf16/fp16).
+// Validates shapes, dtypes and devices of every argument. The values (alpha
+// in (0, 1], k in [1, C] (>= 2 when normalized), teacher rows non-negative
+// and summing to 1 within teacher_sum_tolerance) are the kernels' to check
+// where they read them (input_errors.h); the CPU forward checks them first
+// (cpu_value_checks.h).
 SlamLossParams check_slam_loss_args(const at::Tensor& student_logits,
                                     const at::Tensor& teacher_probs, const at::Tensor& alpha,
-                                    const at::Tensor& k, bool normalized, bool hard,
-                                    bool check_values);
+                                    const at::Tensor& k, bool normalized, bool hard);
+
+// How far a teacher row's sum may be from 1: 1e-3 (fp32/fp64) or 1e-2 (bf16/fp16).
+double teacher_sum_tolerance(at::ScalarType teacher_dtype);
 
 void check_slam_loss_backward_args(const at::Tensor& grad_loss, const at::Tensor& stats,
                                    const at::Tensor& student_logits,

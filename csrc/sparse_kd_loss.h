@@ -33,10 +33,10 @@ struct SparseKDLossParams {
 
 // Validates every argument of sparse_kd_loss_forward / _backward (shapes,
 // dtypes, devices, temperature) and resolves them into the params the
-// kernels use. With check_indices it also checks, on the host (one sync on
-// CUDA), that every index is in [0, C) or -1 and, if check_duplicates, that
-// no row repeats a class (a sort of the N x K indices). Throws ValueError
-// naming the offending argument.
+// kernels use. Throws ValueError naming the offending argument. Index values
+// (in [0, C) or -1, no class twice in a row) are the kernels' to check where
+// they read them (input_errors.h); the CPU forward checks them first
+// (cpu_value_checks.h).
 SparseKDLossParams check_sparse_kd_loss_args(
     const at::Tensor& student_logits,
     const at::Tensor& teacher_indices,
@@ -45,9 +45,7 @@ SparseKDLossParams check_sparse_kd_loss_args(
     double temperature,
     bool renormalize,
     int64_t ignore_index,
-    bool scale_by_t2,
-    bool check_indices,
-    bool check_duplicates);
+    bool scale_by_t2);
 
 void check_sparse_kd_loss_backward_args(
     const at::Tensor& grad_loss,

@@ -4,6 +4,15 @@
 // names; the Python module exports the same tables (python/module.cpp) as
 // distillkit._C.<op>_stats_layout (name -> column) and <op>_stats_cols.
 #pragma once
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__CUDACC__)
+#define DK_HOST_DEVICE __host__ __device__
+#else
+#define DK_HOST_DEVICE
+#endif
 
 namespace distillkit {
 
@@ -29,13 +38,36 @@ inline constexpr StatsColumn kColumns[] = {
     {"lse_student_t1", kLseStudentT1}, {"d_student", kDStudent}, {"d_teacher", kDTeacher}};
 }  // namespace kd_loss_stats
 
+// A column that holds an integer (a class index, a count) holds the bits of
+// an integer of its width (int32 in fp32 stats, int64 in fp64 stats), not a
+// value: a float holds integers exactly only up to 2^24, the bits up to the
+// 2^31 - 1 classes the ops accept. The column's value as a float means
+// nothing; read it with stat_int.
+template <typename A>
+using stat_int_t = std::conditional_t<sizeof(A) == 8, int64_t, int32_t>;
+
+template <typename A>
+DK_HOST_DEVICE inline A int_stat(int64_t i) {
+  const stat_int_t<A> v = static_cast<stat_int_t<A>>(i);
+  A out;
+  std::memcpy(&out, &v, sizeof out);
+  return out;
+}
+
+template <typename A>
+DK_HOST_DEVICE inline int64_t stat_int(A stat) {
+  stat_int_t<A> v;
+  std::memcpy(&v, &stat, sizeof v);
+  return v;
+}
+
 // slam_loss_forward: stats (N, kCols), in the notation of slam_loss.h.
 namespace slam_loss_stats {
 enum Column : int {
   kLseStudent,     // lse(z)
   kThreshold,      // thr, the k-th largest teacher probability
-  kTies,           // entries equal to thr taken into the top-k set M
-  kTeacherArgmax,  // yhat = argmax t (the first one)
+  kTies,           // entries equal to thr taken into the top-k set M (int_stat)
+  kTeacherArgmax,  // yhat = argmax t, the first one (int_stat)
   kTeacherMass,    // sum_i t_i (soft) or 1 (hard)
   kHSum,           // S = sum_i h_i
   kCols

@@ -22,6 +22,8 @@
 
 #include "cpu/output_cache.h"
 #include "cpu/vec_tiles.h"
+#include "cpu_value_checks.h"
+#include "input_errors.h"
 #include "kd_loss.h"
 #include "row_loss.h"
 #include "stats_layout.h"
@@ -42,6 +44,7 @@ struct Args {
   TileLoader<acc_t> load_s;
   TileLoader<acc_t> load_t;
   KDLossParams p;
+  HostErrorRecord* errors;  // the backward's: labels may have changed since the forward
 };
 
 // Running (max, Σ exp(x - max)) with extra sums rescaled alongside; a max of
@@ -188,7 +191,12 @@ void backward_row(const Args<acc_t>& a, int64_t row, const acc_t* grad_loss,
   const KDLossParams& p = a.p;
   const int64_t s_off = row * a.s_row_stride, t_off = row * a.t_row_stride;
   const int64_t out_off = row * p.cols;
-  if (row_ignored(a, row)) {
+  const bool bad_label = a.labels != nullptr && !row_ignored(a, row) &&
+                         (a.labels[row] < 0 || a.labels[row] >= p.cols);
+  if (bad_label) {
+    a.errors->record(InputError::kLabel, row, -1, a.labels[row], p.cols, p.ignore_index);
+  }
+  if (row_ignored(a, row) || bad_label) {
     std::fill(zb, zb + std::min(kTile, p.cols), acc_t(0));
     for (int64_t j0 = 0; j0 < p.cols; j0 += kTile) {
       const int64_t n = std::min(kTile, p.cols - j0);
@@ -246,8 +254,10 @@ void backward_row(const Args<acc_t>& a, int64_t row, const acc_t* grad_loss,
 
 template <typename acc_t>
 Args<acc_t> make_args(const at::Tensor& s, const at::Tensor& t,
-                      const std::optional<at::Tensor>& labels, const KDLossParams& p) {
+                      const std::optional<at::Tensor>& labels, const KDLossParams& p,
+                      HostErrorRecord* errors) {
   Args<acc_t> a;
+  a.errors = errors;
   a.student = s.data_ptr();
   a.teacher = t.data_ptr();
   a.s_row_stride = s.stride(0);
@@ -266,7 +276,8 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_forward_cpu(
     bool scale_by_t2) {
   const KDLossParams p = check_kd_loss_args(student_logits, teacher_logits, labels, temperature,
                                             divergence, beta, hard_weight, ignore_index,
-                                            scale_by_t2, /*check_label_range=*/true);
+                                            scale_by_t2);
+  if (p.has_labels) check_label_values(*labels, p.cols, ignore_index);
   const at::Tensor s = unit_stride_rows(student_logits);
   const at::Tensor t = unit_stride_rows(teacher_logits);
   const std::optional<at::Tensor> y =
@@ -275,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_forward_cpu(
   at::Tensor loss = at::empty({p.rows}, opts);
   at::Tensor stats = at::empty({p.rows, kd_loss_stats::kCols}, opts);
   AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "kd_loss_forward_cpu", [&] {
-    const Args<scalar_t> a = make_args<scalar_t>(s, t, y, p);
+    const Args<scalar_t> a = make_args<scalar_t>(s, t, y, p, nullptr);
     scalar_t* loss_ptr = loss.data_ptr<scalar_t>();
     scalar_t* stats_ptr = stats.data_ptr<scalar_t>();
     at::parallel_for(0, p.rows, row_grain(p.cols), [&](int64_t begin, int64_t end) {
@@ -294,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_backward_cpu(
     double hard_weight, int64_t ignore_index, bool scale_by_t2, bool teacher_grad) {
   const KDLossParams p = check_kd_loss_args(student_logits, teacher_logits, labels, temperature,
                                             divergence, beta, hard_weight, ignore_index,
-                                            scale_by_t2, /*check_label_range=*/false);
+                                            scale_by_t2);
   check_kd_loss_backward_args(grad_loss, stats, student_logits, p);
   const at::Tensor s = unit_stride_rows(student_logits);
   const at::Tensor t = unit_stride_rows(teacher_logits);
@@ -304,8 +315,9 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_backward_cpu(
   const at::Tensor st = stats.contiguous();
   at::Tensor grad_s = empty_like_cached(s);
   at::Tensor grad_t = teacher_grad ? empty_like_cached(t) : at::empty({0}, t.options());
+  HostErrorRecord errors;
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "kd_loss_backward_cpu", [&] {
-    const Args<scalar_t> a = make_args<scalar_t>(s, t, y, p);
+    const Args<scalar_t> a = make_args<scalar_t>(s, t, y, p, &errors);
     const TileStorer<scalar_t> store_s = storer_for<scalar_t>(s.scalar_type());
     const TileStorer<scalar_t> store_t = storer_for<scalar_t>(t.scalar_type());
     const scalar_t* g_ptr = g.data_ptr<scalar_t>();
@@ -320,6 +332,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_backward_cpu(
       }
     });
   });
+  errors.raise_if_any();
   return {grad_s, grad_t};
 }
 

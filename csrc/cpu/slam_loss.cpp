@@ -15,6 +15,8 @@
 
 #include "cpu/output_cache.h"
 #include "cpu/vec_tiles.h"
+#include "cpu_value_checks.h"
+#include "input_errors.h"
 #include "slam_loss.h"
 #include "stats_layout.h"
 
@@ -176,16 +178,24 @@ acc_t slam_forward_row(const SlamArgs<acc_t>& a, int64_t row, RowBuffers<acc_t>&
   const int64_t yhat = std::max_element(t, t + C) - t;  // the first maximum
   const acc_t thr = kth_largest(t, C, k, b.work);
   // Vectorized sums over the classes below the threshold (never members);
-  // classes at or above it are visited one by one below.
-  Vec vgreater(0), vrest_t(0), vrest_tz(0);
-  for (int64_t i = 0; i < n; i += Vec::size()) {
-    const Vec tv = Vec::loadu(t + i);
-    vgreater += Vec::blendv(Vec(0), Vec(1), tv > Vec(thr));
-    const Vec below = Vec::blendv(Vec(0), tv, tv < Vec(thr));
-    vrest_t += below;
-    vrest_tz += masked_term(below, Vec::loadu(z + i));
+  // classes at or above it are visited one by one below. The count of
+  // classes above it is taken per chunk of kCountChunk columns, whose lane
+  // counts are exact in acc_t, and summed as an integer.
+  constexpr int64_t kCountChunk = int64_t{1} << 20;
+  int64_t greater = 0;
+  Vec vrest_t(0), vrest_tz(0);
+  for (int64_t c0 = 0; c0 < n; c0 += kCountChunk) {
+    Vec vgreater(0);
+    for (int64_t i = c0; i < std::min(n, c0 + kCountChunk); i += Vec::size()) {
+      const Vec tv = Vec::loadu(t + i);
+      vgreater += Vec::blendv(Vec(0), Vec(1), tv > Vec(thr));
+      const Vec below = Vec::blendv(Vec(0), tv, tv < Vec(thr));
+      vrest_t += below;
+      vrest_tz += masked_term(below, Vec::loadu(z + i));
+    }
+    greater += static_cast<int64_t>(reduce_sum(vgreater));
   }
-  const int64_t ties = k - static_cast<int64_t>(reduce_sum(vgreater));
+  const int64_t ties = k - greater;
   const acc_t lse = row_lse(z, C);
   const Mix<acc_t> mix(a.alpha[row], k, a.p.normalized);
   acc_t loss, s, t_sum;
@@ -219,24 +229,46 @@ acc_t slam_forward_row(const SlamArgs<acc_t>& a, int64_t row, RowBuffers<acc_t>&
   acc_t* st = stats + row * slam_loss_stats::kCols;
   st[slam_loss_stats::kLseStudent] = lse;
   st[slam_loss_stats::kThreshold] = thr;
-  st[slam_loss_stats::kTies] = static_cast<acc_t>(ties);
-  st[slam_loss_stats::kTeacherArgmax] = static_cast<acc_t>(yhat);
+  st[slam_loss_stats::kTies] = int_stat<acc_t>(ties);
+  st[slam_loss_stats::kTeacherArgmax] = int_stat<acc_t>(yhat);
   st[slam_loss_stats::kTeacherMass] = t_sum;
   st[slam_loss_stats::kHSum] = s;
   return loss;
 }
 
+// The backward trusts nothing it did not compute: yhat, read back from the
+// stats, must name a class, and k and alpha (which may have changed since
+// the forward) must be in range; else the error is recorded and the row's
+// gradient is zero. The saved tie count only counts (no index comes from it).
 template <typename acc_t>
 void slam_backward_row(const SlamArgs<acc_t>& a, int64_t row, acc_t g, const acc_t* stats,
-                       RowBuffers<acc_t>& b, TileStorer<acc_t> store, void* grad) {
+                       RowBuffers<acc_t>& b, TileStorer<acc_t> store, void* grad,
+                       HostErrorRecord& errors) {
   using Vec = Vectorized<acc_t>;
   const int64_t C = a.p.cols, n = padded<acc_t>(C), k = a.k[row];
+  const acc_t* st = stats + row * slam_loss_stats::kCols;
+  const int64_t yhat = stat_int(st[slam_loss_stats::kTeacherArgmax]);
+  const int64_t k_min = a.p.normalized ? 2 : 1;
+  const acc_t alpha = a.alpha[row];
+  const bool bad_yhat = a.p.hard && (yhat < 0 || yhat >= C);
+  const bool bad_k = k < k_min || k > C;
+  const bool bad_alpha = !(alpha > 0 && alpha <= 1);
+  if (bad_yhat) {
+    errors.record(InputError::kStatsIndex, row, slam_loss_stats::kTeacherArgmax, yhat, C);
+  }
+  if (bad_k) errors.record(InputError::kK, row, -1, k, C, k_min);
+  if (bad_alpha) errors.record(InputError::kAlpha, row, -1, double_bits(alpha), 0);
+  if (bad_yhat || bad_k || bad_alpha) {
+    std::fill(b.z.begin(), b.z.end(), acc_t(0));
+    for (int64_t j0 = 0; j0 < C; j0 += kTile) {
+      store(b.z.data() + j0, std::min(kTile, C - j0), grad, row * C + j0);
+    }
+    return;
+  }
   load_row(a, row, b);
   acc_t* z = b.z.data();
   const acc_t* t = b.t.data();
-  const acc_t* st = stats + row * slam_loss_stats::kCols;
   const acc_t lse = st[slam_loss_stats::kLseStudent], s = st[slam_loss_stats::kHSum];
-  const int64_t yhat = static_cast<int64_t>(st[slam_loss_stats::kTeacherArgmax]);
   const Mix<acc_t> mix(a.alpha[row], k, a.p.normalized);
   // Members' gradients need the logits, so they are computed before the
   // vectorized pass overwrites z with dz.
@@ -249,7 +281,7 @@ void slam_backward_row(const SlamArgs<acc_t>& a, int64_t row, acc_t g, const acc
     member_grad(yhat, acc_t(1));
   } else {
     const acc_t thr = st[slam_loss_stats::kThreshold];
-    const int64_t ties = static_cast<int64_t>(st[slam_loss_stats::kTies]);
+    const int64_t ties = stat_int(st[slam_loss_stats::kTies]);
     for_each_candidate(t, C, thr, ties, [&](int64_t i, bool member) {
       if (member) member_grad(i, t[i]);
     });
@@ -279,7 +311,8 @@ std::tuple<at::Tensor, at::Tensor> slam_loss_forward_cpu(
     const at::Tensor& student_logits, const at::Tensor& teacher_probs, const at::Tensor& alpha,
     const at::Tensor& k, bool normalized, bool hard) {
   const SlamLossParams p = check_slam_loss_args(student_logits, teacher_probs, alpha, k,
-                                               normalized, hard, /*check_values=*/true);
+                                               normalized, hard);
+  check_slam_values(teacher_probs, alpha, k, normalized);
   const at::Tensor s = unit_stride_rows(student_logits), t = unit_stride_rows(teacher_probs);
   const at::Tensor al = alpha.contiguous(), kk = k.contiguous();
   at::Tensor loss = at::empty({p.rows}, al.options());
@@ -303,12 +336,13 @@ at::Tensor slam_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor&
                                   const at::Tensor& k, const at::Tensor& stats, bool normalized,
                                   bool hard) {
   const SlamLossParams p = check_slam_loss_args(student_logits, teacher_probs, alpha, k,
-                                               normalized, hard, /*check_values=*/false);
+                                               normalized, hard);
   check_slam_loss_backward_args(grad_loss, stats, student_logits, p);
   const at::Tensor s = unit_stride_rows(student_logits), t = unit_stride_rows(teacher_probs);
   const at::Tensor al = alpha.contiguous(), kk = k.contiguous();
   const at::Tensor g = grad_loss.contiguous(), st = stats.contiguous();
   at::Tensor grad = empty_like_cached(s);
+  HostErrorRecord errors;
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "slam_loss_backward_cpu", [&] {
     const auto a = make_slam_args<scalar_t>(s, t, al, kk, p);
     const TileStorer<scalar_t> store = storer_for<scalar_t>(s.scalar_type());
@@ -318,10 +352,11 @@ at::Tensor slam_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor&
     at::parallel_for(0, p.rows, row_grain(p.cols), [&](int64_t begin, int64_t end) {
       RowBuffers<scalar_t> buf(p.cols);
       for (int64_t row = begin; row < end; ++row) {
-        slam_backward_row(a, row, g_ptr[row], st_ptr, buf, store, out);
+        slam_backward_row(a, row, g_ptr[row], st_ptr, buf, store, out, errors);
       }
     });
   });
+  errors.raise_if_any();
   return grad;
 }
 

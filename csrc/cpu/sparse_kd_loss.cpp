@@ -11,6 +11,10 @@
 //             buffer is kept from the forward), and every element is
 //             rounded once. Indices are unique (checked in the forward), so
 //             no class is written twice.
+// Both read each index where they use it: one outside [0, C) (the indices
+// may have changed since the forward checked them, e.g. edited in place
+// through numpy) is never dereferenced; it is recorded and raised when the
+// kernel returns.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -24,6 +28,8 @@
 
 #include "cpu/output_cache.h"
 #include "cpu/vec_tiles.h"
+#include "cpu_value_checks.h"
+#include "input_errors.h"
 #include "row_loss.h"
 #include "sparse_kd_loss.h"
 #include "stats_layout.h"
@@ -44,7 +50,20 @@ struct Args {
   TileLoader<acc_t> load_s;
   TileLoader<acc_t> load_t;
   SparseKDLossParams p;
+  HostErrorRecord* errors;
 };
+
+// Entry k of the row's indices: the class, or -1 for padding and for an
+// index outside [0, C), which is recorded and never dereferenced.
+template <typename acc_t>
+int64_t kept_class(const Args<acc_t>& a, int64_t row, int64_t k) {
+  const int64_t j = a.indices[row * a.p.k + k];
+  if (j >= a.p.cols || j < -1) {
+    a.errors->record(InputError::kTeacherIndex, row, k, j, a.p.cols);
+    return -1;
+  }
+  return j;
+}
 
 // One element through a tile loader (which pads its output to a whole vector).
 template <typename acc_t>
@@ -100,7 +119,7 @@ void forward_row(const Args<acc_t>& a, int64_t row, acc_t* zb, acc_t* loss, acc_
   int64_t kept = 0;
   const bool live = !label_ignored(a, row);
   for (int64_t k = 0; live && k < p.k; ++k) {
-    const int64_t j = a.indices[row * p.k + k];
+    const int64_t j = kept_class(a, row, k);
     if (j < 0) continue;  // padding
     ++kept;
     const acc_t l = load_one(a.load_t, a.logprobs, row * p.k + k, acc_t(1));
@@ -173,7 +192,7 @@ void backward_row(const Args<acc_t>& a, int64_t row, const acc_t* grad_loss,
     store_s(zb, n, grad_s, out_off + j0);
   }
   for (int64_t k = 0; k < p.k; ++k) {
-    const int64_t j = a.indices[row * p.k + k];
+    const int64_t j = kept_class(a, row, k);
     if (j < 0) continue;
     const acc_t pk = std::exp(load_one(a.load_t, a.logprobs, row * p.k + k, acc_t(1)) - log_norm);
     const acc_t q = std::exp(load_one(a.load_s, a.student, s_off + j, inv_t) - lse_s);
@@ -184,8 +203,10 @@ void backward_row(const Args<acc_t>& a, int64_t row, const acc_t* grad_loss,
 
 template <typename acc_t>
 Args<acc_t> make_args(const at::Tensor& s, const at::Tensor& idx, const at::Tensor& lp,
-                      const std::optional<at::Tensor>& labels, const SparseKDLossParams& p) {
+                      const std::optional<at::Tensor>& labels, const SparseKDLossParams& p,
+                      HostErrorRecord& errors) {
   Args<acc_t> a;
+  a.errors = &errors;
   a.student = s.data_ptr();
   a.logprobs = lp.data_ptr();
   a.indices = idx.data_ptr<int64_t>();
@@ -208,7 +229,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_forward_cpu(
     bool check_duplicates) {
   const SparseKDLossParams p = check_sparse_kd_loss_args(
       student_logits, teacher_indices, teacher_logprobs, labels, temperature, renormalize,
-      ignore_index, scale_by_t2, /*check_indices=*/true, check_duplicates);
+      ignore_index, scale_by_t2);
+  check_index_values(teacher_indices, p.cols, check_duplicates);
   const at::Tensor s = unit_stride_rows(student_logits);
   const at::Tensor idx = teacher_indices.contiguous();
   const at::Tensor lp = teacher_logprobs.contiguous();
@@ -216,8 +238,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_forward_cpu(
   const auto opts = s.options().dtype(acc_scalar_type(s));
   at::Tensor loss = at::empty({p.rows}, opts);
   at::Tensor stats = at::empty({p.rows, sparse_kd_loss_stats::kCols}, opts);
+  HostErrorRecord errors;
   AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "sparse_kd_loss_forward_cpu", [&] {
-    const Args<scalar_t> a = make_args<scalar_t>(s, idx, lp, y, p);
+    const Args<scalar_t> a = make_args<scalar_t>(s, idx, lp, y, p, errors);
     scalar_t* loss_ptr = loss.data_ptr<scalar_t>();
     scalar_t* stats_ptr = stats.data_ptr<scalar_t>();
     at::parallel_for(0, p.rows, row_grain(p.cols), [&](int64_t begin, int64_t end) {
@@ -225,6 +248,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_forward_cpu(
       for (int64_t row = begin; row < end; ++row) forward_row(a, row, zb, loss_ptr, stats_ptr);
     });
   });
+  errors.raise_if_any();
   return {loss, stats};
 }
 
@@ -235,7 +259,7 @@ at::Tensor sparse_kd_loss_backward_cpu(
     bool renormalize, int64_t ignore_index, bool scale_by_t2) {
   const SparseKDLossParams p = check_sparse_kd_loss_args(
       student_logits, teacher_indices, teacher_logprobs, labels, temperature, renormalize,
-      ignore_index, scale_by_t2, /*check_indices=*/false, /*check_duplicates=*/false);
+      ignore_index, scale_by_t2);
   check_sparse_kd_loss_backward_args(grad_loss, stats, student_logits, p);
   const at::Tensor s = unit_stride_rows(student_logits);
   const at::Tensor idx = teacher_indices.contiguous();
@@ -244,8 +268,9 @@ at::Tensor sparse_kd_loss_backward_cpu(
   const at::Tensor g = grad_loss.contiguous();
   const at::Tensor st = stats.contiguous();
   at::Tensor grad_s = empty_like_cached(s);
+  HostErrorRecord errors;
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "sparse_kd_loss_backward_cpu", [&] {
-    const Args<scalar_t> a = make_args<scalar_t>(s, idx, lp, y, p);
+    const Args<scalar_t> a = make_args<scalar_t>(s, idx, lp, y, p, errors);
     const TileStorer<scalar_t> store_s = storer_for<scalar_t>(s.scalar_type());
     const scalar_t* g_ptr = g.data_ptr<scalar_t>();
     const scalar_t* st_ptr = st.data_ptr<scalar_t>();
@@ -257,6 +282,7 @@ at::Tensor sparse_kd_loss_backward_cpu(
       }
     });
   });
+  errors.raise_if_any();
   return grad_s;
 }
 

@@ -55,6 +55,7 @@
 
 #include "checks.h"
 #include "common.cuh"
+#include "device_errors.cuh"
 #include "coordinate_lstm.h"
 #include "launch.cuh"
 
@@ -737,6 +738,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coordinate_lstm_forward_cuda(
   const LstmShape shape = check_coordinate_lstm_args(grad, params, h, c, w_ih, w_hh, bias,
                                                      head_weight, head_bias, preprocess_p,
                                                      output_scale);
+  device_error_record(grad);  // raises what an earlier kernel recorded
   const c10::cuda::CUDAGuard guard(grad.device());
   at::Tensor params_out = at::empty({shape.P}, grad.options());
   at::Tensor h_out = at::empty({shape.P, shape.width}, grad.options());
@@ -776,6 +778,7 @@ coordinate_lstm_backward_cuda(const at::Tensor& grad_params_out,
                                                      head_weight, head_bias, preprocess_p,
                                                      output_scale);
   check_coordinate_lstm_backward_args(grad_params_out, grad_h_out, grad_c_out, grad, h);
+  device_error_record(grad);  // raises what an earlier kernel recorded
   const c10::cuda::CUDAGuard guard(grad.device());
   const auto opts = grad.options();
   at::Tensor grad_grad = at::empty({shape.P}, opts);

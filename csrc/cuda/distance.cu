@@ -38,6 +38,7 @@
 
 #include "checks.h"
 #include "common.cuh"
+#include "device_errors.cuh"
 #include "distance.h"
 #include "launch.cuh"
 #include "row_loss.h"
@@ -578,6 +579,7 @@ at::Tensor pointwise_distance_forward_cuda(const at::Tensor& student, const at::
                                            c10::string_view op_name) {
   check_distance_inputs(student, teacher, -1);
   const PointwiseOp op = parse_pointwise_op(op_name);
+  device_error_record(student);  // raises what an earlier kernel recorded
   const c10::cuda::CUDAGuard guard(student.device());
   const at::Tensor s = student.contiguous();
   const at::Tensor t = teacher.contiguous();
@@ -598,6 +600,7 @@ std::tuple<at::Tensor, at::Tensor> pointwise_distance_backward_cuda(
   DK_CHECK(grad.numel() == 1 && grad.scalar_type() == acc, "grad must be a one-element ", acc,
            " tensor (got ", grad.sizes(), " ", grad.scalar_type(), ")");
   DK_CHECK_SAME_DEVICE(grad, "grad", student, "student");
+  device_error_record(student);  // raises what an earlier kernel recorded
   const c10::cuda::CUDAGuard guard(student.device());
   const at::Tensor s = student.contiguous();
   const at::Tensor t = teacher.contiguous();
@@ -614,6 +617,7 @@ std::tuple<at::Tensor, at::Tensor> correlation_distance_forward_cuda(
     const at::Tensor& student, const at::Tensor& teacher, bool center) {
   check_distance_inputs(student, teacher, 3);
   check_row_fits(student.size(1), student.size(2));
+  device_error_record(student);  // raises what an earlier kernel recorded
   const c10::cuda::CUDAGuard guard(student.device());
   const at::Tensor s = student.contiguous();
   const at::Tensor t = teacher.contiguous();
@@ -635,6 +639,7 @@ std::tuple<at::Tensor, at::Tensor> correlation_distance_backward_cuda(
   check_distance_inputs(student, teacher, 3);
   check_correlation_distance_backward_args(grad_rows, stats, student);
   check_row_fits(student.size(1), student.size(2));
+  device_error_record(student);  // raises what an earlier kernel recorded
   const c10::cuda::CUDAGuard guard(student.device());
   const at::Tensor s = student.contiguous();
   const at::Tensor t = teacher.contiguous();

@@ -16,6 +16,10 @@
 // Backward recomputes p and q from the saved per-row stats (no N x C buffer
 // kept from the forward) and writes the gradient in one pass: it reads z and
 // u and writes dz (and du when asked), with no reductions.
+//
+// Labels are checked where they are read: one neither in [0, C) nor
+// ignore_index is recorded (device_errors.cuh) and its row's loss is NaN; no
+// label is dereferenced unchecked, and the host never reads one.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -25,10 +29,12 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 
 #include "checks.h"
 #include "common.cuh"
+#include "device_errors.cuh"
 #include "kd_loss.h"
 #include "launch.cuh"
 #include "row_loss.h"
@@ -80,6 +86,7 @@ struct ForwardArgs {
   const int64_t* labels;  // nullptr without labels
   A* loss;                // (N,)
   A* stats;               // (N, kd_loss_stats::kCols)
+  int64_t* errors;        // the input error record
   KDScalars<A> k;
 };
 
@@ -92,6 +99,7 @@ struct BackwardArgs {
   const A* stats;         // (N, kd_loss_stats::kCols), from the forward
   S* grad_student;
   U* grad_teacher;        // nullptr unless the teacher gradient is wanted
+  int64_t* errors;        // the input error record
   KDScalars<A> k;
 };
 
@@ -150,6 +158,16 @@ __global__ void __launch_bounds__(kBlockThreads)
       // Ignored rows skip both passes; their zero stats are never read.
       if (lane == 0) {
         args.loss[row] = A(0);
+#pragma unroll
+        for (int c = 0; c < kd_loss_stats::kCols; ++c) stats[c] = A(0);
+      }
+      continue;
+    }
+    if (k.has_labels && (label < 0 || label >= k.cols)) {
+      if (lane == 0) {
+        device::record_input_error(args.errors, InputError::kLabel, row, -1, label, k.cols,
+                                   k.ignore_index);
+        args.loss[row] = std::numeric_limits<A>::quiet_NaN();
 #pragma unroll
         for (int c = 0; c < kd_loss_stats::kCols; ++c) stats[c] = A(0);
       }
@@ -267,8 +285,16 @@ __global__ void __launch_bounds__(kBlockThreads)
     S* dz = args.grad_student + row_start;
     U* du = args.grad_teacher == nullptr ? nullptr : args.grad_teacher + row_start;
     const int64_t label = k.has_labels ? args.labels[row] : 0;
+    // Labels may have changed since the forward: a bad one is recorded and
+    // its row gets a zero gradient.
+    const bool bad_label =
+        k.has_labels && label != k.ignore_index && (label < 0 || label >= k.cols);
+    if (bad_label && lane == 0) {
+      device::record_input_error(args.errors, InputError::kLabel, row, -1, label, k.cols,
+                                 k.ignore_index);
+    }
 
-    if (k.has_labels && label == k.ignore_index) {
+    if (k.has_labels && (label == k.ignore_index || bad_label)) {
       for_each_pack<kVec>(row_start, k.cols, k.aligned, lane, kRowThreads, [&](int col, auto n) {
         constexpr int N = decltype(n)::value;
         const A zero[N] = {};
@@ -357,7 +383,7 @@ KDScalars<A> make_scalars(const KDLossParams& p, bool aligned) {
 
 template <typename S, typename U>
 void launch_forward(const at::Tensor& z, const at::Tensor& u, const at::Tensor& labels,
-                    at::Tensor& loss, at::Tensor& stats, const KDLossParams& p) {
+                    at::Tensor& loss, at::Tensor& stats, int64_t* errors, const KDLossParams& p) {
   using A = acc_t<S>;
   constexpr int kVec = pack_width<S, U>();
   ForwardArgs<S, U, A> args;
@@ -366,6 +392,7 @@ void launch_forward(const at::Tensor& z, const at::Tensor& u, const at::Tensor& 
   args.labels = p.has_labels ? labels.data_ptr<int64_t>() : nullptr;
   args.loss = loss.data_ptr<A>();
   args.stats = stats.data_ptr<A>();
+  args.errors = errors;
   args.k = make_scalars<A>(p, pack_aligned<kVec>(args.student) && pack_aligned<kVec>(args.teacher));
   launch::launch_row_groups(
       p.cols <= kWarpRowMaxCols, p.rows, kd_loss_forward_kernel<S, U, A, kWarpSize>,
@@ -376,7 +403,8 @@ void launch_forward(const at::Tensor& z, const at::Tensor& u, const at::Tensor& 
 template <typename S, typename U>
 void launch_backward(const at::Tensor& grad_loss, const at::Tensor& z, const at::Tensor& u,
                      const at::Tensor& labels, const at::Tensor& stats, at::Tensor& grad_z,
-                     at::Tensor& grad_u, bool teacher_grad, const KDLossParams& p) {
+                     at::Tensor& grad_u, bool teacher_grad, int64_t* errors,
+                     const KDLossParams& p) {
   using A = acc_t<S>;
   constexpr int kVec = pack_width<S, U>();
   BackwardArgs<S, U, A> args;
@@ -387,6 +415,7 @@ void launch_backward(const at::Tensor& grad_loss, const at::Tensor& z, const at:
   args.stats = stats.data_ptr<A>();
   args.grad_student = grad_z.data_ptr<S>();
   args.grad_teacher = teacher_grad ? grad_u.data_ptr<U>() : nullptr;
+  args.errors = errors;
   const bool aligned = pack_aligned<kVec>(args.student) && pack_aligned<kVec>(args.teacher) &&
                        pack_aligned<kVec>(args.grad_student) &&
                        (!teacher_grad || pack_aligned<kVec>(args.grad_teacher));
@@ -409,8 +438,9 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_forward_cuda(
     bool scale_by_t2) {
   const KDLossParams p = check_kd_loss_args(
       student_logits, teacher_logits, labels, temperature, divergence, beta, hard_weight,
-      ignore_index, scale_by_t2, /*check_label_range=*/true);
+      ignore_index, scale_by_t2);
   launch::check_cols_fit(p.cols, "student_logits", "classes");
+  int64_t* const errors = device_error_record(student_logits);
   const c10::cuda::CUDAGuard guard(student_logits.device());
   const auto acc_options = student_logits.options().dtype(acc_scalar_type(student_logits));
   at::Tensor loss = at::empty({p.rows}, acc_options);
@@ -422,7 +452,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_forward_cuda(
   const at::Tensor y = p.has_labels ? labels->contiguous() : at::Tensor();
   dispatch_input_types(z, "student_logits", u, "teacher_logits",
                        [&]<typename S, typename U>() {
-    launch_forward<S, U>(z, u, y, loss, stats, p);
+    launch_forward<S, U>(z, u, y, loss, stats, errors, p);
   });
   return {loss, stats};
 }
@@ -442,8 +472,9 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_backward_cuda(
     bool teacher_grad) {
   const KDLossParams p = check_kd_loss_args(
       student_logits, teacher_logits, labels, temperature, divergence, beta, hard_weight,
-      ignore_index, scale_by_t2, /*check_label_range=*/false);
+      ignore_index, scale_by_t2);
   check_kd_loss_backward_args(grad_loss, stats, student_logits, p);
+  int64_t* const errors = device_error_record(student_logits);
   launch::check_cols_fit(p.cols, "student_logits", "classes");
   const c10::cuda::CUDAGuard guard(student_logits.device());
   at::Tensor grad_z = at::empty({p.rows, p.cols}, student_logits.options());
@@ -458,7 +489,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_backward_cuda(
   const at::Tensor s = stats.contiguous();
   dispatch_input_types(z, "student_logits", u, "teacher_logits",
                        [&]<typename S, typename U>() {
-    launch_backward<S, U>(g, z, u, y, s, grad_z, grad_u, teacher_grad, p);
+    launch_backward<S, U>(g, z, u, y, s, grad_z, grad_u, teacher_grad, errors, p);
   });
   return {grad_z, grad_u};
 }

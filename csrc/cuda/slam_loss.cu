@@ -25,6 +25,13 @@
 // cut select's first pass over t counts the entries at the threshold; more
 // passes run only when some of them are left out), then writes
 // dz = g (h - f S) in one pass over z and t (over z only in hard mode).
+//
+// Values are checked where they are read (device_errors.cuh), never on the
+// host: the forward records alpha outside (0, 1], k outside [1 or 2, C]
+// (clamped into it for the select) and a teacher row that is negative, NaN
+// or does not sum to 1 within the tolerance, and gives that row a NaN loss;
+// the backward records a saved argmax that names no class (hard mode; the
+// row's gradient is then zero) and clamps the saved tie count into [1, C].
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -39,6 +46,7 @@
 
 #include "checks.h"
 #include "common.cuh"
+#include "device_errors.cuh"
 #include "launch.cuh"
 #include "slam_loss.h"
 #include "stats_layout.h"
@@ -77,6 +85,7 @@ struct SlamScalars {
   bool normalized;
   bool hard;
   bool aligned;  // every tensor's base pointer is aligned to a pack
+  double sum_tolerance;  // how far a teacher row's sum may be from 1
 };
 
 template <typename S, typename T, typename A>
@@ -87,6 +96,7 @@ struct ForwardArgs {
   const int64_t* k;   // (N,)
   A* loss;            // (N,)
   A* stats;           // (N, slam_loss_stats::kCols)
+  int64_t* errors;    // the input error record
   SlamScalars p;
 };
 
@@ -99,6 +109,7 @@ struct BackwardArgs {
   const int64_t* k;
   const A* stats;      // (N, slam_loss_stats::kCols), from either backend's forward
   S* grad_student;
+  int64_t* errors;     // the input error record
   SlamScalars p;
 };
 
@@ -163,21 +174,25 @@ __device__ __forceinline__ ArgMax<A> shfl_xor(const ArgMax<A>& v, int mask) {
   return {device::shfl_xor(v.value, mask), __shfl_xor_sync(0xffffffffu, v.index, mask)};
 }
 
-// Pass 1 state: online lse of z and the teacher's argmax.
+// Pass 1 state: online lse of z, the teacher's argmax, and for the value
+// check the teacher's sum and its number of negative or NaN entries.
 template <typename A>
 struct RowHead {
   OnlineLSE<A> z;
   ArgMax<A> top;
+  A t_sum;
+  A t_bad;
 };
 
 template <typename A>
 __device__ __forceinline__ RowHead<A> merge(const RowHead<A>& x, const RowHead<A>& y) {
-  return {device::merge(x.z, y.z), merge(x.top, y.top)};
+  return {device::merge(x.z, y.z), merge(x.top, y.top), x.t_sum + y.t_sum, x.t_bad + y.t_bad};
 }
 
 template <typename A>
 __device__ __forceinline__ RowHead<A> shfl_xor(const RowHead<A>& v, int mask) {
-  return {device::shfl_xor(v.z, mask), shfl_xor(v.top, mask)};
+  return {device::shfl_xor(v.z, mask), shfl_xor(v.top, mask), device::shfl_xor(v.t_sum, mask),
+          device::shfl_xor(v.t_bad, mask)};
 }
 
 // Soft-mode sums of the forward's member pass. With t > 0 only (xlogy):
@@ -250,12 +265,28 @@ __global__ void __launch_bounds__(kBlockThreads)
     const int64_t row_start = row * p.cols;
     const S* z = args.student + row_start;
     const T* t = args.teacher + row_start;
-    const int64_t k = args.k[row];
+    // A k outside [k_min, C] is recorded and clamped, so the select always
+    // has its k keys.
+    const int64_t k_min = p.normalized ? 2 : 1;
+    const int64_t k_in = args.k[row];
+    const int64_t k = k_in < k_min ? k_min : k_in > p.cols ? int64_t{p.cols} : k_in;
+    bool bad_row = k != k_in;
+    if (bad_row && tid == 0) {
+      device::record_input_error(args.errors, InputError::kK, row, -1, k_in, p.cols, k_min);
+    }
+    const A alpha = args.alpha[row];
+    if (!(alpha > A(0) && alpha <= A(1))) {
+      bad_row = true;
+      if (tid == 0) {
+        device::record_input_error(args.errors, InputError::kAlpha, row, -1,
+                                   __double_as_longlong(static_cast<double>(alpha)), 0);
+      }
+    }
 
     // 1. lse(z), argmax t, and the select's first digit.
     ValueSelect<A> sel(select_smem, 8 * sizeof(Key), static_cast<int>(k));
     sel.begin_pass();
-    RowHead<A> head{OnlineLSE<A>::empty(), {A(-1), std::numeric_limits<int>::max()}};
+    RowHead<A> head{OnlineLSE<A>::empty(), {A(-1), std::numeric_limits<int>::max()}, A(0), A(0)};
     for_each_pack<kVec>(row_start, p.cols, p.aligned, tid, kBlockThreads, [&](int col, auto n) {
       constexpr int N = decltype(n)::value;
       A zr[N], tr[N];
@@ -266,12 +297,28 @@ __global__ void __launch_bounds__(kBlockThreads)
       for (int i = 0; i < N; ++i) {
         head.top = merge(head.top, ArgMax<A>{tr[i], col + i});
         sel.count(nonneg_key(tr[i]));
+        head.t_sum += tr[i];
+        head.t_bad += tr[i] >= A(0) ? A(0) : A(1);  // NaN counts too
       }
     });
     sel.end_pass();
     head = group_allreduce<kBlockThreads>(head, head_smem);
     const A lse = head.z.lse();
-    const int yhat = head.top.index;
+    // A NaN row has no argmax: its index stays past the row, so take 0.
+    const int yhat = head.top.index < p.cols ? head.top.index : 0;
+    if (head.t_bad > A(0)) {
+      bad_row = true;
+      if (tid == 0) {
+        device::record_input_error(args.errors, InputError::kTeacherNegative, row, -1, 0, 0);
+      }
+    } else if (!(device::acc_abs(head.t_sum - A(1)) <= static_cast<A>(p.sum_tolerance))) {
+      bad_row = true;
+      if (tid == 0) {
+        device::record_input_error(args.errors, InputError::kTeacherSum, row, -1,
+                                   __double_as_longlong(static_cast<double>(head.t_sum)), 0,
+                                   __double_as_longlong(p.sum_tolerance));
+      }
+    }
 
     // 2. The rest of the threshold select.
     while (!sel.done()) {
@@ -289,7 +336,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     const int ties = sel.rank();
     const int count_eq = sel.bin_count;  // the last bin holds exactly the keys equal to thr
 
-    const Mix<A> mix(args.alpha[row], k, p.normalized);
+    const Mix<A> mix(alpha, k, p.normalized);
     A loss, s, t_sum;
     if (p.hard) {
       // yhat is always a member (rank 0 of the top-k order).
@@ -331,11 +378,11 @@ __global__ void __launch_bounds__(kBlockThreads)
 
     if (tid == 0) {
       A* st = args.stats + row * slam_loss_stats::kCols;
-      args.loss[row] = loss;
+      args.loss[row] = bad_row ? std::numeric_limits<A>::quiet_NaN() : loss;
       st[slam_loss_stats::kLseStudent] = lse;
       st[slam_loss_stats::kThreshold] = thr;
-      st[slam_loss_stats::kTies] = static_cast<A>(ties);
-      st[slam_loss_stats::kTeacherArgmax] = static_cast<A>(yhat);
+      st[slam_loss_stats::kTies] = int_stat<A>(ties);
+      st[slam_loss_stats::kTeacherArgmax] = int_stat<A>(yhat);
       st[slam_loss_stats::kTeacherMass] = t_sum;
       st[slam_loss_stats::kHSum] = s;
     }
@@ -358,12 +405,33 @@ __global__ void __launch_bounds__(kBlockThreads)
     const A* st = args.stats + row * slam_loss_stats::kCols;
     const A lse = st[slam_loss_stats::kLseStudent];
     const A s = st[slam_loss_stats::kHSum];
-    const A g = args.grad_loss[row];
-    const Mix<A> mix(args.alpha[row], args.k[row], p.normalized);
+    const A g_in = args.grad_loss[row];
+    // k and alpha may have changed since the forward: out of range, they are
+    // recorded and the row's gradient is zero.
+    const int64_t k_min = p.normalized ? 2 : 1;
+    const int64_t k = args.k[row];
+    const A alpha = args.alpha[row];
+    const bool bad_k = k < k_min || k > p.cols;
+    const bool bad_alpha = !(alpha > A(0) && alpha <= A(1));
+    if (tid == 0 && bad_k) {
+      device::record_input_error(args.errors, InputError::kK, row, -1, k, p.cols, k_min);
+    }
+    if (tid == 0 && bad_alpha) {
+      device::record_input_error(args.errors, InputError::kAlpha, row, -1,
+                                 __double_as_longlong(static_cast<double>(alpha)), 0);
+    }
+    const A g = bad_k || bad_alpha ? A(0) : g_in;
+    const Mix<A> mix(bad_alpha ? A(1) : alpha, bad_k ? k_min : k, p.normalized);
 
     if (p.hard) {
-      // h is 0 everywhere but at yhat, where t is taken as 1.
-      const int yhat = static_cast<int>(st[slam_loss_stats::kTeacherArgmax]);
+      // h is 0 everywhere but at yhat, where t is taken as 1. A saved yhat
+      // that names no class is recorded and gives a zero gradient.
+      const int64_t yhat = stat_int(st[slam_loss_stats::kTeacherArgmax]);
+      const bool valid = yhat >= 0 && yhat < p.cols;
+      if (!valid && tid == 0) {
+        device::record_input_error(args.errors, InputError::kStatsIndex, row,
+                                   slam_loss_stats::kTeacherArgmax, yhat, p.cols);
+      }
       for_each_pack<kVec>(row_start, p.cols, p.aligned, tid, kBlockThreads, [&](int col, auto n) {
         constexpr int N = decltype(n)::value;
         A zr[N], gz[N];
@@ -375,7 +443,7 @@ __global__ void __launch_bounds__(kBlockThreads)
             A log_q;
             mix.member(zr[i], lse, log_q, h);
           }
-          gz[i] = g * (h - device::acc_exp(zr[i] - lse) * s);
+          gz[i] = valid ? g * (h - device::acc_exp(zr[i] - lse) * s) : A(0);
         }
         store_pack<N>(dz + col, gz);
       });
@@ -383,7 +451,10 @@ __global__ void __launch_bounds__(kBlockThreads)
     }
 
     const A thr = st[slam_loss_stats::kThreshold];
-    const int ties = static_cast<int>(st[slam_loss_stats::kTies]);
+    // Clamped so the cut select always has its keys: stats that are not this
+    // forward's give a wrong gradient, never an out-of-bounds access.
+    const int64_t saved_ties = stat_int(st[slam_loss_stats::kTies]);
+    const int ties = static_cast<int>(saved_ties < 1 ? 1 : saved_ties > p.cols ? p.cols : saved_ties);
     const Members<A> m{thr, tie_cut<kVec>(t, row_start, p, thr, ties, /*count_eq=*/-1,
                                           select_smem)};
     for_each_pack<kVec>(row_start, p.cols, p.aligned, tid, kBlockThreads, [&](int col, auto n) {
@@ -408,20 +479,21 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 // ---------------------------------------------------------------- host side
 
-// Columns are int indices on the device (and ties/yhat are saved in the acc
-// type, exact up to 2^24 classes for fp32, as on the CPU).
+// Columns are int indices on the device (ties and yhat are saved as integer
+// bits, exact for every C, as on the CPU).
 void check_cols_fit(const SlamLossParams& p) {
   launch::check_cols_fit(p.cols, "student_logits", "classes");
 }
 
-SlamScalars make_scalars(const SlamLossParams& p, bool aligned) {
-  return SlamScalars{p.rows, static_cast<int>(p.cols), p.normalized, p.hard, aligned};
+SlamScalars make_scalars(const SlamLossParams& p, bool aligned, double sum_tolerance) {
+  return SlamScalars{p.rows, static_cast<int>(p.cols), p.normalized, p.hard, aligned,
+                     sum_tolerance};
 }
 
 template <typename S, typename T>
 void launch_forward(const at::Tensor& z, const at::Tensor& t, const at::Tensor& alpha,
                     const at::Tensor& k, at::Tensor& loss, at::Tensor& stats,
-                    const SlamLossParams& p) {
+                    int64_t* errors, const SlamLossParams& p) {
   using A = acc_t<S>;
   constexpr int kVec = pack_width<S, T>();
   ForwardArgs<S, T, A> args;
@@ -431,7 +503,9 @@ void launch_forward(const at::Tensor& z, const at::Tensor& t, const at::Tensor& 
   args.k = k.data_ptr<int64_t>();
   args.loss = loss.data_ptr<A>();
   args.stats = stats.data_ptr<A>();
-  args.p = make_scalars(p, pack_aligned<kVec>(args.student) && pack_aligned<kVec>(args.teacher));
+  args.errors = errors;
+  args.p = make_scalars(p, pack_aligned<kVec>(args.student) && pack_aligned<kVec>(args.teacher),
+                        teacher_sum_tolerance(t.scalar_type()));
   slam_loss_forward_kernel<S, T, A>
       <<<grid_for(p.rows, 1), kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -440,7 +514,7 @@ void launch_forward(const at::Tensor& z, const at::Tensor& t, const at::Tensor& 
 template <typename S, typename T>
 void launch_backward(const at::Tensor& grad_loss, const at::Tensor& z, const at::Tensor& t,
                      const at::Tensor& alpha, const at::Tensor& k, const at::Tensor& stats,
-                     at::Tensor& grad, const SlamLossParams& p) {
+                     at::Tensor& grad, int64_t* errors, const SlamLossParams& p) {
   using A = acc_t<S>;
   constexpr int kVec = pack_width<S, T>();
   BackwardArgs<S, T, A> args;
@@ -451,8 +525,10 @@ void launch_backward(const at::Tensor& grad_loss, const at::Tensor& z, const at:
   args.k = k.data_ptr<int64_t>();
   args.stats = stats.data_ptr<A>();
   args.grad_student = grad.data_ptr<S>();
+  args.errors = errors;
   args.p = make_scalars(p, pack_aligned<kVec>(args.student) && pack_aligned<kVec>(args.teacher) &&
-                               pack_aligned<kVec>(args.grad_student));
+                               pack_aligned<kVec>(args.grad_student),
+                        teacher_sum_tolerance(t.scalar_type()));
   slam_loss_backward_kernel<S, T, A>
       <<<grid_for(p.rows, 1), kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -462,8 +538,9 @@ std::tuple<at::Tensor, at::Tensor> slam_loss_forward_cuda(
     const at::Tensor& student_logits, const at::Tensor& teacher_probs, const at::Tensor& alpha,
     const at::Tensor& k, bool normalized, bool hard) {
   const SlamLossParams p = check_slam_loss_args(student_logits, teacher_probs, alpha, k,
-                                               normalized, hard, /*check_values=*/true);
+                                               normalized, hard);
   check_cols_fit(p);
+  int64_t* const errors = device_error_record(student_logits);
   const c10::cuda::CUDAGuard guard(student_logits.device());
   at::Tensor loss = at::empty({p.rows}, alpha.options());
   at::Tensor stats = at::empty({p.rows, slam_loss_stats::kCols}, alpha.options());
@@ -475,7 +552,7 @@ std::tuple<at::Tensor, at::Tensor> slam_loss_forward_cuda(
   const at::Tensor kk = k.contiguous();
   dispatch_input_types(z, "student_logits", t, "teacher_probs",
                        [&]<typename S, typename T>() {
-    launch_forward<S, T>(z, t, al, kk, loss, stats, p);
+    launch_forward<S, T>(z, t, al, kk, loss, stats, errors, p);
   });
   return {loss, stats};
 }
@@ -485,9 +562,10 @@ at::Tensor slam_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor
                                    const at::Tensor& k, const at::Tensor& stats, bool normalized,
                                    bool hard) {
   const SlamLossParams p = check_slam_loss_args(student_logits, teacher_probs, alpha, k,
-                                               normalized, hard, /*check_values=*/false);
+                                               normalized, hard);
   check_slam_loss_backward_args(grad_loss, stats, student_logits, p);
   check_cols_fit(p);
+  int64_t* const errors = device_error_record(student_logits);
   const c10::cuda::CUDAGuard guard(student_logits.device());
   at::Tensor grad = at::empty({p.rows, p.cols}, student_logits.options());
   if (p.rows == 0 || p.cols == 0) return grad;
@@ -500,7 +578,7 @@ at::Tensor slam_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor
   const at::Tensor st = stats.contiguous();
   dispatch_input_types(z, "student_logits", t, "teacher_probs",
                        [&]<typename S, typename T>() {
-    launch_backward<S, T>(g, z, t, al, kk, st, grad, p);
+    launch_backward<S, T>(g, z, t, al, kk, st, grad, errors, p);
   });
   return grad;
 }

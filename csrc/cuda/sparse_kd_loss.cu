@@ -16,8 +16,15 @@
 // forward): one pass writes dz_j = c * mass * q_j for every column, a group
 // barrier, then the threads owning the kept entries overwrite dz[I_k] with
 // c * (mass * q_{I_k} - p_k), recomputed from z so that every element is
-// rounded once. Indices are unique within a row (checked on the host), so
+// rounded once. Indices are unique within a row (checked in the forward), so
 // no element has two writers after the barrier.
+//
+// Indices are checked where they are read, in both kernels (the backward's
+// may have been edited since the forward, e.g. in place through numpy): one
+// outside [0, C) and not -1 is recorded (device_errors.cuh) and never
+// dereferenced; the forward also records a class repeated within a row
+// (O(K^2 / threads) compares per row) unless check_duplicates is off. The
+// host never reads an index.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -31,6 +38,7 @@
 
 #include "checks.h"
 #include "common.cuh"
+#include "device_errors.cuh"
 #include "launch.cuh"
 #include "row_loss.h"
 #include "sparse_kd_loss.h"
@@ -62,6 +70,7 @@ struct SparseScalars {
   int64_t ignore_index;
   bool has_labels;
   bool renormalize;
+  bool check_duplicates;  // forward only
   bool aligned;  // the student (and its gradient) base pointers are pack-aligned
   A inv_t;
   A soft_scale;       // T^2 or 1
@@ -76,6 +85,7 @@ struct ForwardArgs {
   const int64_t* labels; // nullptr without labels
   A* loss;               // (N,)
   A* stats;              // (N, sparse_kd_loss_stats::kCols)
+  int64_t* errors;       // the input error record
   SparseScalars<A> k;
 };
 
@@ -88,8 +98,22 @@ struct BackwardArgs {
   const int64_t* labels; // nullptr without labels
   const A* stats;        // (N, sparse_kd_loss_stats::kCols), from the forward
   S* grad_student;
+  int64_t* errors;       // the input error record
   SparseScalars<A> k;
 };
+
+// Entry e of a row's indices: its class, or -1 for padding and for an index
+// outside [0, C), which is recorded and never dereferenced.
+template <typename A>
+__device__ __forceinline__ int64_t kept_class(const int64_t* index, int64_t e, int64_t row,
+                                              const SparseScalars<A>& k, int64_t* errors) {
+  const int64_t j = index[e];
+  if (j >= k.cols || j < -1) {
+    device::record_input_error(errors, InputError::kTeacherIndex, row, e, j, k.cols);
+    return -1;
+  }
+  return j;
+}
 
 // Per-thread forward state: online lse of z/T; online lse of the kept l_k
 // with t.a = sum exp(l_k - t.m) (l_k - z[I_k]/T); the number of kept entries
@@ -180,8 +204,16 @@ __global__ void __launch_bounds__(kBlockThreads)
 
     RowState<A> st{OnlineLSE<A>::empty(), OnlineLSE<A>::empty(), A(0)};
     for (int64_t e = lane; e < k.k; e += kRowThreads) {
-      const int64_t j = index[e];
+      const int64_t j = kept_class(index, e, row, k, args.errors);
       if (j < 0) continue;  // padding
+      if (k.check_duplicates) {
+        for (int64_t f = 0; f < e; ++f) {
+          if (index[f] == j) {
+            device::record_input_error(args.errors, InputError::kDuplicateIndex, row, e, j, k.cols);
+            break;
+          }
+        }
+      }
       st.kept += A(1);
       const A l[1] = {static_cast<A>(logprobs[e])};
       const A d[1] = {l[0] - static_cast<A>(z[j]) * k.inv_t};
@@ -242,7 +274,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     const int64_t* index = args.index + row * k.k;
     const L* logprobs = args.logprobs + row * k.k;
     for (int64_t e = lane; e < k.k; e += kRowThreads) {
-      const int64_t j = index[e];
+      const int64_t j = kept_class(index, e, row, k, args.errors);
       if (j < 0) continue;
       const A p = device::acc_exp(static_cast<A>(logprobs[e]) - log_norm);
       const A q = device::acc_exp(static_cast<A>(z[j]) * k.inv_t - lse_z);
@@ -262,6 +294,7 @@ SparseScalars<A> make_scalars(const SparseKDLossParams& p, bool aligned) {
   k.ignore_index = p.ignore_index;
   k.has_labels = p.has_labels;
   k.renormalize = p.renormalize;
+  k.check_duplicates = false;
   k.aligned = aligned;
   k.inv_t = static_cast<A>(1.0 / p.temperature);
   k.soft_scale = static_cast<A>(p.soft_scale);
@@ -272,7 +305,7 @@ SparseScalars<A> make_scalars(const SparseKDLossParams& p, bool aligned) {
 template <typename S, typename L>
 void launch_forward(const at::Tensor& z, const at::Tensor& idx, const at::Tensor& lp,
                     const at::Tensor& labels, at::Tensor& loss, at::Tensor& stats,
-                    const SparseKDLossParams& p) {
+                    bool check_duplicates, int64_t* errors, const SparseKDLossParams& p) {
   using A = acc_t<S>;
   constexpr int kVec = 16 / sizeof(S);
   ForwardArgs<S, L, A> args;
@@ -282,7 +315,9 @@ void launch_forward(const at::Tensor& z, const at::Tensor& idx, const at::Tensor
   args.labels = p.has_labels ? labels.data_ptr<int64_t>() : nullptr;
   args.loss = loss.data_ptr<A>();
   args.stats = stats.data_ptr<A>();
+  args.errors = errors;
   args.k = make_scalars<A>(p, pack_aligned<kVec>(args.student));
+  args.k.check_duplicates = check_duplicates;
   launch::launch_row_groups(
       p.cols <= kWarpRowMaxCols, p.rows, sparse_kd_loss_forward_kernel<S, L, A, kWarpSize>,
       sparse_kd_loss_forward_kernel<S, L, A, kBlockThreads>, args,
@@ -293,7 +328,7 @@ void launch_forward(const at::Tensor& z, const at::Tensor& idx, const at::Tensor
 template <typename S, typename L>
 void launch_backward(const at::Tensor& grad_loss, const at::Tensor& z, const at::Tensor& idx,
                      const at::Tensor& lp, const at::Tensor& labels, const at::Tensor& stats,
-                     at::Tensor& grad_z, const SparseKDLossParams& p) {
+                     at::Tensor& grad_z, int64_t* errors, const SparseKDLossParams& p) {
   using A = acc_t<S>;
   constexpr int kVec = 16 / sizeof(S);
   BackwardArgs<S, L, A> args;
@@ -304,6 +339,7 @@ void launch_backward(const at::Tensor& grad_loss, const at::Tensor& z, const at:
   args.labels = p.has_labels ? labels.data_ptr<int64_t>() : nullptr;
   args.stats = stats.data_ptr<A>();
   args.grad_student = grad_z.data_ptr<S>();
+  args.errors = errors;
   args.k = make_scalars<A>(p, pack_aligned<kVec>(args.student) && pack_aligned<kVec>(args.grad_student));
   launch::launch_row_groups(
       p.cols <= kWarpRowMaxCols, p.rows, sparse_kd_loss_backward_kernel<S, L, A, kWarpSize>,
@@ -324,8 +360,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_forward_cuda(
     bool check_duplicates) {
   const SparseKDLossParams p = check_sparse_kd_loss_args(
       student_logits, teacher_indices, teacher_logprobs, labels, temperature, renormalize,
-      ignore_index, scale_by_t2, /*check_indices=*/true, check_duplicates);
+      ignore_index, scale_by_t2);
   launch::check_cols_fit(p.cols, "student_logits", "classes");
+  int64_t* const errors = device_error_record(student_logits);
   const c10::cuda::CUDAGuard guard(student_logits.device());
   const auto acc_options = student_logits.options().dtype(acc_scalar_type(student_logits));
   at::Tensor loss = at::empty({p.rows}, acc_options);
@@ -338,7 +375,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_forward_cuda(
   const at::Tensor y = p.has_labels ? labels->contiguous() : at::Tensor();
   dispatch_input_types(z, "student_logits", lp, "teacher_logprobs",
                        [&]<typename S, typename L>() {
-    launch_forward<S, L>(z, idx, lp, y, loss, stats, p);
+    launch_forward<S, L>(z, idx, lp, y, loss, stats, check_duplicates, errors, p);
   });
   return {loss, stats};
 }
@@ -356,9 +393,10 @@ at::Tensor sparse_kd_loss_backward_cuda(
     bool scale_by_t2) {
   const SparseKDLossParams p = check_sparse_kd_loss_args(
       student_logits, teacher_indices, teacher_logprobs, labels, temperature, renormalize,
-      ignore_index, scale_by_t2, /*check_indices=*/false, /*check_duplicates=*/false);
+      ignore_index, scale_by_t2);
   check_sparse_kd_loss_backward_args(grad_loss, stats, student_logits, p);
   launch::check_cols_fit(p.cols, "student_logits", "classes");
+  int64_t* const errors = device_error_record(student_logits);
   const c10::cuda::CUDAGuard guard(student_logits.device());
   at::Tensor grad_z = at::empty({p.rows, p.cols}, student_logits.options());
   if (p.rows == 0) return grad_z;
@@ -371,7 +409,7 @@ at::Tensor sparse_kd_loss_backward_cuda(
   const at::Tensor s = stats.contiguous();
   dispatch_input_types(z, "student_logits", lp, "teacher_logprobs",
                        [&]<typename S, typename L>() {
-    launch_backward<S, L>(g, z, idx, lp, y, s, grad_z, p);
+    launch_backward<S, L>(g, z, idx, lp, y, s, grad_z, errors, p);
   });
   return grad_z;
 }

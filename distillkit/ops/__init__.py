@@ -13,7 +13,8 @@ from .. import _C
 from .options import KDOptions, SLaMOptions, SparseKDOptions
 
 __all__ = ["kd_loss_forward", "kd_loss_backward", "slam_loss_forward", "pointwise_distance_forward",
-           "correlation_distance_forward", "sparse_kd_loss_forward", "coordinate_lstm_step"]
+           "correlation_distance_forward", "sparse_kd_loss_forward", "coordinate_lstm_step",
+           "check_errors"]
 
 class StatsLayout:
     """The named columns of the per-row statistics an op's forward saves for its backward.
@@ -50,6 +51,28 @@ def reject_functorch(op: str) -> None:
         raise RuntimeError(f"{op} does not support torch.func transforms (grad, vjp, vmap, "
                            "jacrev, ...); take its gradient with torch.autograd.grad or "
                            ".backward()")
+
+
+def check_errors(device: Optional[torch.device] = None) -> None:
+    """Raise the ``ValueError`` of a bad input value that a CUDA kernel found.
+
+    CUDA kernels check labels, teacher indices, alpha, k and teacher rows where they
+    read them, never on the host (a host check would read device memory: a sync per
+    call). A bad value is skipped or clamped (never dereferenced), recorded, and raised
+    by the next distillkit CUDA call after that kernel has finished, or here: this
+    waits for ``device`` (default: the current CUDA device, when CUDA is initialized)
+    and raises what its kernels recorded. The message is the one the CPU path raises
+    at the call. A no-op on the CPU, whose ops raise at the call.
+    """
+    if device is None:
+        device = (torch.device("cuda", torch.cuda.current_device())
+                  if torch.cuda.is_initialized() else torch.device("cpu"))
+    torch.ops.distillkit.check_errors(torch.empty(0, device=device))
+
+
+@torch.library.register_fake("distillkit::check_errors")
+def _check_errors_fake(like):
+    return None
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:

@@ -385,5 +385,110 @@ def lstm_cases():
     return out
 
 
+# ----------------------------------------------------------------- bad input values
+
+def raises_case(family, name, make_call):
+    """A call with one bad input value. The CPU kernels raise it at the call; the
+    emulated CUDA kernels must not read or write out of bounds (the ASan sweep), record
+    it, and raise the same ValueError from check_errors. Output: the message's bytes."""
+    def make(g):
+        call = make_call(g)
+
+        def run(ops):
+            try:
+                call(ops)
+                ops.check_errors(torch.empty(0))
+            except ValueError as e:
+                msg = str(e).splitlines()[0]
+                return {"message": torch.tensor(list(msg.encode()), dtype=torch.int64)}
+            raise AssertionError(f"{name}: no ValueError")
+        return run
+    return Case(family, "raises_" + name, make)
+
+
+def int_bits(value, dtype):
+    """A stats entry holding the integer `value` as bits (stats_layout.h's int_stat)."""
+    it = torch.int64 if dtype == F64 else torch.int32
+    return torch.tensor([value], dtype=it).view(dtype)[0]
+
+
+def bad_kd(N, C, bad_label):
+    def make_call(g):
+        z, u = randn((N, C), F32, g), randn((N, C), F32, g)
+        y = torch.randint(0, C, (N,), generator=g)
+        y[N // 2] = bad_label
+        return lambda ops: ops.kd_loss_forward(z, u, y, 2.0, "forward_kl", 0.5, 0.5, IGNORE, True)
+    return raises_case("kd_loss", f"label{bad_label}_N{N}_C{C}", make_call)
+
+
+def bad_sparse(N, C, K, what, in_backward=False):
+    def make_call(g):
+        z = randn((N, C), F32, g)
+        idx = torch.stack([torch.randperm(C, generator=g)[:K] for _ in range(N)])
+        lp = torch.log_softmax(torch.randn(N, K, generator=g), 1)
+        gl = torch.ones(N)
+        bad = idx.clone()
+        r, e = N // 2, K - 1
+        bad[r, e] = {"high": C, "negative": -3, "duplicate": int(idx[r, 0])}[what]
+
+        def call(ops):
+            loss, stats = ops.sparse_kd_loss_forward(z, idx if in_backward else bad, lp, None,
+                                                     1.0, True, IGNORE, True, True)
+            # The backward gets indices edited since the forward.
+            ops.sparse_kd_loss_backward(gl, z, bad, lp, None, stats, 1.0, True, IGNORE, True)
+        return call
+    return raises_case("sparse_kd_loss",
+                       f"{what}{'_in_backward' if in_backward else ''}_N{N}_C{C}_K{K}", make_call)
+
+
+def bad_slam(N, C, what, normalized=False, hard=False):
+    def make_call(g):
+        z = randn((N, C), F32, g)
+        t = torch.softmax(torch.randn(N, C, generator=g, dtype=F64), 1).float()
+        alpha = torch.full((N,), 0.7)
+        k = torch.full((N,), 2)
+        r = N // 2
+        if what == "alpha0":
+            alpha[r] = 0.0
+        elif what == "alpha_nan":
+            alpha[r] = float("nan")
+        elif what == "k_high":
+            k[r] = C + 1
+        elif what == "k_low":
+            k[r] = 1 if normalized else 0
+        elif what == "negative":
+            t[r, 3] = -t[r, 3]
+        elif what == "sum":
+            t[r] *= 0.9
+        gl = torch.ones(N)
+
+        def call(ops):
+            loss, stats = ops.slam_loss_forward(z, t, alpha, k, normalized, hard)
+            if what == "argmax":
+                stats = stats.clone()
+                stats[r, 3] = int_bits(C + 5, F32)
+                ops.slam_loss_backward(gl, z, t, alpha, k, stats, normalized, hard)
+        return call
+    return raises_case("slam_loss", f"{what}_N{N}_C{C}{'_norm' if normalized else ''}"
+                       f"{'_hard' if hard else ''}", make_call)
+
+
+def bad_input_cases():
+    out = []
+    for N, C in [(5, 40), (3, 1500)]:  # warp and block row paths
+        out += [bad_kd(N, C, C), bad_kd(N, C, -5)]
+        for what in ("high", "negative", "duplicate"):
+            out.append(bad_sparse(N, C, 8, what))
+        out.append(bad_sparse(N, C, 8, "high", in_backward=True))
+        out.append(bad_sparse(N, C, 8, "negative", in_backward=True))
+        for what in ("alpha0", "alpha_nan", "k_high", "negative", "sum"):
+            out.append(bad_slam(N, C, what))
+        out.append(bad_slam(N, C, "k_low", normalized=True))
+        out.append(bad_slam(N, C, "argmax", hard=True))
+    out.append(bad_sparse(2, 2000, 500, "duplicate"))  # K > a block's threads
+    return out
+
+
 def all_cases():
-    return kd_cases() + slam_cases() + distance_cases() + sparse_cases() + lstm_cases()
+    return (kd_cases() + slam_cases() + distance_cases() + sparse_cases() + lstm_cases()
+            + bad_input_cases())
