@@ -5,9 +5,19 @@ Knobs (environment variables, read once here and printed):
   CUDA_HOME                  CUDA toolkit; when unset, /usr/local/cuda is preferred if it
                              exists (the nvcc on PATH may be a wrapper script)
   TORCH_CUDA_ARCH_LIST       CUDA archs; default "8.0;9.0" when no GPU is visible
-  DISTILLKIT_CPU_ISA         avx512 | avx2 | default; default: the best this machine has
+  DISTILLKIT_CPU_ISA         default | avx2 | avx512: the highest CPU level compiled;
+                             default avx512 (all three). Not the build machine's ISA: the
+                             library runs on any x86-64 CPU whatever the value.
   DISTILLKIT_DEBUG=1         -O0 -g
   MAX_JOBS                   parallel compile jobs (ninja)
+
+CPU levels: the kernel files of csrc/cpu (all but CPU_PORTABLE) are compiled once per
+level, default (x86-64 baseline), avx2 and avx512, each with its -m flags and
+CPU_CAPABILITY=<LEVEL> into its own namespace (csrc/cpu/capability.h); everything else is
+compiled once without ISA flags. At load the kernels run at the best level the CPU
+supports, capped by DISTILLKIT_CPU_CAPABILITY (runtime; see README). There is no AVX-512
+BF16 level: ATen's Vectorized has no path that uses those instructions, and the kernels'
+bf16 work (conversion to fp32) runs on AVX512BW.
 """
 import glob
 import os
@@ -20,35 +30,26 @@ import torch
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:
-        flags = set()
-    return flags
-
-
-def _pick_isa():
-    isa = os.environ.get("DISTILLKIT_CPU_ISA", "")
-    if isa:
-        return isa
-    flags = _cpu_flags()
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
-        return "avx512"
-    if {"avx2", "fma", "f16c"} <= flags:
-        return "avx2"
-    return "default"
-
-
-# ATen's Vectorized<T> picks its implementation from these macros; the flags
-# must match the ISA, as in ATen's own per-capability kernel builds.
-ISA_FLAGS = {
+# The flags of each CPU level, in increasing order. ATen's Vectorized<T> picks its
+# implementation from the CPU_CAPABILITY macros, as in ATen's own per-level kernel builds;
+# csrc/cpu/capability.cpp checks the CPU for the features these flags let the compiler use.
+CPU_LEVELS = {
+    "default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
+    "avx2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f",
                "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
-    "avx2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
-    "default": ["-DCPU_CAPABILITY=DEFAULT"],
 }
+# Files of csrc/cpu without vectorized code: compiled once, like the host code.
+CPU_PORTABLE = {"capability.cpp", "output_cache.cpp"}
+
+
+def _cpu_levels():
+    top = os.environ.get("DISTILLKIT_CPU_ISA", "avx512")
+    if top not in CPU_LEVELS:
+        sys.exit(f"distillkit build: DISTILLKIT_CPU_ISA must be one of {', '.join(CPU_LEVELS)}, "
+                 f"got {top!r}")
+    names = list(CPU_LEVELS)
+    return names[: names.index(top) + 1]
 
 
 def _cuda_home():
@@ -62,7 +63,7 @@ def _cuda_home():
 
 FORCE_CPU = os.environ.get("DISTILLKIT_FORCE_CPU", "0") == "1"
 DEBUG = os.environ.get("DISTILLKIT_DEBUG", "0") == "1"
-CPU_ISA = _pick_isa()
+CPU_LEVELS_BUILT = _cpu_levels()
 CUDA_HOME = _cuda_home()
 WITH_CUDA = (not FORCE_CPU) and torch.version.cuda is not None and CUDA_HOME is not None
 
@@ -79,7 +80,8 @@ print(
     f"torch={torch.__version__} torch_cuda={torch.version.cuda} "
     f"with_cuda={WITH_CUDA} cuda_home={CUDA_HOME if WITH_CUDA else '-'} "
     f"cuda_archs={os.environ.get('TORCH_CUDA_ARCH_LIST', '-') if WITH_CUDA else '-'} "
-    f"cpu_isa={CPU_ISA} debug={DEBUG} max_jobs={os.environ.get('MAX_JOBS', '-')}",
+    f"cpu_levels={','.join(CPU_LEVELS_BUILT)} debug={DEBUG} "
+    f"max_jobs={os.environ.get('MAX_JOBS', '-')}",
     flush=True,
 )
 
@@ -90,13 +92,16 @@ defines = [
 ]
 # -fopenmp: at::parallel_for is an inline OpenMP region; without the flag it
 # silently runs on one thread. The libgomp.so.1 torch already loaded is reused.
-cxx_flags = opt + ["-std=c++20", "-fopenmp", "-fdiagnostics-color=always"] + defines
+cxx_flags = opt + ["-std=c++20", "-fopenmp", "-fdiagnostics-color=always"] + defines + [
+    f"-DDISTILLKIT_CPU_LEVEL_MAX={CPU_LEVELS_BUILT[-1].upper()}"]
 sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
 sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
 sources += sorted(glob.glob(os.path.join("csrc", "python", "*.cpp")))
+KERNEL_SOURCES = {s for s in sources
+                  if os.path.dirname(s) == os.path.join("csrc", "cpu")
+                  and os.path.basename(s) not in CPU_PORTABLE}
 
-# Only the kernel files get ISA flags; ops.cpp and the checks stay portable.
-extra_compile_args = {"cxx": cxx_flags + ISA_FLAGS[CPU_ISA]}
+extra_compile_args = {"cxx": cxx_flags}
 if WITH_CUDA:
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     extra_compile_args["nvcc"] = opt + defines + [
@@ -105,6 +110,39 @@ if WITH_CUDA:
     Extension = CUDAExtension
 else:
     Extension = CppExtension
+
+
+class BuildExt(BuildExtension):
+    """BuildExtension, with KERNEL_SOURCES compiled once per CPU level.
+
+    Each level's objects go to their own folder (and ninja file) under build_temp, with
+    that level's flags after the extension's. They are linked after the portable objects,
+    lowest level first: of an inline function (from c10, the standard library) that
+    several objects define, the linker keeps the first copy, so the one the library calls
+    is portable or the default level's, never one compiled with AVX. tests/
+    test_cpu_capability.py checks the result.
+    """
+
+    def build_extension(self, ext):
+        compile_once = self.compiler.compile
+
+        def compile_per_level(sources, output_dir=None, extra_postargs=None, **kwargs):
+            kernels = [s for s in sources if s in KERNEL_SOURCES]
+            objects = compile_once([s for s in sources if s not in KERNEL_SOURCES],
+                                   output_dir=output_dir, extra_postargs=extra_postargs,
+                                   **kwargs)
+            for level in CPU_LEVELS_BUILT:
+                flags = dict(extra_postargs, cxx=extra_postargs["cxx"] + CPU_LEVELS[level])
+                objects += compile_once(kernels, output_dir=os.path.join(output_dir, level),
+                                        extra_postargs=flags, **kwargs)
+            return objects
+
+        self.compiler.compile = compile_per_level
+        try:
+            super().build_extension(ext)
+        finally:
+            self.compiler.compile = compile_once
+
 
 setup(
     name="distillkit",
@@ -122,5 +160,5 @@ setup(
             py_limited_api=False,
         )
     ],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
 )

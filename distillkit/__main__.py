@@ -11,10 +11,10 @@ import argparse
 import sys
 from typing import List, Optional
 
-from distillkit import experiments
+from distillkit import experiments, info
 from distillkit.experiments import demo
 
-COMMANDS = {"demo": demo, "experiment": experiments}
+COMMANDS = {"demo": demo, "experiment": experiments, "info": info}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -36,11 +36,12 @@
 #include <vector>
 
 #include "coordinate_lstm.h"
+#include "cpu/capability.h"
 #include "cpu/output_cache.h"
 #include "cpu/small_gemm.h"
 #include "cpu/vec_tiles.h"
 
-namespace distillkit {
+namespace distillkit::cpu::inline CPU_CAPABILITY {
 namespace {
 
 using at::vec::Vectorized;
@@ -575,10 +576,16 @@ coordinate_lstm_backward_cpu(const at::Tensor& grad_params_out,
 }
 
 }  // namespace
+}  // namespace distillkit::cpu::inline CPU_CAPABILITY
 
+DK_CPU_KERNEL(coordinate_lstm_forward, coordinate_lstm_forward_cpu)
+DK_CPU_KERNEL(coordinate_lstm_backward, coordinate_lstm_backward_cpu)
+
+// Registered once, by the default level's build (it runs on every CPU); each call
+// goes to the chosen level's kernel.
+#if defined(CPU_CAPABILITY_DEFAULT)
 TORCH_LIBRARY_IMPL(distillkit, CPU, m) {
-  m.impl("coordinate_lstm_forward", &coordinate_lstm_forward_cpu);
-  m.impl("coordinate_lstm_backward", &coordinate_lstm_backward_cpu);
+  m.impl("coordinate_lstm_forward", DK_CPU_DISPATCH(coordinate_lstm_forward));
+  m.impl("coordinate_lstm_backward", DK_CPU_DISPATCH(coordinate_lstm_backward));
 }
-
-}  // namespace distillkit
+#endif

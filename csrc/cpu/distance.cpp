@@ -22,6 +22,7 @@
 #include <cstddef>
 #include <vector>
 
+#include "cpu/capability.h"
 #include "cpu/output_cache.h"
 #include "cpu/vec_tiles.h"
 #include "dispatch.h"
@@ -29,7 +30,7 @@
 #include "row_loss.h"
 #include "stats_layout.h"
 
-namespace distillkit {
+namespace distillkit::cpu::inline CPU_CAPABILITY {
 namespace {
 
 using namespace cpu;
@@ -522,12 +523,20 @@ std::tuple<at::Tensor, at::Tensor> correlation_distance_backward_cpu(
 }
 
 }  // namespace
+}  // namespace distillkit::cpu::inline CPU_CAPABILITY
 
+DK_CPU_KERNEL(pointwise_distance_forward, pointwise_distance_forward_cpu)
+DK_CPU_KERNEL(pointwise_distance_backward, pointwise_distance_backward_cpu)
+DK_CPU_KERNEL(correlation_distance_forward, correlation_distance_forward_cpu)
+DK_CPU_KERNEL(correlation_distance_backward, correlation_distance_backward_cpu)
+
+// Registered once, by the default level's build (it runs on every CPU); each call
+// goes to the chosen level's kernel.
+#if defined(CPU_CAPABILITY_DEFAULT)
 TORCH_LIBRARY_IMPL(distillkit, CPU, m) {
-  m.impl("pointwise_distance_forward", &pointwise_distance_forward_cpu);
-  m.impl("pointwise_distance_backward", &pointwise_distance_backward_cpu);
-  m.impl("correlation_distance_forward", &correlation_distance_forward_cpu);
-  m.impl("correlation_distance_backward", &correlation_distance_backward_cpu);
+  m.impl("pointwise_distance_forward", DK_CPU_DISPATCH(pointwise_distance_forward));
+  m.impl("pointwise_distance_backward", DK_CPU_DISPATCH(pointwise_distance_backward));
+  m.impl("correlation_distance_forward", DK_CPU_DISPATCH(correlation_distance_forward));
+  m.impl("correlation_distance_backward", DK_CPU_DISPATCH(correlation_distance_backward));
 }
-
-}  // namespace distillkit
+#endif

@@ -20,6 +20,7 @@
 #include <cstring>
 #include <limits>
 
+#include "cpu/capability.h"
 #include "cpu/output_cache.h"
 #include "cpu/vec_tiles.h"
 #include "cpu_value_checks.h"
@@ -28,7 +29,7 @@
 #include "row_loss.h"
 #include "stats_layout.h"
 
-namespace distillkit {
+namespace distillkit::cpu::inline CPU_CAPABILITY {
 namespace {
 
 using at::vec::Vectorized;
@@ -337,10 +338,16 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_backward_cpu(
 }
 
 }  // namespace
+}  // namespace distillkit::cpu::inline CPU_CAPABILITY
 
+DK_CPU_KERNEL(kd_loss_forward, kd_loss_forward_cpu)
+DK_CPU_KERNEL(kd_loss_backward, kd_loss_backward_cpu)
+
+// Registered once, by the default level's build (it runs on every CPU); each call
+// goes to the chosen level's kernel.
+#if defined(CPU_CAPABILITY_DEFAULT)
 TORCH_LIBRARY_IMPL(distillkit, CPU, m) {
-  m.impl("kd_loss_forward", &kd_loss_forward_cpu);
-  m.impl("kd_loss_backward", &kd_loss_backward_cpu);
+  m.impl("kd_loss_forward", DK_CPU_DISPATCH(kd_loss_forward));
+  m.impl("kd_loss_backward", DK_CPU_DISPATCH(kd_loss_backward));
 }
-
-}  // namespace distillkit
+#endif

@@ -13,6 +13,7 @@
 #include <functional>
 #include <vector>
 
+#include "cpu/capability.h"
 #include "cpu/output_cache.h"
 #include "cpu/vec_tiles.h"
 #include "cpu_value_checks.h"
@@ -20,7 +21,7 @@
 #include "slam_loss.h"
 #include "stats_layout.h"
 
-namespace distillkit {
+namespace distillkit::cpu::inline CPU_CAPABILITY {
 namespace {
 
 using namespace cpu;
@@ -361,10 +362,16 @@ at::Tensor slam_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor&
 }
 
 }  // namespace
+}  // namespace distillkit::cpu::inline CPU_CAPABILITY
 
+DK_CPU_KERNEL(slam_loss_forward, slam_loss_forward_cpu)
+DK_CPU_KERNEL(slam_loss_backward, slam_loss_backward_cpu)
+
+// Registered once, by the default level's build (it runs on every CPU); each call
+// goes to the chosen level's kernel.
+#if defined(CPU_CAPABILITY_DEFAULT)
 TORCH_LIBRARY_IMPL(distillkit, CPU, m) {
-  m.impl("slam_loss_forward", &slam_loss_forward_cpu);
-  m.impl("slam_loss_backward", &slam_loss_backward_cpu);
+  m.impl("slam_loss_forward", DK_CPU_DISPATCH(slam_loss_forward));
+  m.impl("slam_loss_backward", DK_CPU_DISPATCH(slam_loss_backward));
 }
-
-}  // namespace distillkit
+#endif

@@ -8,7 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 
-namespace distillkit::cpu {
+namespace distillkit::cpu::inline CPU_CAPABILITY {
 namespace {
 
 using at::vec::Vectorized;
@@ -107,4 +107,4 @@ template void small_gemm<float>(int64_t, int64_t, int64_t, const float*, int64_t
 template void small_gemm<double>(int64_t, int64_t, int64_t, const double*, int64_t, int64_t,
                                  const double*, int64_t, double*, int64_t, bool);
 
-}  // namespace distillkit::cpu
+}  // namespace distillkit::cpu::inline CPU_CAPABILITY

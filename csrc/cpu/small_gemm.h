@@ -6,9 +6,12 @@
 // chain of fused multiply-adds in k order, so it does not depend on the
 // tiling.
 #pragma once
+#if !defined(CPU_CAPABILITY)
+#error "this header is for the kernel files that setup.py compiles once per CPU level"
+#endif
 #include <cstdint>
 
-namespace distillkit::cpu {
+namespace distillkit::cpu::inline CPU_CAPABILITY {
 
 // M must be a multiple of kSmallGemmRows; a multiple of kSmallGemmNarrowRows
 // also lets narrow outputs (N up to 3 vectors) take the taller tiles.
@@ -28,4 +31,4 @@ extern template void small_gemm<float>(int64_t, int64_t, int64_t, const float*, 
 extern template void small_gemm<double>(int64_t, int64_t, int64_t, const double*, int64_t,
                                         int64_t, const double*, int64_t, double*, int64_t, bool);
 
-}  // namespace distillkit::cpu
+}  // namespace distillkit::cpu::inline CPU_CAPABILITY

@@ -26,6 +26,7 @@
 #include <cmath>
 #include <limits>
 
+#include "cpu/capability.h"
 #include "cpu/output_cache.h"
 #include "cpu/vec_tiles.h"
 #include "cpu_value_checks.h"
@@ -34,7 +35,7 @@
 #include "sparse_kd_loss.h"
 #include "stats_layout.h"
 
-namespace distillkit {
+namespace distillkit::cpu::inline CPU_CAPABILITY {
 namespace {
 
 using at::vec::Vectorized;
@@ -287,10 +288,16 @@ at::Tensor sparse_kd_loss_backward_cpu(
 }
 
 }  // namespace
+}  // namespace distillkit::cpu::inline CPU_CAPABILITY
 
+DK_CPU_KERNEL(sparse_kd_loss_forward, sparse_kd_loss_forward_cpu)
+DK_CPU_KERNEL(sparse_kd_loss_backward, sparse_kd_loss_backward_cpu)
+
+// Registered once, by the default level's build (it runs on every CPU); each call
+// goes to the chosen level's kernel.
+#if defined(CPU_CAPABILITY_DEFAULT)
 TORCH_LIBRARY_IMPL(distillkit, CPU, m) {
-  m.impl("sparse_kd_loss_forward", &sparse_kd_loss_forward_cpu);
-  m.impl("sparse_kd_loss_backward", &sparse_kd_loss_backward_cpu);
+  m.impl("sparse_kd_loss_forward", DK_CPU_DISPATCH(sparse_kd_loss_forward));
+  m.impl("sparse_kd_loss_backward", DK_CPU_DISPATCH(sparse_kd_loss_backward));
 }
-
-}  // namespace distillkit
+#endif

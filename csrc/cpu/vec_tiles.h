@@ -3,6 +3,9 @@
 // for fp64 input), so a row of any length costs a few L1-resident buffers and
 // the math is written once per accumulation type whatever the input dtypes.
 #pragma once
+#if !defined(CPU_CAPABILITY)
+#error "this header is for the kernel files that setup.py compiles once per CPU level"
+#endif
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -15,7 +18,7 @@
 #include <tuple>
 #include <type_traits>
 
-namespace distillkit::cpu {
+namespace distillkit::cpu::inline CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
@@ -175,4 +178,4 @@ inline at::Tensor unit_stride_rows(const at::Tensor& t) {
   return t.stride(1) == 1 ? t : t.contiguous();
 }
 
-}  // namespace distillkit::cpu
+}  // namespace distillkit::cpu::inline CPU_CAPABILITY

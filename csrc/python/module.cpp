@@ -7,11 +7,20 @@
 //  - <op>_stats_layout ({column name: index}) and <op>_stats_cols for every
 //    op that returns per-row stats (stats_layout.h), so that Python reads the
 //    stats by the names the kernels write them with;
-//  - the two functions of the CPU output cache (cpu/output_cache.h).
+//  - the two functions of the CPU output cache (cpu/output_cache.h);
+//  - the CPU kernels' level (cpu/capability.h): cpu_capability (the chosen
+//    level's name), cpu_capability_reason, cpu_capability_supported (the best
+//    the CPU has) and cpu_capabilities (the levels compiled, lowest first).
+//    The level is chosen here, at import, so that a bad DISTILLKIT_CPU_CAPABILITY
+//    fails the import with its ValueError, and a cap above what the CPU or the
+//    build has is a RuntimeWarning.
 #include <Python.h>
+
+#include <c10/util/Exception.h>
 
 #include <cstddef>
 
+#include "cpu/capability.h"
 #include "cpu/output_cache.h"
 #include "stats_layout.h"
 
@@ -73,6 +82,42 @@ int add_stats_layouts(PyObject* module) {
   return 0;
 }
 
+int add_cpu_capability(PyObject* module) {
+  namespace cpu = distillkit::cpu;
+  const cpu::CapabilityChoice* choice = nullptr;
+  try {
+    choice = &cpu::capability_choice();
+  } catch (const c10::ValueError& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return -1;
+  }
+  PyObject* compiled = PyTuple_New(static_cast<int>(choice->compiled) + 1);
+  if (compiled == nullptr) return -1;
+  for (int l = 0; l <= static_cast<int>(choice->compiled); ++l) {
+    PyObject* name = PyUnicode_FromString(cpu::capability_name(static_cast<cpu::Capability>(l)));
+    if (name == nullptr) {
+      Py_DECREF(compiled);
+      return -1;
+    }
+    PyTuple_SET_ITEM(compiled, l, name);
+  }
+  const int status = PyModule_AddObjectRef(module, "cpu_capabilities", compiled);
+  Py_DECREF(compiled);
+  if (status < 0 ||
+      PyModule_AddStringConstant(module, "cpu_capability",
+                                 cpu::capability_name(choice->level)) < 0 ||
+      PyModule_AddStringConstant(module, "cpu_capability_supported",
+                                 cpu::capability_name(choice->supported)) < 0 ||
+      PyModule_AddStringConstant(module, "cpu_capability_reason", choice->reason.c_str()) < 0) {
+    return -1;
+  }
+  if (choice->cap_unmet) {
+    return PyErr_WarnFormat(PyExc_RuntimeWarning, 1, "distillkit: CPU kernels at %s",
+                            choice->reason.c_str());
+  }
+  return 0;
+}
+
 }  // namespace
 
 PyMODINIT_FUNC PyInit__C(void) {
@@ -80,7 +125,7 @@ PyMODINIT_FUNC PyInit__C(void) {
   if (module == nullptr) return nullptr;
   if (PyModule_AddStringConstant(module, "__torch_version__", DISTILLKIT_TORCH_VERSION) < 0 ||
       PyModule_AddIntConstant(module, "with_cuda", DISTILLKIT_WITH_CUDA) < 0 ||
-      add_stats_layouts(module) < 0) {
+      add_stats_layouts(module) < 0 || add_cpu_capability(module) < 0) {
     Py_DECREF(module);
     return nullptr;
   }
