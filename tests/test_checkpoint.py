@@ -1,13 +1,12 @@
 """Checkpoints survive a process killed (SIGKILL) in the middle of a save."""
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import torch
 
 from distillkit.trainers.runtime import save_atomically
+from sigkill import kill_while_growing
 
 # 64 MiB per version: a save takes long enough to be caught in progress.
 NUMEL = 16 * 2**20
@@ -31,28 +30,9 @@ def test_sigkill_during_save_leaves_a_loadable_checkpoint(tmp_path):
     path = str(tmp_path / "ckpt.pt")
     save_atomically({"i": 0, "x": torch.zeros(NUMEL)}, path)
     child = subprocess.Popen([sys.executable, "-c", WRITER, path])
-    try:
-        deadline = time.monotonic() + 120
-        caught = False
-        while time.monotonic() < deadline and not caught:
-            # Kill only once a file is growing: a save is in progress. (Every version has the
-            # same size, so only a file being written grows: the atomic writer's temporary
-            # file, or a non-atomic writer's checkpoint itself.)
-            for name in files(tmp_path):
-                try:
-                    before = os.path.getsize(name)
-                    time.sleep(0.002)
-                    caught = 0 < before < os.path.getsize(name)
-                except FileNotFoundError:  # that save just finished
-                    continue
-                if caught:
-                    break
-        assert caught, "never saw a save in progress"
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait()
-    assert child.returncode == -signal.SIGKILL
+    # Every version has the same size, so only a file being written grows: the atomic
+    # writer's temporary file, or a non-atomic writer's checkpoint itself.
+    kill_while_growing(child, lambda: files(tmp_path))
 
     state = torch.load(path, weights_only=True)
     assert state["x"].shape == (NUMEL,)
