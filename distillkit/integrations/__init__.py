@@ -62,3 +62,4 @@ def generalized_jsd_loss(
     if reduction == "batchmean":
         return total / (tokens.clamp(min=1) if labels is not None else max(student_logits.size(0), 1))
     return total / (tokens * student_logits.shape[-1])
+from .transformers import CausalLMDistillation, DistillationTrainer  # noqa: E402,F401
