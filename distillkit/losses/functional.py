@@ -60,7 +60,8 @@ def kd_loss(
     Args:
         student_logits: (..., C) student logits z; each leading position is a row
             (a token of a (B, S, V) batch is a row).
-        teacher_logits: (..., C) teacher logits u, same shape. Gradients flow to it
+        teacher_logits: (..., C) teacher logits u, same shape (C_t ≥ C columns with
+            ``teacher_vocab="truncate"``). Gradients flow to it
             when it requires grad (mutual / online distillation).
         labels: optional (...) int64 class indices for the hard term and row masking.
         weight: optional (...) per-row weights (weighted distillation).
@@ -70,8 +71,9 @@ def kd_loss(
         options: a :class:`~distillkit.KDOptions`; ``**fields`` (its field names:
             ``temperature`` T > 0, ``divergence`` "forward_kl" | "reverse_kl" | "jsd",
             ``beta`` in [0, 1], ``hard_weight`` in [0, 1], ``ignore_index``,
-            ``reduction`` and ``scale_by_t2``) build one or override those of
-            ``options``. ``reduction="mean"`` divides the sum of weighted rows by the
+            ``reduction``, ``scale_by_t2`` and ``teacher_vocab``, "truncate" reading a
+            padded teacher (..., C_t ≥ C) through its first C columns) build one or
+            override those of ``options``. ``reduction="mean"`` divides the sum of weighted rows by the
             number of non-ignored rows, not by Σ weight: PyTorch's ``batchmean`` for 2-D
             input, the per-token mean for (B, S, V); ``"none"`` returns per-row losses
             with the leading shape.
@@ -101,13 +103,17 @@ def kd_rows_inputs(student_logits: Tensor, teacher_logits: Tensor, labels: Optio
     check_normalizer(normalizer, opts.reduction)
     if student_logits.dim() < 1:
         raise ValueError("student_logits must have at least one dimension (..., C)")
-    if teacher_logits.shape != student_logits.shape:
+    if teacher_logits.shape[:-1] != student_logits.shape[:-1] or teacher_logits.dim() < 1:
         raise ValueError(
             "teacher_logits must have the shape of student_logits "
             f"(got {tuple(teacher_logits.shape)} and {tuple(student_logits.shape)})"
         )
     lead = student_logits.shape[:-1]
     num_classes = student_logits.shape[-1]
+    # A padded teacher vocabulary: its leading columns, a view (no copy).
+    classes = opts.teacher_classes(num_classes, teacher_logits.shape[-1],
+                                   "teacher_logits must have the shape of student_logits")
+    teacher_logits = teacher_logits[..., :classes]
     z = student_logits.reshape(-1, num_classes)
     u = teacher_logits.reshape(-1, num_classes)
     # fp64 in either input means an fp64 computation (the kernels pair fp64 with fp64).
