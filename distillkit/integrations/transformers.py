@@ -23,7 +23,12 @@ mean), or this batch's non-ignored labels when the Trainer passes none (evaluati
 gradient accumulation over k micro-batches equals one k-times larger batch.
 
 Neither model's (tokens × vocabulary) logits exist: both heads are applied ``chunk_rows``
-rows at a time inside the fused loss.
+rows at a time inside the fused loss, each followed by its model's own logit transform read
+from its config (:meth:`distillkit.ops.options.LogitHead.from_config`: Cohere's
+``logit_scale``, Granite's ``logits_scaling``, Gemma 2/3's ``final_logit_softcapping``),
+before the temperature, as the model's forward applies it. A teacher whose vocabulary is the
+student's plus padding rows needs ``teacher_vocab="truncate"`` (its extra logits are
+dropped); any other mismatch is a ``ValueError``.
 
 Why a wrapper module: the Trainer hands ``Trainer.model`` to accelerate, which wraps it
 in DDP or FSDP. Here ``Trainer.model`` is :class:`CausalLMDistillation`, a module that
@@ -47,23 +52,12 @@ from transformers import Trainer
 from transformers.modeling_outputs import CausalLMOutput
 
 from ..losses.fused_linear import fused_linear_kd_loss
-from ..ops.options import KDOptions
+from ..ops.options import KDOptions, LogitHead
 from ..trainers.lm import IGNORE_INDEX, causal_lm_parts, cross_entropy_sum, final_hidden_states
 
 __all__ = ["CausalLMDistillation", "DistillationTrainer"]
 
 _KD_FIELDS = tuple(f.name for f in dataclasses.fields(KDOptions))
-# Logit transforms some architectures apply after the head (Gemma 2/3's tanh softcap,
-# Cohere's scale); the fused path forms logits as W h (+ b) only.
-_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0}
-
-
-def _unsupported_logit_transform(config) -> Optional[str]:
-    for name, identity in _LOGIT_TRANSFORMS.items():
-        value = getattr(config, name, identity)
-        if value is not None and value != identity:
-            return f"{name}={value}"
-    return None
 
 
 class CausalLMDistillation(nn.Module):
@@ -84,7 +78,8 @@ class CausalLMDistillation(nn.Module):
         teacher: a ``*ForCausalLM`` over the same vocabulary (hidden size may differ);
             put in eval mode with ``requires_grad=False``.
         options: :class:`distillkit.KDOptions`; ``reduction`` must be ``"mean"`` and
-            ``ignore_index`` −100 (Hugging Face's label convention).
+            ``ignore_index`` −100 (Hugging Face's label convention); ``teacher_vocab=
+            "truncate"`` accepts a teacher with extra (padding) vocabulary rows.
         chunk_rows: rows of logits formed at a time (peak extra memory O(chunk_rows × C)).
     """
 
@@ -110,19 +105,14 @@ class CausalLMDistillation(nn.Module):
                 raise ValueError(f"{name} must be a Hugging Face *ForCausalLM model (got "
                                  f"{type(model).__name__}, which has no get_output_embeddings)")
             causal_lm_parts(model, name)
-            transform = _unsupported_logit_transform(getattr(model, "config", None))
-            if transform is not None:
-                raise NotImplementedError(
-                    f"{name} applies {transform} to its logits after the head, which the fused "
-                    "path does not apply yet; distil a model without it")
-        student_head, teacher_head = student.get_output_embeddings(), teacher.get_output_embeddings()
-        if teacher_head.out_features != student_head.out_features:
-            raise ValueError(
-                f"teacher_model and model have different vocabularies: the teacher's output "
-                f"head has {teacher_head.out_features} rows, the student's "
-                f"{student_head.out_features}; pass a teacher over the student's vocabulary")
-        _check_logits_are_head_of_backbone(student, "model")
-        _check_logits_are_head_of_backbone(teacher, "teacher_model")
+        options.teacher_classes(student.get_output_embeddings().out_features,
+                                teacher.get_output_embeddings().out_features,
+                                "teacher_model and model have different vocabularies")
+        # Each model's logit transform, where its own forward applies it.
+        self.logit_heads = (LogitHead.from_config(student.config),
+                            LogitHead.from_config(teacher.config))
+        _check_logits_are_head_of_backbone(student, "model", self.logit_heads[0])
+        _check_logits_are_head_of_backbone(teacher, "teacher_model", self.logit_heads[1])
         self.student = student
         # A tuple hides the teacher from nn.Module: not a submodule, so DDP/FSDP, the
         # optimizer, .train() and state_dict leave it alone.
@@ -169,12 +159,14 @@ class CausalLMDistillation(nn.Module):
             loss = fused_linear_kd_loss(
                 h, head.weight, student_bias=head.bias, teacher_hidden=g,
                 teacher_weight=teacher_head.weight, teacher_bias=teacher_head.bias,
+                student_head=self.logit_heads[0], teacher_head=self.logit_heads[1],
                 labels=labels_flat, chunk_rows=self.chunk_rows, normalizer=num_items_in_batch,
                 options=self.options)
             if not self.training and self.eval_totals is not None:
                 with torch.no_grad():
                     self.eval_totals += torch.stack([
-                        cross_entropy_sum(h, head, labels_flat, self.chunk_rows),
+                        cross_entropy_sum(h, head, labels_flat, self.chunk_rows,
+                                          self.logit_heads[0]),
                         (labels_flat != IGNORE_INDEX).sum().double()]).to(self.eval_totals)
         return CausalLMOutput(loss=loss)
 
@@ -203,17 +195,19 @@ def _shifted_labels(input_ids: Tensor, labels: Optional[Tensor],
 
 
 @torch.no_grad()
-def _check_logits_are_head_of_backbone(model: nn.Module, name: str) -> None:
-    """The model's own logits on a 2-token probe equal its head applied to its backbone's
-    last hidden state: what the fused path computes. Catches architectures that transform
-    hidden states or logits in between (a scale, a cap) before they train on a wrong loss."""
+def _check_logits_are_head_of_backbone(model: nn.Module, name: str, logit_head: LogitHead
+                                       ) -> None:
+    """The model's own logits on a 2-token probe equal ``logit_head`` of its head applied to
+    its backbone's last hidden state: what the fused path computes. Catches architectures
+    that transform hidden states or logits in a way their config does not declare, before
+    they train on a wrong loss."""
     backbone, head = causal_lm_parts(model, name)
     was_training = model.training
     model.eval()
     try:
         probe = torch.zeros(1, 2, dtype=torch.long, device=head.weight.device)
         want = model(input_ids=probe, use_cache=False).logits
-        got = head(final_hidden_states(model, backbone, probe))
+        got = logit_head.apply(head(final_hidden_states(model, backbone, probe)))
     finally:
         model.train(was_training)
     # The same matmul on the same rows: only a different kernel choice could move it.
@@ -221,7 +215,7 @@ def _check_logits_are_head_of_backbone(model: nn.Module, name: str) -> None:
     if got.shape != want.shape or (got - want).abs().max().item() > tol:
         raise ValueError(
             f"{name}'s logits are not its output embedding applied to its base model's last "
-            f"hidden state (largest difference "
+            f"hidden state, then {logit_head} (largest difference "
             f"{(got - want).abs().max().item() if got.shape == want.shape else 'shape'}); "
             f"{type(model).__name__} transforms them in between, which the fused path does not "
             "reproduce")

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from distillkit.losses.fused_linear import fused_linear_kd_loss
+from distillkit.ops.options import LogitHead
 from distillkit.trainers.kd import KDConfig, loss_config_for
 from distillkit.trainers.runtime import BaseTrainer, DistributedContext, OptimizerFactory
 
@@ -79,15 +80,20 @@ def final_hidden_states(model: nn.Module, backbone: Optional[nn.Module], input_i
                     **kwargs).last_hidden_state
 
 
-def cross_entropy_sum(hidden: Tensor, head: nn.Linear, labels: Tensor, chunk_rows: int) -> Tensor:
-    """Σ next-token cross entropy of ``head(hidden)`` (N, H) over ``labels`` (N,) ≠ −100, as a
-    float64 scalar (each chunk's logits in fp32, fp64 for fp64 heads), forming ``chunk_rows`` rows of logits at a time (for evaluation:
+def cross_entropy_sum(hidden: Tensor, head: nn.Linear, labels: Tensor, chunk_rows: int,
+                      logit_head: Optional[LogitHead] = None) -> Tensor:
+    """Σ next-token cross entropy of ``logit_head(head(hidden))`` (``hidden`` (N, H), no
+    transform by default) over ``labels`` (N,) ≠ −100, as a float64 scalar (each chunk's
+    logits in fp32, fp64 for fp64 heads), forming ``chunk_rows`` rows of logits at a time (for evaluation:
     no graph is kept under ``torch.no_grad``)."""
     acc = torch.float64 if head.weight.dtype == torch.float64 else torch.float32
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_rows):
         rows = slice(start, start + chunk_rows)
-        logits = F.linear(hidden[rows], head.weight, head.bias).to(acc)
+        logits = F.linear(hidden[rows], head.weight, head.bias)
+        if logit_head is not None:
+            logits = logit_head.apply(logits)
+        logits = logits.to(acc)
         total += F.cross_entropy(logits, labels[rows], ignore_index=IGNORE_INDEX,
                                  reduction="sum").double()
     return total
