@@ -271,3 +271,61 @@ def test_experiment_lm_quick_writes_its_table(tmp_path):
                    "fused, chunk_rows="):
         assert needle in table
     assert (tmp_path / "history.json").exists()
+
+
+# ---- Hugging Face causal LMs: data padded with token 0, an attention mask, labels -100 ---
+
+def hf_llama(hidden, seed, vocab=40):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
+
+
+def hf_data(count=16, seq=10):
+    """Right-padded with 0 (a real token of the vocabulary) to very uneven lengths."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = [2 + (i * 5) % (seq - 1) for i in range(count)]
+    tokens = torch.randint(1, 40, (count, seq), generator=gen)
+    mask = (torch.arange(seq) < torch.tensor(lengths)[:, None]).long()
+    tokens = tokens * mask
+    return DictDataset(tokens=tokens, attention_mask=mask,
+                       labels=tokens.masked_fill(mask == 0, -100))
+
+
+def test_hf_causal_lm_step_equals_plain_loss():
+    teacher, student = hf_llama(24, 0), hf_llama(16, 1)
+    reference = hf_llama(16, 1)
+    data = hf_data()
+    trainer = LMDistillationTrainer(student, data, teacher=teacher, loss=KD,
+                                    optimizer=lambda p: torch.optim.SGD(p, lr=1.0), steps=1,
+                                    batch_size=4, accumulation_steps=2, chunk_rows=7,
+                                    progress=False)
+    trainer.train_step()
+    grads = [p.grad for p in student.parameters()]
+
+    # Unfused, on the model's own logits: Σ token losses of the step / its label count.
+    batches = trainer._micro_batches(0)
+    total, count = 0.0, 0
+    for batch in batches:
+        ids, mask, labels = batch["tokens"], batch["attention_mask"], batch["labels"]
+        logits = reference(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).logits
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).logits
+        total = total + kd_loss(logits, teacher_logits, labels=labels[:, 1:], reduction="sum",
+                                temperature=KD.temperature, hard_weight=KD.hard_weight)
+        count += int((labels[:, 1:] != -100).sum())
+    want = torch.autograd.grad(total / count, list(reference.parameters()))
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # Training on the padding (label 0 where the mask is 0) would change the objective.
+    assert count < sum(int(b["tokens"][:, 1:].numel()) for b in batches)
+
+    metrics = trainer.evaluate(data, model=teacher)
+    ids, mask = data.tensors["tokens"], data.tensors["attention_mask"]
+    labels = data.tensors["labels"][:, 1:]
+    with torch.no_grad():
+        logits = teacher(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).logits
+    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    assert metrics["loss"] == pytest.approx(ce.item(), rel=1e-5)

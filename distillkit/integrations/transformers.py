@@ -53,7 +53,8 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from ..losses.fused_linear import fused_linear_kd_loss
 from ..ops.options import KDOptions, LogitHead
-from ..trainers.lm import IGNORE_INDEX, causal_lm_parts, cross_entropy_sum, final_hidden_states
+from ..trainers.lm import (IGNORE_INDEX, causal_lm_parts, cross_entropy_sum,
+                           final_hidden_states, logit_transform)
 
 __all__ = ["CausalLMDistillation", "DistillationTrainer"]
 
@@ -109,8 +110,7 @@ class CausalLMDistillation(nn.Module):
                                 teacher.get_output_embeddings().out_features,
                                 "teacher_model and model have different vocabularies")
         # Each model's logit transform, where its own forward applies it.
-        self.logit_heads = (LogitHead.from_config(student.config),
-                            LogitHead.from_config(teacher.config))
+        self.logit_heads = (logit_transform(student), logit_transform(teacher))
         _check_logits_are_head_of_backbone(student, "model", self.logit_heads[0])
         _check_logits_are_head_of_backbone(teacher, "teacher_model", self.logit_heads[1])
         self.student = student

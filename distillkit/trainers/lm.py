@@ -28,7 +28,7 @@ from distillkit.trainers.kd import KDConfig, loss_config_for
 from distillkit.trainers.runtime import BaseTrainer, DistributedContext, OptimizerFactory
 
 __all__ = ["LMDistillationTrainer", "causal_lm_parts", "final_hidden_states",
-           "cross_entropy_sum", "shift_batch"]
+           "logit_transform", "cross_entropy_sum", "shift_batch"]
 
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
@@ -63,6 +63,14 @@ def causal_lm_parts(model: nn.Module, name: str) -> Tuple[Optional[nn.Module], n
             f"{name} must expose its lm head as an nn.Linear .lm_head, or be a Hugging Face "
             f"causal LM with get_output_embeddings() (got {type(model).__name__})")
     return None, head
+
+
+def logit_transform(model: nn.Module) -> LogitHead:
+    """What ``model``'s forward does to its head's output: a Hugging Face model's
+    :meth:`LogitHead.from_config` (soft cap, logit scale), none for protocol models."""
+    if callable(getattr(model, "get_output_embeddings", None)):
+        return LogitHead.from_config(model.config)
+    return LogitHead()
 
 
 def final_hidden_states(model: nn.Module, backbone: Optional[nn.Module], input_ids: Tensor,
@@ -352,7 +360,7 @@ class LMDistillationTrainer(BaseTrainer):
         hidden = self._hidden(self.model, inputs, attention_mask, head)
         labels = labels.flatten()
         if self.teacher is None:
-            logits = F.linear(hidden, head.weight, head.bias)
+            logits = logit_transform(self.student).apply(F.linear(hidden, head.weight, head.bias))
             return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX,
                                    reduction="sum") / normalizer
         _, teacher_head = causal_lm_parts(self.teacher, "teacher")
@@ -362,8 +370,9 @@ class LMDistillationTrainer(BaseTrainer):
         return fused_linear_kd_loss(
             hidden, head.weight, student_bias=head.bias,
             teacher_hidden=teacher_hidden, teacher_weight=teacher_head.weight,
-            teacher_bias=teacher_head.bias, labels=labels, chunk_rows=self.chunk_rows,
-            normalizer=normalizer, options=self.loss_config)
+            teacher_bias=teacher_head.bias, student_head=logit_transform(self.student),
+            teacher_head=logit_transform(self.teacher), labels=labels,
+            chunk_rows=self.chunk_rows, normalizer=normalizer, options=self.loss_config)
 
     # ---- the loop -----------------------------------------------------------
 
@@ -462,7 +471,8 @@ class LMDistillationTrainer(BaseTrainer):
             hidden = self._hidden(hidden_states, inputs.to(self.device),
                                   mask.to(self.device) if mask is not None else None, head)
             labels = labels.flatten().to(self.device)
-            loss_sum += cross_entropy_sum(hidden, head, labels, self.chunk_rows).item()
+            loss_sum += cross_entropy_sum(hidden, head, labels, self.chunk_rows,
+                                          logit_transform(model)).item()
             tokens += int((labels != IGNORE_INDEX).sum())
         model.train(was_training)
         loss_sum, tokens = self.distributed.sum([loss_sum, tokens])
