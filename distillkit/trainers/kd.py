@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from distillkit.losses.functional import kd_loss
 from distillkit.ops.options import KDOptions
-from distillkit.trainers.runtime import BaseTrainer, OptimizerFactory
+from distillkit.trainers.runtime import BaseTrainer, OptimizerFactory, check_like
 
 __all__ = ["KDConfig", "KDTrainer", "loss_config_for"]
 
@@ -249,6 +249,11 @@ class KDTrainer(BaseTrainer):
     def state_dict(self) -> Dict[str, Any]:
         """:meth:`BaseTrainer.state_dict` and the loader's generator."""
         return {**super().state_dict(), "loader_generator": self.loader_generator.get_state()}
+
+    def check_state_dict(self, state: Dict[str, Any]) -> None:
+        super().check_state_dict(state)
+        check_like("loader_generator", state["loader_generator"],
+                   self.loader_generator.get_state())
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         super().load_state_dict(state)

@@ -12,6 +12,7 @@ from distillkit.data import WithTensors
 from distillkit.losses.functional import kd_loss
 from distillkit.trainers.kd import Batch, KDTrainer
 from distillkit.trainers.pool import label_with_teacher, predict_logits
+from distillkit.trainers.runtime import check_like, check_module_state, check_optimizer_state
 from distillkit.methods.weighting import DISTORTIONS, RULES, estimate_weights
 from distillkit.ops.options import check_choice
 
@@ -170,6 +171,20 @@ class WeightedDistillationTrainer(KDTrainer):
     def state_dict(self) -> Dict[str, Any]:
         return {**super().state_dict(), "weights": self.weights.clone(),
                 "initial_state": self.initial_state}
+
+    def check_state_dict(self, state: Dict[str, Any]) -> None:
+        super().check_state_dict(state)
+        check_like("weights", state["weights"], self.weights)
+        initial = state["initial_state"]
+        if (initial is None) != (self.initial_state is None):
+            raise ValueError(f"checkpoint {'has no' if initial is None else 'has an'} initial "
+                             f"state, this run (retrain={self.retrain}) "
+                             f"{'needs' if self.retrain else 'has none'}")
+        if initial is not None:
+            if not isinstance(initial, dict) or set(initial) != {"student", "optimizer"}:
+                raise ValueError("checkpoint's initial_state is not a student and an optimizer state")
+            check_module_state("initial student", self.student, initial["student"])
+            check_optimizer_state("initial optimizer", self.optimizer, initial["optimizer"])
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         super().load_state_dict(state)
