@@ -243,8 +243,9 @@ def test_experiment_quick_writes_table_and_plot(tmp_path):
     out = tmp_path / "unlabeled"
     assert main(["experiment", "unlabeled", "--quick", "--no-progress", "--out", str(out)]) == 0
     table = (out / "results.md").read_text()
-    assert "| labelled n | teacher | vanilla KD | weighted KD | SLaM |" in table
-    assert "\n| 50 | " in table
+    assert ("| pool | labelled n | teacher | vanilla KD | weighted (Σw) | weighted (B) | SLaM | "
+            "SLaM normalized | SLaM + α guard | hard SLaM |") in table
+    assert "| 25 | " in table
     assert (out / "unlabeled.png").read_bytes().startswith(b"\x89PNG")
     assert len((out / "results.csv").read_text().splitlines()) == 2
 
