@@ -1,9 +1,12 @@
-"""Drop-in replacements for other libraries' distillation losses, backed by the fused ops.
+"""Distillation inside other libraries' training stacks, on the fused ops.
 
-TRL's GKDTrainer and DistillationTrainer: :mod:`distillkit.integrations.trl` (one-line
-swaps; see there and README "TRL").
+- :mod:`distillkit.integrations.transformers`: ``DistillationTrainer``, a
+  ``transformers.Trainer`` for causal-LM distillation (README "Hugging Face Trainer");
+- :mod:`distillkit.integrations.trl`: drop-ins for TRL's GKDTrainer and
+  DistillationTrainer losses (one-line swaps; README "TRL").
 """
+from .transformers import CausalLMDistillation, DistillationTrainer
 from .trl import chunked_divergence_loss, generalized_jsd_loss
 
-__all__ = ["generalized_jsd_loss", "chunked_divergence_loss"]
-from .transformers import CausalLMDistillation, DistillationTrainer  # noqa: E402,F401
+__all__ = ["DistillationTrainer", "CausalLMDistillation", "generalized_jsd_loss",
+           "chunked_divergence_loss"]
