@@ -23,7 +23,8 @@ from torch.distributed.tensor import DTensor, Partial
 
 from ..ops import KD_STATS, RaiseOnBackward, kd_loss_backward, kd_loss_forward, reject_functorch
 from ..ops.options import KDOptions, LogitHead
-from .functional import check_normalizer, flat_labels, mean_denominator
+from .functional import (check_classes, check_normalizer, check_row_tensor, flat_labels,
+                         mean_denominator)
 
 __all__ = ["fused_linear_kd_loss"]
 
@@ -244,7 +245,7 @@ def _fused_linear_kd(student_hidden, student_weight, teacher_logits, student_bia
     if opts.reduction == "none":
         raise ValueError("reduction must be 'mean' or 'sum' for fused_linear_kd_loss (got 'none'; "
                          "use kd_loss for per-row losses)")
-    check_normalizer(normalizer, opts.reduction)
+    check_normalizer(normalizer, opts.reduction, student_hidden.device)
     if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ValueError(f"chunk_rows must be a positive int (got {chunk_rows!r})")
     heads = []
@@ -258,6 +259,8 @@ def _fused_linear_kd(student_hidden, student_weight, teacher_logits, student_bia
         raise ValueError(f"student_weight must have shape (C, {hidden}) "
                          f"(got {tuple(student_weight.shape)})")
     num_classes = student_weight.shape[0]
+    check_classes("student_hidden", student_hidden, what="feature")
+    check_classes("student_weight", student_weight, 0, "row (class)")
     if student_bias is not None and student_bias.shape != (num_classes,):
         raise ValueError(f"student_bias must have shape ({num_classes},) "
                          f"(got {tuple(student_bias.shape)})")
@@ -291,13 +294,12 @@ def _fused_linear_kd(student_hidden, student_weight, teacher_logits, student_bia
         # The leading rows of a row-major weight: a contiguous view.
         teacher_weight = _full(teacher_weight.detach())[:classes]
         teacher_bias = _full(teacher_bias.detach())[:classes] if teacher_bias is not None else None
-    y = flat_labels(labels, lead)
+    y = flat_labels(labels, lead, h.device)
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     # The reduction's derivative w.r.t. each row's loss, known before the loop.
     row_scale = torch.ones(h.shape[0], dtype=acc, device=h.device)
     if weight is not None:
-        if weight.shape != lead:
-            raise ValueError(f"weight must have shape {tuple(lead)} (got {tuple(weight.shape)})")
+        check_row_tensor("weight", weight, lead, h.device, floating=True)
         row_scale = row_scale * weight.reshape(-1).to(acc)
     if opts.reduction == "mean":
         row_scale = row_scale / mean_denominator(y, h.shape[0], opts.ignore_index, normalizer)
