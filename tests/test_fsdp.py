@@ -154,13 +154,32 @@ def grad_worker(rank, world, out_dir):
     loss.backward()
     grad = model.lm_head.weight.grad
     assert isinstance(grad, DTensor) and grad.placements == model.lm_head.weight.placements
-    losses = [torch.zeros(()) for _ in range(world)]
-    dist.all_gather(losses, loss.detach())
-    torch.save({"grad": grad.full_tensor(), "bias_grad": model.lm_head.bias.grad.full_tensor(),
-                "losses": losses}, os.path.join(out_dir, f"rank{rank}.pt"))
+    # A frozen teacher head sharded the same way, with its own soft cap: gathered, no grad.
+    teacher = make_teacher_head()
+    fully_shard(teacher)
+    assert isinstance(teacher.weight, DTensor)
+    from_teacher = fused_linear_kd_loss(h, model.lm_head.weight.detach(), teacher_hidden=h,
+                                        teacher_weight=teacher.weight,
+                                        teacher_bias=teacher.bias, teacher_head=TEACHER_HEAD,
+                                        labels=y, options=OPTIONS)
+    out = {"grad": grad.full_tensor(), "bias_grad": model.lm_head.bias.grad.full_tensor()}
+    for name, value in (("losses", loss), ("teacher_losses", from_teacher)):
+        out[name] = [torch.zeros(()) for _ in range(world)]
+        dist.all_gather(out[name], value.detach())
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def test_dtensor_head_gradient_is_the_mean(tmp_path):
+TEACHER_HEAD = LogitHead(scale=1.5, softcap=4.0)
+
+
+def make_teacher_head():
+    torch.manual_seed(5)
+    return nn.Linear(HIDDEN, CLASSES).requires_grad_(False)
+
+
+def test_dtensor_heads(tmp_path):
+    """A sharded student head: loss and gradient (the ranks' mean); a sharded teacher head
+    with a soft cap: loss."""
     spawn_ranks(grad_worker, WORLD, str(tmp_path))
     got = torch.load(tmp_path / "rank0.pt")
     model = make_model()
@@ -172,5 +191,10 @@ def test_dtensor_head_gradient_is_the_mean(tmp_path):
     rtol = rounding_bound(torch.float32, ROWS, 8)
     # The mean of the ranks' losses is the global loss (equal local row counts).
     torch.testing.assert_close(torch.stack(got["losses"]).mean(), ref.detach(), rtol=rtol, atol=0)
+    teacher = make_teacher_head()
+    ref_teacher = kd_loss(h @ model.lm_head.weight.detach().t(), TEACHER_HEAD.apply(teacher(h)),
+                          labels=y, options=OPTIONS)
+    torch.testing.assert_close(torch.stack(got["teacher_losses"]).mean(), ref_teacher,
+                               rtol=rtol, atol=0)
     for name, want in (("grad", model.lm_head.weight.grad), ("bias_grad", model.lm_head.bias.grad)):
         torch.testing.assert_close(got[name], want, rtol=rtol, atol=rtol * want.abs().max().item())
