@@ -1,4 +1,5 @@
-"""Checkpoints survive a process killed (SIGKILL) in the middle of a save."""
+"""Checkpoints survive a process killed (SIGKILL) in the middle of a save: a plain writer's
+and a real training run's, which then resumes from what is on disk."""
 import os
 import subprocess
 import sys
@@ -37,3 +38,51 @@ def test_sigkill_during_save_leaves_a_loadable_checkpoint(tmp_path):
     state = torch.load(path, weights_only=True)
     assert state["x"].shape == (NUMEL,)
     assert torch.equal(state["x"], torch.full((NUMEL,), float(state["i"])))
+
+
+# A real training run that checkpoints after every epoch: an MLP whose checkpoint (weights
+# and Adam state) is ~50 MB, so a save takes long enough to be caught in progress.
+TRAINER = """
+import torch
+from distillkit.data import DictDataset, mlp
+from distillkit.trainers import KDTrainer
+
+torch.set_num_threads(1)
+
+
+def make_trainer(epochs):
+    g = torch.Generator().manual_seed(0)
+    data = DictDataset(input=torch.randn(64, 16, generator=g),
+                       label=torch.randint(0, 10, (64,), generator=g))
+    torch.manual_seed(0)
+    teacher = mlp(16, [32], 10)
+    student = mlp(16, [2048, 2048], 10, dropout=0.1)
+    return KDTrainer(student, data, teacher=teacher, epochs=epochs, batch_size=32,
+                     progress=False)
+"""
+RUN = TRAINER + """
+import sys
+make_trainer(10_000).fit(checkpoint_path=sys.argv[1])
+"""
+
+
+def test_sigkill_of_a_training_run_during_a_save_then_resume(tmp_path):
+    path = tmp_path / "run.pt"
+    child = subprocess.Popen([sys.executable, "-c", RUN, str(path)])
+    # Only a save in progress grows a temporary file beside the checkpoint; wait for a
+    # checkpoint to be there first (killed in the first save, the run has nothing to resume).
+    kill_while_growing(child, lambda: [p for p in files(tmp_path) if p.endswith(".tmp")]
+                       if path.exists() else [])
+
+    namespace = {}
+    exec(TRAINER, namespace)
+    resumed = namespace["make_trainer"](10_000)
+    resumed.resume(str(path))  # what was on disk when the run died
+    done = resumed.epoch
+    assert done >= 1
+    resumed.fit(stop_epoch=done + 2)
+    whole = namespace["make_trainer"](10_000)
+    whole.fit(stop_epoch=done + 2)
+    assert resumed.history == whole.history
+    assert all(torch.equal(a, b) for a, b in zip(resumed.student.parameters(),
+                                                 whole.student.parameters()))
