@@ -359,6 +359,32 @@ def _worker(job) -> Tuple[Tuple[int, int, int], Dict[str, float]]:
     return key, _run_one(args, *key)
 
 
+def _write(args, results: Results, rows: List[dict], seconds: float,
+           done: str) -> Tuple[str, str]:
+    """results.md, results.csv and unlabeled.png for the runs so far; returns (tables, settings)."""
+    os.makedirs(args.out, exist_ok=True)
+    table = _tables(results)
+    models = ("teacher MLP 64-128-10, students MLP 64-32-10" if args.dataset == "digits" else
+              "teacher CNN 3×32 ch + 128 head, students CNN 2×16 ch + 32 head")
+    split = (f"|V| ≈ {args.val_size}, test 25%" if args.dataset == "digits" else
+             f"test {TEST}, |V| {VAL}, pools {args.pool_sizes} (smaller pools at "
+             f"n ∈ {args.ablation_sizes})")
+    settings = (f"{args.dataset}, {split}, {args.seeds} seed(s); {models}; teacher "
+                f"{args.teacher_steps} AdamW steps (batch {TEACHER_BATCH}), every student "
+                f"≈ {args.student_steps} Adam steps (batch {STUDENT_BATCH}, whole epochs; the "
+                f"weighted method's first student as many again), T = {args.temperature:g}; "
+                f"{done} in {seconds:.0f} s wall, {args.jobs} process(es) × {args.threads} "
+                f"thread(s), device {args.device}")
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(f"Settings: {settings}.\n\n{table}\n")
+    with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    _plot(results, os.path.join(args.out, "unlabeled.png"), args.dataset)
+    return table, settings
+
+
 def run(args: argparse.Namespace) -> int:
     _defaults(args)
     if args.seeds < 1 or args.teacher_steps < 1 or args.student_steps < 1 or args.jobs < 1:
@@ -388,30 +414,11 @@ def run(args: argparse.Namespace) -> int:
         rows.append({"seed": seed, "labelled": size, "pool": pool_size, **acc})
         print(f"seed {seed} n={size} pool={pool_size} ({acc['seconds']:.0f} s): test accuracy "
               + ", ".join(f"{name} {acc[key]:.3f}" for key, name in METHODS), flush=True)
+        # Rewritten after every run, so an interrupted sweep leaves its finished runs.
+        table, settings = _write(args, results, rows, time.perf_counter() - start,
+                                 f"{len(rows)} of {len(jobs)} runs")
     if args.jobs > 1:
         pool.close()
         pool.join()
-    seconds = time.perf_counter() - start
-
-    os.makedirs(args.out, exist_ok=True)
-    table = _tables(results)
-    models = ("teacher MLP 64-128-10, students MLP 64-32-10" if args.dataset == "digits" else
-              "teacher CNN 3×32 ch + 128 head, students CNN 2×16 ch + 32 head")
-    split = (f"|V| ≈ {args.val_size}, test 25%" if args.dataset == "digits" else
-             f"test {TEST}, |V| {VAL}, pools {args.pool_sizes} (smaller pools at "
-             f"n ∈ {args.ablation_sizes})")
-    settings = (f"{args.dataset}, {split}, {args.seeds} seed(s); {models}; teacher "
-                f"{args.teacher_steps} AdamW steps (batch {TEACHER_BATCH}), every student "
-                f"≈ {args.student_steps} Adam steps (batch {STUDENT_BATCH}, whole epochs; the "
-                f"weighted method's first student as many again), T = {args.temperature:g}; "
-                f"{seconds:.0f} s wall, {args.jobs} process(es) × {args.threads} thread(s), "
-                f"device {args.device}")
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(f"Settings: {settings}.\n\n{table}\n")
-    with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    _plot(results, os.path.join(args.out, "unlabeled.png"), args.dataset)
     print(f"\n{table}\n\n{settings}\nwrote {args.out}/results.md, results.csv, unlabeled.png")
     return 0
