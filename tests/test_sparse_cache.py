@@ -332,3 +332,18 @@ def test_sigkill_during_overwrite_leaves_a_loadable_cache(tmp_path):
     # The next write clears what the killed one left behind, apart from its temporary.
     write_teacher_topk(teacher, [torch.ones(1, 3, dtype=torch.int64)], path, 2, overwrite=True)
     assert TeacherTopKDataset(path).index["num_tokens"] == 3
+
+
+def test_out_of_range_items_and_mixed_batches_are_named(tmp_path, teacher):
+    write_teacher_topk(teacher, batches(), tmp_path / "a", K, T)
+    ds = TeacherTopKDataset(tmp_path / "a")
+    assert torch.equal(ds[-1]["tokens"], ds[5]["tokens"])
+    for i in (6, -7):
+        with pytest.raises(IndexError, match=f"sequence {i} out of range: .* holds 6"):
+            ds[i]
+    with pytest.raises(ValueError, match="at least one item"):
+        collate_topk([])
+    write_teacher_topk(teacher, batches(), tmp_path / "b", 2, T, logprob_dtype=torch.float32)
+    other = TeacherTopKDataset(tmp_path / "b")
+    with pytest.raises(ValueError, match="items disagree on teacher_indices"):
+        collate_topk([ds[0], other[0]])

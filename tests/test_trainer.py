@@ -323,3 +323,16 @@ def test_weighted_failed_resume_leaves_the_trainer_as_it_was(splits, tmp_path, e
 def test_kd_checkpoint_does_not_resume_weighted_distillation(splits, kd_checkpoint):
     assert_resume_fails_cleanly(weighted_run(splits), kd_checkpoint,
                                 "of a KDTrainer, not of a WeightedDistillationTrainer")
+
+
+@pytest.mark.parametrize("where, match", [
+    (lambda tmp: tmp / "missing" / "run.pt", "does not exist"),
+    (lambda tmp: tmp, "is a directory"),
+], ids=["no-directory", "a-directory"])
+def test_unsavable_checkpoint_path_fails_before_training(splits, tmp_path, where, match):
+    trainer = small_kd(splits)
+    before = params(trainer.student)
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(checkpoint_path=str(where(tmp_path)))
+    assert trainer.epoch == 0 and all(torch.equal(a, b) for a, b in
+                                      zip(before, params(trainer.student)))

@@ -498,6 +498,8 @@ class TeacherTopKDataset(Dataset):
                                          self._chunk(0, field)[:0]))
 
     def __getitem__(self, i: int) -> Dict[str, Tensor]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sequence {i} out of range: {self.path} holds {len(self)}")
         start, length = (int(v) for v in self.sequences[i])
         return {"tokens": self._positions("tokens", start, start + length),
                 "teacher_indices": self._positions("indices", start, start + length),
@@ -508,7 +510,15 @@ def collate_topk(items: List[Dict[str, Tensor]], pad_token: int = 0) -> Dict[str
     """Stacks items into (B, S_max) batches, padding shorter sequences at the end: tokens
     with ``pad_token``, teacher indices with -1 (so :func:`distillkit.sparse_kd_loss`
     skips those positions as dead rows), log-probabilities with 0; ``mask`` (B, S_max)
-    is True at real positions."""
+    is True at real positions. Items must agree on K and on the dtypes (one cache's do)."""
+    if not items:
+        raise ValueError("collate_topk needs at least one item")
+    first = items[0]
+    for it in items[1:]:
+        for key in ("teacher_indices", "teacher_logprobs"):
+            if it[key].shape[-1:] != first[key].shape[-1:] or it[key].dtype != first[key].dtype:
+                raise ValueError(f"items disagree on {key}: {tuple(first[key].shape)} "
+                                 f"{first[key].dtype} and {tuple(it[key].shape)} {it[key].dtype}")
     s_max = max(len(it["tokens"]) for it in items)
     k = items[0]["teacher_indices"].shape[-1]
     b = len(items)

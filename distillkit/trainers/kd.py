@@ -174,6 +174,7 @@ class KDTrainer(BaseTrainer):
         with ``checkpoint_path``, a checkpoint is written after every epoch.
         """
         stop = self.stop_at(stop_epoch)
+        self.check_checkpoint_path(checkpoint_path)
         with self.progress_bar((stop - self.epoch) * len(self.loader)) as bar:
             while self.epoch < stop:
                 bar.set_description(f"epoch {self.epoch + 1}/{self.epochs}")

@@ -225,6 +225,7 @@ class L2TDLNTrainer(Checkpointed):
         ``iterations``); return :attr:`history`. With ``checkpoint_path``, a checkpoint is
         written after every iteration."""
         stop = self.stop_at(stop_iteration)
+        self.check_checkpoint_path(checkpoint_path)
         with tqdm(total=stop - self.iteration, disable=not self.progress,
                   unit="it", leave=False, dynamic_ncols=True, desc="L2T-DLN") as bar:
             while self.iteration < stop:

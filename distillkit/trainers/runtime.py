@@ -349,6 +349,22 @@ class Checkpointed:
         setattr(self, self.progress_key, state[self.progress_key])
         self.history = list(state["history"])
 
+    @staticmethod
+    def check_checkpoint_path(path: Optional[str]) -> None:
+        """Raise before any training if a ``fit(checkpoint_path=path)`` could not save
+        (its directory missing or not writable, or ``path`` a directory), rather than
+        after the first epoch's work."""
+        if path is None:
+            return
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise ValueError(f"checkpoint_path {path} is a directory")
+        if not os.path.isdir(directory):
+            raise ValueError(f"checkpoint_path {path}: directory {directory} does not exist")
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise ValueError(f"checkpoint_path {path}: directory {directory} is not writable")
+
     def save_checkpoint(self, path: str) -> None:
         """Write the run's state to ``path`` so that :meth:`resume` continues it exactly.
 
