@@ -5,13 +5,16 @@ raise errors naming the argument instead of crashing or answering silently wrong
 
 Every op's N = 0 result is 0 for "sum" and for "mean" (kd_loss documents it: the mean's
 denominator is clamped to 1 row), an empty tensor for "none", with a zero gradient of the
-input's shape. The kernels handle N = 0 themselves: no Python early path.
+input's shape. The kernels handle N = 0 themselves: no Python early path. The TRL
+drop-ins give 0 for "batchmean" and "sum"; TRL's elementwise "mean" over no tokens is 0/0
+(NaN), in TRL as in the drop-in.
 """
 import pytest
 import torch
 
 from conftest import DEVICES
 from distillkit import KDLoss, distance, fused_linear_kd_loss, kd_loss, slam_loss, sparse_kd_loss
+from distillkit.integrations.trl import chunked_divergence_loss, generalized_jsd_loss
 
 C, K, H = 7, 3, 4
 
@@ -266,3 +269,42 @@ def test_teacher_tensors_on_another_device_are_named(device):
         sparse_kd_loss(z, idx.to(other), lp.to(device))
     with pytest.raises(ValueError, match="teacher_logprobs must be on student_logits' device"):
         sparse_kd_loss(z, idx.to(device), lp.to(other))
+
+
+# ---- the TRL drop-ins ------------------------------------------------------------------
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum"])
+@pytest.mark.parametrize("lead", [(2, 0), (0, 3)])
+def test_trl_generalized_jsd_of_no_tokens_is_zero(lead, reduction):
+    z = torch.randn(*lead, C, requires_grad=True)
+    for labels in (None, torch.zeros(lead, dtype=torch.int64)):
+        loss = generalized_jsd_loss(z, torch.randn(*lead, C), labels=labels, reduction=reduction)
+        assert loss.item() == 0.0
+        loss.backward()
+        assert z.grad.shape == z.shape
+
+
+def test_trl_generalized_jsd_of_only_ignored_tokens_is_zero():
+    z = torch.randn(2, 3, C, requires_grad=True)
+    loss = generalized_jsd_loss(z, torch.randn(2, 3, C), labels=torch.full((2, 3), -100))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert not z.grad.any()
+
+
+@pytest.mark.parametrize("mask", [torch.ones(2, 0), torch.zeros(2, 3)], ids=["no-tokens", "masked"])
+def test_trl_chunked_divergence_of_no_completion_tokens_is_zero(mask):
+    hidden = torch.randn(*mask.shape, H, requires_grad=True)
+    loss, entropy, n_valid = chunked_divergence_loss(
+        hidden, torch.randn(*mask.shape, H), torch.randn(C, H), torch.randn(C, H), mask, 0.5)
+    assert (loss.item(), entropy.item(), int(n_valid)) == (0.0, 0.0, 0)
+    loss.backward()
+    assert hidden.grad.shape == hidden.shape and not hidden.grad.any()
+
+
+def test_trl_drop_in_empty_reductions_are_named():
+    with pytest.raises(ValueError, match="student_logits must have at least one class"):
+        generalized_jsd_loss(torch.zeros(2, 3, 0), torch.zeros(2, 3, 0))
+    with pytest.raises(ValueError, match="student_weight must have at least one row"):
+        chunked_divergence_loss(torch.randn(2, 3, H), torch.randn(2, 3, H), torch.zeros(0, H),
+                                torch.zeros(0, H), torch.ones(2, 3), 0.5)
