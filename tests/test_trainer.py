@@ -191,8 +191,21 @@ def test_resume_rejects_checkpoint_past_epochs(splits, tmp_path):
         (lambda s, t: dict(loss=KDConfig(temperature=2.0)), "needs a teacher"),
         (lambda s, t: dict(optimizer=torch.optim.SGD(t.parameters(), lr=0.1)),
          "optimizer must be built over exactly student.parameters"),
+        (lambda s, t: dict(train_data=DictDataset(input=s.train.tensors["input"])),
+         r"train_data items have no 'label' \(they have 'input'"),
+        (lambda s, t: dict(train_data=DictDataset(input=s.train.tensors["input"]), teacher=t,
+                           loss=KDConfig(hard_weight=0.5)), "train_data items have no 'label'"),
+        (lambda s, t: dict(train_data=DictDataset(x=s.train.tensors["input"]), teacher=t),
+         "train_data items have no 'input'"),
+        (lambda s, t: dict(eval_data=DictDataset(input=s.val.tensors["input"])),
+         "eval_data items have no 'label'"),
+        (lambda s, t: dict(train_data=torch.utils.data.TensorDataset(
+            s.train.tensors["input"], s.train.tensors["label"])),
+         "train_data items must be dicts of tensors"),
     ],
-    ids=["epochs", "batch_size", "empty-data", "loss-without-teacher", "foreign-optimizer"],
+    ids=["epochs", "batch_size", "empty-data", "loss-without-teacher", "foreign-optimizer",
+         "no-label-for-ce", "no-label-for-hard-term", "no-input", "eval-without-label",
+         "tuple-items"],
 )
 def test_bad_trainer_config_raises(splits, teacher, make, match):
     kwargs = dict(train_data=splits.train, progress=False)

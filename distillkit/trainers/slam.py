@@ -2,7 +2,7 @@ r"""SLaM: distillation with unlabeled examples through student-label mixing (doc
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -99,6 +99,9 @@ class SLaMTrainer(KDTrainer):
         pool = WithTensors(train_data, teacher_probs=self.teacher_probs, alpha=self.alpha,
                            k=self.k)
         super().__init__(student, pool, device=device, **kwargs)
+
+    def train_keys(self) -> Tuple[str, ...]:
+        return ("input",)  # the rest comes with the teacher's labels of the pool
 
     def compute_loss(self, batch: Batch) -> Tensor:
         """Mean SLaM loss of the batch against its precomputed soft labels, α and k."""

@@ -2,7 +2,7 @@ r"""Weighted distillation with unlabeled examples: importance weights from ESTIM
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -134,6 +134,9 @@ class WeightedDistillationTrainer(KDTrainer):
         self.initial_state = ({"student": copy.deepcopy(self.student.state_dict()),
                                "optimizer": copy.deepcopy(self.optimizer.state_dict())}
                               if retrain else None)
+
+    def train_keys(self) -> Tuple[str, ...]:
+        return ("input",)  # the rest comes with the teacher's labels of the pool
 
     def compute_loss(self, batch: Batch) -> Tensor:
         """Σ w(x)·KL(teacher‖student) at T = 1 over the batch, divided by Σw or by B."""
