@@ -456,6 +456,19 @@ def test_l2t_does_not_resume_another_trainers_checkpoint(tmp_path):
                                 "of a KDTrainer, not of a L2TDLNTrainer")
 
 
+def test_l2t_rejects_data_without_inputs_or_labels():
+    x = torch.randn(24, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (24,))
+    student = torch.nn.Linear(6, 3).double()
+    with pytest.raises(ValueError, match="val_data items have no 'label'"):
+        L2TDLNTrainer(student, DictDataset(input=x, label=y), DictDataset(input=x))
+    with pytest.raises(ValueError, match="train_data items have no 'input'"):
+        L2TDLNTrainer(student, DictDataset(x=x, label=y), DictDataset(input=x, label=y))
+    with pytest.raises(ValueError, match="eval_data must not be empty"):
+        L2TDLNTrainer(student, DictDataset(input=x, label=y), DictDataset(input=x, label=y),
+                      eval_data=DictDataset(input=x[:0], label=y[:0]))
+
+
 # ---- the experiment --------------------------------------------------------------------
 
 def test_experiment_l2t_quick_writes_tables_and_plots(tmp_path, capsys):

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from distillkit.data import BatchCycler
 from distillkit.methods.dln import DynamicLossNetwork
 from distillkit.methods.learned_optimizer import CoordinateLSTM
+from distillkit.trainers.kd import check_items
 from distillkit.trainers.runtime import (Checkpointed, DistributedContext, check_like,
                                          check_module_state, check_optimizer_state)
 
@@ -120,6 +121,10 @@ class L2TDLNTrainer(Checkpointed):
             raise ValueError(f"unroll and iterations must be >= 1 (got {unroll} and {iterations})")
         if eval_every is not None and eval_every < 1:
             raise ValueError(f"eval_every must be >= 1 or None (got {eval_every})")
+        for name, data in (("train_data", train_data), ("val_data", val_data),
+                           ("eval_data", eval_data)):
+            if data is not None:
+                check_items(name, data, ("input", "label"))
         self.distributed = DistributedContext(0, 1, torch.device(device))
         self.student = student.to(self.device)
         dtype = next(student.parameters()).dtype
