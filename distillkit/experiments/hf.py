@@ -51,7 +51,7 @@ from distillkit.trainers.lm import cross_entropy_sum
 # (hidden, layers, heads) per model and preset.
 TEACHER = {"default": (128, 3, 4), "quick": (32, 1, 2)}
 STUDENT = {"default": (48, 2, 2), "quick": (16, 1, 2)}
-PROBE_VOCABS = {"default": (VOCAB_SIZE, 32000), "quick": (VOCAB_SIZE, 4096)}
+PROBE_VOCABS = {"default": (VOCAB_SIZE, 32000), "quick": (4096,)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--chunk-rows", type=int, default=512)
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1: tiny matmuls gain nothing from more, "
+                             "and stall when other jobs hold the cores)")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="hide the progress bars")
 

@@ -92,8 +92,8 @@ def cross_entropy_sum(hidden: Tensor, head: nn.Linear, labels: Tensor, chunk_row
                       logit_head: Optional[LogitHead] = None) -> Tensor:
     """Σ next-token cross entropy of ``logit_head(head(hidden))`` (``hidden`` (N, H), no
     transform by default) over ``labels`` (N,) ≠ −100, as a float64 scalar (each chunk's
-    logits in fp32, fp64 for fp64 heads), forming ``chunk_rows`` rows of logits at a time (for evaluation:
-    no graph is kept under ``torch.no_grad``)."""
+    logits in fp32, fp64 for fp64 heads), forming ``chunk_rows`` rows of logits at a time
+    (for evaluation: no graph is kept under ``torch.no_grad``)."""
     acc = torch.float64 if head.weight.dtype == torch.float64 else torch.float32
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_rows):
