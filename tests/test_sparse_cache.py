@@ -240,6 +240,8 @@ BAD_WRITES = [
      "at least one token position"),
     (dict(token_batches=FailingBatches()), RuntimeError, "the data pipeline broke"),
     (dict(teacher=lambda t: torch.zeros(t.shape[0], V)), ValueError, r"\(B, S, V\)"),
+    (dict(teacher=lambda t: torch.full((*t.shape, V), float("nan"))), ValueError,
+     "teacher returned NaN logits for batch 0"),
     (dict(teacher="teacher"), TypeError, "teacher must be a module"),
     (dict(overwrite="yes"), TypeError, "overwrite must be a bool"),
 ]
@@ -347,3 +349,14 @@ def test_out_of_range_items_and_mixed_batches_are_named(tmp_path, teacher):
     other = TeacherTopKDataset(tmp_path / "b")
     with pytest.raises(ValueError, match="items disagree on teacher_indices"):
         collate_topk([ds[0], other[0]])
+
+
+def test_padded_vocabulary_is_cached_nan_is_not(tmp_path):
+    # -inf logits (a padded vocabulary) are probability 0: cached as -inf log-probabilities.
+    def padded(tokens):
+        logits = torch.zeros(*tokens.shape, V)
+        logits[..., V - 2:] = float("-inf")
+        return logits
+    write_teacher_topk(padded, batches(), tmp_path / "c", V, logprob_dtype=torch.float32)
+    logprobs = TeacherTopKDataset(tmp_path / "c")[0]["teacher_logprobs"]
+    assert torch.isinf(logprobs[:, -2:]).all() and torch.isfinite(logprobs[:, :-2]).all()

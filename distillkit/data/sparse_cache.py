@@ -284,7 +284,7 @@ def _write_cache(teacher, token_batches, path, k, temperature, chunk_tokens, ind
     writer = _ChunkWriter(path, chunk_tokens)
     sequences: List[List[int]] = []
     position, vocab_size = 0, None
-    for batch in token_batches:
+    for batch_number, batch in enumerate(token_batches):
         tokens = _tokens_of(batch)
         b, s = tokens.shape
         logits = _logits_of(teacher(tokens.to(device)))
@@ -300,6 +300,10 @@ def _write_cache(teacher, token_batches, path, k, temperature, chunk_tokens, ind
         if index_dtype == torch.int32 and vocab_size >= 2**31:
             raise ValueError(f"index_dtype=torch.int32 cannot hold {vocab_size} classes")
         logprobs, indices = torch.log_softmax(logits.float() / temperature, -1).topk(k, dim=-1)
+        # A NaN would be cached and come back as a NaN loss in every epoch; −inf (a
+        # padded vocabulary's probability 0) is valid.
+        if bool(logprobs.isnan().any()):
+            raise ValueError(f"teacher returned NaN logits for batch {batch_number} (0-based)")
         writer.add(tokens=tokens.reshape(-1).long().cpu().numpy(),
                    indices=indices.reshape(-1, k).to(index_dtype).cpu().numpy(),
                    logprobs=logprobs.reshape(-1, k).to(logprob_dtype).cpu().numpy())
