@@ -84,4 +84,4 @@ def test_l2t_quick_on_mnist1d(tmp_path):
     results = (tmp_path / "results.md").read_text()
     for row in ("| cross entropy |", "| L2T-DLN |", "| SGD (lr "):
         assert row in results
-    assert "mnist1d (split seed 0: 1000 train / 500 val / 3000 test); student CNN" in results
+    assert "mnist1d (split seed 0: 1000 train / 500 val / 3000 test); student MLP 40-32-10" in results

@@ -4,8 +4,9 @@
 scikit-learn's 8×8 digits (1077 train / 270 validation / 450 test, split seed 0), or with
 ``--dataset mnist1d`` on the MNIST-1D benchmark of ``experiment unlabeled`` (split seed 0:
 the first ``--labelled`` labelled examples train, validation 500, test 3000), where (a)'s
-student is a CNN 2×16 channels (:func:`distillkit.data.mnist1d.cnn1d`) and (b)'s tasks
-are MLPs 40→16→10. What follows says digits' sizes.
+student is an MLP 40→32→10 (``--cnn``: a CNN 2×16 channels,
+:func:`distillkit.data.mnist1d.cnn1d`, about 10× the cost) and (b)'s tasks are MLPs
+40→16→10. What follows says digits' sizes.
 
 (a) **Learned loss.** A student MLP 64→32→10 trains for ``--iterations × --unroll``
     SGD steps (lr ``--student-lr``, batch ``--batch-size``) with
@@ -61,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", choices=("digits", "mnist1d"), default="digits")
     parser.add_argument("--labelled", type=int, default=1000,
                         help="mnist1d: labelled training examples")
+    parser.add_argument("--cnn", action="store_true",
+                        help="mnist1d: (a)'s student is a CNN 2×16 channels instead of an MLP")
     parser.add_argument("--seeds", type=int, default=3, help="students per method in (a)")
     parser.add_argument("--iterations", type=int, default=100,
                         help="L2T-DLN iterations; every student gets iterations × unroll steps")
@@ -120,13 +123,17 @@ def _sgd_student(student: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor]
 
 
 def _student(args, n: int, c: int) -> nn.Module:
-    """(a)'s student: MLP n→32→c on digits, CNN 2×16 channels on MNIST-1D."""
-    return mlp(n, STUDENT_HIDDEN, c) if args.dataset == "digits" else cnn1d(16, 2, 32, c, n)
+    """(a)'s student: MLP n→32→c, or with ``--cnn`` on MNIST-1D a CNN 2×16 channels."""
+    return cnn1d(16, 2, 32, c, n) if _cnn(args) else mlp(n, STUDENT_HIDDEN, c)
+
+
+def _cnn(args) -> bool:
+    return args.dataset == "mnist1d" and args.cnn
 
 
 def _student_name(args, n: int, c: int) -> str:
-    return (f"MLP {n}-{'-'.join(map(str, STUDENT_HIDDEN))}-{c}" if args.dataset == "digits"
-            else "CNN 2×16 ch")
+    return ("CNN 2×16 ch" if _cnn(args) else
+            f"MLP {n}-{'-'.join(map(str, STUDENT_HIDDEN))}-{c}")
 
 
 def _learned_loss_runs(args, splits) -> Tuple[Dict[str, List[List[float]]], Dict[str, float]]:
