@@ -349,3 +349,17 @@ def test_unsavable_checkpoint_path_fails_before_training(splits, tmp_path, where
         trainer.fit(checkpoint_path=str(where(tmp_path)))
     assert trainer.epoch == 0 and all(torch.equal(a, b) for a, b in
                                       zip(before, params(trainer.student)))
+
+
+def test_checkpoint_of_an_older_torch_without_a_newer_setting_resumes(splits, kd_checkpoint,
+                                                                      tmp_path):
+    # An optimizer setting added by a later torch is missing from older files; the
+    # optimizer's load_state_dict gives it its default.
+    state = torch.load(kd_checkpoint, weights_only=True)
+    for group in state["optimizer"]["param_groups"]:
+        group.pop("decoupled_weight_decay", None)
+        group.pop("amsgrad")
+    torch.save(state, tmp_path / "old.pt")
+    trainer = trained_kd(splits)
+    trainer.resume(str(tmp_path / "old.pt"))
+    assert trainer.epoch == 1 and trainer.optimizer.param_groups[0]["amsgrad"] is False

@@ -198,8 +198,8 @@ def check_module_state(name: str, module: nn.Module, state: Any) -> None:
 
 def check_optimizer_state(name: str, optimizer: torch.optim.Optimizer, state: Any) -> None:
     """Raise ``ValueError`` unless ``state`` is a state dict of an optimizer like
-    ``optimizer``: the same groups of as many parameters, the same hyperparameter names
-    (the same kind of optimizer), per-parameter tensors shaped like their parameters."""
+    ``optimizer``: the same groups of as many parameters, no hyperparameter it does not
+    know (the same kind of optimizer), per-parameter tensors shaped like their parameters."""
     if not (isinstance(state, dict) and isinstance(state.get("param_groups"), list)
             and isinstance(state.get("state"), dict)):
         raise ValueError(f"checkpoint's {name} is not an optimizer state dict")
@@ -210,9 +210,12 @@ def check_optimizer_state(name: str, optimizer: torch.optim.Optimizer, state: An
         raise ValueError(f"checkpoint's {name} has parameter groups of {saved_sizes}, this "
                          f"{name} of {sizes} (another model?)")
     for g, s in zip(groups, saved):
-        if set(g) != set(s):
-            raise ValueError(f"checkpoint's {name} has settings {sorted(set(s) - {'params'})}, "
-                             f"this {name} {sorted(set(g) - {'params'})} (another optimizer?)")
+        # A setting this optimizer does not have: another kind of optimizer. (One it has
+        # and the file lacks is an older torch's, which load_state_dict defaults.)
+        foreign = sorted(set(s) - set(g))
+        if foreign:
+            raise ValueError(f"checkpoint's {name} has settings {foreign} that this {name} "
+                             f"({type(optimizer).__name__}) does not (another optimizer?)")
     params = dict(zip((i for s in saved for i in s["params"]),
                       (p for g in groups for p in g["params"])))
     for i, per_param in state["state"].items():
