@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from distillkit.trainers.runtime import save_atomically
@@ -47,8 +48,6 @@ import torch
 from distillkit.data import DictDataset, mlp
 from distillkit.trainers import KDTrainer
 
-torch.set_num_threads(1)
-
 
 def make_trainer(epochs):
     g = torch.Generator().manual_seed(0)
@@ -62,10 +61,12 @@ def make_trainer(epochs):
 """
 RUN = TRAINER + """
 import sys
+torch.set_num_threads(1)  # as the test's process: the same GEMM blocking, the same bits
 make_trainer(10_000).fit(checkpoint_path=sys.argv[1])
 """
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_sigkill_of_a_training_run_during_a_save_then_resume(tmp_path):
     path = tmp_path / "run.pt"
     child = subprocess.Popen([sys.executable, "-c", RUN, str(path)])
