@@ -360,3 +360,13 @@ def test_padded_vocabulary_is_cached_nan_is_not(tmp_path):
     write_teacher_topk(padded, batches(), tmp_path / "c", V, logprob_dtype=torch.float32)
     logprobs = TeacherTopKDataset(tmp_path / "c")[0]["teacher_logprobs"]
     assert torch.isinf(logprobs[:, -2:]).all() and torch.isfinite(logprobs[:, :-2]).all()
+
+
+def test_overwrite_through_a_symlink_replaces_the_target(tmp_path, teacher):
+    (tmp_path / "disk").mkdir()
+    write_teacher_topk(teacher, batches(), tmp_path / "disk" / "cache", K, T)
+    (tmp_path / "link").symlink_to(tmp_path / "disk" / "cache")
+    write_teacher_topk(teacher, batches(), tmp_path / "link", 2, T, overwrite=True)
+    assert (tmp_path / "link").is_symlink()
+    assert TeacherTopKDataset(tmp_path / "link").index["k"] == 2
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["cache"]

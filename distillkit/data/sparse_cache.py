@@ -162,7 +162,9 @@ def _check_write_arguments(teacher, token_batches, path, k, temperature, chunk_t
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device must name a torch device (got {device!r}: {e})") from None
     try:
-        path = os.path.abspath(os.fspath(path))
+        # A symlinked cache is replaced where it lives, the link kept (and the temporary
+        # sibling is on the target's filesystem, so the rename is atomic).
+        path = os.path.realpath(os.fspath(path))
     except TypeError:
         raise TypeError(f"path must be a str or os.PathLike (got {type(path).__name__})") from None
     index_path = os.path.join(path, INDEX_FILE)
