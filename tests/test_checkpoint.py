@@ -87,3 +87,13 @@ def test_sigkill_of_a_training_run_during_a_save_then_resume(tmp_path):
     assert resumed.history == whole.history
     assert all(torch.equal(a, b) for a, b in zip(resumed.student.parameters(),
                                                  whole.student.parameters()))
+
+
+def test_save_through_a_symlink_replaces_its_target(tmp_path):
+    (tmp_path / "disk").mkdir()
+    save_atomically({"i": 0}, str(tmp_path / "disk" / "ckpt.pt"))
+    (tmp_path / "ckpt.pt").symlink_to(tmp_path / "disk" / "ckpt.pt")
+    save_atomically({"i": 1}, str(tmp_path / "ckpt.pt"))
+    assert (tmp_path / "ckpt.pt").is_symlink()
+    assert torch.load(tmp_path / "disk" / "ckpt.pt", weights_only=True) == {"i": 1}
+    assert sorted(os.listdir(tmp_path / "disk")) == ["ckpt.pt"]

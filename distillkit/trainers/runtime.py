@@ -126,8 +126,10 @@ def build_optimizer(optimizer: Union[torch.optim.Optimizer, OptimizerFactory, No
 def save_atomically(obj: Any, path: str) -> None:
     """``torch.save`` to ``path`` so that a process killed at any instant leaves either the old
     file or the new one, never a torn one: write a temporary file in the same directory (same
-    filesystem, so the rename is atomic), flush and fsync it, then ``os.replace`` it."""
-    directory = os.path.dirname(os.path.abspath(path))
+    filesystem, so the rename is atomic), flush and fsync it, then ``os.replace`` it.
+    A symlinked ``path`` has the file it points to replaced, the link kept."""
+    path = os.path.realpath(os.fspath(path))
+    directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
