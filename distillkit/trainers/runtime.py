@@ -409,9 +409,11 @@ class Checkpointed:
         try:
             self.load_state_dict(state)
             set_rng_state(rng[self.rank], self.device)
-        except Exception as e:
+        except BaseException as e:  # a KeyboardInterrupt mid-load is undone too
             self.load_state_dict(_reload(snapshot[0]))
             set_rng_state(snapshot[1], self.device)
+            if not isinstance(e, Exception):
+                raise
             raise ValueError(f"{path}: cannot resume from this checkpoint; the trainer is "
                              f"unchanged ({type(e).__name__}: {e})") from e
 
