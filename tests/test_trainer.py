@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 
 from conftest import DEVICES
-from resume_checks import (DAMAGES, assert_resume_fails_cleanly, damage_checkpoint,
-                           double_first_tensor)
+from resume_checks import (DAMAGES, assert_resume_fails_cleanly, assert_same,
+                           damage_checkpoint, double_first_tensor, full_state)
 from distillkit.data import DictDataset, load_digits_splits, mlp
 from distillkit.trainers import KDConfig, KDTrainer, WeightedDistillationTrainer
+from distillkit.trainers import runtime
 
 # A student that learns nothing scores ~0.1; the teacher scores ~0.97.
 LEARNED_ACCURACY = 0.9
@@ -363,3 +364,20 @@ def test_checkpoint_of_an_older_torch_without_a_newer_setting_resumes(splits, kd
     trainer = trained_kd(splits)
     trainer.resume(str(tmp_path / "old.pt"))
     assert trainer.epoch == 1 and trainer.optimizer.param_groups[0]["amsgrad"] is False
+
+
+def test_interrupted_resume_is_undone(splits, kd_checkpoint, monkeypatch):
+    real, calls = runtime.set_rng_state, []
+
+    def interrupted_once(state, device):
+        calls.append(1)
+        if len(calls) == 1:  # Ctrl-C after the models are loaded; the undo then succeeds
+            raise KeyboardInterrupt
+        real(state, device)
+
+    monkeypatch.setattr(runtime, "set_rng_state", interrupted_once)
+    trainer = trained_kd(splits)
+    before = full_state(trainer)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.resume(str(kd_checkpoint))
+    assert_same(full_state(trainer), before)
