@@ -19,6 +19,7 @@ grad_h, grad_c (P (6 ΣH + 2)).
 
     python benchmarks/bench_coordinate_lstm.py --quick     # CI
     python benchmarks/bench_coordinate_lstm.py             # full sweep on the CPU
+    python benchmarks/bench_coordinate_lstm.py --gpu       # GPU sizes on cuda
 """
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ CASES = [Case.of((P,), "float32", config=name, steps=steps)
          for P, steps in ((1_000_000, 1), (100_000, 20)) for name in CONFIGS]
 QUICK_CASES = [Case.of((256,), "float32", config="2x20+head", steps=2),
                Case.of((256,), "float32", config="3x64,1", steps=1)]
+# --gpu: one step on 10^7 coordinates (a 10M-parameter optimizee) and a 20-step unroll on 10^6.
+GPU_CASES = [Case.of((10_000_000,), "float32", config="3x64,1", steps=1),
+             Case.of((1_000_000,), "float32", config="2x20+head", steps=20)]
 
 
 def make_inputs(case: Case, device: torch.device) -> List[Tensor]:
@@ -147,6 +151,7 @@ BENCH = OpBench(
     roofline_bytes=roofline_bytes,
     cases=CASES,
     quick_cases=QUICK_CASES,
+    gpu_cases=GPU_CASES,
     modes=("full", "forward"),
     targets=targets,
     compile_note="compile is torch.compile(reference, dynamic=False) of the whole unroll; "

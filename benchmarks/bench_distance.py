@@ -10,6 +10,7 @@ Roofline bytes: N*(bytes(s) + bytes(t)) forward, plus N*bytes(ds) for full.
 
     python benchmarks/bench_distance.py --quick     # CI
     python benchmarks/bench_distance.py             # full sweep on the CPU
+    python benchmarks/bench_distance.py --gpu       # GPU sizes on cuda
 """
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ CASES = [Case.of(shape, dtype, op=op, dim=dim, **({"temperature": 4.0} if op == 
          for shape, dim in SHAPES for dtype in ("float32", "bfloat16") for op in DISTANCE_OPS]
 QUICK_CASES = [Case.of((64, 1003), "float32", op=op, dim=-1) for op in DISTANCE_OPS] + [
     Case.of((4, 16, 5, 5), "bfloat16", op="pearson", dim=1)]
+# --gpu: bf16 logits of 16384 rows (block rows) for a pointwise and a row-statistics op, and
+# the strided feature path.
+GPU_CASES = [Case.of((16384, 32000), "bfloat16", op="kl", dim=-1, temperature=4.0),
+             Case.of((16384, 32000), "bfloat16", op="pearson", dim=-1),
+             Case.of((64, 256, 32, 32), "bfloat16", op="pearson", dim=1)]
 
 
 def make_inputs(case: Case, device: torch.device):
@@ -72,6 +78,7 @@ BENCH = OpBench(
     roofline_bytes=roofline_bytes,
     cases=CASES,
     quick_cases=QUICK_CASES,
+    gpu_cases=GPU_CASES,
     modes=("full", "forward"),
     targets=targets,
 )

@@ -11,6 +11,11 @@ N*H + C*H (+ gradients) + N*C teacher logits, in the inputs' dtype.
 
     python benchmarks/bench_fused_linear.py --quick
     python benchmarks/bench_fused_linear.py
+    python benchmarks/bench_fused_linear.py --gpu     # GPU size in bf16 on cuda
+
+--gpu: N = 8192 tokens, H = 4096 (a Llama-3-8B student), C = 128256, bf16, chunks of 2048
+rows; the time of its three GEMMs alone, the issue's floor (docs/gpu.md), is measured by
+``benchmarks/gpu_floors.py``.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ CASES = [Case.of((2048, 1024, c), "float32", temperature=2.0, chunk_rows=512)
          for c in (32000, 128256)]
 QUICK_CASES = [Case.of((96, 64, 1000), "float32", temperature=2.0, chunk_rows=32)]
 TARGET = CASES[1]
+GPU_CASES = [Case.of((8192, 4096, 128256), "bfloat16", temperature=2.0, chunk_rows=2048)]
 
 
 def make_inputs(case: Case, device: torch.device):
@@ -88,6 +94,7 @@ BENCH = OpBench(
     roofline_bytes=roofline_bytes,
     cases=CASES,
     quick_cases=QUICK_CASES,
+    gpu_cases=GPU_CASES,
     modes=("full",),
     targets=targets,
     extra_providers={"unfused": unfused},

@@ -12,10 +12,18 @@ the loss and its gradient together.
     python benchmarks/bench_kd_loss.py --quick           # CI: tiny shapes, in-process
     python benchmarks/bench_kd_loss.py                   # full sweep on the CPU
     python benchmarks/bench_kd_loss.py --device cuda     # full sweep on the GPU
+    python benchmarks/bench_kd_loss.py --gpu             # GPU size, with Liger when installed
+
+--gpu: (16384, 131072) bf16 forward KL, the issue's GPU target (docs/gpu.md), with the
+provider ``liger`` when liger-kernel is importable: ``LigerKLDIVLoss`` (batchmean, log
+target) on fp32 ``log_softmax(z / T)`` and ``log_softmax(u / T)``, times T^2 (Liger's KL
+takes log-probabilities, so the log-softmax is part of its path).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+import importlib.util
+import re
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -36,12 +44,52 @@ QUICK_CASES = [Case.of((64, 1000), "float32", temperature=T, divergence="forward
                Case.of((64, 1000), "bfloat16", temperature=T, divergence="reverse_kl"),
                Case.of((37, 1003), "float32", temperature=T, divergence="jsd", beta=0.5)]
 TARGET = Case.of((4096, 32000), "float32", temperature=T, divergence="forward_kl")
+GPU_TARGET = Case.of((16384, 131072), "bfloat16", temperature=T, divergence="forward_kl")
+GPU_CASES = [GPU_TARGET]
+# HBM bandwidth (GB/s) of the GPUs the analysis of docs/gpu.md is written for, by device name.
+PEAK_GBPS = ((r"H200", 4800.0), (r"H100.*(PCIe)", 2000.0), (r"H100.*NVL", 3900.0),
+             (r"H100", 3350.0), (r"A100.*80GB", 2039.0), (r"A100", 1555.0))
 
 
 def make_inputs(case: Case, device: torch.device):
     student = torch.randn(case.shape, dtype=case.torch_dtype, device=device).requires_grad_()
     teacher = torch.randn(case.shape, dtype=case.torch_dtype, device=device)
     return student, teacher
+
+
+def liger_kl(student, teacher, *, temperature, divergence):
+    from liger_kernel.transformers.kl_div import LigerKLDIVLoss
+
+    if divergence != "forward_kl":
+        raise ValueError(f"the liger provider runs forward_kl only (got {divergence})")
+    log_q = torch.log_softmax(student.float() / temperature, dim=-1)
+    log_p = torch.log_softmax(teacher.float() / temperature, dim=-1)
+    kl = LigerKLDIVLoss(reduction="batchmean", log_target=True)
+    return temperature**2 * kl(log_q, log_p)
+
+
+GPU_PROVIDERS = {"liger": liger_kl} if importlib.util.find_spec("liger_kernel") else {}
+
+
+def peak_gbps(machine: str) -> Optional[float]:
+    return next((bw for pattern, bw in PEAK_GBPS if re.search(pattern, machine)), None)
+
+
+def gpu_targets(rows: List[Dict[str, Any]]) -> List[str]:
+    """The issue's GPU goals at (16384, 131072) bf16 forward KL fwd+bwd."""
+    ours = find_row(rows, "distillkit", "full", GPU_TARGET)
+    if ours is None:
+        return []
+    peak = peak_gbps(ours["machine"])
+    share = (f"{ours['gbps']:.0f} GB/s = {ours['gbps'] / peak:.0%} of {peak:.0f} GB/s "
+             f"({'met' if ours['gbps'] >= 0.8 * peak else 'NOT met'})" if peak
+             else f"{ours['gbps']:.0f} GB/s, no peak bandwidth known for {ours['machine']}")
+    return ["", f"GPU targets (issue 13): {ours['machine']}, bf16 (16384, 131072), forward KL, "
+            "fwd+bwd (mode full), distillkit:",
+            f"- >= 80% of the bytes-moved roofline: {share}",
+            ratio_line(1, "liger", ours, find_row(rows, "liger", "full", GPU_TARGET))
+            + ("" if GPU_PROVIDERS else " (liger-kernel not installed)"),
+            ratio_line(1, "compile", ours, find_row(rows, "compile", "full", GPU_TARGET))]
 
 
 def roofline_bytes(case: Case, mode: str) -> int:
@@ -67,7 +115,7 @@ def targets(rows: List[Dict[str, Any]]) -> List[str]:
         extra = ours["extra_mem_MB"]
         lines.append(f"- extra memory over inputs <= gradient + N*C fp32 / 4 = {budget_mb:.0f} MB: "
                      f"{extra:.0f} MB ({'met' if extra <= budget_mb else 'NOT met'})")
-    return lines
+    return lines + gpu_targets(rows)
 
 
 BENCH = OpBench(
@@ -78,6 +126,8 @@ BENCH = OpBench(
     roofline_bytes=roofline_bytes,
     cases=CASES,
     quick_cases=QUICK_CASES,
+    gpu_cases=GPU_CASES,
+    gpu_providers=GPU_PROVIDERS,
     modes=("full", "forward"),
     targets=targets,
 )

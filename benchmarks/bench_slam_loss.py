@@ -9,6 +9,7 @@ Roofline bytes: N*C*(bytes(z) + bytes(t)) forward, plus N*C*bytes(dz) for full.
 
     python benchmarks/bench_slam_loss.py --quick     # CI
     python benchmarks/bench_slam_loss.py             # full sweep on the CPU
+    python benchmarks/bench_slam_loss.py --gpu       # GPU sizes on cuda
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ CASES = [Case.of(shape, dtype, k=5) for shape in ((4096, 32000), (8192, 1000))
          for dtype in ("float32", "bfloat16")]
 QUICK_CASES = [Case.of((64, 1000), "float32", k=5), Case.of((37, 1003), "bfloat16", k=5)]
 TARGET = Case.of((4096, 32000), "float32", k=5)
+# --gpu: a batch of 16384 rows in bf16 (block rows: one row per block, radix select).
+GPU_CASES = [Case.of((16384, 32000), "bfloat16", k=5)]
 
 
 def make_inputs(case: Case, device: torch.device):
@@ -58,6 +61,7 @@ BENCH = OpBench(
     roofline_bytes=roofline_bytes,
     cases=CASES,
     quick_cases=QUICK_CASES,
+    gpu_cases=GPU_CASES,
     modes=("full", "forward"),
     targets=targets,
 )

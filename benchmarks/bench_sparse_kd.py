@@ -16,6 +16,7 @@ backward and full also write dz (+ N*C*bytes(z)). Dense: N*C*(bytes(z) + bytes(u
     python benchmarks/bench_sparse_kd.py --quick           # CI: tiny shapes, in-process
     python benchmarks/bench_sparse_kd.py                   # full sweep on the CPU
     python benchmarks/bench_sparse_kd.py --device cuda     # full sweep on the GPU
+    python benchmarks/bench_sparse_kd.py --gpu             # GPU sizes (bf16) on cuda
 """
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ QUICK_CASES = [Case.of((64, 1000), "float32", temperature=T, teacher=teacher, k=
                for teacher in ("sparse", "dense")]
 QUICK_CASES += [Case.of((37, 1003), "bfloat16", temperature=T, teacher="sparse", k=5)]
 SPARSE, DENSE = CASES
+# --gpu: 16384 rows of a Llama-3 vocabulary in bf16, the sparse and the dense teacher.
+GPU_CASES = [Case.of((16384, 128256), "bfloat16", temperature=T, teacher=teacher, k=K)
+             for teacher in ("sparse", "dense")]
 
 
 def make_inputs(case: Case, device: torch.device):
@@ -84,6 +88,7 @@ BENCH = OpBench(
     roofline_bytes=roofline_bytes,
     cases=CASES,
     quick_cases=QUICK_CASES,
+    gpu_cases=GPU_CASES,
     modes=("full", "forward"),
     targets=targets,
 )

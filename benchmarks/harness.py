@@ -27,7 +27,10 @@ A full run gives every (case, provider) a fresh worker subprocess (the same scri
 starts, and one provider's allocations cannot raise another's peak. Rows are appended to
 ``results/<device type>.csv`` and the summary is written to ``results/<op>_<device
 type>.md``. ``--quick`` runs the tiny CI sweep in-process and writes no files: tiny shapes
-check the harness and the op, they are not results.
+check the harness and the op, they are not results. ``--gpu`` runs the op's GPU-size
+cases (``gpu_cases``, with the GPU-only providers such as Liger-Kernel when importable)
+on ``cuda``; CUDA results are named after the device, ``results/<op>_cuda_<device
+name>.md`` and ``results/cuda_<device name>.csv``.
 
 Units: ms, MB = 1e6 bytes, GB/s = 1e9 bytes/s.
 """
@@ -141,6 +144,10 @@ class OpBench:
     targets: Callable[[List[Dict[str, Any]]], List[str]] = lambda rows: []
     # More providers by name, called like ``fused`` (e.g. an unfused path of distillkit).
     extra_providers: Dict[str, Callable[..., Tensor]] = field(default_factory=dict)
+    # The sweep of --gpu (GPU sizes), and providers that exist only there (e.g. Liger-Kernel,
+    # when it is installed).
+    gpu_cases: Sequence[Case] = ()
+    gpu_providers: Dict[str, Callable[..., Tensor]] = field(default_factory=dict)
 
 
 # --- device-specific measurement: the one place that knows CPU from CUDA -----------------
@@ -222,6 +229,8 @@ def _provider_fn(bench: OpBench, provider: str) -> Callable[..., Tensor]:
         return bench.reference
     if provider in bench.extra_providers:
         return bench.extra_providers[provider]
+    if provider in bench.gpu_providers:
+        return bench.gpu_providers[provider]
     # Static shapes: each worker sees one shape, and a dynamic kernel would be slower.
     return torch.compile(bench.reference, dynamic=False)
 
@@ -392,11 +401,17 @@ def ratio_line(goal: float, name: str, ours: Optional[Dict[str, Any]],
 def _parse_args(bench: OpBench) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=f"Benchmark {bench.name}: "
                                 + ", ".join(PROVIDERS) + " x " + ", ".join(MODES))
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cpu; cuda with --gpu)")
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes, 2 repeats, in-process, no result files (for CI)")
+    p.add_argument("--gpu", action="store_true",
+                   help="the GPU-size sweep, with the GPU-only providers that are installed")
     providers = list(PROVIDERS) + list(bench.extra_providers)
-    p.add_argument("--providers", nargs="+", choices=providers, default=providers)
+    gpu_only = list(bench.gpu_providers)
+    p.add_argument("--providers", nargs="+", choices=providers + gpu_only, default=None,
+                   help=f"default: {' '.join(providers)} (with --gpu also: "
+                        f"{' '.join(gpu_only) or 'none installed'})")
     p.add_argument("--modes", nargs="+", choices=MODES, default=None,
                    help=f"default: {' '.join(bench.modes)}")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
@@ -408,6 +423,12 @@ def _parse_args(bench: OpBench) -> argparse.Namespace:
                    help="run only the cases whose 'shape dtype params' matches this regex")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # JSON job of one (case, provider)
     args = p.parse_args()
+    if args.gpu and args.quick:
+        p.error("--gpu and --quick are exclusive")
+    if args.gpu and not bench.gpu_cases:
+        p.error(f"{bench.name} has no GPU sweep")
+    args.device = args.device or ("cuda" if args.gpu else "cpu")
+    args.providers = args.providers or providers + (gpu_only if args.gpu else [])
     args.modes = args.modes or list(bench.modes)
     args.repeats = args.repeats or (2 if args.quick else 5)
     return args
@@ -431,7 +452,7 @@ def main(bench: OpBench) -> None:
            "machine": _meter(device).machine(), "device": device.type, "op": bench.name}
     print(f"# {bench.name} on {env['machine']} ({device.type}, {args.threads} threads), "
           f"torch {env['torch']}, rev {env['git_rev']}, {env['date']}", flush=True)
-    cases = bench.quick_cases if args.quick else bench.cases
+    cases = bench.quick_cases if args.quick else bench.gpu_cases if args.gpu else bench.cases
     if args.only:
         cases = [c for c in cases
                  if re.search(args.only, f"{c.shape_str} {c.dtype} {c.params_str}")]
@@ -463,15 +484,18 @@ def main(bench: OpBench) -> None:
 
     if not args.quick:
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        csv_path = RESULTS_DIR / f"{device.type}.csv"
+        # One GPU's results do not overwrite another's.
+        tag = device.type if device.type == "cpu" else (
+            device.type + "_" + re.sub(r"[^A-Za-z0-9]+", "_", env["machine"]).strip("_"))
+        csv_path = RESULTS_DIR / f"{tag}.csv"
         new_file = not csv_path.exists()
         with open(csv_path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, restval="")
             if new_file:
                 writer.writeheader()
             writer.writerows(rows)
-        (RESULTS_DIR / f"{bench.name}_{device.type}.md").write_text(text)
+        (RESULTS_DIR / f"{bench.name}_{tag}.md").write_text(text)
         print(f"appended {len(rows)} rows to {csv_path}; summary in "
-              f"{RESULTS_DIR / f'{bench.name}_{device.type}.md'}")
+              f"{RESULTS_DIR / f'{bench.name}_{tag}.md'}")
     if any(r["check"].startswith("FAIL") for r in rows):
         sys.exit(1)

@@ -3,9 +3,10 @@ import pytest
 import torch
 
 import distillkit
-from distillkit import fused_linear_kd_loss, kd_loss
+from distillkit import KDOptions, fused_linear_kd_loss, kd_loss
+from distillkit.ops.options import LogitHead
 
-from conftest import DEVICES
+from conftest import DEVICES, GRAD_TOL, LOSS_TOL
 
 
 def setup(n, h, c, dtype=torch.float32, device="cpu", bias=True, teacher_hidden=False):
@@ -115,3 +116,139 @@ def test_bad_input(bad, message):
 
 def test_exported():
     assert distillkit.fused_linear_kd_loss is fused_linear_kd_loss
+
+
+# Each model's own logit transform (LogitHead: Cohere's scale, Gemma's soft cap), applied
+# chunk by chunk, against a reference that materializes the transformed logits.
+HEADS = {
+    "none": None,
+    "scale": LogitHead(scale=0.0625 * 8),
+    "softcap": LogitHead(softcap=3.0),
+    "both": LogitHead(scale=2.5, softcap=4.0),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("student_head,teacher_head",
+                         [("softcap", "none"), ("none", "softcap"), ("scale", "both"),
+                          ("both", "scale")])
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_logit_heads_match_materialized(device, dtype, student_head, teacher_head, divergence):
+    n, h, c = 37, 16, 50
+    torch.manual_seed(0)
+    hid = torch.randn(n, h, device=device, dtype=dtype, requires_grad=True)
+    # Logits of a few units: the soft cap (3-4) bends them, so a missed slope shows.
+    w = (torch.randn(c, h, device=device, dtype=dtype) * 3 / h**0.5).requires_grad_()
+    b = (torch.randn(c, device=device, dtype=dtype) * 0.1).requires_grad_()
+    th = torch.randn(n, h + 3, device=device, dtype=dtype)
+    tw = torch.randn(c, h + 3, device=device, dtype=dtype) * 3 / h**0.5
+    labels = torch.randint(0, c, (n,), device=device)
+    labels[::5] = -100
+    sh, tk = HEADS[student_head], HEADS[teacher_head]
+    kw = dict(divergence=divergence, temperature=2.0, labels=labels, hard_weight=0.3)
+    fused = fused_linear_kd_loss(hid, w, student_bias=b, teacher_hidden=th, teacher_weight=tw,
+                                 student_head=sh, teacher_head=tk, chunk_rows=8, **kw)
+    z = torch.addmm(b, hid, w.t())
+    u = th @ tw.t()
+    ref = kd_loss(sh.apply(z) if sh else z, tk.apply(u) if tk else u, **kw)
+    rtol, atol = GRAD_TOL[dtype]
+    torch.testing.assert_close(fused, ref, rtol=LOSS_TOL[dtype][0], atol=LOSS_TOL[dtype][1])
+    for got, want in zip(torch.autograd.grad(fused, (hid, w, b)),
+                         torch.autograd.grad(ref, (hid, w, b))):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+
+
+def test_softcap_slope_is_not_identity():
+    """The cap changes the gradient (a fused path that forgot the tanh slope would pass a
+    loss-only check): the same logits with and without the cap differ in dh."""
+    hid = torch.randn(8, 4, requires_grad=True)
+    w = torch.randn(20, 4) * 3
+    u = torch.randn(8, 20)
+    capped = torch.autograd.grad(fused_linear_kd_loss(hid, w, u, student_head=LogitHead(softcap=2.0)), hid)[0]
+    ref = torch.autograd.grad(kd_loss(LogitHead(softcap=2.0).apply(hid @ w.t()), u), hid)[0]
+    plain = torch.autograd.grad(fused_linear_kd_loss(hid, w, u), hid)[0]
+    torch.testing.assert_close(capped, ref)
+    assert (capped - plain).abs().max() > 0.1 * plain.abs().max()
+
+
+def test_logit_head_from_config():
+    from transformers import CohereConfig, Gemma2Config, LlamaConfig
+    assert LogitHead.from_config(LlamaConfig()) == LogitHead()
+    assert LogitHead.from_config(Gemma2Config(final_logit_softcapping=30.0)) == LogitHead(softcap=30.0)
+    assert LogitHead.from_config(CohereConfig(logit_scale=0.0625)) == LogitHead(scale=0.0625)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(scale=float("inf")), "scale"), (dict(scale="2"), "scale"),
+    (dict(softcap=0.0), "softcap"), (dict(softcap=-1.0), "softcap"),
+])
+def test_logit_head_rejects(bad, message):
+    with pytest.raises(ValueError, match=message):
+        LogitHead(**bad)
+
+
+def test_teacher_head_needs_teacher_hidden():
+    with pytest.raises(ValueError, match="teacher_head"):
+        fused_linear_kd_loss(torch.randn(3, 4), torch.randn(5, 4), torch.randn(3, 5),
+                             teacher_head=LogitHead(softcap=2.0))
+    with pytest.raises(ValueError, match="student_head must be a LogitHead"):
+        fused_linear_kd_loss(torch.randn(3, 4), torch.randn(5, 4), torch.randn(3, 5),
+                             student_head=dict(softcap=2.0))
+
+
+# A teacher whose vocabulary is the student's plus padding rows (32000 vs 32064 in
+# practice; 40 vs 48 here): teacher_vocab="truncate" drops its extra columns, which is
+# the same as masking them to -inf before the teacher's softmax.
+@pytest.mark.parametrize("teacher_as", ["logits", "hidden"])
+def test_padded_teacher_vocab(teacher_as):
+    n, h, c, pad = 29, 12, 40, 8
+    hid = torch.randn(n, h, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(c, h, dtype=torch.float64, requires_grad=True)
+    th = torch.randn(n, h, dtype=torch.float64)
+    tw = torch.randn(c + pad, h, dtype=torch.float64)
+    tb = torch.randn(c + pad, dtype=torch.float64)
+    u = torch.addmm(tb, th, tw.t())
+    teacher = (dict(teacher_logits=u) if teacher_as == "logits"
+               else dict(teacher_hidden=th, teacher_weight=tw, teacher_bias=tb))
+    kw = dict(divergence="jsd", beta=0.3, temperature=1.5)
+    fused = fused_linear_kd_loss(hid, w, chunk_rows=8, teacher_vocab="truncate", **teacher, **kw)
+    masked = u.clone()
+    masked[:, c:] = float("-inf")
+    # The masked teacher's softmax puts no mass on the padding: its first c columns are
+    # the truncated teacher's distribution.
+    p_masked = torch.softmax(masked / 1.5, -1)
+    assert p_masked[:, c:].max() == 0
+    ref = kd_loss(hid @ w.t(), u[:, :c], **kw)
+    torch.testing.assert_close(fused, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.softmax(u[:, :c] / 1.5, -1), p_masked[:, :c])
+    torch.testing.assert_close(torch.autograd.grad(fused, (hid, w)), torch.autograd.grad(ref, (hid, w)))
+    with pytest.raises(ValueError, match=f"{c + pad} classes, the student {c}.*truncate"):
+        fused_linear_kd_loss(hid, w, **teacher, **kw)
+
+
+def test_kd_loss_padded_teacher_vocab():
+    z = torch.randn(2, 5, 40, requires_grad=True)
+    u = torch.randn(2, 5, 48)
+    got = kd_loss(z, u, teacher_vocab="truncate", temperature=2.0)
+    want = kd_loss(z, u[..., :40].contiguous(), temperature=2.0)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, z), torch.autograd.grad(want, z))
+
+
+@pytest.mark.parametrize("student,teacher,vocab", [(40, 48, "exact"), (48, 40, "truncate"),
+                                                   (48, 40, "exact")])
+def test_other_vocab_mismatches_name_both_sizes(student, teacher, vocab):
+    with pytest.raises(ValueError, match=f"teacher has {teacher} classes, the student {student}"):
+        kd_loss(torch.randn(3, student), torch.randn(3, teacher), teacher_vocab=vocab)
+    with pytest.raises(ValueError, match=f"teacher has {teacher} classes, the student {student}"):
+        fused_linear_kd_loss(torch.randn(3, 4), torch.randn(student, 4), torch.randn(3, teacher),
+                             teacher_vocab=vocab)
+    with pytest.raises(ValueError, match=f"teacher has {teacher} classes, the student {student}"):
+        fused_linear_kd_loss(torch.randn(3, 4), torch.randn(student, 4), teacher_vocab=vocab,
+                             teacher_hidden=torch.randn(3, 4), teacher_weight=torch.randn(teacher, 4))
+
+
+def test_teacher_vocab_option_is_validated():
+    with pytest.raises(ValueError, match="teacher_vocab"):
+        KDOptions(teacher_vocab="pad")

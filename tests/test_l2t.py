@@ -17,7 +17,8 @@ from distillkit.methods.learned_optimizer import (CoordinateLSTM, LearnedOptimiz
                                           meta_train, module_task, start_unroll,
                                           unroll_meta_gradient)
 from distillkit.reference import coordinate_lstm_step_ref
-from distillkit.trainers import L2TDLNTrainer
+from distillkit.trainers import KDTrainer, L2TDLNTrainer
+from resume_checks import assert_resume_fails_cleanly, damage_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 F64 = dict(rtol=1e-9, atol=1e-12)
@@ -378,18 +379,95 @@ def test_l2t_is_deterministic_for_a_seed():
         histories[0][0])
 
 
-def test_l2t_resume_continues_exactly():
+def test_l2t_resume_continues_exactly(tmp_path):
     whole = tiny_l2t(iterations=4)
     whole.fit()
     half = tiny_l2t(iterations=4)
-    half.iterations = 2
-    half.fit()
+    half.fit(stop_iteration=2, checkpoint_path=tmp_path / "run.pt")
+    # Another seed: another default DLN, teacher and batch order, all replaced by the resume.
+    from_file = tiny_l2t(iterations=4, seed=9)
+    from_file.resume(tmp_path / "run.pt")
+    assert from_file.iteration == 2
+    from_file.fit()
+    assert from_file.history == whole.history
+    assert torch.equal(from_file.phi, whole.phi)
     state = half.state_dict()
     resumed = tiny_l2t(iterations=4)
     resumed.load_state_dict(state)
     resumed.fit()
     assert resumed.history == whole.history
     assert torch.equal(resumed.phi, whole.phi)
+
+
+@pytest.fixture(scope="module")
+def l2t_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("l2t") / "run.pt"
+    tiny_l2t(seed=1, iterations=2).fit(checkpoint_path=path)
+    return path
+
+
+def l2t_with_state():
+    """The trainer a resume is tried on, one iteration of two in."""
+    trainer = tiny_l2t(iterations=2)
+    trainer.fit(stop_iteration=1)
+    return trainer
+
+
+# The protocol's checks are Checkpointed's, tested on every damage in test_trainer.py; here
+# one damage of each stage: reading, the generic checks, the models, loading (undone).
+@pytest.mark.parametrize("damage", ["truncated", "other_trainer", "past_the_end",
+                                    "student_other_shape", "student_other_dtype", "corrupt_rng"])
+def test_l2t_failed_resume_leaves_the_trainer_as_it_was(l2t_checkpoint, tmp_path, damage):
+    trainer = l2t_with_state()
+    path = tmp_path / "damaged.pt"
+    assert_resume_fails_cleanly(trainer, path,
+                                damage_checkpoint(l2t_checkpoint, path, damage, "iteration"))
+    # It goes on exactly as a trainer that never saw the failed resume.
+    twin = l2t_with_state()
+    trainer.fit()
+    twin.fit()
+    assert trainer.history == twin.history and torch.equal(trainer.phi, twin.phi)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda s: s.update(phi=s["phi"][:10]), r"phi is \(10,\) torch.float64"),
+    (lambda s: s["teacher"].update({k: v[:1] for k, v in list(s["teacher"].items())[:1]}),
+     "checkpoint's teacher '.*' is "),
+    (lambda s: s["teacher_optimizer"]["param_groups"][0].update(momentum=0.9),
+     r"settings \['momentum'\] that this teacher_optimizer \(Adam\) does not"),
+    (lambda s: s.update(train_batches=(s["train_batches"][0], [torch.arange(8) + 100])),
+     "train_batches order holds .* not batches of 8 of this data's 24 rows"),
+    (lambda s: s.update(val_batches=(torch.zeros(3, dtype=torch.uint8), [])),
+     r"val_batches generator state is \(3,\) torch.uint8"),
+], ids=["phi", "teacher", "teacher-optimizer", "batch-order", "generator"])
+def test_l2t_resume_checks_its_own_state(l2t_checkpoint, tmp_path, edit, match):
+    state = torch.load(l2t_checkpoint, weights_only=True)
+    edit(state)
+    torch.save(state, tmp_path / "edited.pt")
+    assert_resume_fails_cleanly(l2t_with_state(), tmp_path / "edited.pt", match)
+
+
+def test_l2t_does_not_resume_another_trainers_checkpoint(tmp_path):
+    x = torch.randn(16, 6, dtype=torch.float64)
+    kd = KDTrainer(torch.nn.Linear(6, 3).double(),
+                   DictDataset(input=x, label=torch.randint(0, 3, (16,))), epochs=1,
+                   progress=False)
+    kd.fit(checkpoint_path=tmp_path / "kd.pt")
+    assert_resume_fails_cleanly(l2t_with_state(), tmp_path / "kd.pt",
+                                "of a KDTrainer, not of a L2TDLNTrainer")
+
+
+def test_l2t_rejects_data_without_inputs_or_labels():
+    x = torch.randn(24, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (24,))
+    student = torch.nn.Linear(6, 3).double()
+    with pytest.raises(ValueError, match="val_data items have no 'label'"):
+        L2TDLNTrainer(student, DictDataset(input=x, label=y), DictDataset(input=x))
+    with pytest.raises(ValueError, match="train_data items have no 'input'"):
+        L2TDLNTrainer(student, DictDataset(x=x, label=y), DictDataset(input=x, label=y))
+    with pytest.raises(ValueError, match="eval_data must not be empty"):
+        L2TDLNTrainer(student, DictDataset(input=x, label=y), DictDataset(input=x, label=y),
+                      eval_data=DictDataset(input=x[:0], label=y[:0]))
 
 
 # ---- the experiment --------------------------------------------------------------------

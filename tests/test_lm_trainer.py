@@ -14,7 +14,7 @@ from distillkit.data import DictDataset
 from distillkit.losses.functional import kd_loss
 from distillkit.data.models import BOS, EOS, PAD, VOCAB_SIZE, ByteTransformer, byte_sequences
 from distillkit.trainers import KDConfig, LMDistillationTrainer
-from distillkit.trainers.lm import shift_tokens
+from distillkit.trainers.lm import shift_batch
 from conftest import rounding_bound, spawn_ranks
 
 SEQ = 17  # tokens per row: 16 predictions
@@ -55,7 +55,7 @@ def test_byte_sequences_pad_uneven_texts():
                              [BOS, 97, 98, 99], [100, 101, 102, EOS]]
     rows = byte_sequences(["abc"], 4)
     assert rows.tolist() == [[BOS, 97, 98, 99], [EOS, PAD, PAD, PAD]]
-    inputs, labels = shift_tokens(rows, PAD)
+    inputs, _, labels = shift_batch({"tokens": rows}, PAD)
     assert inputs.tolist() == [[BOS, 97, 98], [EOS, PAD, PAD]]
     assert labels.tolist() == [[97, 98, 99], [-100, -100, -100]]
 
@@ -77,8 +77,8 @@ def test_padding_does_not_change_real_tokens():
 
 def unigram_cross_entropy(train, held):
     """Held-out CE of the training set's byte frequencies (add-one): a model that ignores context."""
-    _, y_train = shift_tokens(train.tensors["tokens"], PAD)
-    _, y_held = shift_tokens(held.tensors["tokens"], PAD)
+    *_, y_train = shift_batch(train.tensors, PAD)
+    *_, y_held = shift_batch(held.tensors, PAD)
     counts = torch.bincount(y_train[y_train >= 0], minlength=VOCAB_SIZE).double() + 1
     log_p = (counts / counts.sum()).log()
     return -log_p[y_held[y_held >= 0]].mean().item()
@@ -99,11 +99,11 @@ def test_distilled_student_learns_context():
     adam = lambda p: torch.optim.Adam(p, lr=1e-2)  # noqa: E731
     teacher = ByteTransformer(dim=32, layers=1, heads=2, max_len=32)
     LMDistillationTrainer(teacher, train, optimizer=adam, steps=60, batch_size=16,
-                          progress=False).fit()
+                          pad_id=PAD, progress=False).fit()
     student = tiny(1)
     trainer = LMDistillationTrainer(student, train, teacher=teacher, eval_data=held, loss=KD,
                                     optimizer=adam, steps=40, batch_size=16, eval_every=20,
-                                    chunk_rows=100, progress=False)
+                                    chunk_rows=100, pad_id=PAD, progress=False)
     history = trainer.fit()
     assert [h["step"] for h in history] == [20, 40]
     assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"]
@@ -118,7 +118,7 @@ def one_step(teacher, batch_size, accumulation_steps):
     trainer = LMDistillationTrainer(
         student, ragged_data(), teacher=teacher, loss=KD if teacher is not None else None,
         optimizer=lambda p: torch.optim.SGD(p, lr=1.0), steps=1, batch_size=batch_size,
-        accumulation_steps=accumulation_steps, chunk_rows=7, progress=False)
+        accumulation_steps=accumulation_steps, chunk_rows=7, pad_id=PAD, progress=False)
     trainer.train_step()
     return trainer, [p.grad.clone() for p in student.parameters()]
 
@@ -132,8 +132,8 @@ def test_accumulation_uses_the_global_token_count(with_teacher):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
     # The documented objective, unfused: Σ token losses of the step / its token count.
-    micro = [shift_tokens(t, PAD) for t in split._micro_batches(0)]
-    counts = [int((y >= 0).sum()) for _, y in micro]
+    micro = [shift_batch(batch, PAD) for batch in split._micro_batches(0)]
+    counts = [int((y >= 0).sum()) for *_, y in micro]
     assert counts[0] != counts[1]  # uneven padding, or the check below proves nothing
     model = tiny(1)
 
@@ -146,12 +146,12 @@ def test_accumulation_uses_the_global_token_count(with_teacher):
         return kd_loss(logits, teacher_logits, labels=labels, reduction=reduction,
                        temperature=KD.temperature, hard_weight=KD.hard_weight)
 
-    total = sum(micro_loss(x, y, "sum") for x, y in micro) / sum(counts)
+    total = sum(micro_loss(x, y, "sum") for x, _, y in micro) / sum(counts)
     want = torch.autograd.grad(total, list(model.parameters()))
     for a, b in zip(grads, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     # Averaging per-micro-batch means weights the tokens differently.
-    averaged = sum(micro_loss(x, y, "mean") for x, y in micro) / len(micro)
+    averaged = sum(micro_loss(x, y, "mean") for x, _, y in micro) / len(micro)
     wrong = torch.autograd.grad(averaged, list(model.parameters()))
     assert max((a - b).abs().max() / b.abs().max() for a, b in zip(wrong, want)) > 1e-2
 
@@ -164,7 +164,7 @@ def resumable(teacher, seed=3):
         loss=KD, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
         scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
         steps=7, batch_size=4, accumulation_steps=2, eval_every=2, amp_dtype=torch.bfloat16,
-        max_grad_norm=1.0, seed=seed, progress=False)
+        max_grad_norm=1.0, seed=seed, pad_id=PAD, progress=False)
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
@@ -200,20 +200,23 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         (dict(teacher=ByteTransformer(dim=16, layers=1, heads=2, vocab_size=300)),
          "vocabularies differ"),
         (dict(amp_dtype=torch.float64), "amp_dtype"),
+        (dict(pad_id=None), "pass pad_id"),
     ],
     ids=["steps", "accumulation", "batch", "loss-without-teacher", "no-lm-head", "vocab",
-         "amp"],
+         "amp", "no-padding-rule"],
 )
 def test_bad_config_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        LMDistillationTrainer(tiny(1), ragged_data(), progress=False, **kwargs)
+        LMDistillationTrainer(tiny(1), ragged_data(), **{"pad_id": PAD, "progress": False,
+                                                         **kwargs})
 
 
 def test_resume_rejects_another_global_batch(tmp_path):
     path = tmp_path / "run.pt"
     LMDistillationTrainer(tiny(1), ragged_data(), steps=1, batch_size=4,
-                          progress=False).fit(checkpoint_path=path)
-    other = LMDistillationTrainer(tiny(1), ragged_data(), steps=1, batch_size=8, progress=False)
+                          pad_id=PAD, progress=False).fit(checkpoint_path=path)
+    other = LMDistillationTrainer(tiny(1), ragged_data(), steps=1, batch_size=8, pad_id=PAD,
+                                  progress=False)
     with pytest.raises(ValueError, match="global batch"):
         other.resume(path)
 
@@ -231,7 +234,7 @@ def ddp_trainer(batch_size):
         tiny(1), ragged_data(), teacher=teacher, eval_data=ragged_data(10, seed=1), loss=KD,
         optimizer=lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9), steps=DDP_STEPS,
         batch_size=batch_size, accumulation_steps=2, eval_every=2, chunk_rows=20, seed=5,
-        progress=False)
+        pad_id=PAD, progress=False)
 
 
 def ddp_worker(rank, world, out_dir):
@@ -268,3 +271,61 @@ def test_experiment_lm_quick_writes_its_table(tmp_path):
                    "fused, chunk_rows="):
         assert needle in table
     assert (tmp_path / "history.json").exists()
+
+
+# ---- Hugging Face causal LMs: data padded with token 0, an attention mask, labels -100 ---
+
+def hf_llama(hidden, seed, vocab=40):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
+
+
+def hf_data(count=16, seq=10):
+    """Right-padded with 0 (a real token of the vocabulary) to very uneven lengths."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = [2 + (i * 5) % (seq - 1) for i in range(count)]
+    tokens = torch.randint(1, 40, (count, seq), generator=gen)
+    mask = (torch.arange(seq) < torch.tensor(lengths)[:, None]).long()
+    tokens = tokens * mask
+    return DictDataset(tokens=tokens, attention_mask=mask,
+                       labels=tokens.masked_fill(mask == 0, -100))
+
+
+def test_hf_causal_lm_step_equals_plain_loss():
+    teacher, student = hf_llama(24, 0), hf_llama(16, 1)
+    reference = hf_llama(16, 1)
+    data = hf_data()
+    trainer = LMDistillationTrainer(student, data, teacher=teacher, loss=KD,
+                                    optimizer=lambda p: torch.optim.SGD(p, lr=1.0), steps=1,
+                                    batch_size=4, accumulation_steps=2, chunk_rows=7,
+                                    progress=False)
+    trainer.train_step()
+    grads = [p.grad for p in student.parameters()]
+
+    # Unfused, on the model's own logits: Σ token losses of the step / its label count.
+    batches = trainer._micro_batches(0)
+    total, count = 0.0, 0
+    for batch in batches:
+        ids, mask, labels = batch["tokens"], batch["attention_mask"], batch["labels"]
+        logits = reference(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).logits
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).logits
+        total = total + kd_loss(logits, teacher_logits, labels=labels[:, 1:], reduction="sum",
+                                temperature=KD.temperature, hard_weight=KD.hard_weight)
+        count += int((labels[:, 1:] != -100).sum())
+    want = torch.autograd.grad(total / count, list(reference.parameters()))
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # Training on the padding (label 0 where the mask is 0) would change the objective.
+    assert count < sum(int(b["tokens"][:, 1:].numel()) for b in batches)
+
+    metrics = trainer.evaluate(data, model=teacher)
+    ids, mask = data.tensors["tokens"], data.tensors["attention_mask"]
+    labels = data.tensors["labels"][:, 1:]
+    with torch.no_grad():
+        logits = teacher(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).logits
+    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    assert metrics["loss"] == pytest.approx(ce.item(), rel=1e-5)

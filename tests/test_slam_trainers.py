@@ -13,7 +13,8 @@ from conftest import DEVICES, spawn_ranks
 from distillkit.__main__ import main
 from distillkit.data import DictDataset, WithTensors, load_digits_splits, mlp
 from distillkit.losses.functional import slam_loss
-from distillkit.methods.slam import SLaMEstimator
+from distillkit.ops.reference import kd_loss_ref
+from distillkit.methods.slam import SLaMEstimator, flip_point
 from distillkit.trainers import KDTrainer, SLaMTrainer, WeightedDistillationTrainer
 from distillkit.trainers.pool import predict_logits
 from distillkit.methods.weighting import estimate_weights
@@ -74,7 +75,8 @@ def teacher_right(teacher, pool, pool_labels):
 
 @pytest.mark.parametrize(
     "settings",
-    [dict(), dict(normalized=True, hard=True, estimator=SLaMEstimator(per_bin_k=True)),
+    [dict(), dict(normalized=True, hard=True,
+          estimator=SLaMEstimator(per_bin_k=True, normalized=True)),
      dict(temperature=2.0)],
     ids=["soft", "hard-normalized-binned", "T2"],
 )
@@ -90,7 +92,9 @@ def test_slam_student_learns_from_pool(splits, pool, pool_labels, teacher, setti
     alpha, k = trainer.estimator.transform(trainer.teacher_probs)
     assert torch.equal(trainer.alpha, alpha) and torch.equal(trainer.k, k)
     right = teacher_right(teacher, pool, pool_labels)
-    assert trainer.alpha[~right].mean() < trainer.alpha[right].mean() - 0.2
+    assert trainer.alpha[~right].mean() < trainer.alpha[right].mean() - 0.1
+    # The default guard keeps every α above its mix's flip point.
+    assert bool((trainer.alpha.double() > flip_point(trainer.k, trainer.normalized)).all())
 
 
 def test_slam_trainer_minimises_slam_loss(splits, pool, teacher):
@@ -114,6 +118,23 @@ def test_weighted_student_learns_from_pool(splits, pool, pool_labels, teacher, d
     assert trainer.evaluate(splits.test)["accuracy"] > LEARNED_ACCURACY
     right = teacher_right(teacher, pool, pool_labels)
     assert trainer.weights[~right].mean() < trainer.weights[right].mean() - 0.2
+
+
+@pytest.mark.parametrize("normalize", ["sum", "batch"])
+def test_weighted_loss_normalization(splits, pool, teacher, normalize):
+    trainer = WeightedDistillationTrainer(student(splits), pool, teacher=teacher,
+                                          val_data=splits.val, epochs=2, normalize=normalize,
+                                          progress=False)
+    batch = next(iter(trainer.loader))
+    g = torch.Generator().manual_seed(0)
+    weight = torch.rand(len(batch["weight"]), generator=g) * 0.3
+    rows = kd_loss_ref(trainer.student(batch["input"]), batch["teacher_logits"],
+                       reduction="none")
+    expected = (weight * rows).sum() / (weight.sum() if normalize == "sum" else len(weight))
+    torch.testing.assert_close(trainer.compute_loss({**batch, "weight": weight}), expected)
+    # A batch weighted 0 throughout contributes 0, not NaN.
+    zero = trainer.compute_loss({**batch, "weight": torch.zeros_like(weight)})
+    assert zero.item() == 0.0
 
 
 class RecordingTrainer(WeightedDistillationTrainer):
@@ -188,6 +209,10 @@ def test_weighted_resume_equals_uninterrupted_run(splits, pool, teacher, tmp_pat
         (WeightedDistillationTrainer, lambda s: dict(refresh_every=0),
          "refresh_every must be >= 1"),
         (WeightedDistillationTrainer, lambda s: dict(rule="clip"), "rule must be one of"),
+        (WeightedDistillationTrainer, lambda s: dict(normalize="mean"), "normalize must be one of"),
+        (WeightedDistillationTrainer, lambda s: dict(distortion="x"), "distortion must be one of"),
+        (SLaMTrainer, lambda s: dict(normalized=True, estimator=SLaMEstimator()),
+         "estimator.normalized .* must equal normalized"),
         (WeightedDistillationTrainer, lambda s: dict(loss=None), "loss .* does not apply"),
         (SLaMTrainer, lambda s: dict(temperature=0.0), "temperature must be a positive"),
         (SLaMTrainer, lambda s: dict(loss=None), "loss .* does not apply"),
@@ -197,7 +222,7 @@ def test_weighted_resume_equals_uninterrupted_run(splits, pool, teacher, tmp_pat
         (SLaMTrainer, lambda s: dict(val_data=DictDataset(input=s.val.tensors["input"][:0])),
          "val_data must be a non-empty labelled"),
     ],
-    ids=["first_epochs", "one-epoch", "refresh_every", "rule", "weighted-loss", "temperature",
+    ids=["first_epochs", "one-epoch", "refresh_every", "rule", "normalize", "distortion", "estimator-mix", "weighted-loss", "temperature",
          "slam-loss", "no-teacher", "unlabelled-val", "empty-val"],
 )
 def test_bad_config_raises(splits, pool, teacher, cls, make, match):
@@ -218,8 +243,9 @@ def test_experiment_quick_writes_table_and_plot(tmp_path):
     out = tmp_path / "unlabeled"
     assert main(["experiment", "unlabeled", "--quick", "--no-progress", "--out", str(out)]) == 0
     table = (out / "results.md").read_text()
-    assert "| labelled n | teacher | vanilla KD | weighted KD | SLaM |" in table
-    assert "\n| 50 | " in table
+    assert ("| pool | labelled n | teacher | vanilla KD | weighted (Σw) | weighted (B) | SLaM | "
+            "SLaM normalized | SLaM + α guard | hard SLaM |") in table
+    assert "| 25 | " in table
     assert (out / "unlabeled.png").read_bytes().startswith(b"\x89PNG")
     assert len((out / "results.csv").read_text().splitlines()) == 2
 

@@ -1,15 +1,23 @@
 """distillkit.sparse_cache: the top-K teacher cache round trip, chunk boundaries, the
-loader's padding, and training on it with sparse_kd_loss."""
+loader's padding, training on it with sparse_kd_loss; caches that disagree with their
+index rejected by name; writes that fail or are killed (SIGKILL) leave the old cache."""
 import json
+import os
+import shutil
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from distillkit import sparse_kd_loss
+from distillkit.data import sparse_cache as sparse_cache_module
 from distillkit.sparse_cache import (TeacherTopKDataset, collate_topk, topk_loader,
                                      write_teacher_topk)
 from conftest import rounding_bound
+from sigkill import kill_while_growing
 
 V, K, T = 50, 6, 2.0
 
@@ -97,3 +105,268 @@ def test_refuses_to_overwrite_and_bad_args(tmp_path, teacher):
         write_teacher_topk(teacher, batches(), tmp_path / "c", K, T, logprob_dtype=torch.bfloat16)
     with pytest.raises(FileNotFoundError, match="index.json"):
         TeacherTopKDataset(tmp_path / "missing")
+
+
+# ---- a cache whose files disagree with its index is rejected, naming the file ----------
+
+def _rewrite(file, array):
+    np.save(file, array)
+
+
+def _truncate(file, n=10):
+    data = file.read_bytes()
+    file.write_bytes(data[:-n])
+
+
+def _edit_index(path, **changes):
+    index = json.loads((path / "index.json").read_text())
+    index.update(changes)
+    (path / "index.json").write_text(json.dumps(index))
+
+
+CORRUPTIONS = {
+    # name: (how to damage the cache at p, the error type, what the message must say)
+    "truncated_chunk": (lambda p: _truncate(p / "chunk_00001_indices.npy"), ValueError,
+                        r"chunk_00001_indices\.npy: truncated"),
+    "truncated_header": (lambda p: _truncate(p / "chunk_00000_tokens.npy", 200), ValueError,
+                         r"chunk_00000_tokens\.npy: not a readable \.npy"),
+    "garbage_chunk": (lambda p: (p / "chunk_00002_logprobs.npy").write_bytes(b"hello"),
+                      ValueError, r"chunk_00002_logprobs\.npy: not a readable \.npy"),
+    "wrong_dtype": (lambda p: _rewrite(p / "chunk_00000_logprobs.npy",
+                                       np.zeros((8, K), np.float64)), ValueError,
+                    r"chunk_00000_logprobs\.npy: holds a \(8, 6\) float64 array where "
+                    r".*index\.json says \(8, 6\) float16"),
+    "wrong_k": (lambda p: _rewrite(p / "chunk_00001_indices.npy", np.zeros((8, K - 1), np.int32)),
+                ValueError, r"chunk_00001_indices\.npy: holds a \(8, 5\)"),
+    "wrong_rows": (lambda p: _rewrite(p / "chunk_00000_tokens.npy", np.zeros(7, np.int64)),
+                   ValueError, r"chunk_00000_tokens\.npy: holds a \(7,\) int64 array"),
+    "fortran_order": (lambda p: _rewrite(p / "chunk_00000_indices.npy",
+                                         np.asfortranarray(np.zeros((8, K), np.int32))),
+                      ValueError, r"chunk_00000_indices\.npy: holds a Fortran-order"),
+    "missing_chunk": (lambda p: (p / "chunk_00003_tokens.npy").unlink(), FileNotFoundError,
+                      r"chunk_00003_tokens\.npy: missing"),
+    "extra_chunk": (lambda p: shutil.copy(p / "chunk_00000_tokens.npy",
+                                          p / "chunk_00009_tokens.npy"), ValueError,
+                    r"chunk_00009_tokens\.npy: not listed in .*index\.json"),
+    "truncated_index": (lambda p: _truncate(p / "index.json", 40), ValueError,
+                        r"index\.json: not valid JSON"),
+    "binary_index": (lambda p: (p / "index.json").write_bytes(b"\xff\xfe\x00"), ValueError,
+                     r"index\.json: not valid JSON"),
+    "index_not_a_dict": (lambda p: (p / "index.json").write_text("[1, 2]"), ValueError,
+                         r"index\.json: holds a list"),
+    "index_without_k": (lambda p: (_edit_index(p, k=None), _strip_key(p, "k")), ValueError,
+                        r"index\.json: has no 'k' entry"),
+    "index_wrong_type": (lambda p: _edit_index(p, chunk_tokens="8"), ValueError,
+                         r"index\.json: 'chunk_tokens' is '8', not a int"),
+    "index_bool": (lambda p: _edit_index(p, k=True), ValueError, r"index\.json: 'k' is True"),
+    "index_other_k": (lambda p: _edit_index(p, k=K + 1), ValueError,
+                      r"chunk_00000_indices\.npy: holds a \(8, 6\) int32 array where"),
+    "index_more_tokens": (lambda p: _edit_index(p, num_tokens=34), ValueError,
+                          r"index\.json: chunk 4 has size 1, expected 2"),
+    "index_other_version": (lambda p: _edit_index(p, format=2), ValueError,
+                            r"index\.json: unsupported cache format 2"),
+    "index_path_escape": (lambda p: _edit_chunk(p, 0, tokens="../chunk_00000_tokens.npy"),
+                          ValueError, r"index\.json: chunk 0's 'tokens' is '\.\./"),
+    "index_same_file_twice": (lambda p: _edit_chunk(p, 1, tokens="chunk_00000_tokens.npy"),
+                              ValueError, r"chunk 1's 'tokens' names chunk_00000_tokens\.npy, "
+                                          r"which it lists already"),
+    "index_bad_size": (lambda p: _edit_chunk(p, 2, size=7), ValueError,
+                       r"index\.json: chunk 2 has size 7, expected 8"),
+    "sequences_overlap": (lambda p: _rewrite(p / "sequences.npy",
+                                             np.array([[0, 5]] * 6, np.int64)), ValueError,
+                          r"sequences\.npy: the sequences do not tile"),
+    "sequences_missing": (lambda p: (p / "sequences.npy").unlink(), FileNotFoundError,
+                          r"sequences\.npy: missing"),
+}
+
+
+def _strip_key(path, key):
+    index = json.loads((path / "index.json").read_text())
+    del index[key]
+    (path / "index.json").write_text(json.dumps(index))
+
+
+def _edit_chunk(path, c, **changes):
+    index = json.loads((path / "index.json").read_text())
+    index["chunks"][c].update(changes)
+    (path / "index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("damage", CORRUPTIONS, ids=str)
+def test_cache_disagreeing_with_its_index_is_rejected(tmp_path, teacher, damage):
+    path = tmp_path / "cache"
+    write_teacher_topk(teacher, batches(), path, K, T, chunk_tokens=8)  # 33 positions: 5 chunks
+    TeacherTopKDataset(path)
+    corrupt, error, match = CORRUPTIONS[damage]
+    corrupt(path)
+    with pytest.raises(error, match=match) as info:
+        TeacherTopKDataset(path)
+    assert str(path) in str(info.value)  # the message names the file, with its directory
+
+
+# ---- write_teacher_topk checks everything first and replaces a cache only when complete --
+
+def snapshot(path):
+    """Every file of a directory, name -> bytes."""
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+class FailingBatches:
+    """Two good batches, then an error: the teacher has run when the write fails."""
+
+    def __iter__(self):
+        yield from batches()[:2]
+        raise RuntimeError("the data pipeline broke")
+
+
+BAD_WRITES = [
+    (dict(k=0), ValueError, "k must be a positive int"),
+    (dict(k=2.0), ValueError, "k must be a positive int"),
+    (dict(k=True), ValueError, "k must be a positive int"),
+    (dict(k=V + 1), ValueError, "k must be at most the vocabulary size"),  # after the teacher ran
+    (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(temperature=float("inf")), ValueError, "temperature"),
+    (dict(temperature=float("nan")), ValueError, "temperature"),
+    (dict(chunk_tokens=0), ValueError, "chunk_tokens"),
+    (dict(index_dtype=torch.int16), ValueError, "index_dtype"),
+    (dict(index_dtype=[torch.int32]), ValueError, "index_dtype"),
+    (dict(logprob_dtype=torch.bfloat16), ValueError, "logprob_dtype"),
+    (dict(device="gpu7"), ValueError, "device must name a torch device"),
+    (dict(token_batches=5), TypeError, "token_batches must be an iterable"),
+    (dict(token_batches=[[1, 2, 3]]), ValueError, "token_batches must yield"),
+    (dict(token_batches=[torch.zeros(2, 3)]), ValueError, "token_batches must yield"),
+    (dict(token_batches=[]), ValueError, "at least one token position"),
+    (dict(token_batches=[torch.zeros(2, 0, dtype=torch.int64)]), ValueError,
+     "at least one token position"),
+    (dict(token_batches=FailingBatches()), RuntimeError, "the data pipeline broke"),
+    (dict(teacher=lambda t: torch.zeros(t.shape[0], V)), ValueError, r"\(B, S, V\)"),
+    (dict(teacher=lambda t: torch.full((*t.shape, V), float("nan"))), ValueError,
+     "teacher returned NaN logits for batch 0"),
+    (dict(teacher="teacher"), TypeError, "teacher must be a module"),
+    (dict(overwrite="yes"), TypeError, "overwrite must be a bool"),
+]
+
+
+@pytest.mark.parametrize("changes,error,match", BAD_WRITES,
+                         ids=[str(i) for i in range(len(BAD_WRITES))])
+def test_failed_overwrite_leaves_the_old_cache(tmp_path, teacher, changes, error, match):
+    path = tmp_path / "cache"
+    write_teacher_topk(teacher, batches(), path, K, T, chunk_tokens=8)
+    before = snapshot(path)
+    args = dict(teacher=teacher, token_batches=batches(), path=path, k=K, temperature=T,
+                chunk_tokens=8, overwrite=True)
+    args.update(changes)
+    with pytest.raises(error, match=match):
+        write_teacher_topk(**args)
+    assert snapshot(path) == before
+    assert len(TeacherTopKDataset(path)) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # no temporary left
+
+
+def test_teacher_changing_vocabulary_is_rejected(tmp_path):
+    vocab = iter([V, V + 1])
+    with pytest.raises(ValueError, match=f"returned {V + 1} classes after {V}"):
+        write_teacher_topk(lambda t: torch.zeros(*t.shape, next(vocab)), batches(),
+                           tmp_path / "c", K)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_the_whole_cache(tmp_path, teacher, monkeypatch):
+    path = tmp_path / "cache"
+    write_teacher_topk(teacher, batches(), path, K, T, chunk_tokens=4)  # 9 chunks
+    write_teacher_topk(teacher, batches(), path, 2, T, chunk_tokens=16, overwrite=True)
+    ds = TeacherTopKDataset(path)  # the old cache's extra chunk files are gone with it
+    assert ds.index["k"] == 2 and len(ds.index["chunks"]) == 3
+    # Where the filesystem has no atomic exchange the cache is replaced by two renames.
+    monkeypatch.setattr(sparse_cache_module, "_exchange", lambda a, b: False)
+    write_teacher_topk(teacher, batches(), path, 3, T, chunk_tokens=5, overwrite=True)
+    assert TeacherTopKDataset(path).index["k"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_refuses_to_replace_what_is_not_a_cache(tmp_path, teacher):
+    (tmp_path / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="not a teacher top-k cache"):
+            write_teacher_topk(teacher, batches(), tmp_path, K, overwrite=overwrite)
+        with pytest.raises(FileExistsError, match="is not a directory"):
+            write_teacher_topk(teacher, batches(), tmp_path / "notes.txt", K, overwrite=overwrite)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+# A writer that overwrites one cache again and again, version i holding only token i % V:
+# ~26 MB a version, so a write takes long enough to be caught in progress.
+POSITIONS, WRITER_K = 1 << 17, 16
+WRITER = f"""
+import sys, torch
+from torch import nn
+from distillkit.sparse_cache import write_teacher_topk
+torch.manual_seed(0)
+teacher = nn.Embedding({V}, {V})
+i = 1
+while True:
+    tokens = torch.full((64, {POSITIONS} // 64), i % {V})
+    write_teacher_topk(teacher, [tokens], sys.argv[1], {WRITER_K}, chunk_tokens=1 << 14,
+                       index_dtype=torch.int64, logprob_dtype=torch.float32, overwrite=True)
+    i += 1
+"""
+
+
+def test_sigkill_during_overwrite_leaves_a_loadable_cache(tmp_path):
+    path = tmp_path / "cache"
+    torch.manual_seed(0)
+    teacher = nn.Embedding(V, V)
+    write_teacher_topk(teacher, [torch.zeros(64, POSITIONS // 64, dtype=torch.int64)], path,
+                       WRITER_K, chunk_tokens=1 << 14, index_dtype=torch.int64,
+                       logprob_dtype=torch.float32)
+    child = subprocess.Popen([sys.executable, "-c", WRITER, str(path)])
+    # Only a write in progress grows a temporary sibling of the cache.
+    kill_while_growing(child, lambda: [tmp_path / n for n in os.listdir(tmp_path)
+                                       if n.endswith(".tmp")])
+
+    ds = TeacherTopKDataset(path)  # checks every file against the index
+    assert ds.index["num_tokens"] == POSITIONS and len(ds) == 64
+    token = int(ds[0]["tokens"][0])
+    expected = torch.log_softmax(teacher.weight[token].detach(), -1).topk(WRITER_K)
+    for item in (ds[0], ds[63]):  # one version throughout: the first and last chunks agree
+        assert (item["tokens"] == token).all()
+        assert (item["teacher_indices"] == expected.indices).all()
+    # The next write clears what the killed one left behind, apart from its temporary.
+    write_teacher_topk(teacher, [torch.ones(1, 3, dtype=torch.int64)], path, 2, overwrite=True)
+    assert TeacherTopKDataset(path).index["num_tokens"] == 3
+
+
+def test_out_of_range_items_and_mixed_batches_are_named(tmp_path, teacher):
+    write_teacher_topk(teacher, batches(), tmp_path / "a", K, T)
+    ds = TeacherTopKDataset(tmp_path / "a")
+    assert torch.equal(ds[-1]["tokens"], ds[5]["tokens"])
+    for i in (6, -7):
+        with pytest.raises(IndexError, match=f"sequence {i} out of range: .* holds 6"):
+            ds[i]
+    with pytest.raises(ValueError, match="at least one item"):
+        collate_topk([])
+    write_teacher_topk(teacher, batches(), tmp_path / "b", 2, T, logprob_dtype=torch.float32)
+    other = TeacherTopKDataset(tmp_path / "b")
+    with pytest.raises(ValueError, match="items disagree on teacher_indices"):
+        collate_topk([ds[0], other[0]])
+
+
+def test_padded_vocabulary_is_cached_nan_is_not(tmp_path):
+    # -inf logits (a padded vocabulary) are probability 0: cached as -inf log-probabilities.
+    def padded(tokens):
+        logits = torch.zeros(*tokens.shape, V)
+        logits[..., V - 2:] = float("-inf")
+        return logits
+    write_teacher_topk(padded, batches(), tmp_path / "c", V, logprob_dtype=torch.float32)
+    logprobs = TeacherTopKDataset(tmp_path / "c")[0]["teacher_logprobs"]
+    assert torch.isinf(logprobs[:, -2:]).all() and torch.isfinite(logprobs[:, :-2]).all()
+
+
+def test_overwrite_through_a_symlink_replaces_the_target(tmp_path, teacher):
+    (tmp_path / "disk").mkdir()
+    write_teacher_topk(teacher, batches(), tmp_path / "disk" / "cache", K, T)
+    (tmp_path / "link").symlink_to(tmp_path / "disk" / "cache")
+    write_teacher_topk(teacher, batches(), tmp_path / "link", 2, T, overwrite=True)
+    assert (tmp_path / "link").is_symlink()
+    assert TeacherTopKDataset(tmp_path / "link").index["k"] == 2
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["cache"]

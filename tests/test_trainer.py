@@ -1,4 +1,5 @@
-"""KDTrainer on digits: it learns, resumes bit-exactly, reduces to plain CE, rejects bad configs."""
+"""KDTrainer on digits: it learns, resumes bit-exactly, reduces to plain CE, rejects bad configs;
+a failed resume (damaged checkpoint, another run's) leaves it exactly as it was."""
 import random
 
 import numpy as np
@@ -8,8 +9,11 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 
 from conftest import DEVICES
+from resume_checks import (DAMAGES, assert_resume_fails_cleanly, assert_same,
+                           damage_checkpoint, double_first_tensor, full_state)
 from distillkit.data import DictDataset, load_digits_splits, mlp
-from distillkit.trainers import KDConfig, KDTrainer
+from distillkit.trainers import KDConfig, KDTrainer, WeightedDistillationTrainer
+from distillkit.trainers import runtime
 
 # A student that learns nothing scores ~0.1; the teacher scores ~0.97.
 LEARNED_ACCURACY = 0.9
@@ -188,8 +192,21 @@ def test_resume_rejects_checkpoint_past_epochs(splits, tmp_path):
         (lambda s, t: dict(loss=KDConfig(temperature=2.0)), "needs a teacher"),
         (lambda s, t: dict(optimizer=torch.optim.SGD(t.parameters(), lr=0.1)),
          "optimizer must be built over exactly student.parameters"),
+        (lambda s, t: dict(train_data=DictDataset(input=s.train.tensors["input"])),
+         r"train_data items have no 'label' \(they have 'input'"),
+        (lambda s, t: dict(train_data=DictDataset(input=s.train.tensors["input"]), teacher=t,
+                           loss=KDConfig(hard_weight=0.5)), "train_data items have no 'label'"),
+        (lambda s, t: dict(train_data=DictDataset(x=s.train.tensors["input"]), teacher=t),
+         "train_data items have no 'input'"),
+        (lambda s, t: dict(eval_data=DictDataset(input=s.val.tensors["input"])),
+         "eval_data items have no 'label'"),
+        (lambda s, t: dict(train_data=torch.utils.data.TensorDataset(
+            s.train.tensors["input"], s.train.tensors["label"])),
+         "train_data items must be dicts of tensors"),
     ],
-    ids=["epochs", "batch_size", "empty-data", "loss-without-teacher", "foreign-optimizer"],
+    ids=["epochs", "batch_size", "empty-data", "loss-without-teacher", "foreign-optimizer",
+         "no-label-for-ce", "no-label-for-hard-term", "no-input", "eval-without-label",
+         "tuple-items"],
 )
 def test_bad_trainer_config_raises(splits, teacher, make, match):
     kwargs = dict(train_data=splits.train, progress=False)
@@ -225,3 +242,142 @@ def test_bad_fit_arguments_raise(splits):
 def test_dict_dataset_rejects_ragged_tensors():
     with pytest.raises(ValueError, match="equal first dimensions"):
         DictDataset(input=torch.zeros(3, 2), label=torch.zeros(4))
+
+
+# ---- a failed resume leaves the trainer exactly as it was ------------------------------
+
+def small_kd(splits, hidden=32, seed=1, optimizer=None):
+    """A KD run on 128 digits with a dropout student (so it draws on the RNG)."""
+    torch.manual_seed(0)
+    teacher = mlp(splits.num_features, [16], splits.num_classes)
+    model = mlp(splits.num_features, [hidden], splits.num_classes, dropout=0.2)
+    x, y = splits.train.tensors["input"][:128], splits.train.tensors["label"][:128]
+    return KDTrainer(model, DictDataset(input=x, label=y), teacher=teacher,
+                     optimizer=optimizer or (lambda p: torch.optim.Adam(p, lr=1e-3)),
+                     epochs=3, batch_size=32, seed=seed, progress=False)
+
+
+def trained_kd(splits):
+    """The trainer a resume is tried on, with state of its own (two epochs trained)."""
+    trainer = small_kd(splits)
+    trainer.fit(stop_epoch=2)
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def kd_checkpoint(splits, tmp_path_factory):
+    path = tmp_path_factory.mktemp("kd") / "run.pt"
+    small_kd(splits, seed=3).fit(stop_epoch=1, checkpoint_path=path)
+    return path
+
+
+def assert_continues_like_an_untouched_twin(trainer, splits):
+    """What a failed resume left behind trains on exactly as a trainer that never saw it."""
+    trainer.fit()
+    twin = trained_kd(splits)
+    twin.fit()
+    assert trainer.history == twin.history
+    assert_params_equal(trainer.student, twin.student)
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_failed_resume_leaves_the_trainer_as_it_was(splits, kd_checkpoint, tmp_path, damage):
+    trainer = trained_kd(splits)
+    path = tmp_path / "damaged.pt"
+    assert_resume_fails_cleanly(trainer, path,
+                                damage_checkpoint(kd_checkpoint, path, damage, "epoch"))
+    assert_continues_like_an_untouched_twin(trainer, splits)
+
+
+@pytest.mark.parametrize("other, match", [
+    (lambda splits: small_kd(splits, hidden=16), r"student '0\.weight' is \(16, 64\)"),
+    (lambda splits: small_kd(splits, optimizer=sgd()), "another optimizer"),
+    (lambda splits: weighted_run(splits), "of a WeightedDistillationTrainer, not of a KDTrainer"),
+], ids=["another-architecture", "another-optimizer", "another-trainer"])
+def test_resume_from_another_run_is_refused(splits, tmp_path, other, match):
+    path = tmp_path / "other.pt"
+    other(splits).fit(stop_epoch=1, checkpoint_path=path)
+    trainer = trained_kd(splits)
+    assert_resume_fails_cleanly(trainer, path, match)
+    assert_continues_like_an_untouched_twin(trainer, splits)
+
+
+def weighted_run(splits):
+    """Weighted distillation with the same student, teacher and optimizer as small_kd."""
+    kd = small_kd(splits)
+    return WeightedDistillationTrainer(kd.student, kd.train_data, teacher=kd.teacher,
+                                       val_data=Subset(splits.val, range(64)), epochs=3,
+                                       first_epochs=1, batch_size=32, progress=False)
+
+
+def test_resume_from_a_missing_file_names_it(splits, tmp_path):
+    trainer = trained_kd(splits)
+    assert_resume_fails_cleanly(trainer, tmp_path / "nothing.pt", "No such file",
+                                error=FileNotFoundError)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda s: s.update(weights=s["weights"][:10]), r"weights is \(10,\) torch.float32, this "
+                                                     r"run's is \(128,\) torch.float32"),
+    (lambda s: s.update(initial_state=None), "has no initial state"),
+    (lambda s: double_first_tensor(s["initial_state"]["student"]),
+     r"initial student '0\.weight' is \(64, 64\)"),
+], ids=["weights", "no-initial-state", "initial-student"])
+def test_weighted_failed_resume_leaves_the_trainer_as_it_was(splits, tmp_path, edit, match):
+    path = tmp_path / "run.pt"
+    weighted_run(splits).fit(stop_epoch=2, checkpoint_path=path)
+    state = torch.load(path, weights_only=True)
+    edit(state)
+    torch.save(state, path)
+    trainer = weighted_run(splits)
+    trainer.fit(stop_epoch=1)
+    assert_resume_fails_cleanly(trainer, path, match)
+
+
+def test_kd_checkpoint_does_not_resume_weighted_distillation(splits, kd_checkpoint):
+    assert_resume_fails_cleanly(weighted_run(splits), kd_checkpoint,
+                                "of a KDTrainer, not of a WeightedDistillationTrainer")
+
+
+@pytest.mark.parametrize("where, match", [
+    (lambda tmp: tmp / "missing" / "run.pt", "does not exist"),
+    (lambda tmp: tmp, "is a directory"),
+], ids=["no-directory", "a-directory"])
+def test_unsavable_checkpoint_path_fails_before_training(splits, tmp_path, where, match):
+    trainer = small_kd(splits)
+    before = params(trainer.student)
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(checkpoint_path=str(where(tmp_path)))
+    assert trainer.epoch == 0 and all(torch.equal(a, b) for a, b in
+                                      zip(before, params(trainer.student)))
+
+
+def test_checkpoint_of_an_older_torch_without_a_newer_setting_resumes(splits, kd_checkpoint,
+                                                                      tmp_path):
+    # An optimizer setting added by a later torch is missing from older files; the
+    # optimizer's load_state_dict gives it its default.
+    state = torch.load(kd_checkpoint, weights_only=True)
+    for group in state["optimizer"]["param_groups"]:
+        group.pop("decoupled_weight_decay", None)
+        group.pop("amsgrad")
+    torch.save(state, tmp_path / "old.pt")
+    trainer = trained_kd(splits)
+    trainer.resume(str(tmp_path / "old.pt"))
+    assert trainer.epoch == 1 and trainer.optimizer.param_groups[0]["amsgrad"] is False
+
+
+def test_interrupted_resume_is_undone(splits, kd_checkpoint, monkeypatch):
+    real, calls = runtime.set_rng_state, []
+
+    def interrupted_once(state, device):
+        calls.append(1)
+        if len(calls) == 1:  # Ctrl-C after the models are loaded; the undo then succeeds
+            raise KeyboardInterrupt
+        real(state, device)
+
+    monkeypatch.setattr(runtime, "set_rng_state", interrupted_once)
+    trainer = trained_kd(splits)
+    before = full_state(trainer)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.resume(str(kd_checkpoint))
+    assert_same(full_state(trainer), before)

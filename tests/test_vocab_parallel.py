@@ -155,3 +155,10 @@ def test_matches_kd_loss(ranks, name):
         rtol, atol = GRAD_TOL[dtype]
         torch.testing.assert_close(grad, want, rtol=rtol, atol=atol, equal_nan=True)
         torch.testing.assert_close(grad, ref, rtol=rtol, atol=atol, equal_nan=True)
+
+
+def test_padded_teacher_vocab_is_rejected():
+    """Padding rows sit at the end of the global vocabulary, not of every shard: a
+    per-shard truncation would be wrong, so the option is refused (before any collective)."""
+    with pytest.raises(ValueError, match="teacher_vocab must be 'exact'"):
+        vocab_parallel_kd_loss(torch.randn(3, 4), torch.randn(3, 6), teacher_vocab="truncate")

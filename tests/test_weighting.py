@@ -9,18 +9,25 @@ from distillkit.methods.weighting import estimate_weights
 
 
 def brute_force(teacher, student, val_teacher, val_student, val_labels, rule="distortion",
-                k_nn=None):
+                k_nn=None, distortion="ignore"):
     """The definition, one pool row and one validation point at a time, in Python floats."""
     v = len(val_labels)
     k = min(k_nn or math.ceil(0.5 * math.sqrt(v)), v)
     wrong = [float(val_teacher[j].argmax() != val_labels[j]) for j in range(v)]
+    # (p, distortion) per validation point: (0, 1) when right; t_y / max t when wrong (ours).
+    dist_v = [1.0 if not wrong[j] else (val_teacher[j, val_labels[j]] / val_teacher[j].max()).item()
+              for j in range(v)]
     keys = [(val_teacher[j].max().item(), val_student[j].max().item()) for j in range(v)]
     weights = []
     for i in range(len(teacher)):
         x = (teacher[i].max().item(), student[i].max().item())
         dist = [((x[0] - a) ** 2 + (x[1] - b) ** 2, j) for j, (a, b) in enumerate(keys)]
-        p_hat = sum(wrong[j] for _, j in sorted(dist)[:k]) / k
-        weights.append(max(0.0, 1 - 2 * p_hat) if rule == "distortion" else 1 - p_hat)
+        nearest = [j for _, j in sorted(dist)[:k]]
+        p_hat = sum(wrong[j] for j in nearest) / k
+        w = max(0.0, 1 - 2 * p_hat) if rule == "distortion" else 1 - p_hat
+        if distortion == "scale":
+            w *= sum(dist_v[j] for j in nearest) / k
+        weights.append(w)
     return torch.tensor(weights, dtype=torch.float64)
 
 
@@ -34,16 +41,19 @@ def grid_probs(n, g):
     return torch.stack([top, 1 - top], 1)
 
 
+@pytest.mark.parametrize("distortion", ["ignore", "scale"])
 @pytest.mark.parametrize("rule", ["distortion", "accuracy"])
 @pytest.mark.parametrize("v", [1, 5, 37, 200])
 @pytest.mark.parametrize("make", ["random", "grid"])
-def test_matches_brute_force(rule, v, make):
+def test_matches_brute_force(rule, v, make, distortion):
     g = torch.Generator().manual_seed(v)
     probs = (lambda n: random_probs(n, 6, g)) if make == "random" else (lambda n: grid_probs(n, g))
     teacher, student, val_teacher, val_student = probs(50), probs(50), probs(v), probs(v)
     val_labels = torch.randint(0, val_teacher.shape[1], (v,), generator=g)
-    got = estimate_weights(teacher, student, val_teacher, val_student, val_labels, rule=rule)
-    want = brute_force(teacher, student, val_teacher, val_student, val_labels, rule)
+    got = estimate_weights(teacher, student, val_teacher, val_student, val_labels, rule=rule,
+                           distortion=distortion)
+    want = brute_force(teacher, student, val_teacher, val_student, val_labels, rule,
+                       distortion=distortion)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
@@ -70,6 +80,29 @@ def test_equidistant_neighbours_are_taken_by_index():
     labels = torch.tensor([0, 1, 1, 1])  # the teacher (argmax 0) is wrong on indices 1, 2, 3
     w = estimate_weights(pool, pool, val_t, val_s, labels, k_nn=2, rule="accuracy")
     assert w.tolist() == [0.5]  # neighbours 0 (right) and 1 (wrong)
+
+
+def test_distortion_of_the_correct_branch_is_one():
+    # A teacher right on all of V: every point is (p, distortion) = (0, 1), so "scale"
+    # changes nothing and w ≡ 1.
+    g = torch.Generator().manual_seed(4)
+    pool, val = random_probs(30, 4, g), random_probs(12, 4, g)
+    labels = val.argmax(1)
+    for distortion in ("ignore", "scale"):
+        w = estimate_weights(pool, pool, val, val, labels, distortion=distortion)
+        assert w.tolist() == [1.0] * 30
+
+
+def test_distortion_scales_by_the_true_class_share():
+    # One validation point, wrong: its distortion is t_y / max t = 0.2 / 0.8.
+    val = torch.tensor([[0.8, 0.2]], dtype=torch.float64)
+    pool = torch.tensor([[0.6, 0.4]], dtype=torch.float64)
+    labels = torch.tensor([1])
+    assert estimate_weights(pool, pool, val, val, labels, rule="accuracy").tolist() == [0.0]
+    half = torch.tensor([[0.8, 0.2], [0.9, 0.1]], dtype=torch.float64)  # wrong, right
+    w = estimate_weights(pool, pool, half, half, torch.tensor([1, 0]), k_nn=2, rule="accuracy",
+                         distortion="scale")
+    assert w.tolist() == [pytest.approx(0.5 * (0.25 + 1.0) / 2)]
 
 
 def test_empty_validation_set_gives_ones():
@@ -126,6 +159,7 @@ Y = torch.zeros(4, dtype=torch.int64)
     "args, kwargs, match",
     [
         ((P, P, P, P, Y), dict(rule="clip"), "rule must be one of"),
+        ((P, P, P, P, Y), dict(distortion="multiply"), "distortion must be one of"),
         ((P[0], P, P, P, Y), {}, "teacher_probs must be a 2-D"),
         ((P, P[:3], P, P, Y), {}, "student_probs must have 4 rows"),
         ((P, P, P.long(), P, Y), {}, "val_teacher_probs must be a 2-D floating"),

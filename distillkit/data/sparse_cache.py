@@ -14,16 +14,28 @@ On disk (a directory; numpy ``.npy`` files, memory-mapped when read)::
     chunk_00000_logprobs.npy    (n, k) float16 or float32       / per chunk (the last: fewer)
 
 Positions are the batches' tokens in order, row after row; a sequence may straddle
-chunks. ``index.json`` is written last, so a directory without it is an interrupted write.
+chunks. A cache is written whole into a temporary sibling directory (``.<name>.*.tmp``),
+every file fsynced, and only then renamed to ``path`` (atomically exchanged with the old
+cache under ``overwrite=True``): a writer killed at any instant leaves ``path`` as it
+was, the old cache or nothing, plus at most a stale temporary sibling.
+:class:`TeacherTopKDataset` checks that the files agree with the index (names, shapes,
+dtypes, row counts, no missing or extra chunk file, no truncated file) and names the
+file that does not.
 Storage per position is about k * (4 + 2) bytes with the defaults (int32, fp16): 192 B at
 k = 32, against 2 * C bytes for a dense bf16 row (256 kB at C = 128256).
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import functools
 import json
+import math
+import numbers
 import os
-from typing import Any, Dict, Iterable, List, Optional, Union
+import shutil
+import tempfile
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -47,18 +59,36 @@ def _logits_of(output: Any) -> Tensor:
         return output
     if hasattr(output, "logits"):
         return output.logits
-    if isinstance(output, (tuple, list)):
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         return output[0]
     raise TypeError(f"teacher must return logits, an object with .logits or a tuple "
                     f"(got {type(output).__name__})")
 
 
 def _tokens_of(batch: Union[Tensor, Dict[str, Tensor]]) -> Tensor:
-    tokens = batch["input_ids"] if isinstance(batch, dict) else batch
-    if tokens.dtype not in (torch.int64, torch.int32) or tokens.dim() not in (1, 2):
-        raise ValueError(f"token batches must be (B, S) or (S,) integer tensors "
-                         f"(got {tuple(tokens.shape)} {tokens.dtype})")
+    tokens = batch.get("input_ids") if isinstance(batch, dict) else batch
+    if not (isinstance(tokens, Tensor) and tokens.dtype in (torch.int64, torch.int32)
+            and tokens.dim() in (1, 2)):
+        shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+        raise ValueError(f"token_batches must yield (B, S) or (S,) integer tensors or dicts "
+                         f"with 'input_ids' (got {shape} {getattr(tokens, 'dtype', '')})")
     return tokens if tokens.dim() == 2 else tokens[None]
+
+
+def _save_synced(path: str, write) -> None:
+    """``write(f)`` into a new file at ``path``, flushed and fsynced before returning."""
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _ChunkWriter:
@@ -88,11 +118,99 @@ class _ChunkWriter:
         for f in FIELDS:
             data = np.concatenate(self.buffer[f])
             name = f"chunk_{len(self.chunks):05d}_{f}.npy"
-            np.save(os.path.join(self.path, name), data[:n])
+            _save_synced(os.path.join(self.path, name), functools.partial(np.save, arr=data[:n]))
             self.buffer[f] = [data[n:]]
             entry[f] = name
         self.buffered -= n
         self.chunks.append(entry)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_write_arguments(teacher, token_batches, path, k, temperature, chunk_tokens,
+                           index_dtype, logprob_dtype, device, overwrite) -> Tuple[str, torch.device]:
+    """Every argument of :func:`write_teacher_topk` that can be checked before the teacher
+    runs; returns the absolute path and the device. Touches nothing on disk."""
+    if not callable(teacher):
+        raise TypeError(f"teacher must be a module mapping tokens to logits "
+                        f"(got {type(teacher).__name__})")
+    try:
+        iter(token_batches)
+    except TypeError:
+        raise TypeError(f"token_batches must be an iterable of token batches "
+                        f"(got {type(token_batches).__name__})") from None
+    if not (_is_int(k) and k >= 1):
+        raise ValueError(f"k must be a positive int (got {k!r})")
+    if not (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
+            and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number (got {temperature!r})")
+    if not (_is_int(chunk_tokens) and chunk_tokens >= 1):
+        raise ValueError(f"chunk_tokens must be a positive int (got {chunk_tokens!r})")
+    if index_dtype not in tuple(INDEX_DTYPES):
+        raise ValueError(f"index_dtype must be torch.int32 or torch.int64 (got {index_dtype})")
+    if logprob_dtype not in tuple(LOGPROB_DTYPES):
+        raise ValueError(f"logprob_dtype must be torch.float16 or torch.float32 (got {logprob_dtype})")
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be a bool (got {type(overwrite).__name__})")
+    if device is None:
+        param = next(teacher.parameters(), None) if isinstance(teacher, nn.Module) else None
+        device = param.device if param is not None else torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must name a torch device (got {device!r}: {e})") from None
+    try:
+        # A symlinked cache is replaced where it lives, the link kept (and the temporary
+        # sibling is on the target's filesystem, so the rename is atomic).
+        path = os.path.realpath(os.fspath(path))
+    except TypeError:
+        raise TypeError(f"path must be a str or os.PathLike (got {type(path).__name__})") from None
+    index_path = os.path.join(path, INDEX_FILE)
+    if os.path.lexists(path):
+        if not os.path.isdir(path):
+            raise FileExistsError(f"path {path} exists and is not a directory")
+        if os.path.lexists(index_path):
+            if not overwrite:
+                raise FileExistsError(f"{index_path} exists; pass overwrite=True to replace "
+                                      "the cache")
+        elif os.listdir(path):
+            raise FileExistsError(f"path {path} is a non-empty directory without {INDEX_FILE} "
+                                  "(not a teacher top-k cache): refusing to replace it")
+    return path, device
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap the directories ``a`` and ``b`` (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``); False where the OS or filesystem cannot (e.g. NFS)."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def _install(new: str, path: str) -> None:
+    """Make the complete cache directory ``new`` the one at ``path``, replacing an old one."""
+    if not os.path.exists(os.path.join(path, INDEX_FILE)):
+        os.rename(new, path)  # path is absent or an empty directory: one atomic rename
+    elif _exchange(new, path):
+        shutil.rmtree(new)  # the old cache, now at the temporary name
+    else:
+        # No atomic exchange here: between these two renames path is absent and the old
+        # cache sits, complete, at the temporary name.
+        old = tempfile.mkdtemp(prefix=os.path.basename(new) + ".", suffix=".old",
+                               dir=os.path.dirname(path))
+        os.rename(path, old)
+        os.rename(new, path)
+        shutil.rmtree(old)
+    _fsync_dir(os.path.dirname(path))
 
 
 @torch.no_grad()
@@ -117,70 +235,88 @@ def write_teacher_topk(
     ``logprob_dtype``. Feed them to :func:`distillkit.sparse_kd_loss` with the same
     ``temperature``.
 
+    The cache is written into a temporary sibling of ``path`` and moved to ``path``
+    only once every file is complete and fsynced, so an error or a killed process
+    leaves whatever was at ``path`` untouched (a stale ``.<name>.*.tmp`` sibling may
+    remain after a kill). With ``overwrite=True`` the old cache is replaced by an
+    atomic directory exchange where the filesystem offers one (Linux ``renameat2``;
+    elsewhere, e.g. NFS, two renames, between which ``path`` is briefly absent).
+
     Args:
         teacher: maps (B, S) int64 token ids to (B, S, V) logits (or an output with
             ``.logits``, or a tuple led by them); run under ``no_grad`` in its current
-            mode (call ``teacher.eval()`` first for dropout-free logits).
+            mode (call ``teacher.eval()`` first for dropout-free logits). V must be the
+            same for every batch.
         token_batches: iterable of (B, S) or (S,) integer tensors, or dicts with
             ``"input_ids"``; S may differ between batches. Each row is one sequence.
-        path: directory to write (created if needed).
+            At least one position in all.
+        path: directory to write: absent, empty, or (with ``overwrite``) a cache.
         k: positions keep their k most likely classes, 1 <= k <= V.
-        temperature: T > 0 of the teacher's softmax.
+        temperature: T > 0 (finite) of the teacher's softmax.
         chunk_tokens: positions per chunk file (bounds the writer's host memory).
         index_dtype: torch.int32 (default, V < 2**31) or torch.int64.
         logprob_dtype: torch.float16 (default) or torch.float32.
         device: where the batches are moved before the teacher runs (default: the
             teacher's first parameter's device, else CPU).
-        overwrite: replace an existing cache in ``path`` (else FileExistsError).
+        overwrite: replace an existing cache in ``path`` (else FileExistsError). A
+            non-empty directory that is not a cache is never replaced.
 
     Returns:
         The index written to ``path/index.json``.
     """
-    if index_dtype not in INDEX_DTYPES:
-        raise ValueError(f"index_dtype must be torch.int32 or torch.int64 (got {index_dtype})")
-    if logprob_dtype not in LOGPROB_DTYPES:
-        raise ValueError(f"logprob_dtype must be torch.float16 or torch.float32 (got {logprob_dtype})")
-    if not (isinstance(k, int) and k >= 1):
-        raise ValueError(f"k must be a positive int (got {k!r})")
-    if not (isinstance(chunk_tokens, int) and chunk_tokens >= 1):
-        raise ValueError(f"chunk_tokens must be a positive int (got {chunk_tokens!r})")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (got {temperature})")
-    path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
-    index_path = os.path.join(path, INDEX_FILE)
-    if os.path.exists(index_path):
-        if not overwrite:
-            raise FileExistsError(f"{index_path} exists; pass overwrite=True to replace the cache")
-        os.remove(index_path)
-    if device is None:
-        param = next(teacher.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
+    path, device = _check_write_arguments(teacher, token_batches, path, k, temperature,
+                                          chunk_tokens, index_dtype, logprob_dtype, device,
+                                          overwrite)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+    try:
+        index = _write_cache(teacher, token_batches, tmp, k, temperature, chunk_tokens,
+                             index_dtype, logprob_dtype, device)
+        _install(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return index
 
+
+def _write_cache(teacher, token_batches, path, k, temperature, chunk_tokens, index_dtype,
+                 logprob_dtype, device) -> Dict[str, Any]:
+    """The files of a cache, written into the (new, empty) directory ``path``."""
     writer = _ChunkWriter(path, chunk_tokens)
     sequences: List[List[int]] = []
     position, vocab_size = 0, None
-    for batch in token_batches:
+    for batch_number, batch in enumerate(token_batches):
         tokens = _tokens_of(batch)
         b, s = tokens.shape
         logits = _logits_of(teacher(tokens.to(device)))
         if logits.shape[:2] != (b, s) or logits.dim() != 3:
             raise ValueError(f"teacher must return (B, S, V) = ({b}, {s}, V) logits "
                              f"(got {tuple(logits.shape)})")
+        if vocab_size is not None and logits.shape[-1] != vocab_size:
+            raise ValueError(f"teacher returned {logits.shape[-1]} classes after "
+                             f"{vocab_size} on earlier batches")
         vocab_size = logits.shape[-1]
         if k > vocab_size:
             raise ValueError(f"k must be at most the vocabulary size {vocab_size} (got {k})")
         if index_dtype == torch.int32 and vocab_size >= 2**31:
             raise ValueError(f"index_dtype=torch.int32 cannot hold {vocab_size} classes")
         logprobs, indices = torch.log_softmax(logits.float() / temperature, -1).topk(k, dim=-1)
+        # A NaN would be cached and come back as a NaN loss in every epoch; −inf (a
+        # padded vocabulary's probability 0) is valid.
+        if bool(logprobs.isnan().any()):
+            raise ValueError(f"teacher returned NaN logits for batch {batch_number} (0-based)")
         writer.add(tokens=tokens.reshape(-1).long().cpu().numpy(),
                    indices=indices.reshape(-1, k).to(index_dtype).cpu().numpy(),
                    logprobs=logprobs.reshape(-1, k).to(logprob_dtype).cpu().numpy())
         sequences += [[position + r * s, s] for r in range(b)]
         position += b * s
+    if position == 0:
+        raise ValueError("token_batches must hold at least one token position (got none)")
     writer.close()
 
-    np.save(os.path.join(path, SEQUENCES_FILE), np.asarray(sequences, dtype=np.int64).reshape(-1, 2))
+    _save_synced(os.path.join(path, SEQUENCES_FILE), functools.partial(
+        np.save, arr=np.asarray(sequences, dtype=np.int64).reshape(-1, 2)))
     index = {
         "format": FORMAT_VERSION, "k": k, "temperature": float(temperature),
         "vocab_size": vocab_size, "index_dtype": INDEX_DTYPES[index_dtype],
@@ -188,9 +324,136 @@ def write_teacher_topk(
         "num_tokens": position, "num_sequences": len(sequences),
         "sequences": SEQUENCES_FILE, "chunks": writer.chunks,
     }
-    with open(index_path, "w") as f:
-        json.dump(index, f, indent=1)
+    _save_synced(os.path.join(path, INDEX_FILE),
+                 lambda f: f.write(json.dumps(index, indent=1).encode()))
+    _fsync_dir(path)
     return index
+
+
+# ---- reading: the files must agree with the index --------------------------------------
+
+# Index entries and their types (bool is no int here).
+_INDEX_FIELDS = {"k": int, "temperature": (int, float), "vocab_size": int, "index_dtype": str,
+                 "logprob_dtype": str, "chunk_tokens": int, "num_tokens": int,
+                 "num_sequences": int, "sequences": str, "chunks": list}
+
+
+def _read_index(index_path: str) -> Dict[str, Any]:
+    """``index.json``, checked to hold every entry with a valid type and value."""
+    if not os.path.exists(index_path):
+        raise FileNotFoundError(f"{index_path} not found: not a teacher top-k cache")
+    try:
+        with open(index_path, "rb") as f:
+            index = json.loads(f.read().decode())
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{index_path}: not valid JSON, the index is truncated or corrupt "
+                         f"({e})") from None
+    if not isinstance(index, dict):
+        raise ValueError(f"{index_path}: holds a {type(index).__name__}, not a cache index")
+    if index.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{index_path}: unsupported cache format {index.get('format')!r} "
+                         f"(this version reads {FORMAT_VERSION})")
+    for key, kind in _INDEX_FIELDS.items():
+        if key not in index:
+            raise ValueError(f"{index_path}: has no {key!r} entry")
+        if not isinstance(index[key], kind) or isinstance(index[key], bool):
+            raise ValueError(f"{index_path}: {key!r} is {index[key]!r}, not a "
+                             f"{getattr(kind, '__name__', 'number')}")
+    problems = [
+        (index["k"] >= 1, "k must be >= 1"),
+        (index["vocab_size"] >= index["k"], "vocab_size must be >= k"),
+        (math.isfinite(index["temperature"]) and index["temperature"] > 0,
+         "temperature must be positive and finite"),
+        (index["index_dtype"] in INDEX_DTYPES.values(), "index_dtype must be int32 or int64"),
+        (index["logprob_dtype"] in LOGPROB_DTYPES.values(),
+         "logprob_dtype must be float16 or float32"),
+        (index["chunk_tokens"] >= 1, "chunk_tokens must be >= 1"),
+        (index["num_tokens"] >= 1, "num_tokens must be >= 1"),
+        (index["num_sequences"] >= 1, "num_sequences must be >= 1"),
+    ]
+    for ok, what in problems:
+        if not ok:
+            raise ValueError(f"{index_path}: {what}")
+    return index
+
+
+def _npy_header(file: str) -> Tuple[Tuple[int, ...], np.dtype]:
+    """(shape, dtype) of the ``.npy`` file ``file``, checked to be a C-order array whose
+    data is all there (a truncated file has fewer bytes than its header promises)."""
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file}: missing (the cache index lists it)")
+    try:
+        with open(file, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0,
+                    (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read is None:
+                raise ValueError(f"npy format version {version}")
+            shape, fortran_order, dtype = read(f)
+            offset = f.tell()
+    except ValueError as e:  # numpy's own: a bad magic string or header
+        raise ValueError(f"{file}: not a readable .npy array, truncated or corrupt ({e})") from None
+    if fortran_order or dtype.hasobject:
+        raise ValueError(f"{file}: holds a Fortran-order or object array, not a cache array")
+    expected = offset + math.prod(shape) * dtype.itemsize
+    size = os.path.getsize(file)
+    if size != expected:
+        raise ValueError(f"{file}: truncated or corrupt, {size} bytes where its header "
+                         f"promises {expected}")
+    return tuple(shape), dtype
+
+
+def _check_array(file: str, shape: Tuple[int, ...], dtype: str, index_path: str) -> None:
+    got_shape, got_dtype = _npy_header(file)
+    if got_shape != shape or got_dtype != np.dtype(dtype):
+        raise ValueError(f"{file}: holds a {got_shape} {got_dtype} array where {index_path} "
+                         f"says {shape} {dtype}")
+
+
+def _check_cache(path: str, index: Dict[str, Any], index_path: str) -> np.ndarray:
+    """Check every file of the cache at ``path`` against ``index``; return the sequences."""
+    chunks, n_chunk = index["chunks"], index["chunk_tokens"]
+    listed = {INDEX_FILE}
+
+    def name_of(value: Any, what: str) -> str:
+        if not (isinstance(value, str) and value and os.path.basename(value) == value
+                and value not in (".", "..")):
+            raise ValueError(f"{index_path}: {what} is {value!r}, not a file name in the cache")
+        if value in listed:
+            raise ValueError(f"{index_path}: {what} names {value}, which it lists already")
+        listed.add(value)
+        return os.path.join(path, value)
+
+    if len(chunks) != -(-index["num_tokens"] // n_chunk):
+        raise ValueError(f"{index_path}: lists {len(chunks)} chunks for {index['num_tokens']} "
+                         f"positions of {n_chunk} per chunk")
+    for c, entry in enumerate(chunks):
+        if not (isinstance(entry, dict) and _is_int(entry.get("size"))):
+            raise ValueError(f"{index_path}: chunk {c} is {entry!r}, not a chunk entry")
+        size = entry["size"]
+        # Every chunk holds chunk_tokens positions, the last what remains.
+        full = n_chunk if c + 1 < len(chunks) else index["num_tokens"] - n_chunk * c
+        if size != full:
+            raise ValueError(f"{index_path}: chunk {c} has size {size}, expected {full}")
+        for field, shape, dtype in (("tokens", (size,), "int64"),
+                                    ("indices", (size, index["k"]), index["index_dtype"]),
+                                    ("logprobs", (size, index["k"]), index["logprob_dtype"])):
+            _check_array(name_of(entry.get(field), f"chunk {c}'s {field!r}"), shape, dtype,
+                         index_path)
+    sequences_file = name_of(index["sequences"], "'sequences'")
+    _check_array(sequences_file, (index["num_sequences"], 2), "int64", index_path)
+    sequences = np.load(sequences_file, allow_pickle=False)
+    # Sequences tile the positions in order: each starts where the previous ended.
+    starts, lengths = sequences[:, 0], sequences[:, 1]
+    ends = np.cumsum(lengths)
+    if (lengths < 0).any() or (starts != ends - lengths).any() or ends[-1] != index["num_tokens"]:
+        raise ValueError(f"{sequences_file}: the sequences do not tile the "
+                         f"{index['num_tokens']} positions of {index_path} in order")
+    extra = sorted(n for n in os.listdir(path) if n.endswith(".npy") and n not in listed)
+    if extra:
+        raise ValueError(f"{os.path.join(path, extra[0])}: not listed in {index_path} "
+                         f"({len(extra)} such file(s); a chunk of another write?)")
+    return sequences
 
 
 class TeacherTopKDataset(Dataset):
@@ -200,19 +463,21 @@ class TeacherTopKDataset(Dataset):
     student's logits at s are). Chunks are memory-mapped and read on access.
 
     ``index`` holds the cache's metadata (k, temperature, vocab_size, dtypes, ...).
+
+    Opening checks the whole directory against ``index.json`` (from the files' headers
+    and sizes; the values are not read): every listed chunk exists with the shape,
+    dtype and row count the index gives, no ``.npy`` file is unlisted, no file is
+    truncated, and the sequences tile the positions. A disagreement raises
+    ``ValueError`` (``FileNotFoundError`` for a missing file) naming the file and what
+    is wrong. Index values out of [0, vocab_size) are caught by
+    :func:`distillkit.sparse_kd_loss`, which checks its indices.
     """
 
     def __init__(self, path: Union[str, os.PathLike]):
         self.path = os.fspath(path)
         index_path = os.path.join(self.path, INDEX_FILE)
-        if not os.path.exists(index_path):
-            raise FileNotFoundError(f"{index_path} not found: not a teacher top-k cache, or "
-                                    "an interrupted write")
-        with open(index_path) as f:
-            self.index = json.load(f)
-        if self.index.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{index_path}: unsupported cache format {self.index.get('format')}")
-        self.sequences = np.load(os.path.join(self.path, self.index["sequences"]))
+        self.index = _read_index(index_path)
+        self.sequences = _check_cache(self.path, self.index, index_path)
         self.chunk_tokens = self.index["chunk_tokens"]
         self._chunks: Dict[tuple, np.ndarray] = {}
 
@@ -239,6 +504,8 @@ class TeacherTopKDataset(Dataset):
                                          self._chunk(0, field)[:0]))
 
     def __getitem__(self, i: int) -> Dict[str, Tensor]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sequence {i} out of range: {self.path} holds {len(self)}")
         start, length = (int(v) for v in self.sequences[i])
         return {"tokens": self._positions("tokens", start, start + length),
                 "teacher_indices": self._positions("indices", start, start + length),
@@ -249,7 +516,15 @@ def collate_topk(items: List[Dict[str, Tensor]], pad_token: int = 0) -> Dict[str
     """Stacks items into (B, S_max) batches, padding shorter sequences at the end: tokens
     with ``pad_token``, teacher indices with -1 (so :func:`distillkit.sparse_kd_loss`
     skips those positions as dead rows), log-probabilities with 0; ``mask`` (B, S_max)
-    is True at real positions."""
+    is True at real positions. Items must agree on K and on the dtypes (one cache's do)."""
+    if not items:
+        raise ValueError("collate_topk needs at least one item")
+    first = items[0]
+    for it in items[1:]:
+        for key in ("teacher_indices", "teacher_logprobs"):
+            if it[key].shape[-1:] != first[key].shape[-1:] or it[key].dtype != first[key].dtype:
+                raise ValueError(f"items disagree on {key}: {tuple(first[key].shape)} "
+                                 f"{first[key].dtype} and {tuple(it[key].shape)} {it[key].dtype}")
     s_max = max(len(it["tokens"]) for it in items)
     k = items[0]["teacher_indices"].shape[-1]
     b = len(items)

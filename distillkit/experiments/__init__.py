@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import argparse
 
-from distillkit.experiments import kdzero, l2t, lm, unlabeled
+from distillkit.experiments import hf, kdzero, l2t, lm, unlabeled
 
-EXPERIMENTS = {"unlabeled": unlabeled, "kdzero": kdzero, "lm": lm, "l2t": l2t}
+EXPERIMENTS = {"unlabeled": unlabeled, "kdzero": kdzero, "lm": lm, "l2t": l2t, "hf": hf}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,10 +1,16 @@
-"""KD-Zero on digits: search a distiller for an MLP pair; compare with vanilla KD and plain CE.
+"""KD-Zero on digits or MNIST-1D: search a distiller for a teacher–student pair; compare with vanilla KD and plain CE.
 
-``python -m distillkit experiment kdzero``: the KD-Zero protocol at small scale, on
-scikit-learn's 8×8 digits (docs/math.md §9.5). A teacher MLP (64→256→256→10) is trained on
-the full training split; the student (MLP 64→32→10) trains on a small labelled
-transfer set (the first ``--transfer-size`` training examples), where soft labels
-matter most (see ``demo``), with the loss ``CE + distiller``.
+``python -m distillkit experiment kdzero``: the KD-Zero protocol at small scale
+(docs/math.md §9.5), with the loss ``CE + distiller`` on a small labelled set.
+
+* ``--dataset digits`` (default): scikit-learn's 8×8 digits. A teacher MLP
+  (64→256→256→10) is trained on the full training split; the student (MLP 64→32→10)
+  trains on a small labelled transfer set (the first ``--transfer-size`` training
+  examples), where soft labels matter most (see ``demo``).
+* ``--dataset mnist1d``: the MNIST-1D benchmark of ``experiment unlabeled`` (split seed
+  ``--split-seed``, test 3000, validation 500): the teacher (CNN 3×32 channels, the same
+  training as there, hence the same teacher for the same seed and size) and the student
+  (CNN 2×16 channels) both train on the first ``--labelled`` labelled examples.
 
 1. Search: :func:`distillkit.methods.kdzero.search` evolves distillers of the student's
    logits (``--feature``: also of its hidden layer, through a linear connector to the
@@ -25,6 +31,7 @@ search).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import statistics
@@ -34,6 +41,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from distillkit.data import DictDataset, load_digits_splits, mlp
+from distillkit.data.mnist1d import cnn1d, mnist1d_splits
+from distillkit.experiments.unlabeled import train_teacher
 from distillkit.methods.kdzero import Distiller, ProxyTask, SearchResult, SearchSpace, search
 from distillkit.methods.kdzero.proxy import Diverged
 from distillkit.trainers import KDTrainer
@@ -48,6 +57,11 @@ FINAL_SEED = 1000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", choices=("digits", "mnist1d"), default="digits")
+    parser.add_argument("--labelled", type=int, default=1000,
+                        help="mnist1d: labelled examples of teacher and student")
+    parser.add_argument("--teacher-steps", type=int, default=1000,
+                        help="mnist1d: the teacher's AdamW steps (as in experiment unlabeled)")
     parser.add_argument("--population", type=int, default=20, help="search population (>= 10)")
     parser.add_argument("--rounds", type=int, default=60, help="search rounds after the first")
     parser.add_argument("--children", type=int, default=3,
@@ -114,7 +128,7 @@ def _markdown(rows, teacher_acc: float, test_size: int) -> str:
     header = ["student loss", "formula", "proxy val acc", f"test acc (n={test_size})",
               "Δ vs vanilla KD (paired)", "s / student"]
     lines = ["| " + " | ".join(header) + " |", "|---|---|--:|--:|--:|--:|",
-             f"| teacher (CE, 64-{'-'.join(map(str, TEACHER_HIDDEN))}-10) | — | — | "
+             f"| teacher (CE) | — | — | "
              f"{teacher_acc:.3f} | — | — |"]
     vanilla = next(accs for name, _, _, accs, _ in rows if name == KD_NAME)
     for name, formula, proxy, accs, seconds in rows:
@@ -126,7 +140,7 @@ def _markdown(rows, teacher_acc: float, test_size: int) -> str:
     return "\n".join(lines)
 
 
-def _plot(result: SearchResult, baselines: Dict[str, float], path: str) -> None:
+def _plot(result: SearchResult, baselines: Dict[str, float], path: str, dataset: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -148,7 +162,7 @@ def _plot(result: SearchResult, baselines: Dict[str, float], path: str) -> None:
     ax.set_xlabel("round (0 = random initial population)")
     ax.set_ylabel("fitness: proxy validation accuracy")
     ax.set_ylim(low, None)
-    ax.set_title("KD-Zero search on digits")
+    ax.set_title(f"KD-Zero search on {dataset}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
@@ -160,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.population, args.rounds, args.children = 10, 2, 2
         args.proxy_steps, args.proxy_seeds, args.final_steps, args.seeds, args.top = 8, 1, 16, 2, 1
-        args.teacher_epochs = 2
+        args.teacher_epochs, args.teacher_steps, args.labelled = 2, 20, min(args.labelled, 200)
     if min(args.seeds, args.top, args.proxy_steps, args.proxy_seeds, args.final_steps,
            args.teacher_epochs) < 1:
         raise SystemExit("--seeds, --top, --proxy-steps, --proxy-seeds, --final-steps and "
@@ -168,23 +182,37 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
-    splits = load_digits_splits(seed=args.split_seed)
-    if not 1 <= args.transfer_size <= len(splits.train):
-        raise SystemExit(f"--transfer-size must be in [1, {len(splits.train)}] "
-                         f"(got {args.transfer_size})")
-    n, c = splits.num_features, splits.num_classes
-
-    torch.manual_seed(args.split_seed)
-    teacher = mlp(n, TEACHER_HIDDEN, c, dropout=0.2)
-    teacher_trainer = KDTrainer(teacher, splits.train, epochs=args.teacher_epochs,
-                                batch_size=BATCH_SIZE, seed=args.split_seed, progress=False,
-                                optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
-    teacher_trainer.fit()
+    if args.dataset == "digits":
+        splits = load_digits_splits(seed=args.split_seed)
+        if not 1 <= args.transfer_size <= len(splits.train):
+            raise SystemExit(f"--transfer-size must be in [1, {len(splits.train)}] "
+                             f"(got {args.transfer_size})")
+        n, c = splits.num_features, splits.num_classes
+        torch.manual_seed(args.split_seed)
+        teacher = mlp(n, TEACHER_HIDDEN, c, dropout=0.2)
+        teacher_trainer = KDTrainer(teacher, splits.train, epochs=args.teacher_epochs,
+                                    batch_size=BATCH_SIZE, seed=args.split_seed, progress=False,
+                                    optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+        teacher_trainer.fit()
+        transfer = DictDataset(**{k: v[:args.transfer_size]
+                                  for k, v in splits.train.tensors.items()})
+        make_student = functools.partial(mlp, n, STUDENT_HIDDEN, c)
+        models = (f"teacher MLP 64-{'-'.join(map(str, TEACHER_HIDDEN))}-10 on "
+                  f"{len(splits.train)} examples ({args.teacher_epochs} epochs); student MLP "
+                  f"64-{'-'.join(map(str, STUDENT_HIDDEN))}-10")
+    else:
+        splits, _, _ = mnist1d_splits(args.split_seed, args.labelled, 0)
+        teacher, teacher_trainer = train_teacher(lambda: cnn1d(32, 3, 128), splits.train,
+                                                 args.split_seed, args.teacher_steps, 2e-3)
+        transfer = splits.train
+        make_student = functools.partial(cnn1d, 16, 2, 32)
+        models = (f"teacher CNN 3×32 ch on the {len(transfer)} labelled examples "
+                  f"({args.teacher_steps} AdamW steps, as experiment unlabeled); student CNN "
+                  f"2×16 ch")
     teacher_acc = teacher_trainer.evaluate(splits.test)["accuracy"]
     print(f"teacher: test accuracy {teacher_acc:.3f}", flush=True)
 
-    transfer = DictDataset(**{k: v[:args.transfer_size] for k, v in splits.train.tensors.items()})
-    task = ProxyTask(teacher, lambda: mlp(n, STUDENT_HIDDEN, c), transfer, splits.val,
+    task = ProxyTask(teacher, make_student, transfer, splits.val,
                      epochs=_epochs(args.proxy_steps, len(transfer)), batch_size=BATCH_SIZE,
                      seeds=range(args.seed, args.seed + args.proxy_seeds))
     inputs = (("logits", 2),) + ((("feature", 2),) if args.feature else ())
@@ -226,9 +254,8 @@ def run(args: argparse.Namespace) -> int:
 
     table = _markdown(rows, teacher_acc, len(splits.test))
     settings = (
-        f"digits; teacher MLP 64-{'-'.join(map(str, TEACHER_HIDDEN))}-10 on "
-        f"{len(splits.train)} examples ({args.teacher_epochs} epochs); student MLP "
-        f"64-{'-'.join(map(str, STUDENT_HIDDEN))}-10 on {len(transfer)} labelled examples; "
+        f"{args.dataset} (split seed {args.split_seed}); {models} on {len(transfer)} "
+        f"labelled examples; "
         f"search: population {args.population}, {args.rounds} rounds × ({args.children} "
         f"offspring + 1 random), chains ≤ {args.max_transforms}, outputs "
         f"{', '.join(o for o, _ in inputs)}, proxy {args.proxy_steps} steps × "
@@ -242,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
                 f"Search: {search_line}.\n\n{table}\n\nSettings: {settings}.\n")
     with open(os.path.join(args.out, "best_distiller.json"), "w") as f:
         f.write(best.to_json() + "\n")
-    _plot(result, baselines, os.path.join(args.out, "fitness.png"))
+    _plot(result, baselines, os.path.join(args.out, "fitness.png"), args.dataset)
     print(f"\n{table}\n\n{settings}\n"
           f"wrote {args.out}/results.md, fitness.png, best_distiller.json, search.jsonl")
     return 0

@@ -1,7 +1,12 @@
-"""L2T-DLN and the learned (L2L) optimizer on digits: a learned loss vs CE, an LSTM optimizer vs SGD/Adam.
+"""L2T-DLN and the learned (L2L) optimizer on digits or MNIST-1D: a learned loss vs CE, an LSTM optimizer vs SGD/Adam.
 
 ``python -m distillkit experiment l2t``: both methods of docs/math.md §9.3–9.4 at small scale, on
-scikit-learn's 8×8 digits (1077 train / 270 validation / 450 test, split seed 0).
+scikit-learn's 8×8 digits (1077 train / 270 validation / 450 test, split seed 0), or with
+``--dataset mnist1d`` on the MNIST-1D benchmark of ``experiment unlabeled`` (split seed 0:
+the first ``--labelled`` labelled examples train, validation 500, test 3000), where (a)'s
+student is an MLP 40→32→10 (``--cnn``: a CNN 2×16 channels,
+:func:`distillkit.data.mnist1d.cnn1d`, about 10× the cost) and (b)'s tasks are MLPs
+40→16→10. What follows says digits' sizes.
 
 (a) **Learned loss.** A student MLP 64→32→10 trains for ``--iterations × --unroll``
     SGD steps (lr ``--student-lr``, batch ``--batch-size``) with
@@ -40,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distillkit.data import BatchCycler, DictDataset, load_digits_splits, mlp
+from distillkit.data.mnist1d import cnn1d, mnist1d_splits
 from distillkit.methods.dln import DynamicLossNetwork, imitate
 from distillkit.methods.learned_optimizer import CoordinateLSTM, LearnedOptimizer, meta_train, module_task
 from distillkit.trainers.l2t import L2TDLNTrainer
@@ -53,6 +59,11 @@ METHODS = ("cross entropy", "fixed DLN", "L2T-DLN")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", choices=("digits", "mnist1d"), default="digits")
+    parser.add_argument("--labelled", type=int, default=1000,
+                        help="mnist1d: labelled training examples")
+    parser.add_argument("--cnn", action="store_true",
+                        help="mnist1d: (a)'s student is a CNN 2×16 channels instead of an MLP")
     parser.add_argument("--seeds", type=int, default=3, help="students per method in (a)")
     parser.add_argument("--iterations", type=int, default=100,
                         help="L2T-DLN iterations; every student gets iterations × unroll steps")
@@ -111,6 +122,20 @@ def _sgd_student(student: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor]
     return curve
 
 
+def _student(args, n: int, c: int) -> nn.Module:
+    """(a)'s student: MLP n→32→c, or with ``--cnn`` on MNIST-1D a CNN 2×16 channels."""
+    return cnn1d(16, 2, 32, c, n) if _cnn(args) else mlp(n, STUDENT_HIDDEN, c)
+
+
+def _cnn(args) -> bool:
+    return args.dataset == "mnist1d" and args.cnn
+
+
+def _student_name(args, n: int, c: int) -> str:
+    return ("CNN 2×16 ch" if _cnn(args) else
+            f"MLP {n}-{'-'.join(map(str, STUDENT_HIDDEN))}-{c}")
+
+
 def _learned_loss_runs(args, splits) -> Tuple[Dict[str, List[List[float]]], Dict[str, float]]:
     """Per method, one test-accuracy curve per seed; per method, seconds per student."""
     n, c = splits.num_features, splits.num_classes
@@ -121,12 +146,12 @@ def _learned_loss_runs(args, splits) -> Tuple[Dict[str, List[List[float]]], Dict
     train = splits.train.tensors
     for seed in range(args.seeds):
         torch.manual_seed(seed)
-        init = mlp(n, STUDENT_HIDDEN, c).state_dict()
+        init = _student(args, n, c).state_dict()
         dln = DynamicLossNetwork()
         imitate(dln, generator=torch.Generator().manual_seed(seed))
         for method in METHODS:
             start = time.perf_counter()
-            student = mlp(n, STUDENT_HIDDEN, c)
+            student = _student(args, n, c)
             student.load_state_dict(init)
             if method == "L2T-DLN":
                 trainer = L2TDLNTrainer(
@@ -255,7 +280,7 @@ def _optimizer_table(results, args) -> str:
 
 # ---- plots -------------------------------------------------------------------------------
 
-def _plot_students(curves, args, path: str) -> None:
+def _plot_students(curves, args, path: str, student: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -270,7 +295,7 @@ def _plot_students(curves, args, path: str) -> None:
         ax.plot(steps, mean, marker=".", label=method)
     ax.set_xlabel("student SGD steps")
     ax.set_ylabel(f"test accuracy (mean of {args.seeds} seeds)")
-    ax.set_title("digits, MLP 64-32-10: learned loss vs cross entropy")
+    ax.set_title(f"{args.dataset}, {student}: learned loss vs cross entropy")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -278,7 +303,7 @@ def _plot_students(curves, args, path: str) -> None:
     plt.close(fig)
 
 
-def _plot_optimizer(history, results, args, path: str) -> None:
+def _plot_optimizer(history, results, args, path: str, task: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -303,7 +328,7 @@ def _plot_optimizer(history, results, args, path: str) -> None:
     right.set_yscale("log")
     right.set_xlabel("optimizee step")
     right.set_ylabel(f"full-data loss (mean of {args.held_out} held-out tasks)")
-    right.set_title(f"held-out tasks: MLP 64-16-10, batch {TASK_BATCH}")
+    right.set_title(f"held-out tasks: {task}, batch {TASK_BATCH}")
     right.grid(alpha=0.3)
     right.legend()
     fig.tight_layout()
@@ -324,7 +349,10 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
-    splits = load_digits_splits(seed=0)
+    splits = (load_digits_splits(seed=0) if args.dataset == "digits"
+              else mnist1d_splits(0, args.labelled, 0)[0])
+    n, c = splits.num_features, splits.num_classes
+    task = f"MLP {n}-{'-'.join(map(str, TASK_HIDDEN))}-{c}"
 
     curves, seconds = _learned_loss_runs(args, splits)
     students = _students_table(curves, seconds, len(splits.test))
@@ -335,15 +363,15 @@ def run(args: argparse.Namespace) -> int:
     total = time.perf_counter() - start
 
     settings_a = (
-        f"digits (split seed 0: {len(splits.train)} train / {len(splits.val)} val / "
-        f"{len(splits.test)} test); student MLP 64-{'-'.join(map(str, STUDENT_HIDDEN))}-10, "
+        f"{args.dataset} (split seed 0: {len(splits.train)} train / {len(splits.val)} val / "
+        f"{len(splits.test)} test); student {_student_name(args, n, c)}, "
         f"{args.iterations * args.unroll} SGD steps (lr {args.student_lr}, batch "
         f"{args.batch_size}), {args.seeds} seeds (init, batch order, DLN fit); L2T-DLN: "
         f"{args.iterations} iterations × K = {args.unroll}, validation batch "
         f"{args.val_batch_size}, teacher LSTM 2-64-64-64-1 (s = −1e-3, Adam "
         f"{args.teacher_lr})")
     settings_b = (
-        f"tasks: MLP 64-{'-'.join(map(str, TASK_HIDDEN))}-10 from a fresh init, CE on "
+        f"tasks: {task} from a fresh init, CE on "
         f"minibatches of {TASK_BATCH} (meta-training: the train split; held-out: "
         f"{args.held_out} tasks on the test split, new inits; curves: the full split's "
         f"loss); {args.opt_seeds} LSTMs 2×20 + head (init seeds 0..{args.opt_seeds - 1}), "
@@ -357,7 +385,7 @@ def run(args: argparse.Namespace) -> int:
                 f"## (b) Learned optimizer (L2L) vs SGD and Adam\n\n{optimizer}\n\n"
                 f"Settings: {settings_b}.\n\n{total:.0f} s in all on {args.threads} "
                 f"thread(s).\n")
-    _plot_students(curves, args, os.path.join(args.out, "students.png"))
-    _plot_optimizer(history, results, args, os.path.join(args.out, "optimizer.png"))
+    _plot_students(curves, args, os.path.join(args.out, "students.png"), _student_name(args, n, c))
+    _plot_optimizer(history, results, args, os.path.join(args.out, "optimizer.png"), task)
     print(f"{total:.0f} s; wrote {args.out}/results.md, students.png, optimizer.png")
     return 0

@@ -99,7 +99,7 @@ def _train(args, model, train, held, steps, teacher=None, loss=None):
         model, train, teacher=teacher, eval_data=held, loss=loss,
         optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.01),
         scheduler=_cosine_with_warmup(steps, max(1, steps // 20)), steps=steps,
-        batch_size=args.batch_size, max_grad_norm=1.0,
+        batch_size=args.batch_size, max_grad_norm=1.0, pad_id=PAD,
         amp_dtype=torch.bfloat16 if args.amp == "bf16" else None,
         eval_every=max(1, steps // 5), device=args.device, seed=args.seed,
         progress=args.progress)

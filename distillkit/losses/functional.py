@@ -14,20 +14,49 @@ from ..ops.options import REDUCTIONS, KDOptions, SLaMOptions, SparseKDOptions, c
 
 __all__ = ["kd_loss", "slam_loss", "forward_corrected_loss", "distance", "sparse_kd_loss"]
 
-def check_normalizer(normalizer, reduction: str) -> None:
+def check_normalizer(normalizer, reduction: str, device: torch.device) -> None:
+    """A positive finite number, or a 0-d real tensor on ``device`` or the CPU (a scalar
+    divides tensors of any device); only with reduction="mean"."""
     if normalizer is None:
         return
     if reduction != "mean":
         raise ValueError(f"normalizer is only valid with reduction='mean' (got reduction={reduction!r})")
     if isinstance(normalizer, Tensor):
-        if normalizer.numel() != 1:
+        if normalizer.dim() != 0:
             raise ValueError(f"normalizer must be a number or a 0-d tensor (got shape {tuple(normalizer.shape)})")
+        if normalizer.dtype == torch.bool or normalizer.is_complex():
+            raise ValueError(f"normalizer must be a real number tensor (got {normalizer.dtype})")
+        if normalizer.device not in (device, torch.device("cpu")):
+            raise ValueError(f"normalizer must be on {device} or the CPU (got {normalizer.device})")
         # Value check only in eager mode: under torch.compile it would be a
         # data-dependent branch (a graph break); there the caller vouches for it.
-        if not torch.compiler.is_compiling() and not bool(normalizer > 0):
-            raise ValueError(f"normalizer must be > 0 (got {normalizer.item()})")
-    elif not isinstance(normalizer, numbers.Real) or not normalizer > 0:
-        raise ValueError(f"normalizer must be a positive number or 0-d tensor (got {normalizer!r})")
+        if not torch.compiler.is_compiling() and not bool((normalizer > 0) & normalizer.isfinite()):
+            raise ValueError(f"normalizer must be positive and finite (got {normalizer.item()})")
+    elif (isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real)
+          or not (normalizer > 0 and math.isfinite(normalizer))):
+        raise ValueError(f"normalizer must be a positive finite number or 0-d tensor (got {normalizer!r})")
+
+
+def check_classes(name: str, tensor: Tensor, dim: int = -1, what: str = "class") -> None:
+    """``tensor.shape[dim]``, the length an op reduces over, must be at least 1: an empty
+    reduction (C = 0 classes, K = 0 kept entries) has no defined value."""
+    if tensor.shape[dim] == 0:
+        raise ValueError(f"{name} must have at least one {what} along dim {dim} "
+                         f"(got shape {tuple(tensor.shape)})")
+
+
+def check_row_tensor(name: str, tensor, lead, device: torch.device, floating: bool) -> None:
+    """``labels`` / ``weight``: a tensor of the rows' leading shape on the logits' device;
+    floating-point weights, int64 labels (checked by the op)."""
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a tensor (got {type(tensor).__name__})")
+    if tensor.shape != lead:
+        raise ValueError(f"{name} must have shape {tuple(lead)} (got {tuple(tensor.shape)})")
+    if tensor.device != device:
+        raise ValueError(f"{name} must be on the logits' device {device} (got {tensor.device})")
+    if floating and not tensor.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor (got {tensor.dtype}; "
+                         "use .float() for a mask)")
 
 
 def kd_loss(
@@ -60,7 +89,8 @@ def kd_loss(
     Args:
         student_logits: (..., C) student logits z; each leading position is a row
             (a token of a (B, S, V) batch is a row).
-        teacher_logits: (..., C) teacher logits u, same shape. Gradients flow to it
+        teacher_logits: (..., C) teacher logits u, same shape (C_t ≥ C columns with
+            ``teacher_vocab="truncate"``). Gradients flow to it
             when it requires grad (mutual / online distillation).
         labels: optional (...) int64 class indices for the hard term and row masking.
         weight: optional (...) per-row weights (weighted distillation).
@@ -70,8 +100,9 @@ def kd_loss(
         options: a :class:`~distillkit.KDOptions`; ``**fields`` (its field names:
             ``temperature`` T > 0, ``divergence`` "forward_kl" | "reverse_kl" | "jsd",
             ``beta`` in [0, 1], ``hard_weight`` in [0, 1], ``ignore_index``,
-            ``reduction`` and ``scale_by_t2``) build one or override those of
-            ``options``. ``reduction="mean"`` divides the sum of weighted rows by the
+            ``reduction``, ``scale_by_t2`` and ``teacher_vocab``, "truncate" reading a
+            padded teacher (..., C_t ≥ C) through its first C columns) build one or
+            override those of ``options``. ``reduction="mean"`` divides the sum of weighted rows by the
             number of non-ignored rows, not by Σ weight: PyTorch's ``batchmean`` for 2-D
             input, the per-token mean for (B, S, V); ``"none"`` returns per-row losses
             with the leading shape.
@@ -98,30 +129,39 @@ def kd_rows_inputs(student_logits: Tensor, teacher_logits: Tensor, labels: Optio
                    opts: KDOptions, normalizer):
     """Checks the tensors of a kd_loss-family call; returns the (N, C) logits, the (N,)
     labels and the leading shape. fp64 in either input promotes both."""
-    check_normalizer(normalizer, opts.reduction)
+    check_normalizer(normalizer, opts.reduction, student_logits.device)
     if student_logits.dim() < 1:
         raise ValueError("student_logits must have at least one dimension (..., C)")
-    if teacher_logits.shape != student_logits.shape:
+    check_classes("student_logits", student_logits)
+    if not isinstance(teacher_logits, Tensor):
+        raise TypeError(f"teacher_logits must be a tensor (got {type(teacher_logits).__name__})")
+    if teacher_logits.device != student_logits.device:
+        raise ValueError(f"teacher_logits must be on student_logits' device "
+                         f"{student_logits.device} (got {teacher_logits.device})")
+    if teacher_logits.shape[:-1] != student_logits.shape[:-1] or teacher_logits.dim() < 1:
         raise ValueError(
             "teacher_logits must have the shape of student_logits "
             f"(got {tuple(teacher_logits.shape)} and {tuple(student_logits.shape)})"
         )
     lead = student_logits.shape[:-1]
     num_classes = student_logits.shape[-1]
+    # A padded teacher vocabulary: its leading columns, a view (no copy).
+    classes = opts.teacher_classes(num_classes, teacher_logits.shape[-1],
+                                   "teacher_logits must have the shape of student_logits")
+    teacher_logits = teacher_logits[..., :classes]
     z = student_logits.reshape(-1, num_classes)
     u = teacher_logits.reshape(-1, num_classes)
     # fp64 in either input means an fp64 computation (the kernels pair fp64 with fp64).
     if (z.dtype == torch.float64) != (u.dtype == torch.float64):
         z, u = z.double(), u.double()
-    return z, u, flat_labels(labels, lead), lead
+    return z, u, flat_labels(labels, lead, z.device), lead
 
 
-def flat_labels(labels: Optional[Tensor], lead) -> Optional[Tensor]:
-    """(...) labels checked against the leading shape, as (N,)."""
+def flat_labels(labels: Optional[Tensor], lead, device: torch.device) -> Optional[Tensor]:
+    """(...) labels checked against the leading shape and device, as (N,)."""
     if labels is None:
         return None
-    if labels.shape != lead:
-        raise ValueError(f"labels must have shape {tuple(lead)} (got {tuple(labels.shape)})")
+    check_row_tensor("labels", labels, lead, device, floating=False)
     return labels.reshape(-1)
 
 
@@ -138,8 +178,7 @@ def reduce_rows(rows: Tensor, lead, weight: Optional[Tensor], reduction: str,
     """Weights multiply rows; ``mean`` divides the sum by ``denominator`` (default: the
     row count, never Σ weight); ``none`` returns the rows with the leading shape."""
     if weight is not None:
-        if weight.shape != lead:
-            raise ValueError(f"weight must have shape {tuple(lead)} (got {tuple(weight.shape)})")
+        check_row_tensor("weight", weight, lead, rows.device, floating=True)
         rows = rows * weight.reshape(rows.shape).to(rows.dtype)
     if reduction == "none":
         return rows.reshape(lead)
@@ -195,10 +234,12 @@ def slam_loss(
 
     Returns:
         fp32 loss (fp64 for fp64 inputs); gradients flow to ``student_logits`` only.
+        N = 0 rows give 0 for "mean" and "sum" (and an empty "none"), with a zero gradient.
     """
     opts = SLaMOptions.resolve(options, **fields)
     if student_logits.dim() != 2:
         raise ValueError(f"student_logits must be 2-D (N, C) (got shape {tuple(student_logits.shape)})")
+    check_classes("student_logits", student_logits)
     n = student_logits.shape[0]
     z, t = student_logits, teacher_probs
     if (z.dtype == torch.float64) != (t.dtype == torch.float64):
@@ -282,7 +323,9 @@ def distance(student: Tensor, teacher: Tensor, op: str, *, dim: int = -1,
     For kl / cosine / pearson, ``mean`` averages over rows and ``none`` returns one value
     per row, shaped like the input without ``dim``. Inputs of any rank: logits (N, C),
     features (N, C, H, W). Gradients flow to the student and, when it requires grad, the
-    teacher. Results are fp32 (fp64 for fp64 inputs) and deterministic.
+    teacher. Results are fp32 (fp64 for fp64 inputs) and deterministic. An empty input
+    (no element, or no row) gives 0 for "mean" and "sum"; kl / cosine / pearson need at
+    least one element along ``dim`` (else ValueError).
     """
     check_choice("op", op, DISTANCE_OPS)
     check_choice("reduction", reduction, REDUCTIONS)
@@ -293,6 +336,8 @@ def distance(student: Tensor, teacher: Tensor, op: str, *, dim: int = -1,
         raise ValueError("student must have at least one dimension")
     if not -student.dim() <= dim < student.dim():
         raise ValueError(f"dim must be in [{-student.dim()}, {student.dim() - 1}] (got {dim})")
+    if op in ("kl", "cosine", "pearson"):
+        check_classes("student", student, dim, "element")
     s, t = student, teacher
     if (s.dtype == torch.float64) != (t.dtype == torch.float64):
         s, t = s.double(), t.double()
@@ -390,13 +435,19 @@ def sparse_kd_loss(
     three saved per-row statistics, no N x C buffer kept).
     """
     opts = SparseKDOptions.resolve(options, **fields)
-    check_normalizer(normalizer, opts.reduction)
+    check_normalizer(normalizer, opts.reduction, student_logits.device)
     if student_logits.dim() < 1:
         raise ValueError("student_logits must have at least one dimension (..., C)")
+    check_classes("student_logits", student_logits)
     lead = student_logits.shape[:-1]
     if teacher_indices.dim() < 1 or teacher_indices.shape[:-1] != lead:
         raise ValueError(f"teacher_indices must have shape {tuple(lead)} + (K,) "
                          f"(got {tuple(teacher_indices.shape)})")
+    check_classes("teacher_indices", teacher_indices, what="kept class (K >= 1)")
+    for name, tensor in (("teacher_indices", teacher_indices), ("teacher_logprobs", teacher_logprobs)):
+        if tensor.device != student_logits.device:
+            raise ValueError(f"{name} must be on student_logits' device {student_logits.device} "
+                             f"(got {tensor.device})")
     if teacher_logprobs.shape != teacher_indices.shape:
         raise ValueError("teacher_logprobs must have the shape of teacher_indices "
                          f"(got {tuple(teacher_logprobs.shape)} and "
@@ -409,7 +460,7 @@ def sparse_kd_loss(
     # fp64 on either side means an fp64 computation (the kernels pair fp64 with fp64).
     if (z.dtype == torch.float64) != (lp.dtype == torch.float64):
         z, lp = z.double(), lp.double()
-    y = flat_labels(labels, lead)
+    y = flat_labels(labels, lead, z.device)
     rows, _ = sparse_kd_loss_forward(z, idx, lp, y, opts)
     denominator = None
     if opts.reduction == "mean":

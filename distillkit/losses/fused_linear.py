@@ -6,33 +6,124 @@ exist at a time. Per chunk: ``z = h Wᵀ (+ b)``, the fused kd_loss forward, its
 ``dz`` (one kernel, scaled by the reduction's per-row factor), then ``dh = dz W``,
 ``dW += dzᵀ h``, ``db += Σ dz``. The gradients are computed during the forward pass and
 only scaled by ``grad_output`` in backward, so the whole step costs the same three
-matmuls as the unfused computation.
+matmuls as the unfused computation. A model's own logit transform (:class:`LogitHead`:
+Cohere's scale, Gemma's soft cap) is applied to each chunk before the loss, and its
+derivative to ``dz`` before the gradient matmuls (docs/math.md §2.1).
+
+An FSDP2-sharded head (``fully_shard`` makes ``lm_head.weight`` a DTensor sharded on
+dim 0) is gathered once per call, as FSDP's own forward would; see :func:`_full`.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor, Partial
 
-from ..ops import RaiseOnBackward, kd_loss_backward, kd_loss_forward, reject_functorch
-from ..ops.options import KDOptions
-from .functional import check_normalizer, flat_labels, mean_denominator
+from ..ops import KD_STATS, RaiseOnBackward, kd_loss_backward, kd_loss_forward, reject_functorch
+from ..ops.options import KDOptions, LogitHead
+from .functional import (check_classes, check_normalizer, check_row_tensor, flat_labels,
+                         mean_denominator)
 
 __all__ = ["fused_linear_kd_loss"]
+
+_IDENTITY = LogitHead()
 
 
 def _linear(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
 
 
+def _head_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], head: LogitHead,
+                 need_slope: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """A chunk's final logits ``head(h Wᵀ + b)`` and, when ``need_slope`` and the soft
+    cap is on, ``tanh`` of the capped argument (the backward's slope is
+    ``scale·(1 − tanh²)``). In place on the fresh matmul output, in its dtype, in the
+    order of the models' own forward: ``·scale``, ``/cap``, ``tanh``, ``·cap``."""
+    z = _linear(h, weight, bias)
+    if head.scale != 1.0:
+        z.mul_(head.scale)
+    if head.softcap is None:
+        return z, None
+    t = z.div_(head.softcap).tanh_()
+    if not need_slope:
+        return t.mul_(head.softcap), None
+    return t * head.softcap, t
+
+
+def _head_backward(dz: Tensor, tanh: Optional[Tensor], head: LogitHead) -> Tensor:
+    """dz w.r.t. the head's input from dz w.r.t. its output (in place on both)."""
+    if tanh is not None:
+        dz.mul_(tanh.square_().neg_().add_(1.0))
+    return dz.mul_(head.scale) if head.scale != 1.0 else dz
+
+
+class _MeanOverMesh(torch.autograd.Function):
+    """Identity forward; backward divides the gradient by the mesh size, so that the
+    sum-reduce-scatter after it averages the ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx, t, ranks):
+        ctx.ranks = ranks
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad / ctx.ranks, None
+
+
+def _full(param: Optional[Tensor]) -> Optional[Tensor]:
+    """A DTensor head parameter as one plain tensor, gathered once for the whole call.
+
+    Gradient: each rank's is a partial sum over its own rows, so it is declared
+    ``Partial`` and DTensor's own backward reduce-scatters it into the parameter's
+    shards. It is first divided by the mesh size: FSDP2 averages its other gradients
+    over the data-parallel ranks (ReduceOp.AVG, or SUM and a divide where the backend
+    has no AVG / PREMUL_SUM, as gloo), and this one lands on the sharded parameter
+    directly, outside FSDP's reduce-scatter, so it must be the same mean. Equal-sized
+    local batches then give one process's gradient of the global batch.
+
+    Why gather rather than run :func:`vocab_parallel_kd_loss` on the vocabulary shards:
+    under FSDP every rank holds *different rows* and the weight is sharded only for
+    storage, while vocab-parallel needs the same rows on every rank; it would have to
+    all-gather every rank's hidden states, teacher inputs and labels and then compute R
+    times as many rows per rank. Gathering W (C × H, what FSDP's own forward gathers)
+    costs one all-gather forward and one reduce-scatter backward. Under tensor
+    parallelism, where rows are replicated, call ``vocab_parallel_kd_loss`` on the
+    local logits instead.
+    """
+    if not isinstance(param, DTensor):
+        return param
+    if not param.requires_grad:
+        return param.full_tensor()
+    mesh = param.device_mesh
+    full = param.full_tensor(grad_placements=[Partial()] * mesh.ndim)
+    return _MeanOverMesh.apply(full, mesh.size())
+
+
+def _entropy_sum(z: Tensor, stats: Tensor, y: Optional[Tensor], options: KDOptions) -> Tensor:
+    """Σ over the chunk's live rows of the student's entropy at temperature T,
+    ``H(q) = lse(z/T) − Σ q z/T``, the lse read from the forward's stats (a metric for
+    trainers that log it: one more pass over the chunk, no gradient)."""
+    lse = stats[:, KD_STATS.lse_student]
+    x = z.to(lse.dtype) / options.temperature
+    q = torch.exp(x - lse[:, None])
+    rows = lse - torch.where(q > 0, q * x, torch.zeros_like(q)).sum(1)
+    if y is not None:
+        rows = torch.where(y != options.ignore_index, rows, torch.zeros_like(rows))
+    return rows.sum()
+
+
 class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, teacher_logits, teacher_h, teacher_weight, teacher_bias,
-                labels, row_scale, chunk_rows, options: KDOptions):
+                labels, row_scale, chunk_rows, options: KDOptions, heads, entropy):
         n = h.shape[0]
+        student_head, teacher_head = heads
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
+        need_grad = need_h or need_w or need_b
         grad_h = torch.empty_like(h) if need_h else None
         # Low-precision weights accumulate their gradient in fp32 across chunks.
         grad_w = torch.zeros(weight.shape, dtype=torch.float32 if weight.dtype != torch.float64
@@ -40,19 +131,24 @@ class _FusedLinearKD(torch.autograd.Function):
         grad_b = torch.zeros_like(grad_w[:, 0] if grad_w is not None else bias, dtype=grad_w.dtype
                                   if grad_w is not None else torch.float32) if need_b else None
         total = row_scale.new_zeros(())
+        entropy_sum = row_scale.new_zeros(()) if entropy else None
         for start in range(0, n, chunk_rows):
             rows = slice(start, min(start + chunk_rows, n))
             h_c = h[rows]
-            z = _linear(h_c, weight, bias)
+            z, tanh = _head_logits(h_c, weight, bias, student_head, need_grad)
             u = (teacher_logits[rows] if teacher_logits is not None
-                 else _linear(teacher_h[rows], teacher_weight, teacher_bias))
+                 else _head_logits(teacher_h[rows], teacher_weight, teacher_bias, teacher_head,
+                                   False)[0])
             y = labels[rows] if labels is not None else None
             loss, stats = kd_loss_forward(z, u, y, options)
             scale = row_scale[rows].contiguous()
             total += (loss * scale).sum()
-            if not (need_h or need_w or need_b):
+            if entropy:
+                entropy_sum += _entropy_sum(z, stats, y, options)
+            if not need_grad:
                 continue
             dz, _ = kd_loss_backward(scale, z, u, y, stats, options, False)
+            dz = _head_backward(dz, tanh, student_head)
             if need_h:
                 grad_h[rows] = dz @ weight
             if need_w:
@@ -63,10 +159,13 @@ class _FusedLinearKD(torch.autograd.Function):
         # inputs cost no memory.
         ctx.save_for_backward(grad_h, grad_w, grad_b, h, weight)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        if entropy:
+            ctx.mark_non_differentiable(entropy_sum)
+            return total, entropy_sum
         return total
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _grad_entropy=None):
         grad_h, grad_w, grad_b, h, weight = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
         g = grad_output
@@ -78,7 +177,7 @@ class _FusedLinearKD(torch.autograd.Function):
             # depend on h or W here; a loss on them must fail by name, not miss a term.
             out_h, out_w, out_b = (RaiseOnBackward.apply(t, h, weight, "fused_linear_kd_loss")
                                    if t is not None else None for t in (out_h, out_w, out_b))
-        return out_h, out_w, out_b, None, None, None, None, None, None, None, None
+        return (out_h, out_w, out_b) + (None,) * 10
 
 
 def fused_linear_kd_loss(
@@ -90,6 +189,8 @@ def fused_linear_kd_loss(
     teacher_hidden: Optional[Tensor] = None,
     teacher_weight: Optional[Tensor] = None,
     teacher_bias: Optional[Tensor] = None,
+    student_head: Optional[LogitHead] = None,
+    teacher_head: Optional[LogitHead] = None,
     chunk_rows: int = 1024,
     labels: Optional[Tensor] = None,
     weight: Optional[Tensor] = None,
@@ -97,39 +198,69 @@ def fused_linear_kd_loss(
     options: Optional[KDOptions] = None,
     **fields,
 ) -> Tensor:
-    r"""``kd_loss(student_hidden @ student_weightᵀ + student_bias, teacher_logits, ...)``
+    r"""``kd_loss(head_s(student_hidden @ student_weightᵀ + student_bias), teacher_logits, ...)``
     without materializing the (N, C) logits.
 
     Args:
         student_hidden: (..., H) final hidden states h of the student (one row per token).
         student_weight: (C, H) student lm-head weight W; ``student_bias`` optional (C,).
-        teacher_logits: (..., C) teacher logits, or ``None`` with ``teacher_hidden``
-            (..., H_t) and ``teacher_weight`` (C, H_t) (+ ``teacher_bias``): then the
-            teacher's logits are also formed one chunk at a time.
+            Either may be an FSDP2 DTensor (``fully_shard``): it is gathered once per
+            call and its gradient reduce-scattered back as the mean over the mesh, the
+            reduction FSDP2 gives its other parameters (see :func:`_full`).
+        teacher_logits: (..., C) teacher logits (its final logits: any soft cap or scale
+            already applied), or ``None`` with ``teacher_hidden`` (..., H_t) and
+            ``teacher_weight`` (C, H_t) (+ ``teacher_bias``; DTensors allowed): then the
+            teacher's logits are also formed one chunk at a time. With
+            ``teacher_vocab="truncate"`` the teacher may have C_t > C classes (padding
+            rows): only its first C logits / weight rows are read, as views.
+        student_head, teacher_head: :class:`~distillkit.ops.options.LogitHead`, each
+            model's logit scale and final soft cap, applied to its chunk of logits where
+            its own forward applies them (after the lm head, before the temperature);
+            ``LogitHead.from_config(model.config)`` reads them from a transformers
+            config. Default: none. ``teacher_head`` needs ``teacher_hidden``.
         chunk_rows: rows per chunk; peak extra memory is O(chunk_rows × C).
         labels, weight, normalizer, options, **fields: those of :func:`distillkit.kd_loss`,
         with the same meaning; ``reduction`` is ``"mean"`` or ``"sum"`` (per-row losses would need the
         logits again in backward — use ``kd_loss`` for ``"none"``).
 
-    Gradients flow to the student's hidden states, weight and bias; the teacher is
-    treated as frozen (no gradient). The gradients are formed chunk by chunk during the
-    forward call, so calling it under ``torch.no_grad()`` (evaluation) skips that work.
-    Logits are formed in the inputs' dtype (bf16 matmuls accumulate in fp32 and round
-    once); the loss then runs in fp32 as in ``kd_loss``.
+    Gradients flow to the student's hidden states, weight and bias (through the soft
+    cap: ∂(head output)/∂(matmul output) = scale·(1 − tanh²)); the teacher is treated as
+    frozen (no gradient). The gradients are formed chunk by chunk during the forward
+    call, so calling it under ``torch.no_grad()`` (evaluation) skips that work. Logits
+    are formed in the inputs' dtype (bf16 matmuls accumulate in fp32 and round once; the
+    head transform runs in that dtype, as in the model); the loss then runs in fp32 as
+    in ``kd_loss``.
     """
-    opts = KDOptions.resolve(options, **fields)
+    return _fused_linear_kd(student_hidden, student_weight, teacher_logits, student_bias,
+                            teacher_hidden, teacher_weight, teacher_bias, student_head,
+                            teacher_head, chunk_rows, labels, weight, normalizer,
+                            KDOptions.resolve(options, **fields), entropy=False)
+
+
+def _fused_linear_kd(student_hidden, student_weight, teacher_logits, student_bias,
+                     teacher_hidden, teacher_weight, teacher_bias, student_head, teacher_head,
+                     chunk_rows, labels, weight, normalizer, opts: KDOptions, entropy: bool):
+    """:func:`fused_linear_kd_loss`; with ``entropy``, also Σ over live rows of the
+    student's entropy at T (non-differentiable), for trainers that log it."""
     if opts.reduction == "none":
         raise ValueError("reduction must be 'mean' or 'sum' for fused_linear_kd_loss (got 'none'; "
                          "use kd_loss for per-row losses)")
-    check_normalizer(normalizer, opts.reduction)
+    check_normalizer(normalizer, opts.reduction, student_hidden.device)
     if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ValueError(f"chunk_rows must be a positive int (got {chunk_rows!r})")
+    heads = []
+    for name, head in (("student_head", student_head), ("teacher_head", teacher_head)):
+        if head is not None and not isinstance(head, LogitHead):
+            raise ValueError(f"{name} must be a LogitHead or None (got {type(head).__name__})")
+        heads.append(head if head is not None else _IDENTITY)
     hidden = student_hidden.shape[-1]
     lead = student_hidden.shape[:-1]
     if student_weight.dim() != 2 or student_weight.shape[1] != hidden:
         raise ValueError(f"student_weight must have shape (C, {hidden}) "
                          f"(got {tuple(student_weight.shape)})")
     num_classes = student_weight.shape[0]
+    check_classes("student_hidden", student_hidden, what="feature")
+    check_classes("student_weight", student_weight, 0, "row (class)")
     if student_bias is not None and student_bias.shape != (num_classes,):
         raise ValueError(f"student_bias must have shape ({num_classes},) "
                          f"(got {tuple(student_bias.shape)})")
@@ -138,29 +269,41 @@ def fused_linear_kd_loss(
     h = student_hidden.reshape(-1, hidden)
     t_logits = t_hidden = None
     if teacher_logits is not None:
-        if teacher_logits.shape != lead + (num_classes,):
+        if not heads[1].identity:
+            raise ValueError("teacher_head applies to teacher_hidden; teacher_logits are the "
+                             "teacher's final logits (its forward applied its own head)")
+        if teacher_logits.dim() < 1 or teacher_logits.shape[:-1] != lead:
             raise ValueError(f"teacher_logits must have shape {tuple(lead) + (num_classes,)} "
                              f"(got {tuple(teacher_logits.shape)})")
-        t_logits = teacher_logits.reshape(-1, num_classes).detach()
+        classes = opts.teacher_classes(num_classes, teacher_logits.shape[-1],
+                                       f"teacher_logits must have {num_classes} classes")
+        # Column slice and reshape: views whenever the strides allow (no copy here).
+        t_logits = teacher_logits[..., :classes].reshape(-1, classes).detach()
     else:
         if teacher_weight is None or teacher_weight.dim() != 2 or \
-                teacher_weight.shape[0] != num_classes or teacher_hidden.shape[:-1] != lead or \
+                teacher_hidden.shape[:-1] != lead or \
                 teacher_weight.shape[1] != teacher_hidden.shape[-1]:
             raise ValueError("teacher_hidden (..., H_t) needs teacher_weight (C, H_t) with the "
                              "student's C and leading shape")
+        classes = opts.teacher_classes(num_classes, teacher_weight.shape[0],
+                                       f"teacher_weight must have {num_classes} rows")
+        if teacher_bias is not None and teacher_bias.shape != (teacher_weight.shape[0],):
+            raise ValueError(f"teacher_bias must have shape ({teacher_weight.shape[0]},) "
+                             f"(got {tuple(teacher_bias.shape)})")
         t_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
-        teacher_weight = teacher_weight.detach()
-        teacher_bias = teacher_bias.detach() if teacher_bias is not None else None
-    y = flat_labels(labels, lead)
+        # The leading rows of a row-major weight: a contiguous view.
+        teacher_weight = _full(teacher_weight.detach())[:classes]
+        teacher_bias = _full(teacher_bias.detach())[:classes] if teacher_bias is not None else None
+    y = flat_labels(labels, lead, h.device)
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     # The reduction's derivative w.r.t. each row's loss, known before the loop.
     row_scale = torch.ones(h.shape[0], dtype=acc, device=h.device)
     if weight is not None:
-        if weight.shape != lead:
-            raise ValueError(f"weight must have shape {tuple(lead)} (got {tuple(weight.shape)})")
+        check_row_tensor("weight", weight, lead, h.device, floating=True)
         row_scale = row_scale * weight.reshape(-1).to(acc)
     if opts.reduction == "mean":
         row_scale = row_scale / mean_denominator(y, h.shape[0], opts.ignore_index, normalizer)
     reject_functorch("fused_linear_kd_loss")
-    return _FusedLinearKD.apply(h, student_weight, student_bias, t_logits, t_hidden,
-                                teacher_weight, teacher_bias, y, row_scale, chunk_rows, opts)
+    return _FusedLinearKD.apply(h, _full(student_weight), _full(student_bias), t_logits,
+                                t_hidden, teacher_weight, teacher_bias, y, row_scale, chunk_rows,
+                                opts, tuple(heads), entropy)

@@ -265,6 +265,11 @@ def vocab_parallel_kd_loss(
     only through this function's autograd node (the collectives are not differentiated).
     """
     opts = KDOptions.resolve(options, **fields)
+    if opts.teacher_vocab != "exact":
+        # Padding rows sit at the end of the global vocabulary, not of every shard.
+        raise ValueError("teacher_vocab must be 'exact' for vocab_parallel_kd_loss (got "
+                         f"{opts.teacher_vocab!r}); drop the teacher's padding columns from the "
+                         "last rank's shard")
     z, u, y, lead = kd_rows_inputs(student_shard, teacher_shard, labels, opts, normalizer)
     reject_functorch("vocab_parallel_kd_loss")
     rows = _VocabParallelKD.apply(z, u, y, group, opts)

@@ -17,17 +17,84 @@ once, from a small labelled validation set V, and looked up for every pool row:
 
 Ties follow the op's convention everywhere: among equal probabilities the lower
 class index ranks first (so argmax is the first maximum).
+
+**The flip point** (docs/math.md §9.1). For a member i of the top-k set the mixture is
+affine in the student's f_i,
+
+.. math::
+    q_i = \alpha f_i + (1-\alpha)\, c\, (1 - f_i) = b + a f_i, \qquad
+    b = (1-\alpha) c, \quad a = \alpha - (1-\alpha) c,
+
+so q_i grows with f_i only while a > 0, i.e. α > c/(1 + c):
+
+* unnormalized mix (c = 1): flip at α = 1/2;
+* normalized mix (c = 1/(k − 1)): flip at α = 1/k.
+
+Below the flip the loss *falls* as the student moves probability off the teacher's
+top-k set (non-members have q_i = α f_i, increasing), so the row's optimum puts the
+student's mass outside the top-k — the opposite of what the teacher says. Isotonic α
+of a weak teacher is below the flip for many rows.
+
+Being above the flip is not enough. Minimising one row's soft loss over the simplex
+(Lagrange multiplier λ; interior optimum) gives f_j = t_j/λ off the top-k set and
+f_i = t_i/λ − b/a on it, with 1/λ = R = 1 + k b/a: the optimum *inflates the
+teacher's mass outside its top-k by R*, which is infinite at the flip and 1 only at
+α = 1 (unnormalized α = 0.55, k = 3 gives R = 14.5). Bounding R ≤ R_max is the same as
+α ≥ a_min(k) with
+
+* unnormalized: a_min = (k + R_max − 1) / (k + 2(R_max − 1));
+* normalized: a_min = (k + R_max − 1) / (k R_max)
+
+(both → the flip as R_max → ∞, and equal at k = 2, where the two mixes coincide).
+
+The estimator reports the share of rows below the flip at every ``fit`` (on V) and
+``transform`` (on the pool), warns (:class:`SLaMFlipWarning`) when it exceeds
+``warn_below``, and by default applies **our guard** (not part of the SLaM paper):
+α ← min(1 − ε, max(α, a_min(k))) with R_max = ``guard`` (default 2). ``guard=None``
+restores the paper's exact mixing (α only clipped to [ε, 1 − ε]).
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["SLaMEstimator", "isotonic_regression", "isotonic_predict", "teacher_margin"]
+__all__ = ["SLaMEstimator", "SLaMFlipWarning", "alpha_floor", "flip_point", "isotonic_regression",
+           "isotonic_predict", "teacher_margin"]
+
+
+class SLaMFlipWarning(UserWarning):
+    """Many rows have α below the flip point of their mix (see :func:`flip_point`)."""
+
+
+def flip_point(k: Tensor, normalized: bool) -> Tensor:
+    r"""The α below which SLaM's mixture decreases in a top-k member's f_i, per row, float64.
+
+    With :math:`q_i = \alpha f_i + (1-\alpha) c (1 - f_i)` for members,
+    :math:`\partial q_i / \partial f_i = \alpha - (1-\alpha) c`, which is positive iff
+    :math:`\alpha > c / (1 + c)`: 1/2 for the unnormalized mix (c = 1) and 1/k for the
+    normalized one (c = 1/(k − 1)). ``k`` (N,) integer; returns (N,) on ``k``'s device.
+    """
+    if normalized:
+        return 1.0 / k.to(torch.float64)
+    return torch.full(k.shape, 0.5, dtype=torch.float64, device=k.device)
+
+
+def alpha_floor(k: Tensor, normalized: bool, max_inflation: float) -> Tensor:
+    r"""Our guard's floor a_min(k): the smallest α whose row optimum inflates the mass
+    outside the teacher's top-k by at most R = ``max_inflation`` (> 1), per row, float64.
+
+    The inflation is :math:`1 + k b / a` (module docstring), so a_min solves
+    :math:`1 + k b/a = R`: :math:`(k + R - 1)/(k + 2(R - 1))` unnormalized,
+    :math:`(k + R - 1)/(k R)` normalized. Always above :func:`flip_point`.
+    """
+    k = k.to(torch.float64)
+    r = float(max_inflation)
+    return (k + r - 1) / (k * r) if normalized else (k + r - 1) / (k + 2 * (r - 1))
 
 
 def _as_float64_numpy(name: str, x) -> np.ndarray:
@@ -157,10 +224,25 @@ class SLaMEstimator:
 
     k is clamped to [2, C] (top-C accuracy is 1, so the rule always stops by C).
 
+    The flip guard (ours, not the paper's; see the module docstring): rows whose α is
+    below the flip point of the chosen mix (:func:`flip_point`: 1/2 unnormalized, 1/k
+    normalized) would train the student *away* from the teacher's top-k set, and rows
+    just above it still inflate the mass outside it without bound, so ``transform``
+    raises α to at least :func:`alpha_floor` (then clips to 1 − ε): the optimum of a row
+    then puts at most ``guard`` times the teacher's outside mass outside the top-k.
+    ``guard=None`` is the paper's exact mixing.
+
     Args:
         eps: ε in [0, 0.5), the clip of α away from 0 and 1 (default 1e-3, docs/math.md §9.1).
         tau: τ in (0, 1], the top-k accuracy target (default 0.9).
         per_bin_k: estimate k per margin bin instead of globally.
+        normalized: the mix the α is for (must match ``slam_loss``'s ``normalized``):
+            it decides the flip point and the floor.
+        guard: None (the paper's mixing) or R_max > 1, the largest allowed inflation of
+            the outside-top-k mass at a row's optimum (default 2: unnormalized α ≥ 0.8 at
+            k = 3, α ≥ 0.75 at k = 2; normalized α ≥ 2/3 at k = 3, 0.55 at k = 10).
+        warn_below: warn (:class:`SLaMFlipWarning`) when more than this share of the
+            rows ``transform`` sees is below the flip (default 0.25); 1 never warns.
 
     Attributes (after ``fit``):
         num_classes_: C.
@@ -168,16 +250,30 @@ class SLaMEstimator:
             distinct margins and the fitted α at each, before clipping.
         k_edges_: (B − 1,) float64 margin edges between k bins (empty when global).
         k_values_: (B,) int64 k per bin (one entry when global).
+        val_below_flip_: share of V's rows whose (unguarded) α is below their flip point.
+        below_flip_ (after ``transform``): the same share for the rows last transformed.
     """
 
-    def __init__(self, *, eps: float = 1e-3, tau: float = 0.9, per_bin_k: bool = False):
+    def __init__(self, *, eps: float = 1e-3, tau: float = 0.9, per_bin_k: bool = False,
+                 normalized: bool = False, guard: Optional[float] = 2.0,
+                 warn_below: float = 0.25):
         if not 0 <= eps < 0.5:
             raise ValueError(f"eps must be in [0, 0.5) (got {eps})")
         if not 0 < tau <= 1:
             raise ValueError(f"tau must be in (0, 1] (got {tau})")
+        if not isinstance(normalized, bool):
+            raise ValueError(f"normalized must be a bool (got {normalized!r})")
+        if guard is not None and not (isinstance(guard, (int, float))
+                                      and not isinstance(guard, bool) and 1 < guard < math.inf):
+            raise ValueError(f"guard must be None or a finite number > 1 (got {guard!r})")
+        if not 0 <= warn_below <= 1:
+            raise ValueError(f"warn_below must be in [0, 1] (got {warn_below})")
         self.eps = eps
         self.tau = tau
         self.per_bin_k = per_bin_k
+        self.normalized = normalized
+        self.guard = guard
+        self.warn_below = warn_below
         self.num_classes_: Optional[int] = None
 
     def fit(self, teacher_probs_val: Tensor, labels_val: Tensor) -> "SLaMEstimator":
@@ -219,13 +315,24 @@ class SLaMEstimator:
             self.k_values_ = torch.tensor([_smallest_k(rank, c, self.tau)])
             self.k_edges_ = torch.zeros(0, dtype=torch.float64)
         self.num_classes_ = c
+        alpha, k = self._alpha_k(margin)
+        self.val_below_flip_ = float((alpha < flip_point(k, self.normalized)).double().mean())
         return self
+
+    def _alpha_k(self, margin: Tensor) -> Tuple[Tensor, Tensor]:
+        """Unguarded α (clipped to [ε, 1 − ε]) and k at ``margin`` (N,) float64."""
+        alpha = isotonic_predict(margin, self.margin_thresholds_, self.alpha_values_)
+        alpha = alpha.clamp(self.eps, 1 - self.eps)
+        bin_index = torch.searchsorted(self.k_edges_.to(margin.device), margin)
+        return alpha, self.k_values_.to(margin.device)[bin_index]
 
     def transform(self, teacher_probs: Tensor) -> Tuple[Tensor, Tensor]:
         """α and k for each row of ``teacher_probs`` (N, C), ready for :func:`distillkit.slam_loss`.
 
         Returns ``(alpha, k)`` on ``teacher_probs``' device: alpha (N,) in [ε, 1 − ε],
-        float32 (float64 for float64 input); k (N,) int64 in [2, C].
+        float32 (float64 for float64 input), floored by the guard unless ``guard`` is
+        None; k (N,) int64 in [2, C]. Sets :attr:`below_flip_` (the share of rows whose
+        unguarded α is below the flip) and warns when it exceeds ``warn_below``.
         """
         if self.num_classes_ is None:
             raise RuntimeError("SLaMEstimator.transform needs fit() first")
@@ -235,10 +342,18 @@ class SLaMEstimator:
             raise ValueError(f"teacher_probs must be a 2-D (N, {c}) tensor, like the data fit on")
         if not teacher_probs.is_floating_point():
             raise ValueError(f"teacher_probs must be floating point (got {teacher_probs.dtype})")
-        margin = teacher_margin(teacher_probs.detach())
-        alpha = isotonic_predict(margin, self.margin_thresholds_, self.alpha_values_)
-        alpha = alpha.clamp(self.eps, 1 - self.eps)
+        alpha, k = self._alpha_k(teacher_margin(teacher_probs.detach()))
+        flip = flip_point(k, self.normalized)
+        self.below_flip_ = float((alpha < flip).double().mean()) if len(alpha) else 0.0
+        mix = "normalized (flip at 1/k)" if self.normalized else "unnormalized (flip at 1/2)"
+        if self.below_flip_ > self.warn_below:
+            action = ("the guard raises them" if self.guard is not None else
+                      "guard=None: their loss falls as the student moves mass off the "
+                      "teacher's top-k set")
+            warnings.warn(f"{self.below_flip_:.0%} of rows have alpha below the flip point of "
+                          f"the {mix} SLaM mix; {action}", SLaMFlipWarning, stacklevel=2)
+        if self.guard is not None:
+            alpha = torch.maximum(alpha, alpha_floor(k, self.normalized, self.guard))
+            alpha = alpha.clamp(max=1 - self.eps)
         alpha = alpha.to(torch.float64 if teacher_probs.dtype == torch.float64 else torch.float32)
-        bin_index = torch.searchsorted(self.k_edges_.to(margin.device), margin)
-        k = self.k_values_.to(margin.device)[bin_index]
         return alpha, k

@@ -12,12 +12,14 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
-__all__ = ["KDOptions", "SparseKDOptions", "SLaMOptions", "check_choice", "DIVERGENCES", "REDUCTIONS"]
+__all__ = ["KDOptions", "SparseKDOptions", "SLaMOptions", "LogitHead", "check_choice",
+           "DIVERGENCES", "REDUCTIONS", "TEACHER_VOCABS"]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
+TEACHER_VOCABS = ("exact", "truncate")
 
 
 def check_choice(name: str, value, choices) -> None:
@@ -110,15 +112,29 @@ class KDOptions(_Options):
     ignore_index: int = -100
     reduction: str = "mean"
     scale_by_t2: bool = True
+    teacher_vocab: str = "exact"
 
     def __post_init__(self):
         self._set("temperature", _temperature(self.temperature))
         check_choice("divergence", self.divergence, DIVERGENCES)
+        check_choice("teacher_vocab", self.teacher_vocab, TEACHER_VOCABS)
         self._set("beta", _unit_interval("beta", self.beta))
         self._set("hard_weight", _unit_interval("hard_weight", self.hard_weight))
         self._set("ignore_index", _int("ignore_index", self.ignore_index))
         check_choice("reduction", self.reduction, REDUCTIONS)
         _bool("scale_by_t2", self.scale_by_t2)
+
+    def teacher_classes(self, student_classes: int, teacher_classes: int, mismatch: str) -> int:
+        """The number of leading teacher columns the loss reads (``student_classes``), or
+        a ``ValueError`` starting with ``mismatch`` and naming both sizes when
+        ``teacher_vocab`` does not allow them."""
+        if teacher_classes == student_classes or (
+                self.teacher_vocab == "truncate" and teacher_classes > student_classes):
+            return student_classes
+        hint = ("; pass teacher_vocab='truncate' if the teacher's extra classes are padding rows"
+                if self.teacher_vocab == "exact" and teacher_classes > student_classes else "")
+        raise ValueError(f"{mismatch} (the teacher has {teacher_classes} classes, the student "
+                         f"{student_classes}; teacher_vocab={self.teacher_vocab!r}){hint}")
 
     def schema_args(self) -> Tuple[float, str, float, float, int, bool]:
         """The scalars of ``distillkit::kd_loss_forward`` / ``kd_loss_backward``, in
@@ -185,3 +201,62 @@ class SLaMOptions(_Options):
     def schema_args(self) -> Tuple[bool, bool]:
         """The flags of ``distillkit::slam_loss_forward`` / ``slam_loss_backward``."""
         return (self.normalized, self.hard)
+
+
+def _finite(name: str, value) -> float:
+    x = _real(name, value)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite (got {value!r})")
+    return x
+
+
+@dataclass(frozen=True)
+class LogitHead(_Options):
+    r"""How a model turns its lm-head output into its final logits, for the fused path.
+
+    ``logits = softcap · tanh(scale · (h Wᵀ + b) / softcap)`` — the scale first (Cohere's
+    ``logit_scale``), then the soft cap (Gemma 2/3's ``final_logit_softcapping``), as
+    those models' own forward does, in the logits' dtype; the loss's temperature divides
+    the result. :func:`~distillkit.fused_linear_kd_loss` applies it chunk by chunk and
+    differentiates through it (d/dx of the whole map is ``scale · (1 − tanh²)``).
+
+    Attributes:
+        scale: finite multiplier (1: none).
+        softcap: ``None`` (no cap) or a finite cap > 0.
+    """
+
+    scale: float = 1.0
+    softcap: Optional[float] = None
+
+    def __post_init__(self):
+        self._set("scale", _finite("scale", self.scale))
+        if self.softcap is not None:
+            cap = _finite("softcap", self.softcap)
+            if cap <= 0.0:
+                raise ValueError(f"softcap must be None or > 0 (got {self.softcap!r})")
+            self._set("softcap", cap)
+
+    @property
+    def identity(self) -> bool:
+        return self.scale == 1.0 and self.softcap is None
+
+    @classmethod
+    def from_config(cls, config) -> "LogitHead":
+        """The head of a ``transformers`` config (its text config for multimodal ones):
+        ``logit_scale`` (Cohere), ``logits_scaling`` (Granite divides by it: scale
+        1/logits_scaling, one rounding away from its division) and
+        ``final_logit_softcapping`` (Gemma 2/3); unset or ``None`` means no transform."""
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        scale = getattr(text, "logit_scale", None)
+        if scale is None and getattr(text, "logits_scaling", None) is not None:
+            scale = 1.0 / text.logits_scaling
+        return cls(scale=1.0 if scale is None else scale,
+                   softcap=getattr(text, "final_logit_softcapping", None))
+
+    def apply(self, logits):
+        """The transform on materialized logits (the reference the fused path matches)."""
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = self.softcap * (logits / self.softcap).tanh()
+        return logits

@@ -8,7 +8,7 @@ extra per-example tensors such as teacher probabilities or importance weights.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,11 +18,26 @@ from tqdm.auto import tqdm
 
 from distillkit.losses.functional import kd_loss
 from distillkit.ops.options import KDOptions
-from distillkit.trainers.runtime import BaseTrainer, OptimizerFactory
+from distillkit.trainers.runtime import BaseTrainer, OptimizerFactory, check_like
 
-__all__ = ["KDConfig", "KDTrainer", "loss_config_for"]
+__all__ = ["KDConfig", "KDTrainer", "check_items", "loss_config_for"]
 
 Batch = Dict[str, Tensor]
+
+
+def check_items(name: str, data: Dataset, keys: Tuple[str, ...]) -> None:
+    """Raise ``ValueError`` unless ``data``'s items are dicts holding ``keys`` (its first
+    item is looked at: a data set's items share their keys), before any training."""
+    if len(data) == 0:
+        raise ValueError(f"{name} must not be empty")
+    item = data[0]
+    if not isinstance(item, Mapping):
+        raise ValueError(f"{name} items must be dicts of tensors, e.g. a DictDataset "
+                         f"(got {type(item).__name__})")
+    missing = [k for k in keys if k not in item]
+    if missing:
+        raise ValueError(f"{name} items have no {', '.join(map(repr, missing))} "
+                         f"(they have {', '.join(map(repr, item))})")
 
 
 # The trainers' loss settings are kd_loss's own options object (validated when made);
@@ -114,13 +129,14 @@ class KDTrainer(BaseTrainer):
             raise ValueError(f"epochs must be >= 1 (got {epochs})")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
-        if len(train_data) == 0:
-            raise ValueError("train_data must not be empty")
         loss_config = loss_config_for(teacher, loss)
         self.epochs = epochs
         super().__init__(student, train_data, teacher=teacher, eval_data=eval_data,
                          optimizer=optimizer, loss_config=loss_config, batch_size=batch_size,
                          device=device, seed=seed, progress=progress)
+        check_items("train_data", train_data, self.train_keys())
+        if eval_data is not None:
+            check_items("eval_data", eval_data, ("input", "label"))
         self.sampler = DistributedSampler(
             train_data, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=seed
         )
@@ -132,6 +148,12 @@ class KDTrainer(BaseTrainer):
         )
 
     # ---- the per-batch loss: what subclasses override ------------------------
+
+    def train_keys(self) -> Tuple[str, ...]:
+        """The keys :meth:`compute_loss` reads from every training item: ``"input"``, and
+        ``"label"`` for cross entropy (no teacher, or ``hard_weight > 0``)."""
+        hard = self.teacher is None or self.loss_config.hard_weight > 0
+        return ("input", "label") if hard else ("input",)
 
     def teacher_logits(self, batch: Batch) -> Tensor:
         """Teacher logits (B, C) for ``batch["input"]``, without autograd."""
@@ -174,6 +196,7 @@ class KDTrainer(BaseTrainer):
         with ``checkpoint_path``, a checkpoint is written after every epoch.
         """
         stop = self.stop_at(stop_epoch)
+        self.check_checkpoint_path(checkpoint_path)
         with self.progress_bar((stop - self.epoch) * len(self.loader)) as bar:
             while self.epoch < stop:
                 bar.set_description(f"epoch {self.epoch + 1}/{self.epochs}")
@@ -249,6 +272,11 @@ class KDTrainer(BaseTrainer):
     def state_dict(self) -> Dict[str, Any]:
         """:meth:`BaseTrainer.state_dict` and the loader's generator."""
         return {**super().state_dict(), "loader_generator": self.loader_generator.get_state()}
+
+    def check_state_dict(self, state: Dict[str, Any]) -> None:
+        super().check_state_dict(state)
+        check_like("loader_generator", state["loader_generator"],
+                   self.loader_generator.get_state())
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         super().load_state_dict(state)

@@ -32,6 +32,9 @@ from tqdm.auto import tqdm
 from distillkit.data import BatchCycler
 from distillkit.methods.dln import DynamicLossNetwork
 from distillkit.methods.learned_optimizer import CoordinateLSTM
+from distillkit.trainers.kd import check_items
+from distillkit.trainers.runtime import (Checkpointed, DistributedContext, check_like,
+                                         check_module_state, check_optimizer_state)
 
 __all__ = ["L2TDLNTrainer"]
 
@@ -46,7 +49,27 @@ def _tensors(data: Dataset) -> Tuple[Tensor, Tensor]:
     return tensors["input"], tensors["label"]
 
 
-class L2TDLNTrainer:
+def _check_cycler(name: str, saved: Any, cycler: BatchCycler) -> None:
+    """Raise ``ValueError`` unless ``saved`` is a ``(generator state, order)`` pair that
+    ``cycler`` can continue from: batches of its size, of rows it has."""
+    if not (isinstance(saved, (tuple, list)) and len(saved) == 2
+            and isinstance(saved[1], (tuple, list))):
+        raise ValueError(f"checkpoint's {name} is not a (generator state, batch order) pair")
+    check_like(f"{name} generator state", saved[0], cycler.generator.get_state())
+    n = len(cycler.inputs)
+    for rows in saved[1]:
+        if not (isinstance(rows, Tensor) and rows.dtype == torch.int64
+                and rows.shape == (cycler.batch_size,)
+                and bool(((rows >= 0) & (rows < n)).all())):
+            raise ValueError(f"checkpoint's {name} order holds {_describe_rows(rows)}, not "
+                             f"batches of {cycler.batch_size} of this data's {n} rows")
+
+
+def _describe_rows(rows: Any) -> str:
+    return f"a {tuple(rows.shape)} {rows.dtype} batch" if isinstance(rows, Tensor) else repr(rows)
+
+
+class L2TDLNTrainer(Checkpointed):
     """Trains ``student`` with a learned loss (a :class:`DynamicLossNetwork`) taught by an
     LSTM teacher from validation feedback (L2T-DLN, docs/math.md §9.4; see the module docstring).
 
@@ -69,6 +92,10 @@ class L2TDLNTrainer:
             the batch orders; two trainers built alike produce identical runs.
         progress: show a tqdm bar.
 
+    One process: the trainer does not use ``torch.distributed``. Checkpoints follow
+    :class:`~distillkit.trainers.runtime.Checkpointed` (:meth:`save_checkpoint`,
+    all-or-nothing :meth:`resume`), progress counted in iterations.
+
     Attributes:
         phi (P,), h, c (P, ΣH): the DLN weights and the teacher's state, detached.
         history: one dict per iteration: ``iteration`` (1-based); ``dln_loss``,
@@ -79,6 +106,8 @@ class L2TDLNTrainer:
             iterations that evaluate ``eval_data``.
         iteration: completed iterations.
     """
+
+    progress_key = "iteration"
 
     def __init__(self, student: nn.Module, train_data: Dataset, val_data: Dataset, *,
                  dln: Optional[DynamicLossNetwork] = None,
@@ -92,7 +121,11 @@ class L2TDLNTrainer:
             raise ValueError(f"unroll and iterations must be >= 1 (got {unroll} and {iterations})")
         if eval_every is not None and eval_every < 1:
             raise ValueError(f"eval_every must be >= 1 or None (got {eval_every})")
-        self.device = torch.device(device)
+        for name, data in (("train_data", train_data), ("val_data", val_data),
+                           ("eval_data", eval_data)):
+            if data is not None:
+                check_items(name, data, ("input", "label"))
+        self.distributed = DistributedContext(0, 1, torch.device(device))
         self.student = student.to(self.device)
         dtype = next(student.parameters()).dtype
         with torch.random.fork_rng(devices=[]):
@@ -191,11 +224,16 @@ class L2TDLNTrainer:
 
     # ---- the loop ----------------------------------------------------------------------
 
-    def fit(self) -> List[Dict[str, float]]:
-        """Run the remaining iterations up to ``iterations``; return :attr:`history`."""
-        with tqdm(total=self.iterations - self.iteration, disable=not self.progress,
+    def fit(self, stop_iteration: Optional[int] = None,
+            checkpoint_path: Optional[str] = None) -> List[Dict[str, float]]:
+        """Run the iterations from :attr:`iteration` to ``stop_iteration`` (default
+        ``iterations``); return :attr:`history`. With ``checkpoint_path``, a checkpoint is
+        written after every iteration."""
+        stop = self.stop_at(stop_iteration)
+        self.check_checkpoint_path(checkpoint_path)
+        with tqdm(total=stop - self.iteration, disable=not self.progress,
                   unit="it", leave=False, dynamic_ncols=True, desc="L2T-DLN") as bar:
-            while self.iteration < self.iterations:
+            while self.iteration < stop:
                 record = self.train_iteration()
                 last = self.iteration == self.iterations
                 if self.eval_data is not None and (last or (
@@ -204,6 +242,8 @@ class L2TDLNTrainer:
                 bar.update()
                 bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()
                                  if k in ("val_loss", "val_accuracy", "eval_accuracy")})
+                if checkpoint_path is not None:
+                    self.save_checkpoint(checkpoint_path)
         return self.history
 
     @torch.no_grad()
@@ -216,9 +256,12 @@ class L2TDLNTrainer:
         return {"loss": float(F.cross_entropy(logits, y)),
                 "accuracy": float((logits.argmax(1) == y).float().mean())}
 
+    # ---- checkpoints (the protocol is Checkpointed's) ---------------------------
+
     def state_dict(self) -> Dict[str, Any]:
-        """Student, φ, teacher (weights, Adam state, LSTM state), batch generators, history."""
-        return {"iteration": self.iteration, "history": self.history,
+        """:meth:`Checkpointed.state_dict`, the student, φ, the teacher (weights, Adam
+        state, LSTM state) and the batch generators."""
+        return {**super().state_dict(),
                 "student": self.student.state_dict(), "phi": self.phi, "h": self.h, "c": self.c,
                 "teacher": self.teacher.state_dict(),
                 "teacher_optimizer": self.teacher_optimizer.state_dict(),
@@ -226,9 +269,20 @@ class L2TDLNTrainer:
                                   self.train_batches.order),
                 "val_batches": (self.val_batches.generator.get_state(), self.val_batches.order)}
 
+    def check_state_dict(self, state: Dict[str, Any]) -> None:
+        super().check_state_dict(state)
+        check_module_state("student", self.student, state["student"])
+        check_module_state("teacher", self.teacher, state["teacher"])
+        check_optimizer_state("teacher_optimizer", self.teacher_optimizer,
+                              state["teacher_optimizer"])
+        for key in ("phi", "h", "c"):
+            check_like(key, state[key], getattr(self, key))
+        _check_cycler("train_batches", state["train_batches"], self.train_batches)
+        _check_cycler("val_batches", state["val_batches"], self.val_batches)
+
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`: the next :meth:`fit` continues the run exactly."""
-        self.iteration, self.history = state["iteration"], list(state["history"])
+        super().load_state_dict(state)
         self.student.load_state_dict(state["student"])
         self.phi, self.h, self.c = (state[k].to(self.device) for k in ("phi", "h", "c"))
         self.dln.load_flat_weights(self.phi)

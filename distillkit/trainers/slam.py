@@ -2,7 +2,7 @@ r"""SLaM: distillation with unlabeled examples through student-label mixing (doc
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +43,11 @@ class SLaMTrainer(KDTrainer):
         val_data: V, a non-empty data set of dicts with ``"input"`` and ``"label"``.
         temperature: T > 0 of the teacher's soft labels.
         estimator: an unfitted :class:`~distillkit.methods.slam.SLaMEstimator` carrying the
-            ε, τ and k-binning choices; default ``SLaMEstimator()``.
+            ε, τ, k-binning and flip-guard choices; default
+            ``SLaMEstimator(normalized=normalized)``, whose guard floors α above the
+            mix's flip point (1/2, or 1/k normalized; our guard, not the paper's).
+            ``SLaMEstimator(normalized=normalized, guard=None)`` is the paper's exact
+            mixing. Its ``normalized`` must equal the trainer's.
         normalized, hard: passed to :func:`distillkit.slam_loss`.
         device: where the teacher labels and the student trains.
         **kwargs: :class:`KDTrainer`'s ``eval_data``, ``optimizer``, ``epochs``,
@@ -78,11 +82,15 @@ class SLaMTrainer(KDTrainer):
             raise ValueError(f"temperature must be a positive finite number (got {temperature})")
         if "loss" in kwargs:
             raise ValueError("loss (a KDConfig) does not apply: SLaMTrainer trains with slam_loss")
+        estimator = estimator if estimator is not None else SLaMEstimator(normalized=normalized)
+        if estimator.normalized != normalized:
+            raise ValueError(f"estimator.normalized ({estimator.normalized}) must equal "
+                             f"normalized ({normalized}): the flip point depends on the mix")
         device = torch.device(device)
         pool_logits, val_logits, val_labels = label_with_teacher(teacher, train_data, val_data,
                                                                  device)
         self.teacher_probs: Tensor = torch.softmax(pool_logits / temperature, dim=1)
-        self.estimator = (estimator or SLaMEstimator()).fit(
+        self.estimator = estimator.fit(
             torch.softmax(val_logits / temperature, dim=1), val_labels)
         self.alpha, self.k = self.estimator.transform(self.teacher_probs)
         self.temperature = temperature
@@ -91,6 +99,9 @@ class SLaMTrainer(KDTrainer):
         pool = WithTensors(train_data, teacher_probs=self.teacher_probs, alpha=self.alpha,
                            k=self.k)
         super().__init__(student, pool, device=device, **kwargs)
+
+    def train_keys(self) -> Tuple[str, ...]:
+        return ("input",)  # the rest comes with the teacher's labels of the pool
 
     def compute_loss(self, batch: Batch) -> Tensor:
         """Mean SLaM loss of the batch against its precomputed soft labels, α and k."""
