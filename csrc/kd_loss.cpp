@@ -47,9 +47,9 @@ KDLossParams check_kd_loss_args(
   DK_CHECK(teacher_logits.size(1) == student_logits.size(1),
            "teacher_logits must have the same last dimension as student_logits (got ",
            teacher_logits.size(1), " and ", student_logits.size(1), ")");
-  DK_CHECK(student_logits.size(1) >= 1 || student_logits.size(0) == 0,
-           "student_logits must have at least one class (got shape ",
-           student_logits.sizes(), ")");
+  // C = 0 has no distribution to compare, whatever N (N = 0 rows are fine).
+  DK_CHECK(student_logits.size(1) >= 1, "student_logits must have at least one class (got "
+           "shape ", student_logits.sizes(), ")");
   check_temperature(temperature);
   DK_CHECK(beta >= 0.0 && beta <= 1.0, "beta must be in [0, 1] (got ", beta, ")");
   DK_CHECK(hard_weight >= 0.0 && hard_weight <= 1.0,

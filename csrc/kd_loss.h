@@ -18,6 +18,38 @@
 
 namespace distillkit {
 
+// The cancellation-free divergences (docs/math.md §1.5). Where p ~ q (a large
+// temperature, near-identical models) sum p (log p - log q) is a difference of
+// terms far larger than the result: the one-pass form's error is eps |lse|
+// against a divergence of order spread^2. A row whose one-pass divergence is
+// below kStableRatio times the magnitudes that cancel in it takes another pass
+// that sums non-negative terms only (so the one-pass relative error stays
+// below about 4 eps / kStableRatio). With a base distribution b = softmax(x),
+// the other a = softmax(y), any reference c and e = (y - x) - c:
+//   X = E_b[expm1(e)],  W = E_b[w(e)],  w(e) = 1 + (e - 1) e^e >= 0,
+//   KL(a||b) = W / (1 + X) + X / (1 + X) - log1p(X),
+//   lse(y) - lse(x) = c + log1p(X)   (so log a - log b to full precision),
+// and, with rp = log p - log q, JSD's KL(p||m) = E_p[phi((1 - beta) expm1(-rp))]
+// and KL(q||m) = E_q[phi(beta expm1(rp))], phi(y) = y - log1p(y) >= 0.
+inline constexpr double kStableRatio = 1.0 / 256;
+
+// Series of w(e) = sum_{n >= 2} (n - 1) / n! e^n for |e| <= 1/2 (coefficient
+// n - 2 of kTerms) and of phi(y) = y s - 2 s^3 sum_j s^(2j) / (2j + 3),
+// s = y / (2 + y), for |y| <= 1/2: enough terms for fp64 (fp32 uses fewer).
+template <int kTerms>
+struct RatioWeightSeries {
+  double c[kTerms] = {};
+  constexpr RatioWeightSeries() {
+    double fact = 1;
+    for (int n = 2; n < kTerms + 2; ++n) {
+      fact *= n;
+      c[n - 2] = (n - 1) / fact;
+    }
+  }
+};
+inline constexpr int kRatioWeightTerms64 = 19, kRatioWeightTerms32 = 10;
+inline constexpr int kLog1pGapTerms64 = 12, kLog1pGapTerms32 = 6;
+
 // beta = 0 and beta = 1 of "jsd" resolve to the KL ends (docs/math.md §1.1).
 enum class Divergence : int { ForwardKL = 0, ReverseKL = 1, JSD = 2 };
 

@@ -27,6 +27,8 @@ SlamLossParams check_slam_loss_args(const at::Tensor& student_logits,
            "teacher_probs and student_logits must both be fp64 or both be fp32/bf16/fp16 (got ",
            teacher_probs.scalar_type(), " and ", student_logits.scalar_type(), ")");
   SlamLossParams p{student_logits.size(0), student_logits.size(1), normalized, hard};
+  DK_CHECK(p.cols >= 1, "student_logits must have at least one class (got shape ",
+           student_logits.sizes(), ")");
   // The argmax and the tie count are saved as int32 bits in fp32 stats.
   DK_CHECK(p.cols <= std::numeric_limits<int32_t>::max(), "student_logits must have at most ",
            std::numeric_limits<int32_t>::max(), " classes (got ", p.cols, ")");

@@ -208,3 +208,43 @@ def test_slam_tie_count_is_exact_beyond_2_24_classes():
     s = stats[0, SLAM_STATS.h_sum].item()
     assert member == pytest.approx(-tt * f * 0.5 / q - f * s, rel=1e-4)
     assert outside == pytest.approx(-tt - f * s, rel=1e-4)
+
+
+# --- CUDA: the same errors, without a host sync ---------------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", ["kd_label", "sparse_index", "sparse_duplicate", "slam_k",
+                                  "sparse_edited_before_backward"])
+def test_cuda_bad_values_raise_later_without_a_sync(case):
+    dev = "cuda"
+    z = torch.randn(4, 50, device=dev, requires_grad=True)
+    idx = torch.stack([torch.randperm(50)[:5] for _ in range(4)]).to(dev)
+    lp = torch.log_softmax(torch.randn(4, 5, device=dev), 1)
+    messages = {"kd_label": r"labels\[1\] = 50", "sparse_index": r"teacher_indices\[1, 2\] = 99",
+                "sparse_duplicate": "must not repeat a class", "slam_k": r"k\[1\] = 51",
+                "sparse_edited_before_backward": r"teacher_indices\[1, 2\] = -7"}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync in the ops raises
+    try:
+        if case == "kd_label":
+            y = torch.zeros(4, dtype=torch.long, device=dev)
+            y[1] = 50
+            kd_loss(z, torch.randn(4, 50, device=dev), labels=y, hard_weight=0.5, reduction="sum")
+        elif case in ("sparse_index", "sparse_duplicate"):
+            bad = idx.clone()
+            bad[1, 2] = 99 if case == "sparse_index" else bad[1, 0]
+            sparse_kd_loss(z, bad, lp, reduction="sum")
+        elif case == "slam_k":
+            t = torch.softmax(torch.randn(4, 50, device=dev), 1)
+            k = torch.full((4,), 2, dtype=torch.long, device=dev)
+            k[1] = 51
+            slam_loss(z, t, torch.full((4,), 0.5, device=dev), k, reduction="sum")
+        else:
+            loss = sparse_kd_loss(z, idx, lp, reduction="sum")
+            idx.data[1, 2] = -7  # an edit the version counter does not see, as numpy's
+            torch.autograd.grad(loss, z)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    with pytest.raises(ValueError, match=messages[case]):
+        check_errors()
+    check_errors()  # raised once, then cleared

@@ -19,6 +19,9 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 
 #include "cpu/capability.h"
 #include "cpu/output_cache.h"
@@ -74,6 +77,162 @@ struct Online {
 
   acc_t lse() const { return max + std::log(sum); }
 };
+
+// --- the cancellation-free KL and JSD (kd_loss.h, docs/math.md §1.5) ---------------
+
+// w(e) = 1 + (e - 1) e^e = sum_{n >= 2} (n - 1) / n! e^n by its series, for
+// |e| <= 1/2 (where the closed form cancels; callers take b + (e - 1) b e^e
+// beyond, with b e^e formed as one exp).
+template <typename acc_t>
+Vectorized<acc_t> ratio_weight(Vectorized<acc_t> e) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int kTerms =
+      std::is_same_v<acc_t, double> ? kRatioWeightTerms64 : kRatioWeightTerms32;
+  constexpr RatioWeightSeries<kTerms> coef;
+  Vec series(0);
+  for (int i = kTerms - 1; i >= 0; --i) series = series * e + Vec(static_cast<acc_t>(coef.c[i]));
+  return series * e * e;
+}
+
+// phi(y) = y - log1p(y) >= 0: for |y| <= 1/2 as y s - 2 sum_j s^(2j+3)/(2j+3),
+// s = y / (2 + y) (from log1p(y) = 2 atanh(s)), which does not cancel.
+template <typename acc_t>
+Vectorized<acc_t> log1p_gap(Vectorized<acc_t> y) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int kTerms = std::is_same_v<acc_t, double> ? kLog1pGapTerms64 : kLog1pGapTerms32;
+  const Vec s = y / (Vec(2) + y), s2 = s * s;
+  Vec series(0);
+  for (int j = kTerms - 1; j >= 0; --j) series = series * s2 + Vec(acc_t(1) / (2 * j + 3));
+  const Vec small_form = y * s - Vec(2) * s * s2 * series;
+  return Vec::blendv(y - y.log1p(), small_form, y.abs() <= Vec(acc_t(0.5)));
+}
+
+// Q, X and W above over one row (normalized by Q), with the student as the base
+// (student_base) or the teacher.
+template <typename acc_t>
+struct RatioSums {
+  acc_t x;  // X
+  acc_t w;  // W
+};
+
+template <typename acc_t>
+RatioSums<acc_t> ratio_sums(const Args<acc_t>& a, int64_t row, bool student_base, acc_t lse_base,
+                            acc_t c, acc_t* zb, acc_t* ub) {
+  using Vec = Vectorized<acc_t>;
+  const acc_t inv_t = acc_t(1) / static_cast<acc_t>(a.p.temperature);
+  const Vec vlse(lse_base), vc(c);
+  Vec vq(0), vx(0), vw(0);
+  for (int64_t j0 = 0; j0 < a.p.cols; j0 += kTile) {
+    const int64_t n = std::min(kTile, a.p.cols - j0);
+    a.load_s(a.student, row * a.s_row_stride + j0, n, inv_t, zb);
+    a.load_t(a.teacher, row * a.t_row_stride + j0, n, inv_t, ub);
+    for (int64_t i = 0; i < n; i += Vec::size()) {
+      const Vec zv = Vec::loadu(zb + i), uv = Vec::loadu(ub + i);
+      const Vec base = student_base ? zv : uv, other = student_base ? uv : zv;
+      const Vec b = vexp(base - vlse);
+      const Vec e = (other - base) - vc;
+      // b e^e as one exp: finite where e is large, and not 0 where b underflowed
+      // but the other distribution has mass (0 * inf).
+      const Vec be = vexp(other - vc - vlse);
+      const Vec small = e.abs() <= Vec(acc_t(0.5));
+      vq += b;
+      const Vec none = (b == Vec(0)) & (be == Vec(0));
+      vx += Vec::blendv(Vec::blendv(be - b, b * e.expm1(), small), Vec(0), none);
+      vw += Vec::blendv(Vec::blendv(b + masked_term(be, e - Vec(1)), b * ratio_weight(e), small),
+                        Vec(0), none);
+    }
+  }
+  const acc_t q = reduce_sum(vq);
+  return {reduce_sum(vx) / q, reduce_sum(vw) / q};
+}
+
+// KL(other || base) from its ratio sums: W / (1 + X) + X / (1 + X) - log1p(X).
+template <typename acc_t>
+acc_t kl_from(const RatioSums<acc_t>& r) {
+  return r.w / (acc_t(1) + r.x) + (r.x / (acc_t(1) + r.x) - std::log1p(r.x));
+}
+
+// Whether a row's divergence `soft`, computed from terms of size `magnitude`,
+// needs the cancellation-free pass.
+template <typename acc_t>
+bool needs_stable_pass(acc_t soft, acc_t magnitude) {
+  return std::isfinite(soft) && std::isfinite(magnitude) &&
+         !(soft > magnitude * static_cast<acc_t>(kStableRatio));
+}
+
+// log p - log q of a row to full precision: rp = (u/T - z/T) - c - log1p(X)
+// with c = lse(u/T) - lse(z/T) as rounded and X from ratio_sums over q. It is
+// what both the JSD and the backward's cancellation-free passes use.
+template <typename acc_t>
+acc_t log_ratio_offset(const Args<acc_t>& a, int64_t row, acc_t lse_s, acc_t lse_t, acc_t* zb,
+                       acc_t* ub) {
+  return (lse_t - lse_s) + std::log1p(ratio_sums(a, row, true, lse_s, lse_t - lse_s, zb, ub).x);
+}
+
+// log q - log m and log p - log m from rp = log p - log q, to full precision
+// near rp = 0 (log1p of a small expm1) and without overflow far from it
+// (a logaddexp of the mixture weights).
+template <typename acc_t>
+struct MixtureLogs {
+  Vectorized<acc_t> beta, one_minus_beta, log_beta, log_one_minus_beta;
+  explicit MixtureLogs(double b)
+      : beta(static_cast<acc_t>(b)), one_minus_beta(static_cast<acc_t>(1.0 - b)),
+        log_beta(static_cast<acc_t>(std::log(b))),
+        log_one_minus_beta(static_cast<acc_t>(std::log1p(-b))) {}
+
+  static Vectorized<acc_t> log_add_exp(Vectorized<acc_t> a, Vectorized<acc_t> b) {
+    using Vec = Vectorized<acc_t>;
+    const Vec hi = at::vec::maximum(a, b), lo = at::vec::minimum(a, b);
+    return hi + vexp(lo - hi).log1p();
+  }
+  // -log(1 - beta + beta e^rp)
+  Vectorized<acc_t> student(Vectorized<acc_t> rp) const {
+    using Vec = Vectorized<acc_t>;
+    return Vec::blendv(Vec(0) - log_add_exp(log_one_minus_beta, log_beta + rp),
+                       Vec(0) - (beta * rp.expm1()).log1p(), rp.abs() <= Vec(acc_t(0.5)));
+  }
+  // -log(beta + (1 - beta) e^-rp)
+  Vectorized<acc_t> teacher(Vectorized<acc_t> rp) const {
+    using Vec = Vectorized<acc_t>;
+    const Vec nrp = Vec(0) - rp;
+    return Vec::blendv(Vec(0) - log_add_exp(log_beta, log_one_minus_beta + nrp),
+                       Vec(0) - (one_minus_beta * nrp.expm1()).log1p(), rp.abs() <= Vec(acc_t(0.5)));
+  }
+};
+
+// JSD by non-negative terms: with rp = log p - log q, log p - log m =
+// -log1p((1 - beta) expm1(-rp)) and sum p (1 - beta) expm1(-rp) = 0, so
+// KL(p||m) = sum p phi((1 - beta) expm1(-rp)); likewise
+// KL(q||m) = sum q phi(beta expm1(rp)).
+template <typename acc_t>
+std::pair<acc_t, acc_t> stable_jsd(const Args<acc_t>& a, int64_t row, acc_t lse_s, acc_t lse_t,
+                                   acc_t* zb, acc_t* ub) {
+  using Vec = Vectorized<acc_t>;
+  const acc_t inv_t = acc_t(1) / static_cast<acc_t>(a.p.temperature);
+  const acc_t offset = log_ratio_offset(a, row, lse_s, lse_t, zb, ub);
+  const Vec vls(lse_s), vlt(lse_t), voff(offset);
+  const MixtureLogs<acc_t> mix(a.p.beta);
+  Vec dt(0), ds(0);
+  for (int64_t j0 = 0; j0 < a.p.cols; j0 += kTile) {
+    const int64_t n = std::min(kTile, a.p.cols - j0);
+    a.load_s(a.student, row * a.s_row_stride + j0, n, inv_t, zb);
+    a.load_t(a.teacher, row * a.t_row_stride + j0, n, inv_t, ub);
+    for (int64_t i = 0; i < n; i += Vec::size()) {
+      const Vec zv = Vec::loadu(zb + i), uv = Vec::loadu(ub + i);
+      const Vec rp = (uv - zv) - voff;
+      const Vec pv = vexp(uv - vlt), qv = vexp(zv - vls);
+      // Near rp = 0 the phi forms; beyond, p (log p - log m) + (1 - beta)(q - p),
+      // which is p phi(...) without its expm1 overflowing.
+      const Vec small = rp.abs() <= Vec(acc_t(0.5));
+      dt += Vec::blendv(masked_term(pv, mix.teacher(rp)) + mix.one_minus_beta * (qv - pv),
+                        masked_term(pv, log1p_gap(mix.one_minus_beta * (Vec(0) - rp).expm1())),
+                        small);
+      ds += Vec::blendv(masked_term(qv, mix.student(rp)) + mix.beta * (pv - qv),
+                        masked_term(qv, log1p_gap(mix.beta * rp.expm1())), small);
+    }
+  }
+  return {reduce_sum(dt), reduce_sum(ds)};
+}
 
 template <typename acc_t>
 bool row_ignored(const Args<acc_t>& a, int64_t row) {
@@ -166,6 +325,16 @@ void forward_row(const Args<acc_t>& a, int64_t row, acc_t* zb, acc_t* ub, acc_t*
     d_student = reduce_sum(ds);
     d_teacher = reduce_sum(dt);
   }
+  // Rows where cancellation took the one-pass result's digits (p ~ q).
+  const acc_t lse_mag = std::abs(lse_s) + std::abs(lse_t);
+  if (fwd && needs_stable_pass(d_teacher, lse_mag + std::abs(t.extra / t.sum))) {
+    d_teacher = kl_from(ratio_sums(a, row, true, lse_s, t.extra / t.sum, zb, ub));
+  } else if (rev && needs_stable_pass(d_student, lse_mag + std::abs(s.extra / s.sum))) {
+    d_student = kl_from(ratio_sums(a, row, false, lse_t, s.extra / s.sum, zb, ub));
+  } else if (p.divergence == Divergence::JSD &&
+             needs_stable_pass(std::min(d_teacher, d_student), lse_mag)) {
+    std::tie(d_teacher, d_student) = stable_jsd(a, row, lse_s, lse_t, zb, ub);
+  }
   const acc_t soft = fwd ? d_teacher
                          : rev ? d_student
                                : static_cast<acc_t>(p.beta) * d_teacher +
@@ -222,6 +391,16 @@ void backward_row(const Args<acc_t>& a, int64_t row, const acc_t* grad_loss,
   const Vec vds(st[kd_loss_stats::kDStudent]), vdt(st[kd_loss_stats::kDTeacher]);
   const Vec vb(beta), vb1(acc_t(1) - beta), vT(T), hc(g * static_cast<acc_t>(p.hard_weight));
   const int64_t y = p.hard ? a.labels[row] : -1;
+  // Where the forward's divergence is tiny next to the lse values, q - p and
+  // the log ratios cancel as well: they are formed from rp = log p - log q to
+  // full precision (one more pass), q - p = -q expm1(rp).
+  const acc_t lse_s = st[kd_loss_stats::kLseStudent], lse_t = st[kd_loss_stats::kLseTeacher];
+  const acc_t d_soft = fwd ? st[kd_loss_stats::kDTeacher]
+                           : rev ? st[kd_loss_stats::kDStudent]
+                                 : std::min(st[kd_loss_stats::kDTeacher], st[kd_loss_stats::kDStudent]);
+  const bool stable = needs_stable_pass(d_soft, std::abs(lse_s) + std::abs(lse_t));
+  const Vec voff(stable ? log_ratio_offset(a, row, lse_s, lse_t, zb, ub) : acc_t(0));
+  const MixtureLogs<acc_t> mix(p.divergence == Divergence::JSD ? p.beta : 0.5);
 
   for (int64_t j0 = 0; j0 < p.cols; j0 += kTile) {
     const int64_t n = std::min(kTile, p.cols - j0);
@@ -232,7 +411,22 @@ void backward_row(const Args<acc_t>& a, int64_t row, const acc_t* grad_loss,
       const Vec lq = zv - vls, lp = Vec::loadu(ub + i) - vlt;
       const Vec q = vexp(lq), pp = vexp(lp);
       Vec dz, du;
-      if (fwd) {
+      if (stable) {
+        const Vec rp = (Vec::loadu(ub + i) - zv) - voff;
+        // p - q = q expm1(rp) near rp = 0, p - q itself beyond.
+        const Vec p_minus_q =
+            Vec::blendv(pp - q, masked_term(q, rp.expm1()), rp.abs() <= Vec(acc_t(0.5)));
+        if (fwd) {
+          dz = cs * p_minus_q * Vec(-1);
+          du = ct * masked_term(pp, rp - vdt);
+        } else if (rev) {
+          dz = cs * masked_term(q, Vec(0) - rp - vds);
+          du = ct * p_minus_q;
+        } else {
+          dz = cs * masked_term(q, mix.student(rp) - vds);
+          du = ct * masked_term(pp, mix.teacher(rp) - vdt);
+        }
+      } else if (fwd) {
         dz = cs * (q - pp);
         du = ct * masked_term(pp, lp - lq - vdt);
       } else if (rev) {

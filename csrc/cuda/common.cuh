@@ -55,6 +55,14 @@ __device__ __forceinline__ float acc_log(float x) { return logf(x); }
 __device__ __forceinline__ double acc_log(double x) { return log(x); }
 __device__ __forceinline__ float acc_log1p(float x) { return log1pf(x); }
 __device__ __forceinline__ double acc_log1p(double x) { return log1p(x); }
+__device__ __forceinline__ float acc_expm1(float x) { return expm1f(x); }
+__device__ __forceinline__ double acc_expm1(double x) { return expm1(x); }
+// x - x is 0 exactly for finite x, NaN for inf and NaN (the same on the GPU
+// and the host compilers, which disagree on where isfinite is declared).
+template <typename T>
+__device__ __forceinline__ bool acc_isfinite(T x) {
+  return x - x == T(0);
+}
 __device__ __forceinline__ float acc_abs(float x) { return fabsf(x); }
 __device__ __forceinline__ double acc_abs(double x) { return fabs(x); }
 // fmax/fmin ignore a NaN operand; callers that need NaN to propagate carry

@@ -140,12 +140,132 @@ __device__ __forceinline__ JsdSums<A> shfl_xor(const JsdSums<A>& v, int mask) {
   return {device::shfl_xor(v.teacher, mask), device::shfl_xor(v.student, mask)};
 }
 
+// ------------------------------------- the cancellation-free passes (kd_loss.h)
+
+// w(e) = 1 + (e - 1) e^e by its series, for |e| <= 1/2 (callers take
+// b + (e - 1) b e^e beyond, with b e^e formed as one exp).
+template <typename A>
+__device__ __forceinline__ A ratio_weight(A e) {
+  constexpr int kTerms = std::is_same_v<A, double> ? kRatioWeightTerms64 : kRatioWeightTerms32;
+  constexpr RatioWeightSeries<kTerms> coef;
+  A series = A(0);
+#pragma unroll
+  for (int i = kTerms - 1; i >= 0; --i) series = series * e + static_cast<A>(coef.c[i]);
+  return series * e * e;
+}
+
+// log q - log m = -log(1 - beta + beta e^rp) and log p - log m =
+// -log(beta + (1 - beta) e^-rp) from rp = log p - log q: log1p of a small
+// expm1 near rp = 0, a logaddexp of the mixture weights (no overflow) beyond.
+template <typename A>
+__device__ __forceinline__ A student_mixture_log(A rp, const KDScalars<A>& k) {
+  return device::acc_abs(rp) <= A(0.5)
+             ? -device::acc_log1p(k.beta * device::acc_expm1(rp))
+             : -device::log_add_exp(k.log_one_minus_beta, k.log_beta + rp);
+}
+
+template <typename A>
+__device__ __forceinline__ A teacher_mixture_log(A rp, const KDScalars<A>& k) {
+  return device::acc_abs(rp) <= A(0.5)
+             ? -device::acc_log1p(k.one_minus_beta * device::acc_expm1(-rp))
+             : -device::log_add_exp(k.log_beta, k.log_one_minus_beta - rp);
+}
+
+// phi(y) = y - log1p(y), by its atanh series for |y| <= 1/2.
+template <typename A>
+__device__ __forceinline__ A log1p_gap(A y) {
+  constexpr int kTerms = std::is_same_v<A, double> ? kLog1pGapTerms64 : kLog1pGapTerms32;
+  if (device::acc_abs(y) > A(0.5)) return y - device::acc_log1p(y);
+  const A s = y / (A(2) + y), s2 = s * s;
+  A series = A(0);
+#pragma unroll
+  for (int j = kTerms - 1; j >= 0; --j) series = series * s2 + A(1) / A(2 * j + 3);
+  return y * s - A(2) * s * s2 * series;
+}
+
+template <typename A>
+__device__ __forceinline__ bool needs_stable_pass(A soft, A magnitude) {
+  return device::acc_isfinite(soft) && device::acc_isfinite(magnitude) &&
+         !(soft > magnitude * static_cast<A>(kStableRatio));
+}
+
+// Q, Q X and Q W of kd_loss.h over one row.
+template <typename A>
+struct RatioSums {
+  A q;
+  A x;
+  A w;
+};
+
+template <typename A>
+__device__ __forceinline__ RatioSums<A> merge(const RatioSums<A>& a, const RatioSums<A>& b) {
+  return {a.q + b.q, a.x + b.x, a.w + b.w};
+}
+
+template <typename A>
+__device__ __forceinline__ RatioSums<A> shfl_xor(const RatioSums<A>& v, int mask) {
+  return {device::shfl_xor(v.q, mask), device::shfl_xor(v.x, mask), device::shfl_xor(v.w, mask)};
+}
+
+// X and W (normalized by Q) with the student (student_base) or the teacher as
+// the base. Every thread of the row group calls it.
+template <int kVec, int kRowThreads, typename S, typename U, typename A>
+__device__ RatioSums<A> ratio_sums(const S* z, const U* u, int64_t row_start,
+                                   const KDScalars<A>& k, int lane, bool student_base, A lse_base,
+                                   A c, RatioSums<A>* smem) {
+  RatioSums<A> acc{A(0), A(0), A(0)};
+  for_each_pack<kVec>(row_start, k.cols, k.aligned, lane, kRowThreads, [&](int col, auto n) {
+    constexpr int N = decltype(n)::value;
+    A zr[N], ur[N];
+    load_pack<N>(z + col, zr);
+    load_pack<N>(u + col, ur);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const A zs = zr[i] * k.inv_t, us = ur[i] * k.inv_t;
+      const A base = student_base ? zs : us, other = student_base ? us : zs;
+      const A b = device::acc_exp(base - lse_base);
+      const A e = (other - base) - c;
+      // b e^e as one exp: finite where e is large, and not 0 where b underflowed
+      // but the other distribution has mass (0 * inf).
+      const A be = device::acc_exp(other - c - lse_base);
+      acc.q += b;
+      if (b == A(0) && be == A(0)) continue;
+      if (device::acc_abs(e) <= A(0.5)) {
+        acc.x += b * device::acc_expm1(e);
+        acc.w += b * ratio_weight(e);
+      } else {
+        acc.x += be - b;
+        acc.w += b + xmul(be, e - A(1));
+      }
+    }
+  });
+  acc = group_allreduce<kRowThreads>(acc, smem);
+  return {acc.q, acc.x / acc.q, acc.w / acc.q};
+}
+
+template <typename A>
+__device__ __forceinline__ A kl_from(const RatioSums<A>& r) {
+  return r.w / (A(1) + r.x) + (r.x / (A(1) + r.x) - device::acc_log1p(r.x));
+}
+
+// log p - log q = (u/T - z/T) - offset to full precision: offset = c +
+// log1p(X) over the base q, c = lse(u/T) - lse(z/T) as rounded.
+template <int kVec, int kRowThreads, typename S, typename U, typename A>
+__device__ __forceinline__ A log_ratio_offset(const S* z, const U* u, int64_t row_start,
+                                              const KDScalars<A>& k, int lane, A lse_z, A lse_u,
+                                              RatioSums<A>* smem) {
+  const A c = lse_u - lse_z;
+  return c + device::acc_log1p(
+                 ratio_sums<kVec, kRowThreads>(z, u, row_start, k, lane, true, lse_z, c, smem).x);
+}
+
 template <typename S, typename U, typename A, int kRowThreads>
 __global__ void __launch_bounds__(kBlockThreads)
     kd_loss_forward_kernel(const ForwardArgs<S, U, A> args) {
   constexpr int kVec = pack_width<S, U>();
   __shared__ RowState<A> state_smem[kBlockThreads / kWarpSize];
   __shared__ JsdSums<A> sums_smem[kBlockThreads / kWarpSize];
+  __shared__ RatioSums<A> ratio_smem[kBlockThreads / kWarpSize];
   const KDScalars<A>& k = args.k;
   const int lane = threadIdx.x % kRowThreads;
   const bool track_z1 = k.hard && !k.unit_t;
@@ -252,6 +372,50 @@ __global__ void __launch_bounds__(kBlockThreads)
         break;
       }
     }
+    // Rows where cancellation took the one-pass result's digits (kd_loss.h).
+    // The decision is the same on every thread of the group (all-reduced values).
+    const A lse_mag = device::acc_abs(lse_z) + device::acc_abs(lse_u);
+    if (k.divergence == Divergence::ForwardKL &&
+        needs_stable_pass(d_teacher, lse_mag + device::acc_abs(st.u.a / st.u.s))) {
+      d_teacher = kl_from(ratio_sums<kVec, kRowThreads>(z, u, row_start, k, lane, true, lse_z,
+                                                        st.u.a / st.u.s, ratio_smem));
+      soft = d_teacher;
+    } else if (k.divergence == Divergence::ReverseKL &&
+               needs_stable_pass(d_student, lse_mag + device::acc_abs(st.z.a / st.z.s))) {
+      d_student = kl_from(ratio_sums<kVec, kRowThreads>(z, u, row_start, k, lane, false, lse_u,
+                                                        st.z.a / st.z.s, ratio_smem));
+      soft = d_student;
+    } else if (k.divergence == Divergence::JSD &&
+               needs_stable_pass(device::acc_min(d_teacher, d_student), lse_mag)) {
+      const A offset =
+          log_ratio_offset<kVec, kRowThreads>(z, u, row_start, k, lane, lse_z, lse_u, ratio_smem);
+      JsdSums<A> sums{A(0), A(0)};
+      for_each_pack<kVec>(row_start, k.cols, k.aligned, lane, kRowThreads, [&](int col, auto n) {
+        constexpr int N = decltype(n)::value;
+        A zr[N], ur[N];
+        load_pack<N>(z + col, zr);
+        load_pack<N>(u + col, ur);
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+          const A zs = zr[i] * k.inv_t, us = ur[i] * k.inv_t;
+          const A rp = (us - zs) - offset;
+          const A p = device::acc_exp(us - lse_u), q = device::acc_exp(zs - lse_z);
+          // Near rp = 0 the phi forms; beyond, p (log p - log m) + (1 - beta)(q - p),
+          // which is p phi(...) without its expm1 overflowing.
+          if (device::acc_abs(rp) <= A(0.5)) {
+            sums.teacher += xmul(p, log1p_gap(k.one_minus_beta * device::acc_expm1(-rp)));
+            sums.student += xmul(q, log1p_gap(k.beta * device::acc_expm1(rp)));
+          } else {
+            sums.teacher += xmul(p, teacher_mixture_log(rp, k)) + k.one_minus_beta * (q - p);
+            sums.student += xmul(q, student_mixture_log(rp, k)) + k.beta * (p - q);
+          }
+        }
+      });
+      sums = group_allreduce<kRowThreads>(sums, sums_smem);
+      d_teacher = sums.teacher;
+      d_student = sums.student;
+      soft = k.beta * d_teacher + k.one_minus_beta * d_student;
+    }
 
     if (lane == 0) {
       // lse(z) costs a third online stream, so it is tracked only when the
@@ -274,6 +438,7 @@ template <typename S, typename U, typename A, int kRowThreads>
 __global__ void __launch_bounds__(kBlockThreads)
     kd_loss_backward_kernel(const BackwardArgs<S, U, A> args) {
   constexpr int kVec = pack_width<S, U>();
+  __shared__ RatioSums<A> ratio_smem[kBlockThreads / kWarpSize];
   const KDScalars<A>& k = args.k;
   const int lane = threadIdx.x % kRowThreads;
 
@@ -317,6 +482,16 @@ __global__ void __launch_bounds__(kBlockThreads)
     const A c_student = jsd ? c * k.one_minus_beta : c;
     const A c_teacher = jsd ? c * k.beta : c;
     const A h = g * k.hard_weight;
+    // Where the divergence is tiny next to the lse values, q - p and the log
+    // ratios cancel too: they come from rp = log p - log q to full precision
+    // (one more pass), q - p = -q expm1(rp). Uniform over the row group.
+    const A d_soft = k.divergence == Divergence::ForwardKL   ? d_teacher
+                     : k.divergence == Divergence::ReverseKL ? d_student
+                                                             : device::acc_min(d_teacher, d_student);
+    const bool stable = needs_stable_pass(d_soft, device::acc_abs(lse_z) + device::acc_abs(lse_u));
+    const A offset = stable ? log_ratio_offset<kVec, kRowThreads>(z, u, row_start, k, lane, lse_z,
+                                                                  lse_u, ratio_smem)
+                            : A(0);
 
     for_each_pack<kVec>(row_start, k.cols, k.aligned, lane, kRowThreads, [&](int col, auto n) {
       constexpr int N = decltype(n)::value;
@@ -329,20 +504,40 @@ __global__ void __launch_bounds__(kBlockThreads)
         const A log_p = ur[i] * k.inv_t - lse_u;
         const A q = device::acc_exp(log_q);
         const A p = device::acc_exp(log_p);
-        switch (k.divergence) {
-          case Divergence::ForwardKL:
-            gz[i] = c * (q - p);
-            gu[i] = c * xmul(p, log_p - log_q - d_teacher);
-            break;
-          case Divergence::ReverseKL:
-            gz[i] = c * xmul(q, log_q - log_p - d_student);
-            gu[i] = c * (p - q);
-            break;
-          case Divergence::JSD: {
-            const A log_m = device::log_add_exp(log_p + k.log_beta, log_q + k.log_one_minus_beta);
-            gz[i] = c_student * xmul(q, log_q - log_m - d_student);
-            gu[i] = c_teacher * xmul(p, log_p - log_m - d_teacher);
-            break;
+        const A rp = (ur[i] * k.inv_t - zr[i] * k.inv_t) - offset;
+        if (stable) {
+          // p - q = q expm1(rp) near rp = 0, p - q itself beyond.
+          const A p_minus_q = device::acc_abs(rp) <= A(0.5) ? xmul(q, device::acc_expm1(rp)) : p - q;
+          switch (k.divergence) {
+            case Divergence::ForwardKL:
+              gz[i] = -c * p_minus_q;
+              gu[i] = c * xmul(p, rp - d_teacher);
+              break;
+            case Divergence::ReverseKL:
+              gz[i] = c * xmul(q, -rp - d_student);
+              gu[i] = c * p_minus_q;
+              break;
+            case Divergence::JSD:
+              gz[i] = c_student * xmul(q, student_mixture_log(rp, k) - d_student);
+              gu[i] = c_teacher * xmul(p, teacher_mixture_log(rp, k) - d_teacher);
+              break;
+          }
+        } else {
+          switch (k.divergence) {
+            case Divergence::ForwardKL:
+              gz[i] = c * (q - p);
+              gu[i] = c * xmul(p, log_p - log_q - d_teacher);
+              break;
+            case Divergence::ReverseKL:
+              gz[i] = c * xmul(q, log_q - log_p - d_student);
+              gu[i] = c * (p - q);
+              break;
+            case Divergence::JSD: {
+              const A log_m = device::log_add_exp(log_p + k.log_beta, log_q + k.log_one_minus_beta);
+              gz[i] = c_student * xmul(q, log_q - log_m - d_student);
+              gu[i] = c_teacher * xmul(p, log_p - log_m - d_teacher);
+              break;
+            }
           }
         }
         if (k.hard) {

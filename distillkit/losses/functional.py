@@ -149,8 +149,10 @@ def kd_rows_inputs(student_logits: Tensor, teacher_logits: Tensor, labels: Optio
     classes = opts.teacher_classes(num_classes, teacher_logits.shape[-1],
                                    "teacher_logits must have the shape of student_logits")
     teacher_logits = teacher_logits[..., :classes]
-    z = student_logits.reshape(-1, num_classes)
-    u = teacher_logits.reshape(-1, num_classes)
+    # math.prod, not -1: a reshape of zero classes to (-1, 0) is ambiguous, and C = 0
+    # is the op's own error.
+    z = student_logits.reshape(math.prod(lead), num_classes)
+    u = teacher_logits.reshape(z.shape)
     # fp64 in either input means an fp64 computation (the kernels pair fp64 with fp64).
     if (z.dtype == torch.float64) != (u.dtype == torch.float64):
         z, u = z.double(), u.double()
@@ -275,6 +277,8 @@ def forward_corrected_loss(student_logits: Tensor, targets: Tensor, transition: 
     if student_logits.dim() != 2:
         raise ValueError(f"student_logits must be 2-D (N, C) (got shape {tuple(student_logits.shape)})")
     n, c = student_logits.shape
+    if c == 0:
+        raise ValueError(f"student_logits must have at least one class (got shape {(n, c)})")
     if transition.shape != (c, c):
         raise ValueError(f"transition must have shape ({c}, {c}) (got {tuple(transition.shape)})")
     if not torch.compiler.is_compiling():
@@ -284,9 +288,30 @@ def forward_corrected_loss(student_logits: Tensor, targets: Tensor, transition: 
             raise ValueError("transition must be row-stochastic (non-negative rows summing to 1)")
     acc = torch.float64 if torch.float64 in (student_logits.dtype, transition.dtype) else torch.float32
     z = student_logits.to(acc)
+    tr = transition.to(acc)
     shifted = z - z.amax(1, keepdim=True).detach()
     e = shifted.exp()
-    log_noisy = torch.log(e @ transition.to(acc)) - torch.log(e.sum(1, keepdim=True))
+    mixed = e @ tr
+    # exp(z - max z) underflows where a column's mass comes only from logits far below
+    # the max: log(e @ T) is then -inf where its exact value is finite. Those rows are
+    # recomputed in the log domain, log_noisy_j = logsumexp_i(z_i + log T_ij) - lse(z)
+    # (O(C^2) per such row, in row chunks; the fast value is masked so that its log
+    # passes no 0/0 gradient).
+    bad = (mixed == 0).logical_and((tr > 0).any(0)).any(1)
+    redo = (bad.nonzero().squeeze(1) if not torch.compiler.is_compiling() and bool(bad.any())
+            else None)
+    if redo is not None:
+        mixed = torch.where(bad[:, None], torch.ones_like(mixed), mixed)
+    log_noisy = torch.log(mixed) - torch.log(e.sum(1, keepdim=True))
+    if redo is not None:
+        log_t = torch.log(tr)
+        step = max(1, (1 << 24) // (c * c))
+        for r0 in range(0, redo.numel(), step):
+            rows_i = redo[r0:r0 + step]
+            zr = z[rows_i]
+            exact = (torch.logsumexp(zr[:, :, None] + log_t[None], dim=1)
+                     - torch.logsumexp(zr, 1, keepdim=True))
+            log_noisy = log_noisy.index_put((rows_i,), exact)
     if targets.dtype == torch.int64:
         if targets.shape != (n,):
             raise ValueError(f"targets must have shape ({n},) or ({n}, {c}) (got {tuple(targets.shape)})")
@@ -415,11 +440,12 @@ def sparse_kd_loss(
             dead, gives 0 and leaves the mean's denominator when its label is
             ``ignore_index`` or all of its K indices are -1;
             ``scale_by_t2``: multiply the row by T**2;
-            ``check_duplicates``: check on the host that no row repeats a class (an
-            error if one does). It sorts the N x K indices (O(N K log K), one device
-            sync on CUDA: small next to the O(N C) kernel); pass False for indices
-            known to be unique (e.g. from ``topk``), and results with repeats are then
-            undefined. Indices out of [0, C) other than -1 are always an error.
+            ``check_duplicates``: check that no row repeats a class (an error if one
+            does; on the CPU a sort of the N x K indices, on CUDA O(K^2 / threads)
+            compares per row in the kernel, raised as :func:`distillkit.ops.check_errors`
+            says); pass False for indices known to be unique (e.g. from ``topk``), and
+            results with repeats are then undefined. Indices out of [0, C) other than
+            -1 are always an error.
 
     Returns:
         The loss: fp32 for fp32/bf16/fp16 inputs (fp64 if either float input is fp64);
@@ -454,8 +480,8 @@ def sparse_kd_loss(
                          f"{tuple(teacher_indices.shape)})")
     if teacher_indices.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"teacher_indices must be int64 or int32 (got {teacher_indices.dtype})")
-    z = student_logits.reshape(-1, student_logits.shape[-1])
-    idx = teacher_indices.reshape(-1, teacher_indices.shape[-1]).long()
+    z = student_logits.reshape(math.prod(lead), student_logits.shape[-1])
+    idx = teacher_indices.reshape(z.shape[0], teacher_indices.shape[-1]).long()
     lp = teacher_logprobs.reshape(idx.shape)
     # fp64 on either side means an fp64 computation (the kernels pair fp64 with fp64).
     if (z.dtype == torch.float64) != (lp.dtype == torch.float64):

@@ -121,6 +121,13 @@ def kd_cases():
     out.append(kd_case(1000, 13, "reverse_kl", T=1.0, sdt=BF16))
     for N, C in [(3, 50), (2, 1500)]:
         out.append(kd_case(N, C, "jsd", 0.5, T=2.0, labels="all_ignored", hard=0.5))
+    # Large temperatures: p ~ q, the rows take the cancellation-free passes (kd_loss.h).
+    for N, C in [(4, 97), (2, 1500)]:
+        for div, beta in [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.2)]:
+            for T in (1e2, 1e4, 1e6):
+                out.append(kd_case(N, C, div, beta, T))
+        out.append(kd_case(N, C, "jsd", 0.5, T=1e4, sdt=F64, labels=True, hard=0.3))
+        out.append(kd_case(N, C, "forward_kl", T=1e4, sdt=BF16, tdt=F32, misalign=True))
     out.append(kd_case(5, 300, "forward_kl", T=2.0, teacher_grad=False, t2=False))
     out.append(kd_case(4, 1200, "jsd", 0.5, T=4.0, teacher_grad=False, t2=False, scale=20.0))
     return out
