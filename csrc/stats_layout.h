@@ -49,16 +49,32 @@ using stat_int_t = std::conditional_t<sizeof(A) == 8, int64_t, int32_t>;
 template <typename A>
 DK_HOST_DEVICE inline A int_stat(int64_t i) {
   const stat_int_t<A> v = static_cast<stat_int_t<A>>(i);
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(A) == 8) {
+    return __longlong_as_double(v);
+  } else {
+    return __int_as_float(v);
+  }
+#else
   A out;
   std::memcpy(&out, &v, sizeof out);
   return out;
+#endif
 }
 
 template <typename A>
 DK_HOST_DEVICE inline int64_t stat_int(A stat) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(A) == 8) {
+    return __double_as_longlong(stat);
+  } else {
+    return __float_as_int(stat);
+  }
+#else
   stat_int_t<A> v;
   std::memcpy(&v, &stat, sizeof v);
   return v;
+#endif
 }
 
 // slam_loss_forward: stats (N, kCols), in the notation of slam_loss.h.

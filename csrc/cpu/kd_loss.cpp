@@ -107,6 +107,19 @@ Vectorized<acc_t> log1p_gap(Vectorized<acc_t> y) {
   return Vec::blendv(y - y.log1p(), small_form, y.abs() <= Vec(acc_t(0.5)));
 }
 
+// Calls f(n) for each tile of row `row`, with z/T and u/T of its n columns in
+// zb and ub (padded to whole vectors with -inf).
+template <typename acc_t, typename F>
+void for_each_scaled_tile(const Args<acc_t>& a, int64_t row, acc_t* zb, acc_t* ub, F&& f) {
+  const acc_t inv_t = acc_t(1) / static_cast<acc_t>(a.p.temperature);
+  for (int64_t j0 = 0; j0 < a.p.cols; j0 += kTile) {
+    const int64_t n = std::min(kTile, a.p.cols - j0);
+    a.load_s(a.student, row * a.s_row_stride + j0, n, inv_t, zb);
+    a.load_t(a.teacher, row * a.t_row_stride + j0, n, inv_t, ub);
+    f(n);
+  }
+}
+
 // Q, X and W above over one row (normalized by Q), with the student as the base
 // (student_base) or the teacher.
 template <typename acc_t>
@@ -119,13 +132,9 @@ template <typename acc_t>
 RatioSums<acc_t> ratio_sums(const Args<acc_t>& a, int64_t row, bool student_base, acc_t lse_base,
                             acc_t c, acc_t* zb, acc_t* ub) {
   using Vec = Vectorized<acc_t>;
-  const acc_t inv_t = acc_t(1) / static_cast<acc_t>(a.p.temperature);
   const Vec vlse(lse_base), vc(c);
   Vec vq(0), vx(0), vw(0);
-  for (int64_t j0 = 0; j0 < a.p.cols; j0 += kTile) {
-    const int64_t n = std::min(kTile, a.p.cols - j0);
-    a.load_s(a.student, row * a.s_row_stride + j0, n, inv_t, zb);
-    a.load_t(a.teacher, row * a.t_row_stride + j0, n, inv_t, ub);
+  for_each_scaled_tile(a, row, zb, ub, [&](int64_t n) {
     for (int64_t i = 0; i < n; i += Vec::size()) {
       const Vec zv = Vec::loadu(zb + i), uv = Vec::loadu(ub + i);
       const Vec base = student_base ? zv : uv, other = student_base ? uv : zv;
@@ -141,7 +150,7 @@ RatioSums<acc_t> ratio_sums(const Args<acc_t>& a, int64_t row, bool student_base
       vw += Vec::blendv(Vec::blendv(b + masked_term(be, e - Vec(1)), b * ratio_weight(e), small),
                         Vec(0), none);
     }
-  }
+  });
   const acc_t q = reduce_sum(vq);
   return {reduce_sum(vx) / q, reduce_sum(vw) / q};
 }
@@ -208,15 +217,11 @@ template <typename acc_t>
 std::pair<acc_t, acc_t> stable_jsd(const Args<acc_t>& a, int64_t row, acc_t lse_s, acc_t lse_t,
                                    acc_t* zb, acc_t* ub) {
   using Vec = Vectorized<acc_t>;
-  const acc_t inv_t = acc_t(1) / static_cast<acc_t>(a.p.temperature);
   const acc_t offset = log_ratio_offset(a, row, lse_s, lse_t, zb, ub);
   const Vec vls(lse_s), vlt(lse_t), voff(offset);
   const MixtureLogs<acc_t> mix(a.p.beta);
   Vec dt(0), ds(0);
-  for (int64_t j0 = 0; j0 < a.p.cols; j0 += kTile) {
-    const int64_t n = std::min(kTile, a.p.cols - j0);
-    a.load_s(a.student, row * a.s_row_stride + j0, n, inv_t, zb);
-    a.load_t(a.teacher, row * a.t_row_stride + j0, n, inv_t, ub);
+  for_each_scaled_tile(a, row, zb, ub, [&](int64_t n) {
     for (int64_t i = 0; i < n; i += Vec::size()) {
       const Vec zv = Vec::loadu(zb + i), uv = Vec::loadu(ub + i);
       const Vec rp = (uv - zv) - voff;
@@ -230,7 +235,7 @@ std::pair<acc_t, acc_t> stable_jsd(const Args<acc_t>& a, int64_t row, acc_t lse_
       ds += Vec::blendv(masked_term(qv, mix.student(rp)) + mix.beta * (pv - qv),
                         masked_term(qv, log1p_gap(mix.beta * rp.expm1())), small);
     }
-  }
+  });
   return {reduce_sum(dt), reduce_sum(ds)};
 }
 

@@ -207,6 +207,25 @@ __device__ __forceinline__ RatioSums<A> shfl_xor(const RatioSums<A>& v, int mask
   return {device::shfl_xor(v.q, mask), device::shfl_xor(v.x, mask), device::shfl_xor(v.w, mask)};
 }
 
+// Walks a row as for_each_pack does, calling f(n, zs, us) with z/T and u/T of
+// the n columns (n a std::integral_constant, zs and us arrays of n).
+template <int kVec, int kRowThreads, typename S, typename U, typename A, typename F>
+__device__ __forceinline__ void for_each_scaled_pack(const S* z, const U* u, int64_t row_start,
+                                                     const KDScalars<A>& k, int lane, F&& f) {
+  for_each_pack<kVec>(row_start, k.cols, k.aligned, lane, kRowThreads, [&](int col, auto n) {
+    constexpr int N = decltype(n)::value;
+    A zs[N], us[N];
+    load_pack<N>(z + col, zs);
+    load_pack<N>(u + col, us);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      zs[i] *= k.inv_t;
+      us[i] *= k.inv_t;
+    }
+    f(n, zs, us);
+  });
+}
+
 // X and W (normalized by Q) with the student (student_base) or the teacher as
 // the base. Every thread of the row group calls it.
 template <int kVec, int kRowThreads, typename S, typename U, typename A>
@@ -214,15 +233,11 @@ __device__ RatioSums<A> ratio_sums(const S* z, const U* u, int64_t row_start,
                                    const KDScalars<A>& k, int lane, bool student_base, A lse_base,
                                    A c, RatioSums<A>* smem) {
   RatioSums<A> acc{A(0), A(0), A(0)};
-  for_each_pack<kVec>(row_start, k.cols, k.aligned, lane, kRowThreads, [&](int col, auto n) {
-    constexpr int N = decltype(n)::value;
-    A zr[N], ur[N];
-    load_pack<N>(z + col, zr);
-    load_pack<N>(u + col, ur);
+  for_each_scaled_pack<kVec, kRowThreads>(z, u, row_start, k, lane, [&](auto n, const auto& zs,
+                                                                        const auto& us) {
 #pragma unroll
-    for (int i = 0; i < N; ++i) {
-      const A zs = zr[i] * k.inv_t, us = ur[i] * k.inv_t;
-      const A base = student_base ? zs : us, other = student_base ? us : zs;
+    for (int i = 0; i < decltype(n)::value; ++i) {
+      const A base = student_base ? zs[i] : us[i], other = student_base ? us[i] : zs[i];
       const A b = device::acc_exp(base - lse_base);
       const A e = (other - base) - c;
       // b e^e as one exp: finite where e is large, and not 0 where b underflowed
@@ -390,16 +405,12 @@ __global__ void __launch_bounds__(kBlockThreads)
       const A offset =
           log_ratio_offset<kVec, kRowThreads>(z, u, row_start, k, lane, lse_z, lse_u, ratio_smem);
       JsdSums<A> sums{A(0), A(0)};
-      for_each_pack<kVec>(row_start, k.cols, k.aligned, lane, kRowThreads, [&](int col, auto n) {
-        constexpr int N = decltype(n)::value;
-        A zr[N], ur[N];
-        load_pack<N>(z + col, zr);
-        load_pack<N>(u + col, ur);
+      for_each_scaled_pack<kVec, kRowThreads>(z, u, row_start, k, lane, [&](auto n, const auto& zs,
+                                                                            const auto& us) {
 #pragma unroll
-        for (int i = 0; i < N; ++i) {
-          const A zs = zr[i] * k.inv_t, us = ur[i] * k.inv_t;
-          const A rp = (us - zs) - offset;
-          const A p = device::acc_exp(us - lse_u), q = device::acc_exp(zs - lse_z);
+        for (int i = 0; i < decltype(n)::value; ++i) {
+          const A rp = (us[i] - zs[i]) - offset;
+          const A p = device::acc_exp(us[i] - lse_u), q = device::acc_exp(zs[i] - lse_z);
           // Near rp = 0 the phi forms; beyond, p (log p - log m) + (1 - beta)(q - p),
           // which is p phi(...) without its expm1 overflowing.
           if (device::acc_abs(rp) <= A(0.5)) {
