@@ -1,6 +1,7 @@
 # make demo   install everything (torch included) into .venv, build, run the demo
 # make test   install everything, build (CPU + CUDA kernels when a toolkit exists), run the tests
 # make bench  full benchmarks (tens of minutes); make bench-quick: a few seconds each (CI)
+# make test-avx2  the kernel tests again with the CPU kernels capped at AVX2 (a CPU without AVX-512)
 # make test-cuda-emulated  the CUDA kernels run on the CPU by the emulator at
 #             $(DISTILLKIT_CUDAEMU) (default ../shared/cudaemu), compared with the CPU kernels
 PYTHON_BIN ?= python3
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 export CUDA_HOME ?= $(wildcard /usr/local/cuda)
 export MAX_JOBS ?= 2
 
-.PHONY: install build test test-cuda-emulated demo bench bench-quick clean
+.PHONY: install build test test-avx2 test-cuda-emulated demo bench bench-quick clean
 
 $(VENV)/.deps: requirements.txt
 	$(PYTHON_BIN) -m venv $(VENV)
@@ -35,6 +36,15 @@ build: $(BUILD_STAMP)
 
 test: build
 	$(PY) -m pytest -q tests
+
+# The tests of every kernel file, the CPU kernels run at the avx2 level whatever the CPU has
+# (test_cpu_capability.py runs a sample of them at every level).
+KERNEL_TESTS := tests/test_kd_loss.py tests/test_slam_loss.py tests/test_sparse_kd.py \
+	tests/test_distance.py tests/test_coordinate_lstm.py tests/test_fused_linear.py
+
+test-avx2: build
+	DISTILLKIT_CPU_CAPABILITY=avx2 $(PY) -m distillkit info | grep "^CPU level"
+	DISTILLKIT_CPU_CAPABILITY=avx2 $(PY) -m pytest -q $(KERNEL_TESTS)
 
 DISTILLKIT_CUDAEMU ?= ../shared/cudaemu
 
