@@ -12,7 +12,7 @@ from conftest import DEVICES
 from resume_checks import (DAMAGES, assert_resume_fails_cleanly, assert_same,
                            damage_checkpoint, double_first_tensor, full_state)
 from distillkit.data import DictDataset, load_digits_splits, mlp
-from distillkit.trainers import KDConfig, KDTrainer, WeightedDistillationTrainer
+from distillkit.trainers import KDConfig, KDTrainer, SLaMTrainer, WeightedDistillationTrainer
 from distillkit.trainers import runtime
 
 # A student that learns nothing scores ~0.1; the teacher scores ~0.97.
@@ -381,3 +381,22 @@ def test_interrupted_resume_is_undone(splits, kd_checkpoint, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         trainer.resume(str(kd_checkpoint))
     assert_same(full_state(trainer), before)
+
+
+def slam_run(splits):
+    """SLaM with the same student, teacher and optimizer as small_kd."""
+    kd = small_kd(splits)
+    return SLaMTrainer(kd.student, kd.train_data, teacher=kd.teacher,
+                       val_data=Subset(splits.val, range(64)), epochs=3, batch_size=32,
+                       progress=False)
+
+
+# small_kd's teacher is untrained: SLaM's estimator rightly warns that it is mostly wrong.
+@pytest.mark.filterwarnings("ignore:.*below the flip point")
+def test_kd_and_slam_checkpoints_do_not_cross(splits, kd_checkpoint, tmp_path):
+    # The same student, optimizer and entries: only the trainer class tells them apart.
+    assert_resume_fails_cleanly(slam_run(splits), kd_checkpoint,
+                                "of a KDTrainer, not of a SLaMTrainer")
+    slam_run(splits).fit(stop_epoch=1, checkpoint_path=tmp_path / "slam.pt")
+    assert_resume_fails_cleanly(trained_kd(splits), tmp_path / "slam.pt",
+                                "of a SLaMTrainer, not of a KDTrainer")
