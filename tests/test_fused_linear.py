@@ -252,3 +252,20 @@ def test_other_vocab_mismatches_name_both_sizes(student, teacher, vocab):
 def test_teacher_vocab_option_is_validated():
     with pytest.raises(ValueError, match="teacher_vocab"):
         KDOptions(teacher_vocab="pad")
+
+
+def test_under_bf16_autocast():
+    """fp32 parameters under CPU bf16 autocast (HF Trainer's bf16=True): the matmuls run in
+    bf16 as the unfused model's would, the gradients come back in fp32, and both agree with
+    the unfused autocast computation to bf16 precision."""
+    hid = torch.randn(40, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    u = torch.randn(40, 50)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = fused_linear_kd_loss(hid, w, u, chunk_rows=8, student_head=LogitHead(softcap=3.0))
+        ref = kd_loss(LogitHead(softcap=3.0).apply(hid @ w.t()), u)
+    got, want = torch.autograd.grad(fused, (hid, w)), torch.autograd.grad(ref, (hid, w))
+    torch.testing.assert_close(fused, ref, rtol=2e-2, atol=2e-2)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        assert (a - b).abs().max() <= 2e-2 * b.abs().max()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from distillkit.__main__ import main
-from distillkit.data.mnist1d import LABELLED, TEST, VAL, cnn1d, mnist1d_arrays, mnist1d_splits
+from distillkit.data.mnist1d import LABELLED, POOL, TEST, VAL, cnn1d, mnist1d_arrays, mnist1d_splits
 
 
 def test_splits_are_disjoint_nested_and_seeded():
@@ -22,16 +22,21 @@ def test_splits_are_disjoint_nested_and_seeded():
     other, _, _ = mnist1d_splits(1, labelled=300, pool=200)
     assert not torch.equal(other.test.tensors["input"], splits.test.tensors["input"])
     # Balanced classes from the generator, labels in range.
-    _, y = mnist1d_arrays(TEST + VAL + LABELLED + 200)
+    _, y = mnist1d_arrays(TEST + VAL + LABELLED + POOL)
     assert torch.bincount(y).tolist() == [len(y) // 10] * 10
+    # Every caller gets the same rows, whatever pool it asks for.
+    no_pool, _, _ = mnist1d_splits(0, labelled=300, pool=0)
+    assert torch.equal(no_pool.test.tensors["input"], splits.test.tensors["input"])
     assert pool_y.min() >= 0 and pool_y.max() <= 9
 
 
 def test_splits_reject_bad_sizes():
     with pytest.raises(ValueError, match="labelled must be in"):
         mnist1d_splits(0, labelled=0)
-    with pytest.raises(ValueError, match="pool must be >= 0"):
+    with pytest.raises(ValueError, match=r"pool must be in \[0, 12000\]"):
         mnist1d_splits(0, pool=-1)
+    with pytest.raises(ValueError, match=r"pool must be in \[0, 12000\]"):
+        mnist1d_splits(0, pool=12001)
     with pytest.raises(ValueError, match="num_samples must be >= 10"):
         mnist1d_arrays(5)
 

@@ -370,3 +370,20 @@ def test_overwrite_through_a_symlink_replaces_the_target(tmp_path, teacher):
     assert (tmp_path / "link").is_symlink()
     assert TeacherTopKDataset(tmp_path / "link").index["k"] == 2
     assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["cache"]
+
+
+def test_a_dataset_open_across_an_overwrite_never_mixes_two_caches(tmp_path, teacher):
+    path = tmp_path / "cache"
+    write_teacher_topk(teacher, batches(), path, K, T, chunk_tokens=8)
+    ds = TeacherTopKDataset(path)
+    first = ds[0]  # maps chunk 0
+    # The same shapes from another teacher: only the files' identity tells them apart.
+    other = nn.Sequential(nn.Embedding(V, 8), nn.Linear(8, V)).eval()
+    write_teacher_topk(other, batches(), path, K, T, chunk_tokens=8, overwrite=True)
+    again = ds[0]  # an open map keeps reading the old, unlinked file
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    with pytest.raises(ValueError, match=r"chunk_00003_tokens\.npy: not the file checked when "
+                                         r"this dataset was opened: .* was replaced since"):
+        ds[5]  # its chunk was never mapped: it would come from the new cache
+    assert not torch.equal(TeacherTopKDataset(path)[0]["teacher_logprobs"],
+                           first["teacher_logprobs"])

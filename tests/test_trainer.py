@@ -1,5 +1,6 @@
-"""KDTrainer on digits: it learns, resumes bit-exactly, reduces to plain CE, rejects bad configs;
-a failed resume (damaged checkpoint, another run's) leaves it exactly as it was."""
+"""KDTrainer on digits: it learns, resumes bit-exactly, reduces to plain CE, rejects bad configs
+and data; for every trainer on the runtime (KD, SLaM, weighted, LM) a failed resume (a damaged
+checkpoint, another run's or another trainer's) leaves it exactly as it was."""
 import random
 
 import numpy as np
@@ -12,7 +13,9 @@ from conftest import DEVICES
 from resume_checks import (DAMAGES, assert_resume_fails_cleanly, assert_same,
                            damage_checkpoint, double_first_tensor, full_state)
 from distillkit.data import DictDataset, load_digits_splits, mlp
-from distillkit.trainers import KDConfig, KDTrainer, WeightedDistillationTrainer
+from distillkit.data.models import PAD, ByteTransformer, byte_sequences
+from distillkit.trainers import (KDConfig, KDTrainer, LMDistillationTrainer, SLaMTrainer,
+                                 WeightedDistillationTrainer)
 from distillkit.trainers import runtime
 
 # A student that learns nothing scores ~0.1; the teacher scores ~0.97.
@@ -381,3 +384,55 @@ def test_interrupted_resume_is_undone(splits, kd_checkpoint, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         trainer.resume(str(kd_checkpoint))
     assert_same(full_state(trainer), before)
+
+
+def slam_run(splits):
+    """SLaM with the same student, teacher and optimizer as small_kd."""
+    kd = small_kd(splits)
+    return SLaMTrainer(kd.student, kd.train_data, teacher=kd.teacher,
+                       val_data=Subset(splits.val, range(64)), epochs=3, batch_size=32,
+                       progress=False)
+
+
+# small_kd's teacher is untrained: SLaM's estimator rightly warns that it is mostly wrong.
+@pytest.mark.filterwarnings("ignore:.*below the flip point")
+def test_kd_and_slam_checkpoints_do_not_cross(splits, kd_checkpoint, tmp_path):
+    # The same student, optimizer and entries: only the trainer class tells them apart.
+    assert_resume_fails_cleanly(slam_run(splits), kd_checkpoint,
+                                "of a KDTrainer, not of a SLaMTrainer")
+    slam_run(splits).fit(stop_epoch=1, checkpoint_path=tmp_path / "slam.pt")
+    assert_resume_fails_cleanly(trained_kd(splits), tmp_path / "slam.pt",
+                                "of a SLaMTrainer, not of a KDTrainer")
+
+
+# ---- the LM trainer (steps, a scheduler, a metrics window) on the same protocol ---------
+
+def small_lm(seed=3, batch_size=4):
+    texts = ["".join("abcdefgh "[(i * 7 + j * 3) % 9] for j in range(3 + i % 9))
+             for i in range(24)]
+    torch.manual_seed(1)
+    student = ByteTransformer(dim=16, layers=1, heads=2, max_len=16, dropout=0.2)
+    torch.manual_seed(0)
+    teacher = ByteTransformer(dim=16, layers=1, heads=2, max_len=16)
+    return LMDistillationTrainer(
+        student, DictDataset(tokens=byte_sequences(texts, 16)), teacher=teacher,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
+        scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
+        steps=4, batch_size=batch_size, eval_every=1, seed=seed, pad_id=PAD, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other_trainer", "student_other_shape",
+                                    "corrupt_rng"])
+def test_lm_failed_resume_leaves_the_trainer_as_it_was(tmp_path, damage):
+    small_lm(seed=5).fit(stop_step=2, checkpoint_path=tmp_path / "run.pt")
+    trainer = small_lm()
+    trainer.fit(stop_step=1)
+    path = tmp_path / "damaged.pt"
+    assert_resume_fails_cleanly(trainer, path,
+                                damage_checkpoint(tmp_path / "run.pt", path, damage, "step"))
+    assert trainer.scheduler.get_last_lr() == [3e-3 * 0.5]
+
+
+def test_lm_resume_with_another_global_batch_is_refused(tmp_path):
+    small_lm().fit(stop_step=1, checkpoint_path=tmp_path / "run.pt")
+    assert_resume_fails_cleanly(small_lm(batch_size=8), tmp_path / "run.pt", "global batch")

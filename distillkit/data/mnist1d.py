@@ -48,18 +48,20 @@ def mnist1d_splits(seed: int, labelled: int = LABELLED,
                    pool: int = POOL) -> Tuple[Splits, Tensor, Tensor]:
     """The MNIST-1D benchmark's splits for ``seed``, and its unlabeled pool.
 
-    ``TEST + VAL + LABELLED + pool`` examples are generated (:func:`mnist1d_arrays`) and
-    permuted by ``seed``; the first ``TEST`` rows are the test split, the next ``VAL`` the
-    validation split, the next ``LABELLED`` the labelled block, whose first ``labelled``
-    rows are ``train``, and the rest the pool. Sizes nest: a smaller ``labelled`` or
-    ``pool`` is a prefix of a larger one, for the same seed. Returns ``(Splits, pool_x
+    Always the same ``TEST + VAL + LABELLED + POOL`` = 17 500 generated examples
+    (:func:`mnist1d_arrays`; the generator's output depends on how many it makes, so
+    every caller asks for the same number), permuted by ``seed``; the first ``TEST`` rows
+    are the test split, the next ``VAL`` the validation split, the next ``LABELLED`` the
+    labelled block, whose first ``labelled`` rows are ``train``, and the first ``pool``
+    (≤ ``POOL``) of the rest the pool. Sizes nest: a smaller ``labelled`` or ``pool`` is a
+    prefix of a larger one, and every experiment sees the same rows for the same seed. Returns ``(Splits, pool_x
     (pool, 40) float32, pool_y (pool,) int64)``; the pool's labels are for diagnostics.
     """
     if not 1 <= labelled <= LABELLED:
         raise ValueError(f"labelled must be in [1, {LABELLED}] (got {labelled})")
-    if pool < 0:
-        raise ValueError(f"pool must be >= 0 (got {pool})")
-    x, y = mnist1d_arrays(TEST + VAL + LABELLED + pool)
+    if not 0 <= pool <= POOL:
+        raise ValueError(f"pool must be in [0, {POOL}] (got {pool})")
+    x, y = mnist1d_arrays(TEST + VAL + LABELLED + POOL)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     x, y = x[perm], y[perm]
     a, b, c = TEST, TEST + VAL, TEST + VAL + LABELLED

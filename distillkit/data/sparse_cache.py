@@ -35,7 +35,7 @@ import numbers
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -377,9 +377,17 @@ def _read_index(index_path: str) -> Dict[str, Any]:
     return index
 
 
-def _npy_header(file: str) -> Tuple[Tuple[int, ...], np.dtype]:
-    """(shape, dtype) of the ``.npy`` file ``file``, checked to be a C-order array whose
-    data is all there (a truncated file has fewer bytes than its header promises)."""
+class _ArrayFile(NamedTuple):
+    """Where a checked ``.npy`` file's array lies, and which file it was (device, inode)."""
+    shape: Tuple[int, ...]
+    dtype: np.dtype
+    offset: int
+    identity: Tuple[int, int]
+
+
+def _npy_header(file: str) -> _ArrayFile:
+    """The array of the ``.npy`` file ``file``, checked to be a C-order array whose data
+    is all there (a truncated file has fewer bytes than its header promises)."""
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{file}: missing (the cache index lists it)")
     try:
@@ -391,29 +399,33 @@ def _npy_header(file: str) -> Tuple[Tuple[int, ...], np.dtype]:
                 raise ValueError(f"npy format version {version}")
             shape, fortran_order, dtype = read(f)
             offset = f.tell()
+            stat = os.fstat(f.fileno())
     except ValueError as e:  # numpy's own: a bad magic string or header
         raise ValueError(f"{file}: not a readable .npy array, truncated or corrupt ({e})") from None
     if fortran_order or dtype.hasobject:
         raise ValueError(f"{file}: holds a Fortran-order or object array, not a cache array")
     expected = offset + math.prod(shape) * dtype.itemsize
-    size = os.path.getsize(file)
-    if size != expected:
-        raise ValueError(f"{file}: truncated or corrupt, {size} bytes where its header "
-                         f"promises {expected}")
-    return tuple(shape), dtype
+    if stat.st_size != expected:
+        raise ValueError(f"{file}: truncated or corrupt, {stat.st_size} bytes where its "
+                         f"header promises {expected}")
+    return _ArrayFile(tuple(shape), dtype, offset, (stat.st_dev, stat.st_ino))
 
 
-def _check_array(file: str, shape: Tuple[int, ...], dtype: str, index_path: str) -> None:
-    got_shape, got_dtype = _npy_header(file)
-    if got_shape != shape or got_dtype != np.dtype(dtype):
-        raise ValueError(f"{file}: holds a {got_shape} {got_dtype} array where {index_path} "
-                         f"says {shape} {dtype}")
+def _check_array(file: str, shape: Tuple[int, ...], dtype: str, index_path: str) -> _ArrayFile:
+    array = _npy_header(file)
+    if array.shape != shape or array.dtype != np.dtype(dtype):
+        raise ValueError(f"{file}: holds a {array.shape} {array.dtype} array where "
+                         f"{index_path} says {shape} {dtype}")
+    return array
 
 
-def _check_cache(path: str, index: Dict[str, Any], index_path: str) -> np.ndarray:
-    """Check every file of the cache at ``path`` against ``index``; return the sequences."""
+def _check_cache(path: str, index: Dict[str, Any], index_path: str
+                 ) -> Tuple[np.ndarray, Dict[Tuple[int, str], _ArrayFile]]:
+    """Check every file of the cache at ``path`` against ``index``; return the sequences
+    and every chunk file's checked array, by (chunk, field)."""
     chunks, n_chunk = index["chunks"], index["chunk_tokens"]
     listed = {INDEX_FILE}
+    arrays: Dict[Tuple[int, str], _ArrayFile] = {}
 
     def name_of(value: Any, what: str) -> str:
         if not (isinstance(value, str) and value and os.path.basename(value) == value
@@ -438,8 +450,8 @@ def _check_cache(path: str, index: Dict[str, Any], index_path: str) -> np.ndarra
         for field, shape, dtype in (("tokens", (size,), "int64"),
                                     ("indices", (size, index["k"]), index["index_dtype"]),
                                     ("logprobs", (size, index["k"]), index["logprob_dtype"])):
-            _check_array(name_of(entry.get(field), f"chunk {c}'s {field!r}"), shape, dtype,
-                         index_path)
+            arrays[c, field] = _check_array(name_of(entry.get(field), f"chunk {c}'s {field!r}"),
+                                            shape, dtype, index_path)
     sequences_file = name_of(index["sequences"], "'sequences'")
     _check_array(sequences_file, (index["num_sequences"], 2), "int64", index_path)
     sequences = np.load(sequences_file, allow_pickle=False)
@@ -453,7 +465,7 @@ def _check_cache(path: str, index: Dict[str, Any], index_path: str) -> np.ndarra
     if extra:
         raise ValueError(f"{os.path.join(path, extra[0])}: not listed in {index_path} "
                          f"({len(extra)} such file(s); a chunk of another write?)")
-    return sequences
+    return sequences, arrays
 
 
 class TeacherTopKDataset(Dataset):
@@ -470,14 +482,17 @@ class TeacherTopKDataset(Dataset):
     truncated, and the sequences tile the positions. A disagreement raises
     ``ValueError`` (``FileNotFoundError`` for a missing file) naming the file and what
     is wrong. Index values out of [0, vocab_size) are caught by
-    :func:`distillkit.sparse_kd_loss`, which checks its indices.
+    :func:`distillkit.sparse_kd_loss`, which checks its indices. A chunk is mapped from
+    the very file checked at open: after an overwrite of the cache, chunks already mapped
+    read the old data and the others raise ``ValueError`` (open the cache again), so a
+    dataset never mixes two caches.
     """
 
     def __init__(self, path: Union[str, os.PathLike]):
         self.path = os.fspath(path)
         index_path = os.path.join(self.path, INDEX_FILE)
         self.index = _read_index(index_path)
-        self.sequences = _check_cache(self.path, self.index, index_path)
+        self.sequences, self._arrays = _check_cache(self.path, self.index, index_path)
         self.chunk_tokens = self.index["chunk_tokens"]
         self._chunks: Dict[tuple, np.ndarray] = {}
 
@@ -485,10 +500,25 @@ class TeacherTopKDataset(Dataset):
         return len(self.sequences)
 
     def _chunk(self, c: int, field: str) -> np.ndarray:
+        """Chunk c's ``field``, memory-mapped on first use from the very file checked at
+        open: a cache replaced since (an overwrite) is an error, never a mix of two."""
         key = (c, field)
         if key not in self._chunks:
-            name = self.index["chunks"][c][field]
-            self._chunks[key] = np.load(os.path.join(self.path, name), mmap_mode="r")
+            file = os.path.join(self.path, self.index["chunks"][c][field])
+            array = self._arrays[key]
+            replaced = ValueError(f"{file}: not the file checked when this dataset was "
+                                  f"opened: the cache at {self.path} was replaced since "
+                                  "(open it again)")
+            try:
+                f = open(file, "rb")
+            except FileNotFoundError:
+                raise replaced from None
+            with f:
+                stat = os.fstat(f.fileno())
+                if (stat.st_dev, stat.st_ino) != array.identity:
+                    raise replaced
+                self._chunks[key] = np.memmap(f, dtype=array.dtype, mode="r",
+                                              offset=array.offset, shape=array.shape)
         return self._chunks[key]
 
     def _positions(self, field: str, start: int, stop: int) -> Tensor:

@@ -10,15 +10,16 @@ nothing downloaded) over the 259-token byte vocabulary.
 1. A teacher Llama is trained with the plain ``transformers.Trainer`` (the model's own
    cross entropy).
 2. For each of ``--seeds`` seeds, a student Llama (same initialisation and data order in
-   both runs) is trained for the same steps (a) with the plain Trainer on cross entropy and
+   every run) is trained for the same steps (a) with the plain Trainer on cross entropy and
    (b) with :class:`distillkit.integrations.transformers.DistillationTrainer` on forward KL
    from the teacher (``--temperature``, no hard term, so that TRL's loss below is the same
-   objective).
-3. Seed 0's distillation is run again with TRL's own eager loss: a Trainer whose
-   ``compute_loss`` forms both models' full logits and calls
-   ``trl.experimental.gkd.GKDTrainer.generalized_jsd_loss`` (β = 0: forward KL), normalized
-   by ``num_items_in_batch`` like ours; training tokens/s are compared.
-4. Peak memory and time of one loss step (student hidden states → lm head + loss, forward and
+   objective), and
+   (c) with TRL's own eager loss: a Trainer whose ``compute_loss`` forms both models' full
+   logits and calls ``trl.experimental.gkd.GKDTrainer.generalized_jsd_loss`` (β = 0:
+   forward KL), normalized by ``num_items_in_batch`` like ours — the same objective, so (b)
+   and (c) train the same student up to rounding; training tokens/s are compared. The three
+   runs of a seed follow each other, so they see the same load on a shared machine.
+3. Peak memory and time of one loss step (student hidden states → lm head + loss, forward and
    backward; the teacher given as hidden states + its head for the fused loss, as logits for
    TRL's) at the run's shape and at a 32000-token vocabulary, each in a fresh process:
    ``VmHWM`` above the RSS once the inputs exist, glibc's mmap threshold pinned so that freed
@@ -223,27 +224,27 @@ def run(args: argparse.Namespace) -> int:
     steps = args.student_steps
     kd = dict(divergence="forward_kl", temperature=args.temperature, scale_by_t2=False)
     runs = []
+    trl_loss_trainer = _trl_loss_trainer()
     for seed in range(args.seeds):
-        for name in ("cross entropy", "DistillationTrainer (fused)"):
+        # The three runs of a seed back to back: they share the machine's load of the moment.
+        for name in ("cross entropy", "DistillationTrainer (fused)",
+                     "TRL generalized_jsd_loss (eager)"):
             student = _llama(STUDENT[preset], args.seq_len, seed=seed)
             training = _arguments(args, out, steps, seed)
             if name == "cross entropy":
                 trainer = Trainer(model=student, args=training, train_dataset=train)
-            else:
+            elif name.startswith("DistillationTrainer"):
                 trainer = DistillationTrainer(model=student, teacher_model=teacher, args=training,
                                               train_dataset=train, chunk_rows=args.chunk_rows,
                                               **kd)
+            else:
+                trainer = trl_loss_trainer(model=student, args=training, train_dataset=train,
+                                           teacher_model=teacher, beta=0.0,
+                                           temperature=args.temperature)
             record = {"loss": name, "seed": seed, **_train(trainer),
                       "ce": held_out_cross_entropy(student, held, args.chunk_rows)}
             print(f"  seed {seed}, {name}: held-out CE {record['ce']:.4f}")
             runs.append(record)
-    student = _llama(STUDENT[preset], args.seq_len, seed=0)
-    trl_trainer = _trl_loss_trainer()(model=student, args=_arguments(args, out, steps, 0),
-                                      train_dataset=train, teacher_model=teacher, beta=0.0,
-                                      temperature=args.temperature)
-    runs.append({"loss": "TRL generalized_jsd_loss (eager)", "seed": 0, **_train(trl_trainer),
-                 "ce": held_out_cross_entropy(student, held, args.chunk_rows)})
-    print(f"  seed 0, TRL loss: held-out CE {runs[-1]['ce']:.4f}")
     step_tokens = args.batch_size * (args.seq_len + 1)
     for record in runs:
         # Positions (padding included) through both models per second of training.

@@ -395,8 +395,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         if not all(1 <= s <= LABELLED for s in args.sizes):
             raise SystemExit(f"--sizes must be in [1, {LABELLED}] for mnist1d")
-        if not all(p >= STUDENT_BATCH for p in args.pool_sizes):
-            raise SystemExit(f"--pool-sizes must be >= {STUDENT_BATCH}")
+        if not all(STUDENT_BATCH <= p <= POOL for p in args.pool_sizes):
+            raise SystemExit(f"--pool-sizes must be in [{STUDENT_BATCH}, {POOL}]")
         mnist1d_splits(0, 1, max(args.pool_sizes))  # generated once, before any worker forks
     torch.set_num_threads(args.threads)
     start = time.perf_counter()

@@ -8,7 +8,7 @@ extra per-example tensors such as teacher probabilities or importance weights.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,26 +18,11 @@ from tqdm.auto import tqdm
 
 from distillkit.losses.functional import kd_loss
 from distillkit.ops.options import KDOptions
-from distillkit.trainers.runtime import BaseTrainer, OptimizerFactory, check_like
+from distillkit.trainers.runtime import BaseTrainer, OptimizerFactory, check_items, check_like
 
-__all__ = ["KDConfig", "KDTrainer", "check_items", "loss_config_for"]
+__all__ = ["KDConfig", "KDTrainer", "loss_config_for"]
 
 Batch = Dict[str, Tensor]
-
-
-def check_items(name: str, data: Dataset, keys: Tuple[str, ...]) -> None:
-    """Raise ``ValueError`` unless ``data``'s items are dicts holding ``keys`` (its first
-    item is looked at: a data set's items share their keys), before any training."""
-    if len(data) == 0:
-        raise ValueError(f"{name} must not be empty")
-    item = data[0]
-    if not isinstance(item, Mapping):
-        raise ValueError(f"{name} items must be dicts of tensors, e.g. a DictDataset "
-                         f"(got {type(item).__name__})")
-    missing = [k for k in keys if k not in item]
-    if missing:
-        raise ValueError(f"{name} items have no {', '.join(map(repr, missing))} "
-                         f"(they have {', '.join(map(repr, item))})")
 
 
 # The trainers' loss settings are kd_loss's own options object (validated when made);

@@ -32,9 +32,8 @@ from tqdm.auto import tqdm
 from distillkit.data import BatchCycler
 from distillkit.methods.dln import DynamicLossNetwork
 from distillkit.methods.learned_optimizer import CoordinateLSTM
-from distillkit.trainers.kd import check_items
-from distillkit.trainers.runtime import (Checkpointed, DistributedContext, check_like,
-                                         check_module_state, check_optimizer_state)
+from distillkit.trainers.runtime import (Checkpointed, DistributedContext, check_items,
+                                         check_like, check_module_state, check_optimizer_state)
 
 __all__ = ["L2TDLNTrainer"]
 

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from distillkit.trainers.runtime import check_items
+
 __all__ = ["predict_logits", "dataset_labels", "label_with_teacher"]
 
 _PREDICT_BATCH = 256
@@ -45,8 +47,8 @@ def label_with_teacher(teacher: nn.Module, pool: Dataset, val_data: Dataset,
     """
     if teacher is None:
         raise ValueError("teacher must be given: it labels the pool")
-    if len(val_data) == 0 or "label" not in val_data[0]:
-        raise ValueError("val_data must be a non-empty labelled data set (items with a 'label')")
+    check_items("train_data", pool, ("input",))
+    check_items("val_data", val_data, ("input", "label"))
     teacher.to(device).eval().requires_grad_(False)
     return (predict_logits(teacher, pool, device), predict_logits(teacher, val_data, device),
             dataset_labels(val_data))

@@ -16,7 +16,8 @@ import os
 import random
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple,
+                    Union)
 
 import numpy as np
 import torch
@@ -27,8 +28,9 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 __all__ = ["BaseTrainer", "Checkpointed", "DistributedContext", "OptimizerFactory",
-           "build_optimizer", "check_like", "check_module_state", "check_optimizer_state", "read_checkpoint",
-           "rng_state", "save_atomically", "set_rng_state"]
+           "build_optimizer", "check_items", "check_like", "check_module_state",
+           "check_optimizer_state", "read_checkpoint", "rng_state", "save_atomically",
+           "set_rng_state"]
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -146,6 +148,21 @@ def save_atomically(obj: Any, path: str) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def check_items(name: str, data: Dataset, keys: Tuple[str, ...]) -> None:
+    """Raise ``ValueError`` unless ``data``'s items are dicts holding ``keys`` (its first
+    item is looked at: a data set's items share their keys), before any training."""
+    if len(data) == 0:
+        raise ValueError(f"{name} must not be empty")
+    item = data[0]
+    if not isinstance(item, Mapping):
+        raise ValueError(f"{name} items must be dicts of tensors, e.g. a DictDataset "
+                         f"(got {type(item).__name__})")
+    missing = [k for k in keys if k not in item]
+    if missing:
+        raise ValueError(f"{name} items have no {', '.join(map(repr, missing))} "
+                         f"(they have {', '.join(map(repr, item))})")
 
 
 def read_checkpoint(path: str) -> Dict[str, Any]:
