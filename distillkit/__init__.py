@@ -43,9 +43,9 @@ def cpu_cache_bytes() -> int:
 from .losses import (KDLoss, distance, forward_corrected_loss, fused_linear_kd_loss,  # noqa: E402
                      kd_loss, slam_loss, sparse_kd_loss)
 from .methods.learned_optimizer import LearnedOptimizer  # noqa: E402
-from .ops.options import KDOptions, SLaMOptions, SparseKDOptions  # noqa: E402
+from .ops.options import KDOptions, LogitHead, SLaMOptions, SparseKDOptions  # noqa: E402
 
 __all__ = ["kd_loss", "slam_loss", "forward_corrected_loss", "distance", "fused_linear_kd_loss",
-           "sparse_kd_loss", "KDLoss", "KDOptions", "SLaMOptions", "SparseKDOptions",
+           "sparse_kd_loss", "KDLoss", "KDOptions", "LogitHead", "SLaMOptions", "SparseKDOptions",
            "LearnedOptimizer", "ops", "empty_cpu_cache", "cpu_cache_bytes"]
 __version__ = "0.1.0"

@@ -2,6 +2,7 @@
 import copy
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -389,3 +390,33 @@ def test_experiment_kdzero_quick_writes_table_and_plot(tmp_path, capsys):
     assert best.formula() in results
     assert len(_log_lines(tmp_path / "search.jsonl")) >= 10
     assert "searched #1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_json", "missing_key", "wrong_type"])
+def test_resume_names_a_damaged_checkpoint(task, tmp_path, damage):
+    _run(task, tmp_path, "d", rounds=0)
+    path = tmp_path / "d.json"
+    text = path.read_text()
+    state = json.loads(text)
+    if damage == "truncated":
+        path.write_text(text[: len(text) // 2])
+    elif damage == "not_json":
+        path.write_bytes(b"\x80\x81 not a checkpoint")
+    elif damage == "missing_key":
+        del state["population"]
+        path.write_text(json.dumps(state))
+    else:
+        state["rng"] = 7
+        path.write_text(json.dumps(state))
+    log_before = (tmp_path / "d.jsonl").read_text()
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ": not a readable search"):
+        _run(task, tmp_path, "d", resume=True)
+    # Refused before the log is touched.
+    assert (tmp_path / "d.jsonl").read_text() == log_before
+
+
+def test_checkpoint_is_replaced_whole(task, tmp_path):
+    _run(task, tmp_path, "w", rounds=1)
+    # Written through a temporary sibling and renamed: nothing else is left in the directory.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.json", "w.jsonl"]
+    assert json.load(open(tmp_path / "w.json"))["round"] == 1

@@ -74,19 +74,16 @@ def test_unlabeled_quick_on_mnist1d(tmp_path):
     assert (out / "unlabeled.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_kdzero_quick_on_mnist1d(tmp_path):
-    assert main(["experiment", "kdzero", "--dataset", "mnist1d", "--quick", "--no-progress",
+@pytest.mark.parametrize("experiment, rows, settings", [
+    ("kdzero", ("| no distillation (CE) |", "| vanilla KD (T = 4) |", "| searched #1 |"),
+     "mnist1d (split seed 0); teacher CNN"),
+    ("l2t", ("| cross entropy |", "| L2T-DLN |", "| SGD (lr "),
+     "mnist1d (split seed 0: 1000 train / 500 val / 3000 test); student MLP 40-32-10"),
+])
+def test_labelled_experiments_quick_on_mnist1d(tmp_path, experiment, rows, settings):
+    assert main(["experiment", experiment, "--dataset", "mnist1d", "--quick", "--no-progress",
                  "--out", str(tmp_path)]) == 0
     results = (tmp_path / "results.md").read_text()
-    for row in ("| no distillation (CE) |", "| vanilla KD (T = 4) |", "| searched #1 |"):
+    for row in rows:
         assert row in results
-    assert "mnist1d (split seed 0); teacher CNN" in results
-
-
-def test_l2t_quick_on_mnist1d(tmp_path):
-    assert main(["experiment", "l2t", "--dataset", "mnist1d", "--quick", "--no-progress",
-                 "--out", str(tmp_path)]) == 0
-    results = (tmp_path / "results.md").read_text()
-    for row in ("| cross entropy |", "| L2T-DLN |", "| SGD (lr "):
-        assert row in results
-    assert "mnist1d (split seed 0: 1000 train / 500 val / 3000 test); student MLP 40-32-10" in results
+    assert settings in results

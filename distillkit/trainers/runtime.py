@@ -16,7 +16,7 @@ import os
 import random
 import tempfile
 from dataclasses import dataclass
-from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple,
+from typing import (IO, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple,
                     Union)
 
 import numpy as np
@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 __all__ = ["BaseTrainer", "Checkpointed", "DistributedContext", "OptimizerFactory",
            "build_optimizer", "check_items", "check_like", "check_module_state",
            "check_optimizer_state", "read_checkpoint", "rng_state", "save_atomically",
+           "write_atomically",
            "set_rng_state"]
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -126,16 +127,22 @@ def build_optimizer(optimizer: Union[torch.optim.Optimizer, OptimizerFactory, No
 
 
 def save_atomically(obj: Any, path: str) -> None:
-    """``torch.save`` to ``path`` so that a process killed at any instant leaves either the old
-    file or the new one, never a torn one: write a temporary file in the same directory (same
-    filesystem, so the rename is atomic), flush and fsync it, then ``os.replace`` it.
-    A symlinked ``path`` has the file it points to replaced, the link kept."""
+    """``torch.save`` to ``path`` through :func:`write_atomically`."""
+    write_atomically(path, lambda f: torch.save(obj, f))
+
+
+def write_atomically(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    """Call ``write`` on a binary file that becomes ``path`` so that a process killed at any
+    instant leaves either the old file or the new one, never a torn one: write a temporary
+    file in the same directory (same filesystem, so the rename is atomic), flush and fsync
+    it, then ``os.replace`` it. A symlinked ``path`` has the file it points to replaced, the
+    link kept."""
     path = os.path.realpath(os.fspath(path))
     directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from distillkit.methods.kdzero.distiller import DISTANCES, WEIGHTS, Distiller
 from distillkit.methods.kdzero.transforms import TRANSFORMS
+from distillkit.trainers.runtime import write_atomically
 
 __all__ = ["SearchSpace", "Evaluation", "SearchResult", "search"]
 
@@ -242,6 +243,20 @@ class SearchResult:
         return self.population[0][1]
 
 
+def _resume(run: "_Run", checkpoint: str) -> None:
+    """Load ``checkpoint`` into the fresh ``run``; a file that is not a whole checkpoint of
+    this version (truncated, edited, another program's) is a ValueError naming it."""
+    try:
+        with open(checkpoint, "rb") as f:
+            state = json.loads(f.read())
+        run.load(state)
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{checkpoint}: not a readable search checkpoint "
+                         f"({type(e).__name__}: {e})") from e
+    except ValueError as e:
+        raise ValueError(f"{checkpoint}: {e}") from e
+
+
 class _Run:
     """The mutable state of one search, its checkpoint and its log."""
 
@@ -298,11 +313,8 @@ class _Run:
     def save(self) -> None:
         if self.checkpoint_path is None:
             return
-        # Written aside and renamed: an interruption never leaves half a checkpoint.
-        tmp = self.checkpoint_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.state(), f)
-        os.replace(tmp, self.checkpoint_path)
+        data = json.dumps(self.state()).encode()
+        write_atomically(self.checkpoint_path, lambda f: f.write(data))
 
     # ---- candidates ----
 
@@ -429,8 +441,7 @@ def search(
               "seed": seed, "synonym_tol": synonym_tol}
     run = _Run(evaluate, space, config, seed, synonym_tol, log, checkpoint)
     if resume and checkpoint is not None and os.path.exists(checkpoint):
-        with open(checkpoint) as f:
-            run.load(json.load(f))
+        _resume(run, checkpoint)
     if log is not None:
         with open(log, "ab") as f:
             f.truncate(run.log_offset)
