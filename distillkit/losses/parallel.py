@@ -144,7 +144,7 @@ class _VocabParallelKD(torch.autograd.Function):
         temperature, beta, hard_weight, ignore_index = (opts.temperature, opts.beta,
                                                         opts.hard_weight, opts.ignore_index)
         hard = y is not None and hard_weight > 0
-        y_fwd = y_bwd = None
+        y_fwd = None
         owned = keep = None
         if y is not None:
             keep = y != ignore_index
@@ -156,11 +156,10 @@ class _VocabParallelKD(torch.autograd.Function):
             local = y - start
             owned = keep & (local >= 0) & (local < width)
             ignore = torch.full_like(y, _LOCAL_IGNORE)
-            # Rows whose label another rank owns: a valid placeholder column in forward
-            # (the forward's own hard term is discarded), the out-of-range column `width`
-            # in backward, so that no column gets the label's −1.
+            # Rows whose label another rank owns get the valid placeholder column 0: the
+            # forward's own hard term is discarded, and the backward gives back the −1 the
+            # kernel puts on column 0 (kernels validate every label, so no sentinel).
             y_fwd = torch.where(keep, torch.where(owned, local, torch.zeros_like(y)), ignore)
-            y_bwd = torch.where(keep, torch.where(owned, local, torch.full_like(y, width)), ignore)
         # The first pass's KL kind only decides which cross term comes back; JSD needs
         # just the lse's here.
         first = "forward_kl" if kind == "jsd" else kind
@@ -202,18 +201,25 @@ class _VocabParallelKD(torch.autograd.Function):
         stats = KD_STATS.stack(lse_student=lse_s, lse_teacher=lse_t, lse_student_t1=lse1,
                                d_student=d_s, d_teacher=d_t)
 
-        ctx.save_for_backward(z, u, y_bwd, stats)
+        foreign = keep & ~owned if hard else None
+        ctx.save_for_backward(z, u, y_fwd, stats, foreign)
         ctx.options = opts.replace(divergence=kind, ignore_index=_LOCAL_IGNORE)
         return rows
 
     @staticmethod
     def backward(ctx, grad_rows):
-        z, u, y_bwd, stats = ctx.saved_tensors
+        z, u, y, stats, foreign = ctx.saved_tensors
         teacher_grad = ctx.needs_input_grad[1]
         # Global stats make the shard kernel write this rank's columns of the global
         # gradient: no communication.
-        grad_z, grad_u = kd_loss_backward(grad_rows.contiguous(), z, u, y_bwd, stats,
+        grad_z, grad_u = kd_loss_backward(grad_rows.contiguous(), z, u, y, stats,
                                           ctx.options, teacher_grad)
+        if foreign is not None:
+            # The hard term's −hard_weight·g on the placeholder column belongs to another
+            # rank's column: add it back (in the accumulation dtype, then round once).
+            back = torch.where(foreign, ctx.options.hard_weight * grad_rows.to(stats.dtype),
+                               torch.zeros((), dtype=stats.dtype))
+            grad_z[:, 0] = (grad_z[:, 0].to(stats.dtype) + back).to(grad_z.dtype)
         return (grad_z if ctx.needs_input_grad[0] else None,
                 grad_u if teacher_grad else None) + (None,) * 3
 
