@@ -18,6 +18,7 @@ if _C.__torch_version__ != torch.__version__:
     )
 
 from . import ops  # noqa: E402  (registers fake kernels and autograd)
+from .ops import check_errors  # noqa: E402
 
 
 def empty_cpu_cache() -> int:
@@ -47,5 +48,5 @@ from .ops.options import KDOptions, LogitHead, SLaMOptions, SparseKDOptions  # n
 
 __all__ = ["kd_loss", "slam_loss", "forward_corrected_loss", "distance", "fused_linear_kd_loss",
            "sparse_kd_loss", "KDLoss", "KDOptions", "LogitHead", "SLaMOptions", "SparseKDOptions",
-           "LearnedOptimizer", "ops", "empty_cpu_cache", "cpu_cache_bytes"]
+           "LearnedOptimizer", "ops", "check_errors", "empty_cpu_cache", "cpu_cache_bytes"]
 __version__ = "0.1.0"
