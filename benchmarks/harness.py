@@ -160,7 +160,7 @@ def _proc_status_bytes(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-class _CpuMeter:
+class CpuMeter:
     def __init__(self):
         # glibc serves blocks below its mmap threshold, which rises up to 32 MiB as big
         # blocks are freed, from a heap that keeps freed pages resident: a run would reuse
@@ -217,7 +217,7 @@ class _CudaMeter:
 
 
 def _meter(device: torch.device):
-    return _CudaMeter(device) if device.type == "cuda" else _CpuMeter()
+    return _CudaMeter(device) if device.type == "cuda" else CpuMeter()
 
 
 # --- one (case, provider): check, memory, time -------------------------------------------
