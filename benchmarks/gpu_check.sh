@@ -12,8 +12,8 @@
 #   4. bench_kd_loss.py --gpu (16384 x 131072 bf16: distillkit, eager, compile, liger);
 #   5. benchmarks/gpu_floors.py (the bytes floor and the fused-linear GEMMs);
 #   6. bench_fused_linear.py --gpu (C = 128256 bf16);
-#   7. the CUDA tests: every test marked skipif (tests/conftest.py's DEVICES "cuda" param
-#      and the CUDA-only tests; every skipif in tests/ is "needs a CUDA GPU");
+#   7. the CUDA tests: `-m cuda`, every test skipped without a GPU (tests/conftest.py gives
+#      the cuda marker to each test whose skip reason is its NEEDS_CUDA);
 #   8. bench_sparse_kd, bench_slam_loss, bench_distance, bench_coordinate_lstm with --gpu.
 # Results: the benches and checks write benchmarks/results/*<GPU name>*; this script writes
 # benchmarks/results/gpu_check_<GPU name>.md (step, status, seconds, log tail of failures).
@@ -106,7 +106,7 @@ if [ "$DRY" = 1 ]; then
   run sync_check 120 "$PY" benchmarks/gpu_sync_check.py --dry-run
   run floors 60 "$PY" benchmarks/gpu_floors.py --dry-run --repeats 3
   run cuda_tests_collect 120 "$PY" -m pytest -q -p no:cacheprovider --collect-only \
-    --continue-on-collection-errors -m skipif tests
+    --continue-on-collection-errors -m cuda tests
   for b in kd_loss fused_linear sparse_kd slam_loss distance coordinate_lstm; do
     echo "gpu_check: plan: $PY benchmarks/bench_$b.py ${BENCH[*]}"
   done
@@ -129,7 +129,7 @@ else
   run floors 30 "$PY" benchmarks/gpu_floors.py
   run bench_fused_linear 60 "$PY" benchmarks/bench_fused_linear.py "${BENCH[@]}"
   run cuda_tests 90 "$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors \
-    -m skipif tests
+    -m cuda tests
   run bench_sparse_kd 45 "$PY" benchmarks/bench_sparse_kd.py "${BENCH[@]}"
   run bench_slam_loss 30 "$PY" benchmarks/bench_slam_loss.py "${BENCH[@]}"
   run bench_distance 45 "$PY" benchmarks/bench_distance.py "${BENCH[@]}"

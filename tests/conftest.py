@@ -27,10 +27,20 @@ GRAD_TOL = {
     torch.float16: (2e-3, 1e-5),
 }
 
+# The skip reason of every test that needs a GPU; such tests also get the ``cuda`` marker
+# (pytest_collection_modifyitems), which benchmarks/gpu_check.sh selects with ``-m cuda``.
+NEEDS_CUDA = "needs a CUDA GPU"
+
 DEVICES = [
     "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason=NEEDS_CUDA)),
 ]
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(m.kwargs.get("reason") == NEEDS_CUDA for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.cuda)
 
 
 @pytest.fixture(autouse=True)
