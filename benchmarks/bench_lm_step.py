@@ -16,9 +16,10 @@ Each (V, provider) runs in a fresh process: tokens/s is the predicted tokens of 
 over the median step time (after a warm-up step), peak memory the process's peak RSS over
 the timed steps (reset through ``/proc/self/clear_refs`` before them) less the RSS before
 (models, optimizer state and the batch). Both providers train the same student from the
-same batch; the first step's losses are printed side by side, not asserted equal: TRL's
-come from bf16 logits (a Trainer with ``bf16=True`` runs the heads under autocast), ours
-from fp32 heads, and where the JSD is small (random models) bf16 rounding dominates it.
+same batch; the first step's losses are printed beside TRL's loss on the same logits cast
+to fp32: TRL's step forms its loss from bf16 logits in bf16 (a Trainer with ``bf16=True``
+runs the heads under autocast), whose log-probabilities near log V carry errors of the
+size of a small JSD; ours runs fp32 heads.
 
     python benchmarks/bench_lm_step.py [--quick] [--threads 2] [--out FILE]
 """
@@ -70,6 +71,15 @@ def worker(job: Dict) -> Dict:
     tokens = torch.randint(0, vocab, (cfg["batch"], cfg["seq"] + 1), generator=gen)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     predicted = cfg["batch"] * cfg["seq"]
+    from trl.experimental.gkd.gkd_trainer import GKDTrainer
+    labels = tokens[:, 1:]
+    # The loss of the first step in fp32: TRL's loss on the autocast models' logits cast to
+    # fp32 (TRL's own step forms it from the bf16 logits, in bf16).
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        s_logits, t_logits = (m(input_ids=tokens).logits[:, :-1] for m in (student, teacher))
+    fp32_loss = float(GKDTrainer.generalized_jsd_loss(s_logits.float(), t_logits.float(),
+                                                      labels=labels, beta=0.5))
+    del s_logits, t_logits
 
     if job["provider"] == "distillkit":
         from distillkit.data import DictDataset
@@ -83,9 +93,6 @@ def worker(job: Dict) -> Dict:
             amp_dtype=torch.bfloat16, progress=False)
         step = trainer.train_step
     else:
-        from trl.experimental.gkd.gkd_trainer import GKDTrainer
-        labels = tokens[:, 1:]
-
         def step() -> float:
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -109,7 +116,7 @@ def worker(job: Dict) -> Dict:
 
     peak, extra = CpuMeter().peak_bytes(timed_steps)
     median = statistics.median(times)
-    return dict(provider=job["provider"], vocab=vocab, first_loss=first_loss,
+    return dict(provider=job["provider"], vocab=vocab, first_loss=first_loss, fp32_loss=fp32_loss,
                 median_s=median, min_s=min(times), tokens_per_s=predicted / median,
                 extra_MB=extra / 1e6, peak_MB=peak / 1e6, steps=len(times))
 
@@ -152,8 +159,8 @@ def main() -> None:
              f"JSD beta = 0.5, AdamW; median of {cfg['steps']} steps after a warm-up step.",
              "",
              "| V | provider | tokens/s | median s/step | min s/step | extra MB (peak) | "
-             "first-step loss | distillkit speed-up | memory ratio |",
-             "|--:|---|--:|--:|--:|--:|--:|--:|--:|"]
+             "first-step loss | same, TRL's loss on fp32 logits | distillkit speed-up | memory ratio |",
+             "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for vocab in cfg["vocabs"]:
         mine = next(r for r in rows if r["vocab"] == vocab and r["provider"] == "distillkit")
         for r in (x for x in rows if x["vocab"] == vocab):
@@ -161,7 +168,7 @@ def main() -> None:
             mem = mine["extra_MB"] / max(r["extra_MB"], 1e-9)
             lines.append(f"| {vocab} | {r['provider']} | {r['tokens_per_s']:.0f} | "
                          f"{r['median_s']:.3f} | {r['min_s']:.3f} | {r['extra_MB']:.0f} | "
-                         f"{r['first_loss']:.5f} | {speed:.2f} | {mem:.3f} |")
+                         f"{r['first_loss']:.5f} | {r['fp32_loss']:.5f} | {speed:.2f} | {mem:.3f} |")
     lines += ["", "distillkit speed-up: the row's median step time over distillkit's; memory "
               "ratio: distillkit's extra peak memory over the row's.",
               f"Load average when the run ended: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
