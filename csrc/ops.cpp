@@ -72,16 +72,24 @@ TORCH_LIBRARY(distillkit, m) {
   // input; dead rows are 0) and stats (N, sparse_kd_loss_stats::kCols) for
   // the backward (stats_layout.h; the math in sparse_kd_loss.h).
   // Indices out of [0, C) (other than -1) are an error; so are classes
-  // repeated within a row, unless check_duplicates is false.
+  // repeated within a row, unless check_duplicates is false. With
+  // teacher_tail_logprob (N,), the log of the teacher's mass outside its K
+  // kept classes, the row compares K + 1 buckets (the student's tail is its
+  // mass outside the kept classes) under divergence / beta ("forward_kl",
+  // "reverse_kl", "jsd"); without it only forward KL is defined. The three
+  // trailing arguments have defaults, so the original positional calls hold.
   m.def(
       "sparse_kd_loss_forward(Tensor student_logits, Tensor teacher_indices, "
       "Tensor teacher_logprobs, Tensor? labels, float temperature, bool renormalize, "
-      "int ignore_index, bool scale_by_t2, bool check_duplicates) "
+      "int ignore_index, bool scale_by_t2, bool check_duplicates, "
+      "Tensor? teacher_tail_logprob=None, str divergence=\"forward_kl\", float beta=0.5) "
       "-> (Tensor loss, Tensor stats)");
   m.def(
       "sparse_kd_loss_backward(Tensor grad_loss, Tensor student_logits, "
       "Tensor teacher_indices, Tensor teacher_logprobs, Tensor? labels, Tensor stats, "
-      "float temperature, bool renormalize, int ignore_index, bool scale_by_t2) -> Tensor");
+      "float temperature, bool renormalize, int ignore_index, bool scale_by_t2, "
+      "Tensor? teacher_tail_logprob=None, str divergence=\"forward_kl\", float beta=0.5) "
+      "-> Tensor");
 
   // One step of the coordinate-wise LSTM optimizer (docs/math.md §8) on P independent
   // coordinates sharing the weights: preprocess grad (P,), run L stacked LSTM

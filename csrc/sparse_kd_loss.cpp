@@ -1,10 +1,22 @@
 #include "sparse_kd_loss.h"
 
+#include <string>
+
 #include "checks.h"
 #include "row_loss.h"
 #include "stats_layout.h"
 
 namespace distillkit {
+
+// "jsd" at beta = 0 / 1 is forward / reverse KL, as for kd_loss (docs/math.md §1.1).
+static Divergence parse_sparse_divergence(c10::string_view name, double beta) {
+  DK_CHECK(beta >= 0.0 && beta <= 1.0, "beta must be in [0, 1] (got ", beta, ")");
+  if (name == "forward_kl" || (name == "jsd" && beta == 0.0)) return Divergence::ForwardKL;
+  if (name == "reverse_kl" || (name == "jsd" && beta == 1.0)) return Divergence::ReverseKL;
+  DK_CHECK(name == "jsd", "divergence must be one of 'forward_kl', 'reverse_kl', 'jsd' (got '",
+           std::string(name), "')");
+  return Divergence::JSD;
+}
 
 SparseKDLossParams check_sparse_kd_loss_args(
     const at::Tensor& student_logits,
@@ -14,7 +26,10 @@ SparseKDLossParams check_sparse_kd_loss_args(
     double temperature,
     bool renormalize,
     int64_t ignore_index,
-    bool scale_by_t2) {
+    bool scale_by_t2,
+    const std::optional<at::Tensor>& teacher_tail_logprob,
+    c10::string_view divergence,
+    double beta) {
   DK_CHECK_DIM(student_logits, "student_logits", 2);
   DK_CHECK_DIM(teacher_indices, "teacher_indices", 2);
   DK_CHECK_DIM(teacher_logprobs, "teacher_logprobs", 2);
@@ -53,6 +68,22 @@ SparseKDLossParams check_sparse_kd_loss_args(
   p.has_labels = labels.has_value();
   if (p.has_labels) {
     check_row_labels(*labels, p.rows, student_logits);
+  }
+  p.has_tail = teacher_tail_logprob.has_value();
+  p.divergence = parse_sparse_divergence(divergence, beta);
+  p.beta = beta;
+  DK_CHECK(p.has_tail || p.divergence == Divergence::ForwardKL,
+           "divergence='", std::string(divergence), "' needs teacher_tail_logprob: it "
+           "compares complete distributions, the K kept classes plus the tail bucket");
+  if (p.has_tail) {
+    const at::Tensor& tail = *teacher_tail_logprob;
+    DK_CHECK_DIM(tail, "teacher_tail_logprob", 1);
+    DK_CHECK(tail.size(0) == p.rows, "teacher_tail_logprob must have one entry per row of "
+             "student_logits (got ", tail.size(0), " and ", p.rows, ")");
+    DK_CHECK(tail.scalar_type() == teacher_logprobs.scalar_type(), "teacher_tail_logprob must "
+             "have teacher_logprobs' dtype (got ", tail.scalar_type(), " and ",
+             teacher_logprobs.scalar_type(), ")");
+    DK_CHECK_SAME_DEVICE(tail, "teacher_tail_logprob", student_logits, "student_logits");
   }
   return p;
 }

@@ -98,13 +98,19 @@ inline constexpr StatsColumn kColumns[] = {
 namespace sparse_kd_loss_stats {
 enum Column : int {
   kLseStudent,           // lse(z/T)
-  kTeacherLogNormalizer, // lse_t (renormalize) or 0
-  kTeacherMass,          // sum_{k in V} p_k; 0 marks a dead row
+  kTeacherLogNormalizer, // N: lse_t over the kept (+ tail) buckets (renormalize), or 0
+  kTeacherMass,          // sum_b P_b over the kept (+ tail) buckets; 0 marks a dead row
+  kDenseCoef,            // gamma: the tail classes' gradient is c (gamma q_j - ...)
+  kTailLogRatio,         // rho = log P_tail - log Q_tail (forward KL with a tail), else -inf
+  kDivergence,           // D (reverse KL) or D_s = KL(Q || M) (JSD), else 0
   kCols
 };
 inline constexpr StatsColumn kColumns[] = {{"lse_student", kLseStudent},
                                            {"teacher_log_normalizer", kTeacherLogNormalizer},
-                                           {"teacher_mass", kTeacherMass}};
+                                           {"teacher_mass", kTeacherMass},
+                                           {"dense_coef", kDenseCoef},
+                                           {"tail_log_ratio", kTailLogRatio},
+                                           {"divergence", kDivergence}};
 }  // namespace sparse_kd_loss_stats
 
 // correlation_distance_forward: stats (outer, inner, kCols) of the row

@@ -42,11 +42,12 @@ def cpu_cache_bytes() -> int:
 # The layers, bottom up: ops (schemas' wrappers, options, references) -> losses -> methods ->
 # trainers -> integrations -> experiments; data holds the datasets, models and teacher cache.
 from .losses import (KDLoss, distance, forward_corrected_loss, fused_linear_kd_loss,  # noqa: E402
-                     kd_loss, slam_loss, sparse_kd_loss)
+                     fused_linear_sparse_kd_loss, kd_loss, slam_loss, sparse_kd_loss)
 from .methods.learned_optimizer import LearnedOptimizer  # noqa: E402
 from .ops.options import KDOptions, LogitHead, SLaMOptions, SparseKDOptions  # noqa: E402
 
 __all__ = ["kd_loss", "slam_loss", "forward_corrected_loss", "distance", "fused_linear_kd_loss",
            "sparse_kd_loss", "KDLoss", "KDOptions", "LogitHead", "SLaMOptions", "SparseKDOptions",
-           "LearnedOptimizer", "ops", "check_errors", "empty_cpu_cache", "cpu_cache_bytes"]
+           "LearnedOptimizer", "ops", "check_errors", "empty_cpu_cache", "cpu_cache_bytes",
+           "fused_linear_sparse_kd_loss"]
 __version__ = "0.1.0"

@@ -52,7 +52,7 @@ def test_raw_sparse_backward_checks_what_it_dereferences():
         ops.sparse_kd_loss_backward(g, z, bad, lp, None, stats, *args)
     with pytest.raises(ValueError, match="teacher_logprobs must have the shape of teacher_indices"):
         ops.sparse_kd_loss_backward(g, z, idx[:, :3], lp, None, stats, *args)
-    with pytest.raises(ValueError, match=r"stats must have shape \(4, 3\)"):
+    with pytest.raises(ValueError, match=r"stats must have shape \(4, 6\)"):
         ops.sparse_kd_loss_backward(g, z, idx, lp, None, stats[:, :2], *args)
     with pytest.raises(ValueError, match=r"grad_loss must have shape \(4,\)"):
         ops.sparse_kd_loss_backward(g[:3], z, idx, lp, None, stats, *args)

@@ -66,6 +66,63 @@ def test_round_trip(tmp_path, teacher, index_dtype, logprob_dtype, chunk_tokens)
         torch.testing.assert_close(item["teacher_logprobs"].float(), logprobs, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("logprob_dtype", [torch.float16, torch.float32], ids=str)
+def test_tail_round_trip(tmp_path, teacher, logprob_dtype):
+    """The cached tail is the log of the teacher's mass outside its top K, to fp32
+    rounding (stored in fp32 whatever the log-probabilities' dtype)."""
+    write_teacher_topk(teacher, batches(), tmp_path, K, T, chunk_tokens=6,
+                       logprob_dtype=logprob_dtype)
+    ds = TeacherTopKDataset(tmp_path)
+    sequences = [row for b in batches() for row in (b if b.dim() == 2 else b[None])]
+    for item, tokens in zip(ds, sequences):
+        with torch.no_grad():
+            p = torch.softmax(teacher(tokens[None])[0].double() / T, -1)
+        kept = p.gather(1, item["teacher_indices"].long()).sum(-1)
+        tail = item["teacher_tail_logprob"]
+        assert tail.dtype == torch.float32 and tail.shape == tokens.shape
+        torch.testing.assert_close(tail.double().exp(), 1 - kept,
+                                   rtol=rounding_bound(torch.float32, V, c=16), atol=1e-7)
+
+
+def test_format_1_cache_loads_with_a_derived_tail(tmp_path, teacher):
+    """A cache written before the tail files (format 1) opens with a warning; its tail is
+    log(1 - sum exp(l)) of the stored log-probabilities."""
+    write_teacher_topk(teacher, batches(), tmp_path, K, T, chunk_tokens=8,
+                       logprob_dtype=torch.float32)
+    exact = [item["teacher_tail_logprob"] for item in TeacherTopKDataset(tmp_path)]
+    index = json.loads((tmp_path / "index.json").read_text())
+    for chunk in index["chunks"]:
+        (tmp_path / chunk.pop("tail")).unlink()
+    index["format"] = 1
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    with pytest.warns(UserWarning, match="format-1 top-k cache"):
+        ds = TeacherTopKDataset(tmp_path)
+    for item, tail in zip(ds, exact):
+        # fp32 log-probabilities: the derived tail is good to a few fp32 eps of the mass.
+        torch.testing.assert_close(item["teacher_tail_logprob"].exp(), tail.exp(),
+                                   rtol=0, atol=rounding_bound(torch.float32, K, c=8))
+    batch = next(iter(topk_loader(tmp_path, batch_size=6)))
+    assert batch["teacher_tail_logprob"].shape == batch["tokens"].shape
+
+
+def test_training_with_the_tail_bucket(tmp_path, teacher):
+    """The loader's batches feed sparse_kd_loss with the tail; padded positions are dead."""
+    write_teacher_topk(teacher, batches(), tmp_path, K, T, chunk_tokens=6)
+    batch = next(iter(topk_loader(tmp_path, batch_size=6)))
+    student = nn.Sequential(nn.Embedding(V, 8), nn.Linear(8, V))
+    z = student(batch["tokens"])
+    real = batch["mask"]
+    for divergence in ("forward_kl", "reverse_kl", "jsd"):
+        kw = dict(temperature=T, divergence=divergence)
+        loss = sparse_kd_loss(z, batch["teacher_indices"], batch["teacher_logprobs"],
+                              teacher_tail_logprob=batch["teacher_tail_logprob"], **kw)
+        dense = sparse_kd_loss(z[real], batch["teacher_indices"][real],
+                               batch["teacher_logprobs"][real],
+                               teacher_tail_logprob=batch["teacher_tail_logprob"][real], **kw)
+        torch.testing.assert_close(loss, dense)
+        assert torch.isfinite(loss)
+
+
 def test_loader_pads_as_dead_rows(tmp_path, teacher):
     write_teacher_topk(teacher, batches(), tmp_path, K, T, chunk_tokens=6)
     batch = next(iter(topk_loader(tmp_path, batch_size=6, pad_token=7)))
@@ -163,8 +220,17 @@ CORRUPTIONS = {
                       r"chunk_00000_indices\.npy: holds a \(8, 6\) int32 array where"),
     "index_more_tokens": (lambda p: _edit_index(p, num_tokens=34), ValueError,
                           r"index\.json: chunk 4 has size 1, expected 2"),
-    "index_other_version": (lambda p: _edit_index(p, format=2), ValueError,
-                            r"index\.json: unsupported cache format 2"),
+    "index_other_version": (lambda p: _edit_index(p, format=3), ValueError,
+                            r"index\.json: unsupported cache format 3 \(this version reads 1, 2\)"),
+    "tail_wrong_dtype": (lambda p: _rewrite(p / "chunk_00001_tail.npy", np.zeros(8, np.float16)),
+                         ValueError, r"chunk_00001_tail\.npy: holds a \(8,\) float16 array "
+                                     r"where .*index\.json says \(8,\) float32"),
+    "tail_wrong_rows": (lambda p: _rewrite(p / "chunk_00000_tail.npy", np.zeros(7, np.float32)),
+                        ValueError, r"chunk_00000_tail\.npy: holds a \(7,\) float32"),
+    "tail_missing": (lambda p: (p / "chunk_00002_tail.npy").unlink(), FileNotFoundError,
+                     r"chunk_00002_tail\.npy: missing"),
+    "tail_truncated": (lambda p: _truncate(p / "chunk_00003_tail.npy", 4), ValueError,
+                       r"chunk_00003_tail\.npy: truncated"),
     "index_path_escape": (lambda p: _edit_chunk(p, 0, tokens="../chunk_00000_tokens.npy"),
                           ValueError, r"index\.json: chunk 0's 'tokens' is '\.\./"),
     "index_same_file_twice": (lambda p: _edit_chunk(p, 1, tokens="chunk_00000_tokens.npy"),

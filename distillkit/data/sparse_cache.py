@@ -1,9 +1,11 @@
 """An offline top-K teacher cache for :func:`distillkit.sparse_kd_loss` (docs/math.md §4).
 
 :func:`write_teacher_topk` runs a teacher once over a token dataset and stores, per token
-position, the teacher's K most likely next tokens and their log-probabilities at
-temperature T; :class:`TeacherTopKDataset` and :func:`topk_loader` feed them back aligned
-with the tokens, so the student trains without the teacher in memory.
+position, the teacher's K most likely next tokens, their log-probabilities at
+temperature T and the log of the probability left to the other V - K classes (the tail
+bucket of :func:`distillkit.sparse_kd_loss`, docs/math.md §4.1);
+:class:`TeacherTopKDataset` and :func:`topk_loader` feed them back aligned with the
+tokens, so the student trains without the teacher in memory.
 
 On disk (a directory; numpy ``.npy`` files, memory-mapped when read)::
 
@@ -11,18 +13,22 @@ On disk (a directory; numpy ``.npy`` files, memory-mapped when read)::
     sequences.npy               (num_sequences, 2) int64: [first position, length]
     chunk_00000_tokens.npy      (n,) int64 token ids            \
     chunk_00000_indices.npy     (n, k) int32 or int64           } chunk_tokens positions
-    chunk_00000_logprobs.npy    (n, k) float16 or float32       / per chunk (the last: fewer)
+    chunk_00000_logprobs.npy    (n, k) float16 or float32       | per chunk (the last: fewer)
+    chunk_00000_tail.npy        (n,) float32 log tail mass      /
 
 Positions are the batches' tokens in order, row after row; a sequence may straddle
 chunks. A cache is written whole into a temporary sibling directory (``.<name>.*.tmp``),
 every file fsynced, and only then renamed to ``path`` (atomically exchanged with the old
 cache under ``overwrite=True``): a writer killed at any instant leaves ``path`` as it
 was, the old cache or nothing, plus at most a stale temporary sibling.
+Format 2 added the tail files; a format-1 cache (no tail) still opens, with a warning,
+and its tail is derived from the stored log-probabilities (see
+:class:`TeacherTopKDataset`).
 :class:`TeacherTopKDataset` checks that the files agree with the index (names, shapes,
 dtypes, row counts, no missing or extra chunk file, no truncated file) and names the
 file that does not.
-Storage per position is about k * (4 + 2) bytes with the defaults (int32, fp16): 192 B at
-k = 32, against 2 * C bytes for a dense bf16 row (256 kB at C = 128256).
+Storage per position is about k * (4 + 2) + 4 bytes with the defaults (int32, fp16): 196 B
+at k = 32, against 2 * C bytes for a dense bf16 row (256 kB at C = 128256).
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ import numbers
 import os
 import shutil
 import tempfile
+import warnings
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
@@ -42,12 +49,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["write_teacher_topk", "TeacherTopKDataset", "collate_topk", "topk_loader"]
+__all__ = ["write_teacher_topk", "TeacherTopKDataset", "collate_topk", "topk_loader",
+           "teacher_topk", "tail_from_logprobs"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Format 1: no tail files; read, with the tail derived from the log-probabilities.
+READ_VERSIONS = (1, 2)
 INDEX_FILE = "index.json"
 SEQUENCES_FILE = "sequences.npy"
-FIELDS = ("tokens", "indices", "logprobs")
+FIELDS = ("tokens", "indices", "logprobs", "tail")
+TAIL_DTYPE = "float32"
 INDEX_DTYPES = {torch.int32: "int32", torch.int64: "int64"}
 LOGPROB_DTYPES = {torch.float16: "float16", torch.float32: "float32"}
 
@@ -123,6 +134,25 @@ class _ChunkWriter:
             entry[f] = name
         self.buffered -= n
         self.chunks.append(entry)
+
+
+def teacher_topk(logits: Tensor, k: int, temperature: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """The top-``k`` log-probabilities of ``softmax(logits / T)`` over the last dim (in
+    fp32, descending, ties as ``torch.topk``), their classes, and the log of the mass of
+    the other classes, ``logsumexp`` of their log-probabilities: formed from the tail
+    classes themselves, so a tail of 1e-30 is not lost to ``1 - sum`` (-inf when k = V)."""
+    log_p = torch.log_softmax(logits.float() / temperature, -1)
+    logprobs, indices = log_p.topk(k, dim=-1)
+    tail = torch.logsumexp(log_p.scatter(-1, indices, float("-inf")), -1)
+    return logprobs, indices, tail
+
+
+def tail_from_logprobs(logprobs: Tensor) -> Tensor:
+    """log(1 - sum exp(logprobs)) over the last dim, in fp32: the tail of a format-1 cache.
+    Limited by the stored log-probabilities' rounding (fp16: about 5e-4 of the kept
+    mass); a kept mass that rounds to 1 or above gives -inf (no tail)."""
+    kept = torch.exp(logprobs.float()).sum(-1)
+    return torch.where(kept < 1, torch.log1p(-kept.clamp(max=1)), torch.full_like(kept, float("-inf")))
 
 
 def _is_int(value: Any) -> bool:
@@ -232,8 +262,10 @@ def write_teacher_topk(
     For every position of every batch, the cache holds the token id, the ``k`` classes
     with the largest :math:`\log \mathrm{softmax}(u / T)` (descending; ties as
     ``torch.topk``) and those log-probabilities, computed in fp32 and stored as
-    ``logprob_dtype``. Feed them to :func:`distillkit.sparse_kd_loss` with the same
-    ``temperature``.
+    ``logprob_dtype``, and the log of the teacher's remaining mass (fp32, the
+    ``logsumexp`` over the other classes: :func:`teacher_topk`). Feed them to
+    :func:`distillkit.sparse_kd_loss` (the tail as ``teacher_tail_logprob``) or
+    :func:`distillkit.fused_linear_sparse_kd_loss` with the same ``temperature``.
 
     The cache is written into a temporary sibling of ``path`` and moved to ``path``
     only once every file is complete and fsynced, so an error or a killed process
@@ -301,14 +333,15 @@ def _write_cache(teacher, token_batches, path, k, temperature, chunk_tokens, ind
             raise ValueError(f"k must be at most the vocabulary size {vocab_size} (got {k})")
         if index_dtype == torch.int32 and vocab_size >= 2**31:
             raise ValueError(f"index_dtype=torch.int32 cannot hold {vocab_size} classes")
-        logprobs, indices = torch.log_softmax(logits.float() / temperature, -1).topk(k, dim=-1)
+        logprobs, indices, tail = teacher_topk(logits, k, temperature)
         # A NaN would be cached and come back as a NaN loss in every epoch; −inf (a
         # padded vocabulary's probability 0) is valid.
-        if bool(logprobs.isnan().any()):
+        if bool(logprobs.isnan().any()) or bool(tail.isnan().any()):
             raise ValueError(f"teacher returned NaN logits for batch {batch_number} (0-based)")
         writer.add(tokens=tokens.reshape(-1).long().cpu().numpy(),
                    indices=indices.reshape(-1, k).to(index_dtype).cpu().numpy(),
-                   logprobs=logprobs.reshape(-1, k).to(logprob_dtype).cpu().numpy())
+                   logprobs=logprobs.reshape(-1, k).to(logprob_dtype).cpu().numpy(),
+                   tail=tail.reshape(-1).cpu().numpy())
         sequences += [[position + r * s, s] for r in range(b)]
         position += b * s
     if position == 0:
@@ -350,9 +383,9 @@ def _read_index(index_path: str) -> Dict[str, Any]:
                          f"({e})") from None
     if not isinstance(index, dict):
         raise ValueError(f"{index_path}: holds a {type(index).__name__}, not a cache index")
-    if index.get("format") != FORMAT_VERSION:
+    if index.get("format") not in READ_VERSIONS or isinstance(index.get("format"), bool):
         raise ValueError(f"{index_path}: unsupported cache format {index.get('format')!r} "
-                         f"(this version reads {FORMAT_VERSION})")
+                         f"(this version reads {', '.join(map(str, READ_VERSIONS))})")
     for key, kind in _INDEX_FIELDS.items():
         if key not in index:
             raise ValueError(f"{index_path}: has no {key!r} entry")
@@ -447,9 +480,12 @@ def _check_cache(path: str, index: Dict[str, Any], index_path: str
         full = n_chunk if c + 1 < len(chunks) else index["num_tokens"] - n_chunk * c
         if size != full:
             raise ValueError(f"{index_path}: chunk {c} has size {size}, expected {full}")
-        for field, shape, dtype in (("tokens", (size,), "int64"),
-                                    ("indices", (size, index["k"]), index["index_dtype"]),
-                                    ("logprobs", (size, index["k"]), index["logprob_dtype"])):
+        fields = [("tokens", (size,), "int64"),
+                  ("indices", (size, index["k"]), index["index_dtype"]),
+                  ("logprobs", (size, index["k"]), index["logprob_dtype"])]
+        if index["format"] >= 2:
+            fields.append(("tail", (size,), TAIL_DTYPE))
+        for field, shape, dtype in fields:
             arrays[c, field] = _check_array(name_of(entry.get(field), f"chunk {c}'s {field!r}"),
                                             shape, dtype, index_path)
     sequences_file = name_of(index["sequences"], "'sequences'")
@@ -470,9 +506,16 @@ def _check_cache(path: str, index: Dict[str, Any], index_path: str
 
 class TeacherTopKDataset(Dataset):
     """One item per cached sequence: ``{"tokens": (S,) int64, "teacher_indices": (S, k)
-    int32/int64, "teacher_logprobs": (S, k) fp16/fp32}``, row s of the teacher tensors
-    belonging to token s (the teacher's prediction for the token after it, as the
-    student's logits at s are). Chunks are memory-mapped and read on access.
+    int32/int64, "teacher_logprobs": (S, k) fp16/fp32, "teacher_tail_logprob": (S,)
+    fp32}``, row s of the teacher tensors belonging to token s (the teacher's prediction
+    for the token after it, as the student's logits at s are). Chunks are memory-mapped
+    and read on access.
+
+    A format-1 cache (written before the tail files existed) opens with a warning; its
+    ``teacher_tail_logprob`` is derived as log(1 - Σ exp(ℓ)) from the stored
+    log-probabilities (:func:`tail_from_logprobs`): good to their rounding (fp16: about
+    5e-4 of the kept mass), not to a small tail's own digits. Rewrite the cache for
+    those.
 
     ``index`` holds the cache's metadata (k, temperature, vocab_size, dtypes, ...).
 
@@ -493,6 +536,12 @@ class TeacherTopKDataset(Dataset):
         index_path = os.path.join(self.path, INDEX_FILE)
         self.index = _read_index(index_path)
         self.sequences, self._arrays = _check_cache(self.path, self.index, index_path)
+        self.stored_tail = self.index["format"] >= 2
+        if not self.stored_tail:
+            warnings.warn(f"{index_path}: a format-1 top-k cache (no tail files); its "
+                          "teacher_tail_logprob is derived from the stored log-probabilities, "
+                          "accurate only to their rounding: rewrite it with "
+                          "write_teacher_topk for the exact tail", stacklevel=2)
         self.chunk_tokens = self.index["chunk_tokens"]
         self._chunks: Dict[tuple, np.ndarray] = {}
 
@@ -537,16 +586,21 @@ class TeacherTopKDataset(Dataset):
         if not -len(self) <= i < len(self):
             raise IndexError(f"sequence {i} out of range: {self.path} holds {len(self)}")
         start, length = (int(v) for v in self.sequences[i])
-        return {"tokens": self._positions("tokens", start, start + length),
+        item = {"tokens": self._positions("tokens", start, start + length),
                 "teacher_indices": self._positions("indices", start, start + length),
                 "teacher_logprobs": self._positions("logprobs", start, start + length)}
+        item["teacher_tail_logprob"] = (self._positions("tail", start, start + length)
+                                        if self.stored_tail
+                                        else tail_from_logprobs(item["teacher_logprobs"]))
+        return item
 
 
 def collate_topk(items: List[Dict[str, Tensor]], pad_token: int = 0) -> Dict[str, Tensor]:
     """Stacks items into (B, S_max) batches, padding shorter sequences at the end: tokens
     with ``pad_token``, teacher indices with -1 (so :func:`distillkit.sparse_kd_loss`
-    skips those positions as dead rows), log-probabilities with 0; ``mask`` (B, S_max)
-    is True at real positions. Items must agree on K and on the dtypes (one cache's do)."""
+    skips those positions as dead rows), log-probabilities and tails with 0; ``mask``
+    (B, S_max) is True at real positions. Items must agree on K and on the dtypes (one
+    cache's do); ``teacher_tail_logprob`` is batched when the items have it."""
     if not items:
         raise ValueError("collate_topk needs at least one item")
     first = items[0]
@@ -564,11 +618,16 @@ def collate_topk(items: List[Dict[str, Tensor]], pad_token: int = 0) -> Dict[str
            "teacher_logprobs": torch.zeros((b, s_max, k),
                                            dtype=items[0]["teacher_logprobs"].dtype),
            "mask": torch.zeros((b, s_max), dtype=torch.bool)}
+    with_tail = all("teacher_tail_logprob" in it for it in items)
+    if with_tail:
+        out["teacher_tail_logprob"] = torch.zeros((b, s_max), dtype=torch.float32)
     for r, it in enumerate(items):
         s = len(it["tokens"])
         out["tokens"][r, :s] = it["tokens"]
         out["teacher_indices"][r, :s] = it["teacher_indices"]
         out["teacher_logprobs"][r, :s] = it["teacher_logprobs"]
+        if with_tail:
+            out["teacher_tail_logprob"][r, :s] = it["teacher_tail_logprob"]
         out["mask"][r, :s] = True
     return out
 

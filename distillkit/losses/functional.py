@@ -390,6 +390,7 @@ def sparse_kd_loss(
     teacher_indices: Tensor,
     teacher_logprobs: Tensor,
     *,
+    teacher_tail_logprob: Optional[Tensor] = None,
     labels: Optional[Tensor] = None,
     weight: Optional[Tensor] = None,
     normalizer: Optional[Union[float, Tensor]] = None,
@@ -416,6 +417,16 @@ def sparse_kd_loss(
     ``renormalize=False`` keeps the raw kept probabilities and ignores the tail (the row
     is then the kept part of KL(p‖q), which is not a divergence by itself).
 
+    **Tail bucket** (``teacher_tail_logprob`` given, docs/math.md §4.1): the teacher's
+    mass outside its K classes, :math:`\lambda = \log(1 - \sum_k e^{\ell_k})` (from
+    the cache), is a (K + 1)-th bucket, and so is the student's,
+    :math:`Q_\text{tail} = 1 - \sum_k q_{I_k}` (formed as ``log1p(-sum)``): both
+    distributions are complete and the row is ``s * D(P, Q)`` over the K + 1 buckets
+    for ``divergence`` ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"`` (β as in
+    :func:`kd_loss`; β = 0 / 1 are forward / reverse KL). ``renormalize`` then
+    rescales the K + 1 teacher buckets to sum 1 (absorbing the cache's rounding).
+    Reverse KL and JSD need the tail (a ValueError without it).
+
     Args:
         student_logits: (..., C) student logits z; each leading position is a row.
         teacher_indices: (..., K) int64 or int32 kept classes; -1 marks padding (skipped:
@@ -423,6 +434,9 @@ def sparse_kd_loss(
         teacher_logprobs: (..., K) teacher log-probabilities of those classes (any float
             dtype, fp16 caches included; values at padding are never read). The cache
             is data: no gradient flows to it.
+        teacher_tail_logprob: optional (...) log of the teacher's probability mass
+            outside its kept classes (-inf: none), in ``teacher_logprobs``' dtype (cast
+            here otherwise); see the tail bucket above.
         labels: optional (...) int64; rows whose label is ``ignore_index`` are skipped
             (only compared with ``ignore_index``: there is no hard term; add
             ``F.cross_entropy`` for one).
@@ -480,14 +494,20 @@ def sparse_kd_loss(
                          f"{tuple(teacher_indices.shape)})")
     if teacher_indices.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"teacher_indices must be int64 or int32 (got {teacher_indices.dtype})")
+    opts.check_tail(teacher_tail_logprob is not None)
     z = student_logits.reshape(math.prod(lead), student_logits.shape[-1])
     idx = teacher_indices.reshape(z.shape[0], teacher_indices.shape[-1]).long()
     lp = teacher_logprobs.reshape(idx.shape)
     # fp64 on either side means an fp64 computation (the kernels pair fp64 with fp64).
     if (z.dtype == torch.float64) != (lp.dtype == torch.float64):
         z, lp = z.double(), lp.double()
+    tail = None
+    if teacher_tail_logprob is not None:
+        check_row_tensor("teacher_tail_logprob", teacher_tail_logprob, lead, z.device,
+                         floating=True)
+        tail = teacher_tail_logprob.reshape(-1).to(lp.dtype)
     y = flat_labels(labels, lead, z.device)
-    rows, _ = sparse_kd_loss_forward(z, idx, lp, y, opts)
+    rows, _ = sparse_kd_loss_forward(z, idx, lp, y, opts, tail)
     denominator = None
     if opts.reduction == "mean":
         # Rows with no kept class are dead too, not only those with an ignored label.

@@ -13,7 +13,8 @@ from .. import _C
 from .options import KDOptions, SLaMOptions, SparseKDOptions
 
 __all__ = ["kd_loss_forward", "kd_loss_backward", "slam_loss_forward", "pointwise_distance_forward",
-           "correlation_distance_forward", "sparse_kd_loss_forward", "coordinate_lstm_step",
+           "correlation_distance_forward", "sparse_kd_loss_forward", "sparse_kd_loss_backward",
+           "coordinate_lstm_step",
            "check_errors"]
 
 class StatsLayout:
@@ -286,15 +287,31 @@ torch.library.register_autograd("distillkit::correlation_distance_forward", _cor
 
 def sparse_kd_loss_forward(student_logits: Tensor, teacher_indices: Tensor,
                            teacher_logprobs: Tensor, labels: Optional[Tensor],
-                           options: SparseKDOptions) -> Tuple[Tensor, Tensor]:
+                           options: SparseKDOptions,
+                           teacher_tail_logprob: Optional[Tensor] = None
+                           ) -> Tuple[Tensor, Tensor]:
     """Per-row KD losses of (N, C) student logits against a top-K teacher ((N, K) int64
-    indices, -1 = padding, and log-probabilities), shape (N,), fp32 (fp64 for fp64 input),
-    and the (N, ``SPARSE_KD_STATS.cols``) statistics the backward reads. Dead rows (label
-    == ignore_index, or no kept entry) are 0. Differentiable w.r.t. the student only;
-    see :func:`distillkit.sparse_kd_loss` for the math."""
+    indices, -1 = padding, and log-probabilities; optionally (N,) log tail masses, the
+    teacher's mass outside its K classes as a (K + 1)-th bucket), shape (N,), fp32 (fp64
+    for fp64 input), and the (N, ``SPARSE_KD_STATS.cols``) statistics the backward
+    reads. Dead rows (label == ignore_index, or no kept entry) are 0. Differentiable
+    w.r.t. the student only; see :func:`distillkit.sparse_kd_loss` for the math."""
     reject_functorch("sparse_kd_loss")
     return torch.ops.distillkit.sparse_kd_loss_forward(
-        student_logits, teacher_indices, teacher_logprobs, labels, *options.schema_args())
+        student_logits, teacher_indices, teacher_logprobs, labels, *options.schema_args(),
+        teacher_tail_logprob, *options.tail_args())
+
+
+def sparse_kd_loss_backward(grad_rows: Tensor, student_logits: Tensor, teacher_indices: Tensor,
+                            teacher_logprobs: Tensor, labels: Optional[Tensor], stats: Tensor,
+                            options: SparseKDOptions,
+                            teacher_tail_logprob: Optional[Tensor] = None) -> Tensor:
+    """The gradient of ``Σ grad_rows · rows`` w.r.t. the student logits from the forward's
+    ``stats``: one pass over the logits, for callers that form gradients themselves
+    (fused linear sparse KD)."""
+    return torch.ops.distillkit.sparse_kd_loss_backward(
+        grad_rows, student_logits, teacher_indices, teacher_logprobs, labels, stats,
+        *options.schema_args()[:-1], teacher_tail_logprob, *options.tail_args())
 
 
 @torch.library.register_fake("distillkit::sparse_kd_loss_forward")
@@ -314,25 +331,32 @@ def _sparse_kd_loss_forward_fake(student_logits, teacher_indices, teacher_logpro
 @torch.library.register_fake("distillkit::sparse_kd_loss_backward")
 def _sparse_kd_loss_backward_fake(grad_loss, student_logits, teacher_indices, teacher_logprobs,
                                   labels, stats, *scalars):
-    return torch.empty_like(student_logits)
+    # The kernels return a contiguous gradient whatever the student's strides.
+    return student_logits.new_empty(student_logits.shape)
 
 
 def _sparse_kd_setup_context(ctx, inputs, output):
-    student_logits, teacher_indices, teacher_logprobs, labels, *scalars = inputs
-    ctx.save_for_backward(student_logits, teacher_indices, teacher_logprobs, labels, output[1])
-    ctx.scalars = scalars[:-1]  # check_duplicates: the forward already checked
+    (student_logits, teacher_indices, teacher_logprobs, labels, temperature, renormalize,
+     ignore_index, scale_by_t2, _check_duplicates, *rest) = inputs
+    tail = rest[0] if rest else None
+    ctx.save_for_backward(student_logits, teacher_indices, teacher_logprobs, labels, output[1],
+                          tail)
+    # check_duplicates is left out: the forward already checked.
+    ctx.scalars = (temperature, renormalize, ignore_index, scale_by_t2)
+    ctx.tail_scalars = tuple(rest[1:])
+    ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(output[1])
 
 
 def _sparse_kd_backward(ctx, grad_loss, _grad_stats):
-    student_logits, teacher_indices, teacher_logprobs, labels, stats = ctx.saved_tensors
+    student_logits, teacher_indices, teacher_logprobs, labels, stats, tail = ctx.saved_tensors
     grad = None
     if ctx.needs_input_grad[0]:
         grad = torch.ops.distillkit.sparse_kd_loss_backward(
             grad_loss.contiguous(), student_logits, teacher_indices, teacher_logprobs, labels,
-            stats, *ctx.scalars)
-    # The cached teacher is data: no gradient to its log-probabilities.
-    return (grad,) + (None,) * 8
+            stats, *ctx.scalars, tail, *ctx.tail_scalars)
+    # The cached teacher (log-probabilities and tail) is data: no gradient to it.
+    return (grad,) + (None,) * (ctx.n_inputs - 1)
 
 
 torch.library.register_autograd("distillkit::sparse_kd_loss_forward", _sparse_kd_backward,

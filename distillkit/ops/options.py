@@ -150,7 +150,13 @@ class SparseKDOptions(_Options):
     Attributes:
         temperature: T, finite and > 0, applied to the student (the cached teacher
             log-probabilities were taken at the same T).
-        renormalize: softmax over the kept entries (True) or their raw probabilities.
+        renormalize: softmax over the kept entries (True) or their raw probabilities;
+            with a tail bucket, over the K kept entries and the tail.
+        divergence: ``"forward_kl"`` KL(p‖q), ``"reverse_kl"`` KL(q‖p) or ``"jsd"``
+            (β-mixture, as in :class:`KDOptions`). The latter two compare complete
+            distributions, so they need the teacher's tail bucket
+            (``teacher_tail_logprob``); β = 0 / 1 are forward / reverse KL.
+        beta: the JSD mixture weight β in [0, 1].
         ignore_index: the label value of rows that count for nothing.
         reduction: ``"mean"`` (Σ w·row over live rows / number of live rows), ``"sum"``
             or ``"none"``.
@@ -164,19 +170,41 @@ class SparseKDOptions(_Options):
     reduction: str = "mean"
     scale_by_t2: bool = True
     check_duplicates: bool = True
+    divergence: str = "forward_kl"
+    beta: float = 0.5
 
     def __post_init__(self):
         self._set("temperature", _temperature(self.temperature))
         _bool("renormalize", self.renormalize)
+        check_choice("divergence", self.divergence, DIVERGENCES)
+        self._set("beta", _unit_interval("beta", self.beta))
         self._set("ignore_index", _int("ignore_index", self.ignore_index))
         check_choice("reduction", self.reduction, REDUCTIONS)
         _bool("scale_by_t2", self.scale_by_t2)
         _bool("check_duplicates", self.check_duplicates)
 
     def schema_args(self) -> Tuple[float, bool, int, bool, bool]:
-        """The scalars of ``distillkit::sparse_kd_loss_forward``, in schema order."""
+        """The scalars of ``distillkit::sparse_kd_loss_forward`` before its tail, in
+        schema order (:meth:`tail_args` follows the tail tensor)."""
         return (self.temperature, self.renormalize, self.ignore_index, self.scale_by_t2,
                 self.check_duplicates)
+
+    def tail_args(self) -> Tuple[str, float]:
+        """The scalars after ``teacher_tail_logprob`` in both sparse_kd_loss schemas."""
+        return (self.divergence, self.beta)
+
+    @property
+    def needs_tail(self) -> bool:
+        """Reverse KL and JSD weigh the student's own mass, which lives mostly outside
+        the kept classes: they are defined on the complete (K + 1 bucket) distributions."""
+        return not (self.divergence == "forward_kl" or
+                    (self.divergence == "jsd" and self.beta == 0.0))
+
+    def check_tail(self, has_tail: bool) -> None:
+        if self.needs_tail and not has_tail:
+            raise ValueError(f"divergence={self.divergence!r} (beta={self.beta}) needs "
+                             "teacher_tail_logprob: it compares complete distributions, the "
+                             "K kept classes plus the tail bucket")
 
 
 @dataclass(frozen=True)

@@ -215,6 +215,7 @@ def sparse_kd_loss_ref(
     teacher_indices: Tensor,
     teacher_logprobs: Tensor,
     *,
+    teacher_tail_logprob: Optional[Tensor] = None,
     labels: Optional[Tensor] = None,
     weight: Optional[Tensor] = None,
     normalizer: Optional[Union[float, Tensor]] = None,
@@ -223,10 +224,14 @@ def sparse_kd_loss_ref(
 ) -> Tensor:
     """Reference for :func:`distillkit.sparse_kd_loss` (same arguments, docs/math.md §4).
 
-    Forms the full (N, C) student log-softmax and gathers it at the kept classes;
-    ``check_duplicates`` is accepted for signature parity and not checked here.
+    Forms the full (N, C) student log-softmax and gathers it at the kept classes; with
+    ``teacher_tail_logprob`` the student's tail bucket is the log-sum-exp of its
+    log-softmax over the classes outside the kept set (exact, no cancellation), and the
+    divergence is taken over the K + 1 buckets. ``check_duplicates`` is accepted for
+    signature parity and not checked here.
     """
     o = SparseKDOptions.resolve(options, **fields)
+    o.check_tail(teacher_tail_logprob is not None)
     temperature, ignore_index = o.temperature, o.ignore_index
     acc = _acc_dtype(student_logits, teacher_logprobs)
     C, K = student_logits.shape[-1], teacher_indices.shape[-1]
@@ -239,12 +244,31 @@ def sparse_kd_loss_ref(
     live = (idx >= 0) & live_row[:, None]
     neg_inf = torch.full_like(lp, float("-inf"))
     log_p = torch.where(live, lp, neg_inf)
-    if o.renormalize:
-        # Dead rows get a finite dummy row so that their (masked) softmax is not NaN.
-        log_p = torch.log_softmax(torch.where(live_row[:, None], log_p, torch.zeros_like(lp)), -1)
-        log_p = torch.where(live, log_p, neg_inf)
-    log_q = torch.log_softmax(z / temperature, dim=-1).gather(1, idx.clamp(min=0))
-    rows = (temperature**2 if o.scale_by_t2 else 1.0) * _plogp_ratio(log_p.exp(), log_p, log_q)
+    log_q_all = torch.log_softmax(z / temperature, dim=-1)
+    log_q = log_q_all.gather(1, idx.clamp(min=0))
+    scale = temperature**2 if o.scale_by_t2 else 1.0
+    if teacher_tail_logprob is None:
+        if o.renormalize:
+            # Dead rows get a finite dummy row so that their (masked) softmax is not NaN.
+            log_p = torch.log_softmax(torch.where(live_row[:, None], log_p,
+                                                  torch.zeros_like(lp)), -1)
+            log_p = torch.where(live, log_p, neg_inf)
+        rows = scale * _plogp_ratio(log_p.exp(), log_p, log_q)
+    else:
+        tail = teacher_tail_logprob.reshape(-1, 1).to(acc)
+        # A dead row's buckets are all -inf but a certain tail on both sides: loss 0 and
+        # a finite (zero) gradient whatever the divergence.
+        log_p = torch.cat([log_p, torch.where(live_row[:, None], tail, torch.zeros_like(tail))], 1)
+        if o.renormalize:
+            log_p = torch.log_softmax(torch.where(live_row[:, None], log_p,
+                                                  torch.zeros_like(log_p)), -1)
+        kept = torch.zeros_like(z, dtype=torch.bool).scatter_(1, idx.clamp(min=0), live)
+        log_q_tail = torch.logsumexp(torch.where(kept, torch.full_like(z, float("-inf")),
+                                                 log_q_all), -1, keepdim=True)
+        # Padding and dead rows: -inf on both sides, masked by the xlogy rule.
+        log_q = torch.cat([torch.where(live, log_q, neg_inf), log_q_tail], 1)
+        rows = scale * _soft_rows(log_q, log_p, o.divergence, o.beta)
+        rows = torch.where(live_row, rows, torch.zeros_like(rows))
     return _reduce_kd_rows_ref(rows, live_row, weight, o.reduction, normalizer,
                                student_logits.shape[:-1])
 

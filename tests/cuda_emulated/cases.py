@@ -280,16 +280,33 @@ def distance_cases():
 # ----------------------------------------------------------------- sparse_kd_loss
 
 def sparse_case(N, C, K, renorm=True, T=1.0, labels=False, sdt=F32, padding=False,
-                dead_row=False, misalign=False):
+                dead_row=False, misalign=False, row_pad=None, col_strided=False, tail=False,
+                div="forward_kl", beta=0.5):
+    """row_pad: the student is the first C columns of (N, C + row_pad) logits (rows
+    C + row_pad apart, read in place); col_strided: a transposed (column-major) view;
+    tail: the teacher's tail bucket (its log mass outside the K kept classes) under
+    divergence div (beta for "jsd")."""
     name = (f"K{K}_{'renorm' if renorm else 'raw'}_T{T:g}_N{N}_C{C}_{SHORT[sdt]}"
             f"{'_labels' if labels else ''}{'_padding' if padding else ''}"
-            f"{'_deadrow' if dead_row else ''}{'_misaligned' if misalign else ''}")
+            f"{'_deadrow' if dead_row else ''}{'_misaligned' if misalign else ''}"
+            f"{f'_rowpad{row_pad}' if row_pad is not None else ''}"
+            f"{'_colstrided' if col_strided else ''}"
+            f"{f'_tail_{div}{beta:g}' if tail else ''}")
 
     def make(g):
-        z = randn((N, C), sdt, g, 3.0, misalign)
+        if row_pad is not None:
+            z = randn((N, C + row_pad), sdt, g, 3.0, misalign)[:, :C]
+        elif col_strided:
+            z = randn((C, N), sdt, g, 3.0, misalign).t()
+        else:
+            z = randn((N, C), sdt, g, 3.0, misalign)
         idx = torch.stack([torch.randperm(C, generator=g)[:K] for _ in range(N)])
         teacher = torch.log_softmax(torch.randn(N, C, generator=g, dtype=F64) * 3.0 / T, 1)
         lp = teacher.gather(1, idx).to(sdt)
+        lt = None
+        if tail:
+            rest = teacher.scatter(1, idx, float("-inf"))
+            lt = torch.logsumexp(rest, 1).to(sdt)
         if padding:
             idx[::2, K - max(1, K // 3):] = -1
         if dead_row:
@@ -302,8 +319,15 @@ def sparse_case(N, C, K, renorm=True, T=1.0, labels=False, sdt=F32, padding=Fals
         gl = torch.rand(N, generator=g, dtype=acc_of(sdt)) + 0.5
 
         def run(ops):
-            loss, stats = ops.sparse_kd_loss_forward(z, idx, lp, y, T, renorm, IGNORE, True, True)
-            gz = ops.sparse_kd_loss_backward(gl, z, idx, lp, y, stats, T, renorm, IGNORE, True)
+            if not tail:  # the schemas' original positional form (the tail arguments' defaults)
+                loss, stats = ops.sparse_kd_loss_forward(z, idx, lp, y, T, renorm, IGNORE, True,
+                                                         True)
+                gz = ops.sparse_kd_loss_backward(gl, z, idx, lp, y, stats, T, renorm, IGNORE, True)
+            else:
+                loss, stats = ops.sparse_kd_loss_forward(z, idx, lp, y, T, renorm, IGNORE, True,
+                                                         True, lt, div, beta)
+                gz = ops.sparse_kd_loss_backward(gl, z, idx, lp, y, stats, T, renorm, IGNORE, True,
+                                                 lt, div, beta)
             return {"loss": loss, "stats": stats, "grad_student": gz}
         return run
     return Case("sparse_kd_loss", name, make)
@@ -325,6 +349,28 @@ def sparse_cases():
     out.append(sparse_case(1, 1, 1, True))
     out.append(sparse_case(1000, 50, 8, True, T=2.0, labels=True, padding=True))
     out.append(sparse_case(2, 2000, 500, True))  # K > a block's threads
+    # Row-strided students, read in place: pads that keep every row at the same
+    # pack phase as the contiguous gradient (a multiple of the pack) and pads that
+    # do not (the backward then walks rows unpacked), warp and block rows.
+    for sdt in (F32, BF16, F64):
+        out.append(sparse_case(6, 96, 8, True, T=2.0, sdt=sdt, labels=True, row_pad=8))
+        out.append(sparse_case(5, 203, 8, False, sdt=sdt, padding=True, row_pad=3))
+        out.append(sparse_case(3, 1500, 32, True, sdt=sdt, row_pad=5))
+    out.append(sparse_case(3, 1100, 8, True, row_pad=4, misalign=True))
+    out.append(sparse_case(4, 50, 8, True, T=2.0, col_strided=True))
+    # The tail bucket: every divergence, warp and block rows, renormalized and raw,
+    # padding and dead rows, 16-bit and fp64, K beyond a block's threads.
+    for div, beta in (("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)):
+        out.append(sparse_case(9, 100, 8, True, T=2.0, tail=True, div=div, beta=beta))
+        out.append(sparse_case(3, 1800, 32, False, tail=True, div=div, beta=beta))
+        out.append(sparse_case(7, 64, 8, True, labels=True, padding=True, dead_row=True,
+                               tail=True, div=div, beta=beta))
+        out.append(sparse_case(5, 203, 8, True, T=2.0, sdt=BF16, padding=True, tail=True,
+                               div=div, beta=beta))
+        out.append(sparse_case(4, 99, 8, False, sdt=F64, tail=True, div=div, beta=beta,
+                               row_pad=3))
+    out.append(sparse_case(2, 2000, 500, True, tail=True, div="jsd", beta=0.5))
+    out.append(sparse_case(3, 40, 40, True, tail=True, div="reverse_kl"))  # K = C: no tail mass
     return out
 
 

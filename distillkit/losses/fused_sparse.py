@@ -1,0 +1,213 @@
+"""Fused linear KD against a cached top-K teacher (docs/math.md §4.2): the student's
+lm-head matmul and sparse_kd_loss, chunked over rows.
+
+Offline LLM distillation reads the teacher from a cache (:mod:`distillkit.sparse_cache`:
+K classes, their log-probabilities and the tail mass per token), so the teacher costs
+``K`` numbers per token; what remains is the student's own ``N × V`` logits. As in
+:func:`distillkit.fused_linear_kd_loss`, at most ``chunk_rows × V`` of them exist at a
+time: per chunk, ``z = head(h Wᵀ + b)``, the sparse_kd_loss forward, its gradient ``dz``
+(one kernel, scaled by the reduction's per-row factor), then ``dh = dz W``,
+``dW += dzᵀ h``, ``db += Σ dz``. The gradients are formed during the forward call and
+only scaled by ``grad_output`` in backward.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from ..ops import RaiseOnBackward, reject_functorch, sparse_kd_loss_backward, sparse_kd_loss_forward
+from ..ops.options import LogitHead, SparseKDOptions
+from .functional import check_classes, check_normalizer, check_row_tensor, flat_labels
+from .fused_linear import _IDENTITY, _full, _head_backward, _head_logits
+
+__all__ = ["fused_linear_sparse_kd_loss"]
+
+
+class _FusedLinearSparseKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, bias, indices, logprobs, tail, labels, row_scale, chunk_rows,
+                options: SparseKDOptions, head: LogitHead):
+        n = h.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        need_grad = need_h or need_w or need_b
+        grad_h = torch.empty_like(h) if need_h else None
+        # Low-precision weights accumulate their gradient in fp32 across chunks.
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        total = row_scale.new_zeros(())
+        for start in range(0, n, chunk_rows):
+            rows = slice(start, min(start + chunk_rows, n))
+            h_c = h[rows]
+            z, tanh = _head_logits(h_c, weight, bias, head, need_grad)
+            idx, lp = indices[rows], logprobs[rows]
+            t = tail[rows] if tail is not None else None
+            y = labels[rows] if labels is not None else None
+            loss, stats = sparse_kd_loss_forward(z, idx, lp, y, options, t)
+            scale = row_scale[rows].contiguous()
+            total += (loss * scale).sum()
+            if not need_grad:
+                continue
+            dz = sparse_kd_loss_backward(scale, z, idx, lp, y, stats, options, t)
+            dz = _head_backward(dz, tanh, head)
+            if need_h:
+                grad_h[rows] = dz @ weight
+            if need_w:
+                grad_w += (dz.t() @ h_c).to(acc)
+            if need_b:
+                grad_b += dz.sum(0, dtype=acc)
+        # h and weight only anchor a create_graph=True gradient (see backward).
+        ctx.save_for_backward(grad_h, grad_w, grad_b, h, weight)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_h, grad_w, grad_b, h, weight = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        g = grad_output
+        out_h = grad_h * g.to(grad_h.dtype) if grad_h is not None else None
+        out_w = (grad_w * g).to(w_dtype) if grad_w is not None else None
+        out_b = (grad_b * g).to(b_dtype) if grad_b is not None else None
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradients were formed in the forward; a loss on them
+            # must fail by name, not silently miss the second-order term.
+            out_h, out_w, out_b = (RaiseOnBackward.apply(t, h, weight,
+                                                         "fused_linear_sparse_kd_loss")
+                                   if t is not None else None for t in (out_h, out_w, out_b))
+        return (out_h, out_w, out_b) + (None,) * 8
+
+
+def fused_linear_sparse_kd_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_indices: Tensor,
+    teacher_logprobs: Tensor,
+    teacher_tail_logprob: Optional[Tensor] = None,
+    *,
+    student_bias: Optional[Tensor] = None,
+    student_head: Optional[LogitHead] = None,
+    chunk_rows: int = 1024,
+    labels: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    normalizer: Optional[Union[float, Tensor]] = None,
+    options: Optional[SparseKDOptions] = None,
+    **fields,
+) -> Tensor:
+    r"""``sparse_kd_loss(head(student_hidden @ student_weightᵀ + student_bias),
+    teacher_indices, teacher_logprobs, teacher_tail_logprob=..., ...)`` without
+    materializing the (N, V) student logits.
+
+    Per row (token) the teacher is its cached top K (classes :math:`I_k`,
+    log-probabilities :math:`\ell_k` at temperature T) and, optionally, the log of its
+    remaining mass :math:`\lambda = \log(1 - \sum_k e^{\ell_k})`. With the student's
+    :math:`q = \mathrm{softmax}(z/T)`, :math:`z = \mathrm{head}(W h + b)`, and the tail
+    the row compares the complete K + 1 bucket distributions
+
+    .. math::
+        P = (e^{\ell_1}, \dots, e^{\ell_K}, e^{\lambda}), \qquad
+        Q = (q_{I_1}, \dots, q_{I_K}, 1 - \textstyle\sum_k q_{I_k}),
+
+    row :math:`= s\,D(P, Q)` for ``divergence`` forward KL :math:`\sum_b P_b \log(P_b/Q_b)`,
+    reverse KL or JSD(β), :math:`s = T^2` if ``scale_by_t2``; without the tail, forward
+    KL over the kept classes only, as :func:`distillkit.sparse_kd_loss`
+    (docs/math.md §4, §4.1). The gradient w.r.t. z is
+    :math:`\frac{s}{T} q_j (G_{b(j)} - \sum_b G_b Q_b)`, :math:`G_b = \partial D/\partial Q_b`
+    and :math:`b(j)` the bucket of class j (its own, or the tail), then through the head
+    and the matmul.
+
+    Args:
+        student_hidden: (..., H) final hidden states h of the student, one row per token.
+        student_weight: (V, H) lm-head weight W; ``student_bias`` optional (V,). Either
+            may be an FSDP2 DTensor (gathered once per call, as in
+            :func:`distillkit.fused_linear_kd_loss`).
+        teacher_indices: (..., K) int64/int32 cached classes, -1 = padding (a row whose K
+            entries are all -1 is dead: loss 0, left out of the mean).
+        teacher_logprobs: (..., K) their log-probabilities at T (fp16/fp32 caches).
+        teacher_tail_logprob: optional (...) log tail mass (the cache's
+            ``teacher_tail_logprob``); needed for ``divergence="reverse_kl"`` / ``"jsd"``.
+        student_head: :class:`~distillkit.ops.options.LogitHead`, the student's logit scale
+            and soft cap, applied to each chunk's logits (default: none).
+        chunk_rows: rows per chunk; peak extra memory is O(chunk_rows × V).
+        labels, weight, normalizer, options, **fields: as in
+            :func:`distillkit.sparse_kd_loss` (:class:`~distillkit.SparseKDOptions`);
+            ``reduction`` is ``"mean"`` (over live rows) or ``"sum"``.
+
+    Returns:
+        The reduced loss, a 0-d fp32 tensor (fp64 for fp64 hidden states). Gradients flow
+        to the hidden states, weight and bias; the cache gets none. Logits are formed in
+        the inputs' dtype (bf16 matmuls accumulate in fp32 and round once); the loss runs
+        in fp32.
+    """
+    opts = SparseKDOptions.resolve(options, **fields)
+    if opts.reduction == "none":
+        raise ValueError("reduction must be 'mean' or 'sum' for fused_linear_sparse_kd_loss "
+                         "(got 'none'; use sparse_kd_loss for per-row losses)")
+    check_normalizer(normalizer, opts.reduction, student_hidden.device)
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive int (got {chunk_rows!r})")
+    if student_head is not None and not isinstance(student_head, LogitHead):
+        raise ValueError(f"student_head must be a LogitHead or None "
+                         f"(got {type(student_head).__name__})")
+    opts.check_tail(teacher_tail_logprob is not None)
+    hidden = student_hidden.shape[-1]
+    lead = student_hidden.shape[:-1]
+    if student_weight.dim() != 2 or student_weight.shape[1] != hidden:
+        raise ValueError(f"student_weight must have shape (V, {hidden}) "
+                         f"(got {tuple(student_weight.shape)})")
+    check_classes("student_hidden", student_hidden, what="feature")
+    check_classes("student_weight", student_weight, 0, "row (class)")
+    num_classes = student_weight.shape[0]
+    if student_bias is not None and student_bias.shape != (num_classes,):
+        raise ValueError(f"student_bias must have shape ({num_classes},) "
+                         f"(got {tuple(student_bias.shape)})")
+    if teacher_indices.dim() < 1 or teacher_indices.shape[:-1] != lead:
+        raise ValueError(f"teacher_indices must have shape {tuple(lead)} + (K,) "
+                         f"(got {tuple(teacher_indices.shape)})")
+    check_classes("teacher_indices", teacher_indices, what="kept class (K >= 1)")
+    if teacher_indices.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"teacher_indices must be int64 or int32 (got {teacher_indices.dtype})")
+    if teacher_logprobs.shape != teacher_indices.shape:
+        raise ValueError("teacher_logprobs must have the shape of teacher_indices "
+                         f"(got {tuple(teacher_logprobs.shape)} and "
+                         f"{tuple(teacher_indices.shape)})")
+    for name, tensor in (("teacher_indices", teacher_indices),
+                         ("teacher_logprobs", teacher_logprobs)):
+        if tensor.device != student_hidden.device:
+            raise ValueError(f"{name} must be on student_hidden's device "
+                             f"{student_hidden.device} (got {tensor.device})")
+    h = student_hidden.reshape(-1, hidden)
+    k = teacher_indices.shape[-1]
+    idx = teacher_indices.reshape(-1, k).long()
+    lp = teacher_logprobs.reshape(-1, k).detach()
+    # The kernels pair fp64 logits with fp64 log-probabilities, and nothing else with them.
+    if (h.dtype == torch.float64) != (lp.dtype == torch.float64):
+        lp = lp.double() if h.dtype == torch.float64 else lp.float()
+    tail = None
+    if teacher_tail_logprob is not None:
+        check_row_tensor("teacher_tail_logprob", teacher_tail_logprob, lead, h.device,
+                         floating=True)
+        tail = teacher_tail_logprob.reshape(-1).detach().to(lp.dtype)
+    y = flat_labels(labels, lead, h.device)
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    # The reduction's derivative w.r.t. each row's loss, known before the loop; a dead
+    # row (ignored label or no kept class) has loss and gradient 0 from the kernel.
+    row_scale = torch.ones(h.shape[0], dtype=acc, device=h.device)
+    if weight is not None:
+        check_row_tensor("weight", weight, lead, h.device, floating=True)
+        row_scale = row_scale * weight.reshape(-1).to(acc)
+    if opts.reduction == "mean":
+        if normalizer is not None:
+            row_scale = row_scale / normalizer
+        else:
+            live = (idx >= 0).any(-1)
+            if y is not None:
+                live = live & (y != opts.ignore_index)
+            row_scale = row_scale / live.sum().clamp(min=1).to(acc)
+    reject_functorch("fused_linear_sparse_kd_loss")
+    return _FusedLinearSparseKD.apply(h, _full(student_weight), _full(student_bias), idx, lp,
+                                      tail, y, row_scale, chunk_rows, opts,
+                                      student_head if student_head is not None else _IDENTITY)
