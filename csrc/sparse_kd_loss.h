@@ -14,7 +14,7 @@
 // outside I) the row compares complete distributions over K + 1 buckets:
 // teacher P_k = exp(l_k - N), P_tail = exp(lambda - N) (N = the lse over the
 // K + 1 buckets when renormalizing, else 0); student Q_k = q_{I_k} and
-// Q_tail = 1 - sum_k Q_k (log1p(-sum), docs/math.md §4.1). The row is
+// Q_tail = 1 - sum_k Q_k (its log from the sum, docs/math.md §4.1). The row is
 // soft_scale * D(P, Q) for forward KL, reverse KL or JSD(beta); with
 // G_b = dD/dQ_b and Gbar = sum_b G_b Q_b,
 //   d/dz_j = soft_scale / T * q_j (G_{b(j)} - Gbar),  b(j) = j's bucket.

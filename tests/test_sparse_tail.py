@@ -11,7 +11,8 @@ from distillkit.data.sparse_cache import teacher_topk
 from distillkit.ops.options import LogitHead
 from distillkit.reference import sparse_kd_loss_ref
 
-from conftest import DEVICES, GRAD_TOL, LOSS_TOL
+from conftest import DEVICES
+from test_sparse_kd import assert_matches, run_both
 
 DIVERGENCES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
@@ -25,24 +26,6 @@ def make_inputs(n, c, k, dtype=torch.float32, device="cpu", temperature=2.0, sca
     lp, idx, tail = teacher_topk(u, k, temperature)
     lp_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     return z, idx, lp.to(lp_dtype), tail.to(lp_dtype)
-
-
-def run_both(z, idx, lp, tail, **kw):
-    out, g = [], None
-    for fn in (sparse_kd_loss, sparse_kd_loss_ref):
-        loss = fn(z, idx, lp, teacher_tail_logprob=tail, **kw)
-        if g is None:
-            g = torch.randn_like(loss) if loss.dim() else torch.ones_like(loss)
-        out.append((loss, torch.autograd.grad(loss, z, g)[0]))
-    return out
-
-
-def assert_matches(fused, ref, dtype):
-    (loss, grad), (rloss, rgrad) = fused, ref
-    assert loss.dtype == rloss.dtype and grad.dtype == rgrad.dtype
-    torch.testing.assert_close(loss, rloss, rtol=LOSS_TOL[dtype][0], atol=LOSS_TOL[dtype][1])
-    rtol, atol = GRAD_TOL[dtype]
-    torch.testing.assert_close(grad.float(), rgrad.float(), rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -61,7 +44,7 @@ def test_tail_table(device, dtype, divergence, beta, renormalize, masked):
         labels = torch.zeros(n, dtype=torch.long, device=device)
         labels[4] = -100
         kw.update(labels=labels)
-    assert_matches(*run_both(z, idx, lp, tail, **kw), dtype)
+    assert_matches(*run_both(z, idx, lp, teacher_tail_logprob=tail, **kw), dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -70,7 +53,7 @@ def test_tail_table(device, dtype, divergence, beta, renormalize, masked):
 def test_tail_shapes(device, divergence, beta, n, c, k):
     z, idx, lp, tail = make_inputs(n, c, k, device=device, temperature=1.5)
     kw = dict(temperature=1.5, divergence=divergence, beta=beta)
-    assert_matches(*run_both(z, idx, lp, tail, **kw), torch.float32)
+    assert_matches(*run_both(z, idx, lp, teacher_tail_logprob=tail, **kw), torch.float32)
 
 
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES, ids=str)

@@ -148,15 +148,18 @@ struct BucketTerms {
     }
   }
 
-  // The gradient factor of a bucket, d/dx_j = q_j (G_b - Gbar) for the classes
-  // in it, as (G_b - Gbar) times Q_b (so that a kept class gets it directly);
-  // `mass` and `dval` are the row's sum of P and its D (reverse) or D_s (JSD).
+  // G_b - Gbar of a bucket for reverse KL and JSD: d/dx_j = q_j (G_b - Gbar)
+  // for the classes in it; `dval` is the row's D (reverse) or D_s (JSD).
+  acc_t bracket(acc_t lp, acc_t lq, acc_t dval, acc_t beta) const {
+    if (div == Divergence::ReverseKL) return lq - lp - dval;
+    return (1 - beta) * (lq - log_m(lp, lq) - dval);
+  }
+
+  // A kept class's d/dx_j = Q_b (G_b - Gbar); `mass` is the row's sum of P.
   acc_t grad(acc_t lp, acc_t lq, acc_t mass, acc_t dval, acc_t beta) const {
-    const acc_t P = std::exp(lp), Q = std::exp(lq);
-    if (div == Divergence::ForwardKL) return mass * Q - P;
-    if (Q == 0) return 0;
-    if (div == Divergence::ReverseKL) return Q * (lq - lp - dval);
-    return (1 - beta) * Q * (lq - log_m(lp, lq) - dval);
+    const acc_t Q = std::exp(lq);
+    if (div == Divergence::ForwardKL) return mass * Q - std::exp(lp);
+    return Q == 0 ? acc_t(0) : Q * bracket(lp, lq, dval, beta);
   }
 };
 
@@ -216,10 +219,10 @@ void forward_row_tail(const Args<acc_t>& a, int64_t row, int64_t kept, acc_t lse
     st[sparse_kd_loss_stats::kDenseCoef] = mass;
     st[sparse_kd_loss_stats::kTailLogRatio] = std::exp(lp_tail) == 0 ? kNegInf : lp_tail - lq_tail;
   } else {
-    // Tail class j: q_j (G_tail - Gbar); the factor's Q_tail is divided out.
-    // With Q_tail = 0 the tail classes carry no mass: their factor is 0.
-    const acc_t g = terms.grad(lp_tail, lq_tail, mass, dval, static_cast<acc_t>(beta));
-    st[sparse_kd_loss_stats::kDenseCoef] = lq_tail == kNegInf ? acc_t(0) : g / std::exp(lq_tail);
+    // Tail class j: q_j (G_tail - Gbar); with Q_tail = 0 the tail classes carry
+    // no mass: their factor is 0.
+    st[sparse_kd_loss_stats::kDenseCoef] =
+        lq_tail == kNegInf ? acc_t(0) : terms.bracket(lp_tail, lq_tail, dval, static_cast<acc_t>(beta));
     st[sparse_kd_loss_stats::kTailLogRatio] = kNegInf;
   }
 }

@@ -16,7 +16,7 @@
 // tail to the teacher's merged state and takes a second pass over the row's K
 // kept entries, now that both normalizers are known: the per-bucket terms of
 // the divergence and the student's kept mass sum_k Q_k (its tail is
-// log1p(-sum)), merged in a second group all-reduce.
+// log(1 - sum)), merged in a second group all-reduce.
 //
 // Backward recomputes q from the saved lse (no N x C buffer kept from the
 // forward): one pass writes dz_j = c * mass * q_j for every column, a group
@@ -177,8 +177,8 @@ __device__ __forceinline__ BucketSums<A> shfl_xor(const BucketSums<A>& v, int ma
 }
 
 // log M_b = log(beta P_b + (1 - beta) Q_b), as log-add-exp with log(1 + x)
-// rather than log1p(x): the fp64 log1p's slow-path subroutine call made the
-// backward kernels spill (16 B), and for x below eps, where the two differ,
+// rather than log1p(x): with the fp64 log1p's longer code the fp64 backward
+// spilled 16 B (ptxas, sm_90), and for x below eps, where the two differ,
 // log M is off by at most eps absolutely either way.
 template <typename A>
 __device__ __forceinline__ A log_mix(A lp, A lq, const SparseScalars<A>& k) {
@@ -202,15 +202,21 @@ __device__ __forceinline__ void add_bucket(A lp, A lq, const SparseScalars<A>& k
   }
 }
 
-// A bucket's gradient factor Q_b (G_b - Gbar) (docs/math.md §4.1), the value
-// d/d(z_j/T) at a kept class; `dval` is the row's D (reverse) or D_s (JSD).
+// G_b - Gbar of a bucket for reverse KL and JSD (docs/math.md §4.1); `dval`
+// is the row's D (reverse) or D_s (JSD).
+template <typename A>
+__device__ __forceinline__ A bucket_bracket(A lp, A lq, A dval, const SparseScalars<A>& k) {
+  if (k.divergence == Divergence::ReverseKL) return lq - lp - dval;
+  return (A(1) - k.beta) * (lq - log_mix(lp, lq, k) - dval);
+}
+
+// A bucket's gradient factor Q_b (G_b - Gbar), the value d/d(z_j/T) at a kept
+// class; 0 for an empty bucket.
 template <typename A>
 __device__ __forceinline__ A bucket_grad(A lp, A lq, A mass, A dval, const SparseScalars<A>& k) {
-  const A P = device::acc_exp(lp), Q = device::acc_exp(lq);
-  if (k.divergence == Divergence::ForwardKL) return mass * Q - P;
-  if (Q == A(0)) return A(0);
-  if (k.divergence == Divergence::ReverseKL) return Q * (lq - lp - dval);
-  return (A(1) - k.beta) * Q * (lq - log_mix(lp, lq, k) - dval);
+  const A Q = device::acc_exp(lq);
+  if (k.divergence == Divergence::ForwardKL) return mass * Q - device::acc_exp(lp);
+  return Q == A(0) ? A(0) : Q * bucket_bracket(lp, lq, dval, k);
 }
 
 // Makes the group's global writes so far visible to the whole group.
@@ -289,8 +295,11 @@ __device__ __forceinline__ void write_tail_row(BucketSums<A> b, bool every_class
                                                const SparseScalars<A>& k, A* loss, A* stats) {
   // The student's tail, log(1 - sum_k Q_k); -inf once the sum rounds to 1, and
   // when every class is kept (no tail class: 1 - sum is rounding only, and
-  // against a teacher tail of 0 it would make reverse KL infinite).
-  const A lq_tail = b.kept_q < A(1) && !every_class_kept ? device::acc_log1p(-b.kept_q)
+  // against a teacher tail of 0 it would make reverse KL infinite). log(1 - s)
+  // rather than log1p(-s), as in log_mix: one log body less in the fp64
+  // forward; for s below eps they differ by at most eps absolutely, inside the
+  // bound the terms are held to (docs/math.md §4.1).
+  const A lq_tail = b.kept_q < A(1) && !every_class_kept ? device::acc_log(A(1) - b.kept_q)
                                                           : device::neg_inf<A>();
   const A lp_tail = lambda - log_norm;
   add_bucket(lp_tail, lq_tail, k, b.d, b.ds);
@@ -307,19 +316,21 @@ __device__ __forceinline__ void write_tail_row(BucketSums<A> b, bool every_class
     stats[sparse_kd_loss_stats::kTailLogRatio] =
         device::acc_exp(lp_tail) == A(0) ? device::neg_inf<A>() : lp_tail - lq_tail;
   } else {
-    // Tail class j: q_j (G_tail - Gbar), the factor's Q_tail divided out; with
-    // Q_tail = 0 the tail classes carry no mass and get 0.
+    // Tail class j: q_j (G_tail - Gbar); with Q_tail = 0 the tail classes
+    // carry no mass and get 0.
     stats[sparse_kd_loss_stats::kDivergence] = dval;
     stats[sparse_kd_loss_stats::kDenseCoef] =
-        lq_tail == device::neg_inf<A>()
-            ? A(0)
-            : bucket_grad(lp_tail, lq_tail, mass, dval, k) / device::acc_exp(lq_tail);
+        lq_tail == device::neg_inf<A>() ? A(0) : bucket_bracket(lp_tail, lq_tail, dval, k);
     stats[sparse_kd_loss_stats::kTailLogRatio] = device::neg_inf<A>();
   }
 }
 
+// At least 3 resident blocks (<= 85 registers): without the bound ptxas held
+// the fp64 forward, whose tail pass inlines several fp64 exp/log bodies, to
+// 64 registers and spilled 160-420 B; at 3 blocks it needs 76-78, no spill,
+// and the fp32 forwards (<= 48) are unaffected.
 template <typename S, typename L, typename A, int kRowThreads>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, 3)
     sparse_kd_loss_forward_kernel(const ForwardArgs<S, L, A> args) {
   constexpr int kVec = 16 / sizeof(S);
   __shared__ RowState<A> state_smem[kBlockThreads / kWarpSize];

@@ -420,7 +420,7 @@ def sparse_kd_loss(
     **Tail bucket** (``teacher_tail_logprob`` given, docs/math.md §4.1): the teacher's
     mass outside its K classes, :math:`\lambda = \log(1 - \sum_k e^{\ell_k})` (from
     the cache), is a (K + 1)-th bucket, and so is the student's,
-    :math:`Q_\text{tail} = 1 - \sum_k q_{I_k}` (formed as ``log1p(-sum)``): both
+    :math:`Q_\text{tail} = 1 - \sum_k q_{I_k}` (formed as ``log(1 - sum)``): both
     distributions are complete and the row is ``s * D(P, Q)`` over the K + 1 buckets
     for ``divergence`` ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"`` (β as in
     :func:`kd_loss`; β = 0 / 1 are forward / reverse KL). ``renormalize`` then
