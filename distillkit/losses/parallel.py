@@ -15,22 +15,25 @@ to its teacher at any T): it is the cancellation-free form of the kernels (docs/
 the global lse. With ``c = B − A`` as rounded and ``e = (u − z)/T − c``:
 
 * KL(p‖q) has base q: ``X = E_q[expm1(e)]``, ``W = E_q[w(e)]``, ``w(e) = 1 + (e − 1)e^e``,
-  ``KL = W/(1+X) + X/(1+X) − log1p(X)``, one all-gather of (N, 3) partials
-  ``[Σ q, Σ q expm1(e), Σ q w(e)]``; reverse KL is the same with base p.
+  ``KL = W/(1+X) + X/(1+X) − log1p(X)``, from one all-gather of (N, 4) partials
+  ``[Σ q, Σ p, Σ q expm1(e), Σ q w(e)]``; reverse KL is the same with base p.
 * JSD needs ``rp = log p − log q`` to full precision: the offset
-  ``B − A = c + log1p(X)`` from one all-gather of (N, 2) ``[Σ q, Σ q expm1(e)]``, then
-  ``KL(p‖m) = E_p[φ((1−β) expm1(−rp))]``, ``KL(q‖m) = E_q[φ(β expm1(rp))]``,
-  ``φ(y) = y − log1p(y)``, from one more of (N, 2) shares.
+  ``lse(u/T) − lse(z/T) = c + log1p(X)`` from one all-gather of (N, 3)
+  ``[Σ q, Σ p, Σ q expm1(e)]``, then ``KL(p‖m) = E_p[φ((1−β) expm1(−rp))]``,
+  ``KL(q‖m) = E_q[φ(β expm1(rp))]``, ``φ(y) = y − log1p(y)``, from one more of (N, 2).
 
-The partial sums are formed in row chunks in the accumulation dtype; every rank sums the
-gathered numbers in rank order, so all of them agree bit for bit.
+``Σ q`` and ``Σ p`` (≈ 1) give the lse's of the logits as scaled here to full precision,
+``A + log Σ q``, kept as that unrounded pair: a rounded lse is off by ε|lse| (2.4e−4 at
+|lse| = 4000 in fp32, T = 1e−3), and the shard kernels may scale by 1/T with another
+rounding. The partial sums are formed in row chunks in the accumulation dtype; every rank
+sums the gathered numbers in rank order, so all of them agree bit for bit.
 
 ``kd_loss_backward`` reads only the global stats and the rank's own logits, so it writes
 this rank's columns of the global gradient without communication, except on the rows where
 it takes its cancellation-free pass (``needs_stable_pass`` of csrc/cpu/kd_loss.cpp): that
-pass recomputes the offset ``B − A`` by a reduction over the row it is given, here only
-the shard. Those rows are recomputed here from the precise global offset the forward
-kept (``_stable_rows_grad``), which is the kernel's own formula with the right offset.
+pass recomputes the offset by a reduction over the row it is given, here only the shard.
+Those rows are formed again here (``_stable_rows_grad``: the kernel's formula) from the
+precise offset and normalizations the forward kept.
 """
 from __future__ import annotations
 
@@ -65,7 +68,8 @@ def _series(terms: int) -> List[float]:
 
 
 # The kernels' series lengths (kRatioWeightTerms64/32, kLog1pGapTerms64/32 of
-# csrc/kd_loss.h): the truncation is below the dtype's rounding for arguments up to 1/2.
+# csrc/kd_loss.h): the truncation is below the dtype's rounding for the arguments they
+# get, |e| <= 1/2 and φ's y in [-0.4, 1/2] (β expm1(rp) and (1 − β) expm1(−rp), |rp| <= 1/2).
 _RATIO_WEIGHT = {torch.float64: _series(19), torch.float32: _series(10)}
 _LOG1P_GAP_TERMS = {torch.float64: 12, torch.float32: 6}
 
@@ -172,9 +176,9 @@ def _ratio_totals(parts: Tensor) -> Tuple[Tensor, Optional[Tensor], Tensor, Tens
 
 def _kl(x: Tensor, w: Tensor) -> Tensor:
     """KL(a‖b) = W/(1+X) + X/(1+X) − log1p(X) (docs/math.md §1.5), the last two as
-    φ(X) − X²/(1+X): X is the rounding of the reference c (ε|lse|, not small next to a
-    divergence of order 1e−11 at T = 1e6 in fp32), and X/(1+X) − log1p(X) would cancel
-    to ε X instead of ε X²."""
+    φ(X) − X²/(1+X): X is about the rounding of the reference c (up to ε|lse|, not small
+    next to a divergence of order 1e−11 at T = 1e6 in fp32), and X/(1+X) − log1p(X) would
+    cancel to an error ε X instead of ε X²."""
     return w / (1 + x) + (_log1p_gap(x) - x * x / (1 + x))
 
 
@@ -204,7 +208,7 @@ def _jsd_partials(z: Tensor, u: Tensor, lse_s: Tensor, lse_t: Tensor, precise: T
 
 def _log_probs(x: Tensor, y: Tensor, lse_s: Tensor, lse_t: Tensor,
                precise: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """(rp, log q, log p) of rows of z/T, u/T from the forward's (k, 3) ``precise``
+    """(rp, log q, log p) of rows of z/T, u/T from the forward's (rows, 3) ``precise``
     ``[lse(u/T) − lse(z/T), lse(z/T) − lse_s, lse(u/T) − lse_t]``: rp to full precision,
     and log q = (x − lse_s) − correction, whose first difference is exact where q is large
     (a rounded lse(z/T) would be off by ε|lse|, 2.4e−4 at |lse| = 4000 in fp32)."""
@@ -229,9 +233,10 @@ def _stable_rows_grad(grad_z: Tensor, grad_u: Optional[Tensor], rows: Tensor, z:
                       grad_rows: Tensor, opts: KDOptions) -> None:
     """Overwrites ``rows`` of the shard gradients with the kernel's cancellation-free
     gradient (csrc/cpu/kd_loss.cpp backward_row) formed with the forward's global precise
-    offset and normalizations (_log_probs): q − p = −q expm1(rp) near rp = 0, the log ratios from rp, JSD's
-    from _mixture_logs; then the hard term at T = 1 and its −1 on the (local) label column,
-    as the kernel writes it (the placeholder column's is given back by the caller)."""
+    offset and normalizations (_log_probs): q − p = −q expm1(rp) near rp = 0, the log
+    ratios from rp, JSD's from _mixture_logs; then the hard term at T = 1 and its −1 on the
+    (local) label column, as the kernel writes it (the caller gives back the placeholder
+    column's). Chunked by rows: no temporary beyond a chunk of the shard."""
     acc, temperature, beta = stats.dtype, opts.temperature, opts.beta
     kind = opts.divergence
     soft_scale = (1.0 - opts.hard_weight) * (temperature ** 2 if opts.scale_by_t2 else 1.0)
@@ -266,8 +271,8 @@ def _stable_rows_grad(grad_z: Tensor, grad_u: Optional[Tensor], rows: Tensor, z:
             grad_u[r] = du.to(grad_u.dtype)
 
 
-def _shard_layout(z: Tensor, group) -> Tuple[int, int, List[int]]:
-    """(rank, this shard's first global column, every rank's width), checked alike on
+def _shard_layout(z: Tensor, group) -> Tuple[int, List[int]]:
+    """(this shard's first global column, every rank's width), checked alike on
     every rank so that all of them raise together rather than hang in a collective."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     shapes = _all_gather(torch.tensor(z.shape, dtype=torch.int64, device=z.device), group,
@@ -278,7 +283,7 @@ def _shard_layout(z: Tensor, group) -> Tuple[int, int, List[int]]:
     widths = [width for _, width in shapes]
     if min(widths) < 1 and shapes[0][0] > 0:
         raise ValueError(f"every rank's shard must hold at least one class (got widths {widths})")
-    return rank, sum(widths[:rank]), widths
+    return sum(widths[:rank]), widths
 
 
 class _VocabParallelKD(torch.autograd.Function):
@@ -286,7 +291,7 @@ class _VocabParallelKD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, u, y, group, opts: KDOptions):
-        rank, start, widths = _shard_layout(z, group)
+        start, widths = _shard_layout(z, group)
         world = len(widths)
         n, width = z.shape
         num_classes = sum(widths)
@@ -421,24 +426,25 @@ def vocab_parallel_kd_loss(
     Communication per call, all on small per-row numbers (no N × C traffic): forward,
     one all-gather of the ranks' shapes (2 ints each), one of an (N, 4) array of row
     statistics per rank (shard lse's of z/T, u/T and z, the label logit), then for the KL
-    divergences one of (N, 3) partial sums of the cancellation-free divergence
-    (docs/math.md §3), for JSD (0 < β < 1) two of (N, 2) (the precise log-ratio offset,
-    then the shares of the two KL terms): three all-gathers in all, four for JSD.
-    Backward, none — each rank runs the fused backward kernel on its shard with the
-    global statistics, and forms again from the saved (N,) global offset the rows on
-    which that kernel would take its shard-local cancellation-free pass. Every rank sums
-    the gathered numbers in rank order, so all ranks agree bit for bit.
+    divergences one of (N, 4) partial sums of the cancellation-free divergence
+    (docs/math.md §3), for JSD (0 < β < 1) one of (N, 3) (the precise log-ratio offset and
+    normalizations) and one of (N, 2) (the shares of its two KL terms): three all-gathers
+    in all, four for JSD. Backward, none — each rank runs the fused backward kernel on its
+    shard with the global statistics, and forms again, from the (N, 3) precise offset and
+    normalizations the forward kept, the rows on which that kernel takes its (shard-local)
+    cancellation-free pass. Every rank sums the gathered numbers in rank order, so all
+    ranks agree bit for bit.
 
     Accuracy: per-row losses and gradients within c √C ε of the accumulation dtype of the
-    exact values over T from 1e-3 to 1e6, as :func:`distillkit.kd_loss`
-    (tests/test_extreme_scalars_parallel.py states c).
+    exact values for T from 1e-3 to 1e6 and for a student close to its teacher, as
+    :func:`distillkit.kd_loss` (c = 4, tests/test_extreme_scalars_parallel.py).
 
-    Memory: besides the gradients, the forward keeps only (N, 5) global stats and the
-    (N,) offset for the backward (the shard logits themselves are saved, not copied) and
-    gathers R × N × 4 numbers. The partial sums (and the backward's recomputed rows) are
-    formed in row chunks in the accumulation dtype, each temporary at most 2²⁰ elements.
-    Gradients flow only through this function's autograd node (the collectives are not
-    differentiated).
+    Memory: besides the gradients, the forward keeps only (N, 5) global stats and (N, 3)
+    offsets for the backward (the shard logits themselves are saved, not copied) and
+    gathers R × N × 4 numbers at most. The partial sums (and the backward's recomputed
+    rows) are formed in row chunks in the accumulation dtype, each temporary at most 2²⁰
+    elements. Gradients flow only through this function's autograd node (the collectives
+    are not differentiated).
     """
     opts = KDOptions.resolve(options, **fields)
     if opts.teacher_vocab != "exact":
