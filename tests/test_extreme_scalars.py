@@ -67,6 +67,17 @@ def exact_rows_and_grads(z, u, T, divergence, beta):
             torch.tensor(scales, dtype=torch.float64)[:, None])
 
 
+def assert_accurate(rows, grad, exact, exact_grad, scale):
+    """Per-row losses within C_LOSS sqrt(C) eps of the exact ones (relative), gradients
+    within C_GRAD sqrt(C) eps (relative to scale), eps that of the rows' dtype."""
+    eps = torch.finfo(rows.dtype).eps
+    rel = ((rows.double() - exact).abs() / exact.abs()).max().item()
+    assert rel <= C_LOSS * math.sqrt(C) * eps, f"loss relative error {rel:.3g}"
+    grad_rel = ((grad.double() - exact_grad).abs() / scale).max().item()
+    assert grad_rel <= C_GRAD * math.sqrt(C) * eps, f"gradient relative error {grad_rel:.3g}"
+    assert (rows >= 0).all()
+
+
 @pytest.fixture(scope="module")
 def logits():
     g = torch.Generator().manual_seed(7)
@@ -82,12 +93,7 @@ def test_kd_loss_is_accurate_at_every_temperature(logits, T, divergence, beta, d
     zz = z.clone().requires_grad_()
     rows = kd_loss(zz, u, temperature=T, divergence=divergence, beta=beta, reduction="none")
     (grad,) = torch.autograd.grad(rows.sum(), zz)
-    eps = torch.finfo(dtype).eps
-    rel = ((rows.double() - exact).abs() / exact.abs()).max().item()
-    assert rel <= C_LOSS * math.sqrt(C) * eps, f"loss relative error {rel:.3g}"
-    grad_rel = ((grad.double() - exact_grad).abs() / scale).max().item()
-    assert grad_rel <= C_GRAD * math.sqrt(C) * eps, f"gradient relative error {grad_rel:.3g}"
-    assert (rows >= 0).all()
+    assert_accurate(rows, grad, exact, exact_grad, scale)
 
 
 @pytest.mark.parametrize("T", [1e-3, 1.0, 1e2])

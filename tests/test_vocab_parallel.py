@@ -130,15 +130,7 @@ def single_process(name, fn):
     return loss.detach(), z.grad, u.grad
 
 
-# Known bug, open: JSD with a hard term, weights, ignored rows and a teacher gradient across
-# ranks gives a wrong gradient at one label column since the kernels' validation change
-# (the same case without any one of these passes); strict, so a fix is noticed.
-_KNOWN_BAD = {"jsd_b03_T2_hard"}
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="open bug, see _KNOWN_BAD"))
-    if n in _KNOWN_BAD else n for n in CASES])
+@pytest.mark.parametrize("name", list(CASES))
 def test_matches_kd_loss(ranks, name):
     loss, grad_z, grad_u = single_process(name, distillkit.kd_loss)
     ref_loss, ref_z, ref_u = single_process(

@@ -6,30 +6,38 @@ Under tensor parallelism the lm head is split by vocabulary, so rank r of a
 :func:`distillkit.kd_loss` on the full logits, and so do the gradients: each rank gets
 exactly its own columns of them.
 
-How (per row; ``a_r, b_r`` the shard's lse of z/T and u/T): the fused ``kd_loss_forward``
-runs on each shard; its stats give ``a_r``, ``b_r``, the shard's lse(z) at T = 1, and for
-the KL divergences the shard's cross term ``Σ_shard p^r (u − z)/T = D_teacher + b_r − a_r``
-(``p^r`` the shard-normalized softmax; reverse KL likewise with q). One all-gather of those
-per-row numbers lets every rank form the global statistics in the kernels' own layout,
-``[lse(z/T), lse(u/T), lse(z), D_student, D_teacher]``:
-``A = logsumexp_r a_r``, ``B = logsumexp_r b_r``, and forward KL
-``Σ_r e^{b_r − B}·cross_r − B + A`` (reverse KL symmetric). ``kd_loss_backward`` reads only
-those global numbers and the rank's own logits, so given the global stats it writes
-exactly this rank's columns of the global gradient — the backward needs no communication.
+How (per row): the fused ``kd_loss_forward`` on each shard gives the shard's lse of z/T,
+u/T and z; one all-gather of those lets every rank form the global ``A = lse(z/T)``,
+``B = lse(u/T)`` and lse(z). The divergence itself is never formed as cross terms minus
+lse differences, which cancel catastrophically where p ≈ q (a large T, or a student close
+to its teacher at any T): it is the cancellation-free form of the kernels (docs/math.md
+§1.5), whose every ``E_b[·]`` is a sum over the ranks of the shards' partial sums under
+the global lse. With ``c = B − A`` as rounded and ``e = (u − z)/T − c``:
 
-JSD's ``Σ p log(p/m)`` mixes the global normalizations of p and q inside the log, which
-shard stats cannot undo. Exact combination: append to the shard one column holding the
-mass of all other shards (``logsumexp_{r'≠r} a_r'`` for the student, ``b`` likewise for the
-teacher). Softmax over those ``C_r + 1`` columns is the global p, q on the shard's columns
-plus the rest's mass in the extra column, so a second fused ``jsd`` pass gives the
-shard's global terms plus one per-row term for the extra column, which is subtracted.
-The extra column is a coarse-graining of the other shards, so its term is at most the
-whole divergence (data processing): the subtraction cancels no more than the loss
-itself. The augmented shard holds z/T and u/T in the accumulation dtype (the rest mass
-must not round to bf16) and runs at T = 1, chunked by rows.
+* KL(p‖q) has base q: ``X = E_q[expm1(e)]``, ``W = E_q[w(e)]``, ``w(e) = 1 + (e − 1)e^e``,
+  ``KL = W/(1+X) + X/(1+X) − log1p(X)``, from one all-gather of (N, 4) partials
+  ``[Σ q, Σ p, Σ q expm1(e), Σ q w(e)]``; reverse KL is the same with base p.
+* JSD needs ``rp = log p − log q`` to full precision: the offset
+  ``lse(u/T) − lse(z/T) = c + log1p(X)`` from one all-gather of (N, 3)
+  ``[Σ q, Σ p, Σ q expm1(e)]``, then ``KL(p‖m) = E_p[φ((1−β) expm1(−rp))]``,
+  ``KL(q‖m) = E_q[φ(β expm1(rp))]``, ``φ(y) = y − log1p(y)``, from one more of (N, 2).
+
+``Σ q`` and ``Σ p`` (≈ 1) give the lse's of the logits as scaled here to full precision,
+``A + log Σ q``, kept as that unrounded pair: a rounded lse is off by ε|lse| (2.4e−4 at
+|lse| = 4000 in fp32, T = 1e−3), and the shard kernels may scale by 1/T with another
+rounding. The partial sums are formed in row chunks in the accumulation dtype; every rank
+sums the gathered numbers in rank order, so all of them agree bit for bit.
+
+``kd_loss_backward`` reads only the global stats and the rank's own logits, so it writes
+this rank's columns of the global gradient without communication, except on the rows where
+it takes its cancellation-free pass (``needs_stable_pass`` of csrc/cpu/kd_loss.cpp): that
+pass recomputes the offset by a reduction over the row it is given, here only the shard.
+Those rows are formed again here (``_stable_rows_grad``: the kernel's formula) from the
+precise offset and normalizations the forward kept.
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -44,11 +52,26 @@ __all__ = ["vocab_parallel_kd_loss"]
 
 # The shard ops' ignore_index: never a column index, whatever the caller's ignore_index.
 _LOCAL_IGNORE = -1
-# The JSD pass's augmented shard copies (student and teacher) hold at most this many
-# elements each: 16 MiB in fp32.
-_JSD_CHUNK_ELEMENTS = 1 << 22
-# Columns of a rank's per-row numbers in the forward all-gather.
-_A, _B, _LSE1, _CROSS_S, _CROSS_T, _Z_Y = range(6)
+# Each temporary of the PyTorch passes (row chunks in the accumulation dtype) holds at most
+# this many elements, 4 MiB in fp32; a pass keeps about ten of them alive.
+_CHUNK_ELEMENTS = 1 << 20
+# Columns of a rank's per-row numbers in the first all-gather.
+_A, _B, _LSE1, _Z_Y = range(4)
+# kStableRatio of csrc/kd_loss.h: the backward kernel's cancellation-free pass is taken
+# where the divergence is not above this times |lse(z/T)| + |lse(u/T)|.
+_STABLE_RATIO = 1.0 / 256
+
+
+def _series(terms: int) -> List[float]:
+    """(n − 1)/n! for n = 2..terms + 1: w(e)'s coefficients, as RatioWeightSeries builds them."""
+    return [(n - 1) / math.factorial(n) for n in range(2, terms + 2)]
+
+
+# The kernels' series lengths (kRatioWeightTerms64/32, kLog1pGapTerms64/32 of
+# csrc/kd_loss.h): the truncation is below the dtype's rounding for the arguments they
+# get, |e| <= 1/2 and φ's y in [-0.4, 1/2] (β expm1(rp) and (1 − β) expm1(−rp), |rp| <= 1/2).
+_RATIO_WEIGHT = {torch.float64: _series(19), torch.float32: _series(10)}
+_LOG1P_GAP_TERMS = {torch.float64: 12, torch.float32: 6}
 
 
 def _resolve(opts: KDOptions) -> str:
@@ -64,61 +87,192 @@ def _all_gather(t: Tensor, group, world: int) -> Tensor:
     return torch.stack(parts)
 
 
-def _weighted_cross(lse: Tensor, lse_global: Tensor, cross: Tensor) -> Tensor:
-    """Σ_r e^{lse_r − lse} cross_r over ranks (dim 0); a shard with no mass adds 0, a row
-    with no mass at all stays NaN (invalid input, as in kd_loss)."""
-    w = torch.exp(lse - lse_global)
-    return torch.where(w == 0, torch.zeros_like(cross), w * cross).sum(0)
+def _row_chunks(n: int, width: int) -> List[slice]:
+    step = max(1, _CHUNK_ELEMENTS // max(width, 1))
+    return [slice(lo, min(lo + step, n)) for lo in range(0, n, step)]
 
 
-def _shard_cross(d: Tensor, lse_own: Tensor, lse_other: Tensor) -> Tensor:
-    """The shard's cross term D + lse_own − lse_other. The kernel's D is NaN when this
-    side's shard has no mass (0/0; its weight in _weighted_cross is then 0) and when it
-    has mass but the other side's shard is all −inf (inf − inf): that cross term is +inf."""
-    inf = torch.full_like(d, float("inf"))
-    return torch.where((lse_other == -inf) & (lse_own > -inf), inf, d + lse_own - lse_other)
+def _scaled(x: Tensor, rows, acc: torch.dtype, temperature: float) -> Tensor:
+    """Rows of logits / T in the accumulation dtype (one rounding, as the exact value's)."""
+    return x[rows].to(acc) / temperature
 
 
-def _xterm(p: Tensor, log_ratio: Tensor) -> Tensor:
-    return torch.where(p == 0, torch.zeros_like(p), p * log_ratio)
+def _masked(weight: Tensor, diff: Tensor) -> Tensor:
+    """weight · diff, 0 where the weight is 0 (a −inf logit's 0 · ±inf)."""
+    return torch.where(weight == 0, 0.0, weight * diff)
 
 
-def _jsd_shard_terms(z: Tensor, u: Tensor, y_fwd: Optional[Tensor], gathered: Tensor,
-                     rank: int, temperature: float, beta: float) -> Tensor:
-    """This shard's (n, 2) share [Σ_shard q log(q/m), Σ_shard p log(p/m)] of the global
-    JSD terms, by the augmented-column pass described in the module docstring."""
-    others = torch.arange(gathered.shape[0], device=gathered.device) != rank
-    rest_a = torch.logsumexp(gathered[others, :, _A], 0)  # −inf for a single rank
-    rest_b = torch.logsumexp(gathered[others, :, _B], 0)
-    acc = gathered.dtype
+def _ratio_weight(e: Tensor) -> Tensor:
+    """w(e) = 1 + (e − 1)e^e = Σ_{n≥2} (n − 1)/n! eⁿ by its series: for |e| ≤ 1/2, where
+    the closed form cancels."""
+    series = torch.zeros_like(e)
+    for coef in reversed(_RATIO_WEIGHT[e.dtype]):
+        series = series * e + coef
+    return series * e * e
+
+
+def _log1p_gap(y: Tensor) -> Tensor:
+    """φ(y) = y − log1p(y) ≥ 0; for |y| ≤ 1/2 as y s − 2 s³ Σ_j s^{2j}/(2j + 3),
+    s = y/(2 + y) (log1p(y) = 2 atanh(s)), which does not cancel."""
+    s = y / (2 + y)
+    s2 = s * s
+    series = torch.zeros_like(y)
+    for j in reversed(range(_LOG1P_GAP_TERMS[y.dtype])):
+        series = series * s2 + 1.0 / (2 * j + 3)
+    return torch.where(y.abs() <= 0.5, y * s - 2 * s * s2 * series, y - torch.log1p(y))
+
+
+def _mixture_logs(rp: Tensor, beta: float) -> Tuple[Tensor, Tensor]:
+    """(log q − log m, log p − log m) from rp = log p − log q, m = βp + (1 − β)q: log1p of a
+    small expm1 near rp = 0 (full precision), a logaddexp of the weights beyond (no
+    overflow), as MixtureLogs of csrc/cpu/kd_loss.cpp."""
+    small = rp.abs() <= 0.5
+    log_b, log_b1 = rp.new_tensor(math.log(beta)), rp.new_tensor(math.log1p(-beta))
+    student = torch.where(small, -torch.log1p(beta * torch.expm1(rp)),
+                          -torch.logaddexp(log_b1, log_b + rp))
+    teacher = torch.where(small, -torch.log1p((1.0 - beta) * torch.expm1(-rp)),
+                          -torch.logaddexp(log_b, log_b1 - rp))
+    return student, teacher
+
+
+def _ratio_partials(base: Tensor, other: Tensor, lse_base: Tensor, lse_other: Tensor,
+                    c: Tensor, temperature: float, acc: torch.dtype, with_w: bool) -> Tensor:
+    """This shard's (n, 4) ``[Σ b, Σ a, Σ b expm1(e), Σ b w(e)]`` (the last only
+    ``with_w``, else (n, 3)) with ``b = exp(x − lse_base)``, ``a = exp(y − lse_other)``
+    under the *global* lse's, x, y the base and other logits / T, ``e = (y − x) − c``:
+    summed over ranks, X and W of docs/math.md §1.5 are the third and fourth totals over
+    the first, and the first two are e^{lse − lse_base} of the logits as scaled here (the
+    lse's themselves are the shard kernels', whose scaling may round differently). Beyond
+    |e| > 1/2 the terms are ``be − b`` and ``b + (e − 1) be`` with ``be = b e^e`` formed as
+    one exp (finite where e is large, and not 0 where b underflowed but the other side has
+    mass)."""
+    n, width = base.shape
+    out = lse_base.new_empty((n, 4 if with_w else 3))
+    for rows in _row_chunks(n, width):
+        x, y = (_scaled(t, rows, acc, temperature) for t in (base, other))
+        lse, ref = lse_base[rows, None], c[rows, None]
+        b = torch.exp(x - lse)
+        be = torch.exp((y - ref) - lse)
+        e = (y - x) - ref
+        small = e.abs() <= 0.5
+        none = (b == 0) & (be == 0)  # −inf on both sides (or both underflowed)
+        out[rows, 0] = b.sum(1)
+        out[rows, 1] = torch.exp(y - lse_other[rows, None]).sum(1)
+        out[rows, 2] = torch.where(small, b * torch.expm1(e), be - b).masked_fill(none, 0).sum(1)
+        if with_w:
+            w = torch.where(small, b * _ratio_weight(e), b + _masked(be, e - 1))
+            out[rows, 3] = w.masked_fill(none, 0).sum(1)
+    return out
+
+
+def _ratio_totals(parts: Tensor) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+    """(X, W or None, log Σ b, log Σ a) from the gathered (R, n, k) ratio partials, summed
+    over the ranks in rank order."""
+    total = parts.sum(0)
+    x = total[:, 2] / total[:, 0]
+    w = total[:, 3] / total[:, 0] if total.shape[1] > 3 else None
+    return x, w, torch.log(total[:, 0]), torch.log(total[:, 1])
+
+
+def _kl(x: Tensor, w: Tensor) -> Tensor:
+    """KL(a‖b) = W/(1+X) + X/(1+X) − log1p(X) (docs/math.md §1.5), the last two as
+    φ(X) − X²/(1+X): X is about the rounding of the reference c (up to ε|lse|, not small
+    next to a divergence of order 1e−11 at T = 1e6 in fp32), and X/(1+X) − log1p(X) would
+    cancel to an error ε X instead of ε X²."""
+    return w / (1 + x) + (_log1p_gap(x) - x * x / (1 + x))
+
+
+def _jsd_partials(z: Tensor, u: Tensor, lse_s: Tensor, lse_t: Tensor, precise: Tensor,
+                  temperature: float, beta: float, acc: torch.dtype) -> Tensor:
+    """This shard's (n, 2) ``[Σ p φ((1−β) expm1(−rp)), Σ q φ(β expm1(rp))]`` of the global
+    KL(p‖m), KL(q‖m), with ``rp = (u − z)/T − offset = log p − log q`` to full precision
+    from the precise offset, and p, q normalized by the corrections (precise, see
+    _log_probs). Beyond |rp| > 1/2 each term is taken as
+    ``p (log p − log m) + (1 − β)(q − p)`` (likewise for q): its value, without the expm1
+    overflowing; the added first-order terms sum to 0 over the whole row."""
     n, width = z.shape
-    chunk = max(1, _JSD_CHUNK_ELEMENTS // (width + 1))
-    augmented = KDOptions(temperature=1.0, divergence="jsd", beta=beta,
-                          ignore_index=_LOCAL_IGNORE, scale_by_t2=False)
-    stats = []
-    for lo in range(0, n, chunk):
-        rows = slice(lo, min(lo + chunk, n))
-        # z/T and u/T run at T = 1, so the extra column is the rest's lse exactly.
-        zc, uc = (torch.empty((rows.stop - lo, width + 1), dtype=acc, device=z.device)
-                  for _ in range(2))
-        zc[:, :width].copy_(z[rows]).div_(temperature)
-        uc[:, :width].copy_(u[rows]).div_(temperature)
-        zc[:, width], uc[:, width] = rest_a[rows], rest_b[rows]
-        yc = y_fwd[rows] if y_fwd is not None else None
-        _, st = kd_loss_forward(zc, uc, yc, augmented)
-        stats.append(st)
-    st = torch.cat(stats) if stats else gathered.new_zeros((0, KD_STATS.cols))
-    log_q_rest = rest_a - st[:, KD_STATS.lse_student]
-    log_p_rest = rest_b - st[:, KD_STATS.lse_teacher]
-    q_rest, p_rest = log_q_rest.exp(), log_p_rest.exp()
-    m_rest = beta * p_rest + (1.0 - beta) * q_rest
-    log_m_rest = torch.log(torch.where(m_rest == 0, torch.ones_like(m_rest), m_rest))
-    return torch.stack([st[:, KD_STATS.d_student] - _xterm(q_rest, log_q_rest - log_m_rest),
-                        st[:, KD_STATS.d_teacher] - _xterm(p_rest, log_p_rest - log_m_rest)], 1)
+    out = lse_s.new_empty((n, 2))
+    for rows in _row_chunks(n, width):
+        x, y = _scaled(z, rows, acc, temperature), _scaled(u, rows, acc, temperature)
+        rp, log_q, log_p = _log_probs(x, y, lse_s[rows, None], lse_t[rows, None], precise[rows])
+        p, q = torch.exp(log_p), torch.exp(log_q)
+        small = rp.abs() <= 0.5
+        log_qm, log_pm = _mixture_logs(rp, beta)
+        d_t = torch.where(small, _masked(p, _log1p_gap((1.0 - beta) * torch.expm1(-rp))),
+                          _masked(p, log_pm) + (1.0 - beta) * (q - p))
+        d_s = torch.where(small, _masked(q, _log1p_gap(beta * torch.expm1(rp))),
+                          _masked(q, log_qm) + beta * (p - q))
+        out[rows, 0], out[rows, 1] = d_t.sum(1), d_s.sum(1)
+    return out
 
 
-def _shard_layout(z: Tensor, group) -> Tuple[int, int, List[int]]:
-    """(rank, this shard's first global column, every rank's width), checked alike on
+def _log_probs(x: Tensor, y: Tensor, lse_s: Tensor, lse_t: Tensor,
+               precise: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(rp, log q, log p) of rows of z/T, u/T from the forward's (rows, 3) ``precise``
+    ``[lse(u/T) − lse(z/T), lse(z/T) − lse_s, lse(u/T) − lse_t]``: rp to full precision,
+    and log q = (x − lse_s) − correction, whose first difference is exact where q is large
+    (a rounded lse(z/T) would be off by ε|lse|, 2.4e−4 at |lse| = 4000 in fp32)."""
+    rp = (y - x) - precise[:, 0, None]
+    return rp, (x - lse_s) - precise[:, 1, None], (y - lse_t) - precise[:, 2, None]
+
+
+def _takes_stable_pass(stats: Tensor, y: Optional[Tensor], kind: str) -> Tensor:
+    """(n,) bool: the rows on which kd_loss_backward takes its cancellation-free pass, the
+    kernels' needs_stable_pass(d_soft, |lse(z/T)| + |lse(u/T)|) on the stats it is given
+    (in their dtype; JSD's d_soft is the smaller term, fmin as on CUDA: the two agree for
+    every finite pair). Ignored rows get zeros, not that pass."""
+    d_s, d_t = stats[:, KD_STATS.d_student], stats[:, KD_STATS.d_teacher]
+    d_soft = d_t if kind == "forward_kl" else d_s if kind == "reverse_kl" else torch.fmin(d_t, d_s)
+    mag = stats[:, KD_STATS.lse_student].abs() + stats[:, KD_STATS.lse_teacher].abs()
+    stable = torch.isfinite(d_soft) & torch.isfinite(mag) & ~(d_soft > mag * _STABLE_RATIO)
+    return stable if y is None else stable & (y != _LOCAL_IGNORE)
+
+
+def _stable_rows_grad(grad_z: Tensor, grad_u: Optional[Tensor], rows: Tensor, z: Tensor,
+                      u: Tensor, y: Optional[Tensor], stats: Tensor, precise: Tensor,
+                      grad_rows: Tensor, opts: KDOptions) -> None:
+    """Overwrites ``rows`` of the shard gradients with the kernel's cancellation-free
+    gradient (csrc/cpu/kd_loss.cpp backward_row) formed with the forward's global precise
+    offset and normalizations (_log_probs): q − p = −q expm1(rp) near rp = 0, the log
+    ratios from rp, JSD's from _mixture_logs; then the hard term at T = 1 and its −1 on the
+    (local) label column, as the kernel writes it (the caller gives back the placeholder
+    column's). Chunked by rows: no temporary beyond a chunk of the shard."""
+    acc, temperature, beta = stats.dtype, opts.temperature, opts.beta
+    kind = opts.divergence
+    soft_scale = (1.0 - opts.hard_weight) * (temperature ** 2 if opts.scale_by_t2 else 1.0)
+    hard = y is not None and opts.hard_weight > 0
+    for chunk in _row_chunks(rows.numel(), z.shape[1]):
+        r = rows[chunk]
+        x, yv = _scaled(z, r, acc, temperature), _scaled(u, r, acc, temperature)
+        st = stats[r]
+        lse_s, lse_t, lse1, d_s, d_t = (st[:, k, None] for k in (
+            KD_STATS.lse_student, KD_STATS.lse_teacher, KD_STATS.lse_student_t1,
+            KD_STATS.d_student, KD_STATS.d_teacher))
+        rp, log_q, log_p = _log_probs(x, yv, lse_s, lse_t, precise[r])
+        q, p = torch.exp(log_q), torch.exp(log_p)
+        g = grad_rows[r, None].to(acc)
+        c = g * (soft_scale / temperature)
+        if kind == "forward_kl":
+            dz = -c * torch.where(rp.abs() <= 0.5, _masked(q, torch.expm1(rp)), p - q)
+            du = c * _masked(p, rp - d_t)
+        elif kind == "reverse_kl":
+            dz = c * _masked(q, -rp - d_s)
+            du = c * torch.where(rp.abs() <= 0.5, _masked(q, torch.expm1(rp)), p - q)
+        else:
+            log_qm, log_pm = _mixture_logs(rp, beta)
+            dz = (c * (1.0 - beta)) * _masked(q, log_qm - d_s)
+            du = (c * beta) * _masked(p, log_pm - d_t)
+        if hard:
+            h = g * opts.hard_weight
+            dz += h * torch.exp(z[r].to(acc) - lse1)  # softmax(z) at T = 1
+            dz.scatter_add_(1, y[r, None], -h)
+        grad_z[r] = dz.to(grad_z.dtype)
+        if grad_u is not None:
+            grad_u[r] = du.to(grad_u.dtype)
+
+
+def _shard_layout(z: Tensor, group) -> Tuple[int, List[int]]:
+    """(this shard's first global column, every rank's width), checked alike on
     every rank so that all of them raise together rather than hang in a collective."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     shapes = _all_gather(torch.tensor(z.shape, dtype=torch.int64, device=z.device), group,
@@ -129,7 +283,7 @@ def _shard_layout(z: Tensor, group) -> Tuple[int, int, List[int]]:
     widths = [width for _, width in shapes]
     if min(widths) < 1 and shapes[0][0] > 0:
         raise ValueError(f"every rank's shard must hold at least one class (got widths {widths})")
-    return rank, sum(widths[:rank]), widths
+    return sum(widths[:rank]), widths
 
 
 class _VocabParallelKD(torch.autograd.Function):
@@ -137,7 +291,8 @@ class _VocabParallelKD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, u, y, group, opts: KDOptions):
-        rank, start, widths = _shard_layout(z, group)
+        start, widths = _shard_layout(z, group)
+        world = len(widths)
         n, width = z.shape
         num_classes = sum(widths)
         kind = _resolve(opts)
@@ -160,35 +315,39 @@ class _VocabParallelKD(torch.autograd.Function):
             # forward's own hard term is discarded, and the backward gives back the −1 the
             # kernel puts on column 0 (kernels validate every label, so no sentinel).
             y_fwd = torch.where(keep, torch.where(owned, local, torch.zeros_like(y)), ignore)
-        # The first pass's KL kind only decides which cross term comes back; JSD needs
-        # just the lse's here.
-        first = "forward_kl" if kind == "jsd" else kind
-        _, st = kd_loss_forward(z, u, y_fwd, opts.replace(divergence=first,
+        # The shard pass gives only the lse's (its own divergence, of the shard, is unused).
+        _, st = kd_loss_forward(z, u, y_fwd, opts.replace(divergence="forward_kl",
                                                           ignore_index=_LOCAL_IGNORE))
-        a, b = st[:, KD_STATS.lse_student], st[:, KD_STATS.lse_teacher]
-        mine = st.new_zeros((n, 6))
-        mine[:, _A], mine[:, _B], mine[:, _LSE1] = a, b, st[:, KD_STATS.lse_student_t1]
-        if kind == "forward_kl":
-            mine[:, _CROSS_T] = _shard_cross(st[:, KD_STATS.d_teacher], b, a)
-        elif kind == "reverse_kl":
-            mine[:, _CROSS_S] = _shard_cross(st[:, KD_STATS.d_student], a, b)
+        acc = st.dtype
+        mine = st.new_zeros((n, 4))
+        mine[:, _A], mine[:, _B] = st[:, KD_STATS.lse_student], st[:, KD_STATS.lse_teacher]
+        mine[:, _LSE1] = st[:, KD_STATS.lse_student_t1]
         if hard:
-            z_y = z.gather(1, y_fwd.clamp(min=0)[:, None])[:, 0].to(st.dtype)
+            z_y = z.gather(1, y_fwd.clamp(min=0)[:, None])[:, 0].to(acc)
             mine[:, _Z_Y] = torch.where(owned, z_y, torch.zeros_like(z_y))
 
-        g = _all_gather(mine, group, len(widths))  # (R, n, 6), the same on every rank
+        g = _all_gather(mine, group, world)  # (R, n, 4), the same on every rank
         lse_s, lse_t = torch.logsumexp(g[:, :, _A], 0), torch.logsumexp(g[:, :, _B], 0)
+        c = lse_t - lse_s  # the reference of §1.5: e = log p − log q up to its rounding
         d_s = d_t = torch.zeros_like(lse_s)
-        if kind == "forward_kl":
-            d_t = _weighted_cross(g[:, :, _B], lse_t, g[:, :, _CROSS_T]) - lse_t + lse_s
-            soft = d_t
-        elif kind == "reverse_kl":
-            d_s = _weighted_cross(g[:, :, _A], lse_s, g[:, :, _CROSS_S]) - lse_s + lse_t
-            soft = d_s
+        if kind == "reverse_kl":
+            # Base p, reference −c: lse(z/T) − lse(u/T) = −c + log1p(X).
+            x, w, lo_t, lo_s = _ratio_totals(_all_gather(
+                _ratio_partials(u, z, lse_t, lse_s, -c, temperature, acc, True), group, world))
+            offset = c - torch.log1p(x)
+            d_s = soft = _kl(x, w)
         else:
-            terms = _all_gather(_jsd_shard_terms(z, u, y_fwd, g, rank, temperature, beta),
-                                group, len(widths)).sum(0)
-            d_s, d_t = terms[:, 0], terms[:, 1]
+            x, w, lo_s, lo_t = _ratio_totals(_all_gather(
+                _ratio_partials(z, u, lse_s, lse_t, c, temperature, acc, kind == "forward_kl"),
+                group, world))
+            offset = c + torch.log1p(x)
+        precise = torch.stack([offset, lo_s, lo_t], 1)
+        if kind == "forward_kl":
+            d_t = soft = _kl(x, w)
+        elif kind == "jsd":
+            terms = _all_gather(_jsd_partials(z, u, lse_s, lse_t, precise, temperature, beta,
+                                              acc), group, world).sum(0)
+            d_t, d_s = terms[:, 0], terms[:, 1]
             soft = beta * d_t + (1.0 - beta) * d_s
         soft_scale = (1.0 - hard_weight) * (temperature ** 2 if opts.scale_by_t2 else 1.0)
         rows = soft_scale * soft
@@ -196,24 +355,31 @@ class _VocabParallelKD(torch.autograd.Function):
         if hard:
             lse1 = torch.logsumexp(g[:, :, _LSE1], 0)
             rows = rows + hard_weight * (lse1 - g[:, :, _Z_Y].sum(0))
-        if keep is not None:
-            rows = torch.where(keep, rows, torch.zeros_like(rows))
         stats = KD_STATS.stack(lse_student=lse_s, lse_teacher=lse_t, lse_student_t1=lse1,
                                d_student=d_s, d_teacher=d_t)
+        if keep is not None:
+            # Ignored rows: loss 0, and all-zero stats as the kernels write them.
+            rows = torch.where(keep, rows, torch.zeros_like(rows))
+            stats = torch.where(keep[:, None], stats, torch.zeros_like(stats))
 
         foreign = keep & ~owned if hard else None
-        ctx.save_for_backward(z, u, y_fwd, stats, foreign)
+        ctx.save_for_backward(z, u, y_fwd, stats, precise, foreign)
         ctx.options = opts.replace(divergence=kind, ignore_index=_LOCAL_IGNORE)
         return rows
 
     @staticmethod
     def backward(ctx, grad_rows):
-        z, u, y, stats, foreign = ctx.saved_tensors
+        z, u, y, stats, precise, foreign = ctx.saved_tensors
         teacher_grad = ctx.needs_input_grad[1]
         # Global stats make the shard kernel write this rank's columns of the global
-        # gradient: no communication.
+        # gradient (no communication), except on the rows of its cancellation-free pass,
+        # whose offset it would sum over the shard only: those are formed again here.
         grad_z, grad_u = kd_loss_backward(grad_rows.contiguous(), z, u, y, stats,
                                           ctx.options, teacher_grad)
+        stable = _takes_stable_pass(stats, y, ctx.options.divergence).nonzero()[:, 0]
+        if stable.numel():
+            _stable_rows_grad(grad_z, grad_u if teacher_grad else None, stable, z, u, y,
+                              stats, precise, grad_rows, ctx.options)
         if foreign is not None:
             # The hard term's −hard_weight·g on the placeholder column belongs to another
             # rank's column: add it back (in the accumulation dtype, then round once).
@@ -258,17 +424,27 @@ def vocab_parallel_kd_loss(
         being replicated, is the global token count only if the caller makes it so).
 
     Communication per call, all on small per-row numbers (no N × C traffic): forward,
-    one all-gather of the ranks' shapes (2 ints each), one all-gather of an (N, 6) array
-    of row statistics per rank (shard lse's of z/T, u/T and z, the shard cross term, the
-    label logit), and for JSD (0 < β < 1) one more of (N, 2); backward, none — each rank
-    runs the fused backward kernel on its shard with the global statistics. Every rank
-    sums the gathered numbers in rank order, so all ranks agree bit for bit.
+    one all-gather of the ranks' shapes (2 ints each), one of an (N, 4) array of row
+    statistics per rank (shard lse's of z/T, u/T and z, the label logit), then for the KL
+    divergences one of (N, 4) partial sums of the cancellation-free divergence
+    (docs/math.md §3), for JSD (0 < β < 1) one of (N, 3) (the precise log-ratio offset and
+    normalizations) and one of (N, 2) (the shares of its two KL terms): three all-gathers
+    in all, four for JSD. Backward, none — each rank runs the fused backward kernel on its
+    shard with the global statistics, and forms again, from the (N, 3) precise offset and
+    normalizations the forward kept, the rows on which that kernel takes its (shard-local)
+    cancellation-free pass. Every rank sums the gathered numbers in rank order, so all
+    ranks agree bit for bit.
 
-    Memory: besides the gradients, the forward keeps only (N, 5) global stats for the
-    backward (the shard logits themselves are saved, not copied) and gathers R × N × 6
-    numbers. JSD adds, per chunk of rows, a copy of the student and teacher shards with
-    one extra column in the accumulation dtype (at most 2²² elements each). Gradients flow
-    only through this function's autograd node (the collectives are not differentiated).
+    Accuracy: per-row losses and gradients within c √C ε of the accumulation dtype of the
+    exact values for T from 1e-3 to 1e6 and for a student close to its teacher, as
+    :func:`distillkit.kd_loss` (c = 4, tests/test_extreme_scalars_parallel.py).
+
+    Memory: besides the gradients, the forward keeps only (N, 5) global stats and (N, 3)
+    offsets for the backward (the shard logits themselves are saved, not copied) and
+    gathers R × N × 4 numbers at most. The partial sums (and the backward's recomputed
+    rows) are formed in row chunks in the accumulation dtype, each temporary at most 2²⁰
+    elements. Gradients flow only through this function's autograd node (the collectives
+    are not differentiated).
     """
     opts = KDOptions.resolve(options, **fields)
     if opts.teacher_vocab != "exact":
