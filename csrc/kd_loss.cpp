@@ -73,6 +73,17 @@ KDLossParams check_kd_loss_args(
   return p;
 }
 
+void check_kd_loss_grad_scale(const std::optional<at::Tensor>& grad_scale,
+                              const at::Tensor& student_logits, int64_t rows) {
+  if (!grad_scale.has_value()) return;
+  const at::Tensor& g = *grad_scale;
+  const auto acc = acc_scalar_type(student_logits);
+  DK_CHECK(g.dim() == 0 || (g.dim() == 1 && g.size(0) == rows),
+           "grad_scale must have shape (", rows, ",) or be 0-d (got ", g.sizes(), ")");
+  DK_CHECK(g.scalar_type() == acc, "grad_scale must be ", acc, " (got ", g.scalar_type(), ")");
+  DK_CHECK_SAME_DEVICE(g, "grad_scale", student_logits, "student_logits");
+}
+
 void check_kd_loss_backward_args(
     const at::Tensor& grad_loss,
     const at::Tensor& stats,
