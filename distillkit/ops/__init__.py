@@ -216,6 +216,8 @@ def _kd_loss_forward_grad_setup_context(ctx, inputs, output):
     ctx.save_for_backward(grad_s, grad_t if scalars[-1] else None)
     ctx.scaled = grad_scale is not None
     ctx.mark_non_differentiable(stats, grad_s, grad_t)
+    # Their gradients arrive as None, not as materialized N x C zeros.
+    ctx.set_materialize_grads(False)
 
 
 def _kd_loss_forward_grad_backward(ctx, grad_loss, _grad_stats, _grad_gs, _grad_gt):
@@ -224,6 +226,8 @@ def _kd_loss_forward_grad_backward(ctx, grad_loss, _grad_stats, _grad_gs, _grad_
                            "already final and the losses are not differentiable; call it "
                            "without grad_scale to differentiate the losses")
     grad_s, grad_t = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 11
     if ctx.needs_input_grad[1] and grad_t is None:
         raise RuntimeError("kd_loss_forward_grad: teacher_logits requires grad but the call "
                            "had teacher_grad=False, so no teacher gradient was formed")
