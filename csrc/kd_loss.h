@@ -89,6 +89,10 @@ KDLossParams check_kd_loss_args(
 void check_kd_loss_grad_scale(const std::optional<at::Tensor>& grad_scale,
                               const at::Tensor& student_logits, int64_t rows);
 
+// kd_loss_scale_grad: unit_grad (N, C) floating; grad_rows (N,) or 0-d in its
+// accumulation type, on its device.
+void check_kd_loss_scale_grad_args(const at::Tensor& unit_grad, const at::Tensor& grad_rows);
+
 void check_kd_loss_backward_args(
     const at::Tensor& grad_loss,
     const at::Tensor& stats,

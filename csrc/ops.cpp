@@ -39,6 +39,10 @@ TORCH_LIBRARY(distillkit, m) {
       "float beta, float hard_weight, int ignore_index, bool scale_by_t2, "
       "bool teacher_grad) "
       "-> (Tensor loss, Tensor stats, Tensor grad_student, Tensor grad_teacher)");
+  // grad_rows[i] * unit_grad[i, :] as a new tensor of unit_grad's dtype
+  // (products in fp32, fp64 for fp64; grad_rows (N,) or 0-d): the backward of
+  // kd_loss_forward_grad, into resident memory on the CPU.
+  m.def("kd_loss_scale_grad(Tensor unit_grad, Tensor grad_rows) -> Tensor");
 
   // SLaM student-label-mixing loss (docs/math.md §5) over rows of (N, C) student
   // logits and teacher probabilities; alpha (N,) in (0, 1], k (N,) int64 in

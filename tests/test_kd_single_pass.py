@@ -144,7 +144,8 @@ def test_which_pass_runs(device):
     assert "kd_loss_forward_grad" in log.ops and "kd_loss_forward" not in log.ops
     with OpLog() as log:
         loss.backward()
-    assert not any(op.startswith("kd_loss") for op in log.ops)  # scaling only
+    # Scaling only: the logits are not read again.
+    assert [op for op in log.ops if op.startswith("kd_loss")] == ["kd_loss_scale_grad"]
     with OpLog() as log:
         kd_loss(z.detach(), u)  # nothing needs a gradient
     assert "kd_loss_forward" in log.ops
@@ -246,3 +247,22 @@ def test_opcheck(device, variant):
     torch.library.opcheck(torch.ops.distillkit.kd_loss_forward_grad,
                           (z.requires_grad_(grad), u.requires_grad_(grad), y, scale, 2.0, "jsd",
                            0.4, 0.3, IGNORE, True, variant != "rows_scale"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scale_grad_op(device, dtype):
+    """kd_loss_scale_grad against the product formed in the accumulation dtype and rounded
+    once: equal up to the one rounding of the result (half an ulp each way)."""
+    unit = logits(5, 37, dtype, device)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for g in (torch.rand(5, dtype=acc, device=device) + 0.5, torch.tensor(0.3, dtype=acc,
+                                                                          device=device)):
+        out = torch.ops.distillkit.kd_loss_scale_grad(unit, g)
+        want = (unit.to(acc) * g.reshape(-1, 1)).to(dtype)
+        assert out.dtype == dtype and out.is_contiguous()
+        torch.testing.assert_close(out, want, rtol=torch.finfo(dtype).eps, atol=0)
+    with pytest.raises(ValueError, match="grad_rows must have shape"):
+        torch.ops.distillkit.kd_loss_scale_grad(unit, torch.ones(4, dtype=acc, device=device))
+    torch.library.opcheck(torch.ops.distillkit.kd_loss_scale_grad,
+                          (unit.t().contiguous().t(), torch.rand(5, dtype=acc, device=device)))

@@ -473,6 +473,22 @@ Args<acc_t> make_args(const at::Tensor& s, const at::Tensor& t,
   return a;
 }
 
+// What every pass reads: the logits with a unit class stride (rows may be
+// strided) and contiguous labels.
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> row_inputs(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+    const std::optional<at::Tensor>& labels, const KDLossParams& p) {
+  return {unit_stride_rows(student_logits), unit_stride_rows(teacher_logits),
+          p.has_labels ? std::optional<at::Tensor>(labels->contiguous()) : std::nullopt};
+}
+
+// The gradients, in resident memory (output_cache.h); the teacher's is an
+// empty (0,) tensor unless it is wanted.
+std::pair<at::Tensor, at::Tensor> gradient_buffers(const at::Tensor& s, const at::Tensor& t,
+                                                   bool teacher_grad) {
+  return {empty_like_cached(s), teacher_grad ? empty_like_cached(t) : at::empty({0}, t.options())};
+}
+
 std::tuple<at::Tensor, at::Tensor> kd_loss_forward_cpu(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits,
     const std::optional<at::Tensor>& labels, double temperature,
@@ -482,10 +498,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_forward_cpu(
                                             divergence, beta, hard_weight, ignore_index,
                                             scale_by_t2);
   if (p.has_labels) check_label_values(*labels, p.cols, ignore_index);
-  const at::Tensor s = unit_stride_rows(student_logits);
-  const at::Tensor t = unit_stride_rows(teacher_logits);
-  const std::optional<at::Tensor> y =
-      p.has_labels ? std::optional<at::Tensor>(labels->contiguous()) : std::nullopt;
+  const auto [s, t, y] = row_inputs(student_logits, teacher_logits, labels, p);
   const auto opts = s.options().dtype(acc_scalar_type(s));
   at::Tensor loss = at::empty({p.rows}, opts);
   at::Tensor stats = at::empty({p.rows, kd_loss_stats::kCols}, opts);
@@ -511,14 +524,10 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_backward_cpu(
                                             divergence, beta, hard_weight, ignore_index,
                                             scale_by_t2);
   check_kd_loss_backward_args(grad_loss, stats, student_logits, p);
-  const at::Tensor s = unit_stride_rows(student_logits);
-  const at::Tensor t = unit_stride_rows(teacher_logits);
-  const std::optional<at::Tensor> y =
-      p.has_labels ? std::optional<at::Tensor>(labels->contiguous()) : std::nullopt;
+  const auto [s, t, y] = row_inputs(student_logits, teacher_logits, labels, p);
   const at::Tensor g = grad_loss.contiguous();
   const at::Tensor st = stats.contiguous();
-  at::Tensor grad_s = empty_like_cached(s);
-  at::Tensor grad_t = teacher_grad ? empty_like_cached(t) : at::empty({0}, t.options());
+  auto [grad_s, grad_t] = gradient_buffers(s, t, teacher_grad);
   HostErrorRecord errors;
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "kd_loss_backward_cpu", [&] {
     const Args<scalar_t> a = make_args<scalar_t>(s, t, y, p, &errors);
@@ -553,16 +562,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_loss_forward_grad_
                                             scale_by_t2);
   check_kd_loss_grad_scale(grad_scale, student_logits, p.rows);
   if (p.has_labels) check_label_values(*labels, p.cols, ignore_index);
-  const at::Tensor s = unit_stride_rows(student_logits);
-  const at::Tensor t = unit_stride_rows(teacher_logits);
-  const std::optional<at::Tensor> y =
-      p.has_labels ? std::optional<at::Tensor>(labels->contiguous()) : std::nullopt;
+  const auto [s, t, y] = row_inputs(student_logits, teacher_logits, labels, p);
   const at::Tensor scale = grad_scale.has_value() ? grad_scale->contiguous() : at::Tensor();
   const auto opts = s.options().dtype(acc_scalar_type(s));
   at::Tensor loss = at::empty({p.rows}, opts);
   at::Tensor stats = at::empty({p.rows, kd_loss_stats::kCols}, opts);
-  at::Tensor grad_s = empty_like_cached(s);
-  at::Tensor grad_t = teacher_grad ? empty_like_cached(t) : at::empty({0}, t.options());
+  auto [grad_s, grad_t] = gradient_buffers(s, t, teacher_grad);
   HostErrorRecord errors;
   AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "kd_loss_forward_grad_cpu", [&] {
     const Args<scalar_t> a = make_args<scalar_t>(s, t, y, p, &errors);
@@ -589,12 +594,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_loss_forward_grad_
   return {loss, stats, grad_s, grad_t};
 }
 
+// g[i] * G[i, :] into a resident buffer (empty_like_cached): a fresh N x C
+// allocation would page-fault on every step, which costs more than the
+// multiply itself.
+at::Tensor kd_loss_scale_grad_cpu(const at::Tensor& unit_grad, const at::Tensor& grad_rows) {
+  check_kd_loss_scale_grad_args(unit_grad, grad_rows);
+  const at::Tensor unit = unit_grad.contiguous();
+  const at::Tensor g = grad_rows.contiguous();
+  at::Tensor out = empty_like_cached(unit);
+  const int64_t rows = unit.size(0), cols = unit.size(1);
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "kd_loss_scale_grad_cpu", [&] {
+    const TileLoader<scalar_t> load = loader_for<scalar_t>(unit.scalar_type());
+    const TileStorer<scalar_t> store = storer_for<scalar_t>(unit.scalar_type());
+    const scalar_t* g_ptr = g.data_ptr<scalar_t>();
+    const int64_t g_stride = g.dim() == 1 ? 1 : 0;
+    const void* src = unit.data_ptr();
+    void* dst = out.data_ptr();
+    at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+      alignas(64) scalar_t buf[kTile];
+      for (int64_t row = begin; row < end; ++row) {
+        for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
+          const int64_t n = std::min(kTile, cols - j0);
+          load(src, row * cols + j0, n, g_ptr[row * g_stride], buf);  // loads scaled by g
+          store(buf, n, dst, row * cols + j0);
+        }
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace distillkit::cpu::inline CPU_CAPABILITY
 
 DK_CPU_KERNEL(kd_loss_forward, kd_loss_forward_cpu)
 DK_CPU_KERNEL(kd_loss_backward, kd_loss_backward_cpu)
 DK_CPU_KERNEL(kd_loss_forward_grad, kd_loss_forward_grad_cpu)
+DK_CPU_KERNEL(kd_loss_scale_grad, kd_loss_scale_grad_cpu)
 
 // Registered once, by the default level's build (it runs on every CPU); each call
 // goes to the chosen level's kernel.
@@ -603,5 +639,6 @@ TORCH_LIBRARY_IMPL(distillkit, CPU, m) {
   m.impl("kd_loss_forward", DK_CPU_DISPATCH(kd_loss_forward));
   m.impl("kd_loss_backward", DK_CPU_DISPATCH(kd_loss_backward));
   m.impl("kd_loss_forward_grad", DK_CPU_DISPATCH(kd_loss_forward_grad));
+  m.impl("kd_loss_scale_grad", DK_CPU_DISPATCH(kd_loss_scale_grad));
 }
 #endif

@@ -31,6 +31,7 @@
 // label is dereferenced unchecked, and the host never reads one.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -40,6 +41,7 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <utility>
 
 #include "checks.h"
 #include "common.cuh"
@@ -59,6 +61,7 @@ using device::group_allreduce;
 using device::kWarpSize;
 using device::load_pack;
 using device::OnlineLSE;
+using device::Pack;
 using device::pack_width;
 using device::row_stride;
 using device::store_pack;
@@ -463,58 +466,66 @@ __device__ __forceinline__ void gradient_row(const S* z, const U* u, S* dz, U* d
 
   for_each_pack<kVec>(phase, k.cols, k.aligned, lane, kRowThreads, [&](int col, auto n) {
     constexpr int N = decltype(n)::value;
-    A zr[N], ur[N], gz[N], gu[N];
-    load_pack<N>(z + col, zr);
-    load_pack<N>(u + col, ur);
+    // The packs stay in their storage type and each element is converted where it
+    // is used and rounded as soon as it is formed: a 16-bit pack keeps 8 registers
+    // live instead of 32 fp32 values (register pressure of the block-row kernels).
+    const Pack<S, N> zp = *reinterpret_cast<const Pack<S, N>*>(z + col);
+    const Pack<U, N> up = *reinterpret_cast<const Pack<U, N>*>(u + col);
+    Pack<S, N> gzp;
+    Pack<U, N> gup;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      const A log_q = zr[i] * k.inv_t - st.lse_z;
-      const A log_p = ur[i] * k.inv_t - st.lse_u;
+      const A zr_i = static_cast<A>(zp.v[i]), ur_i = static_cast<A>(up.v[i]);
+      A gz_i, gu_i;
+      const A log_q = zr_i * k.inv_t - st.lse_z;
+      const A log_p = ur_i * k.inv_t - st.lse_u;
       const A q = device::acc_exp(log_q);
       const A p = device::acc_exp(log_p);
-      const A rp = (ur[i] * k.inv_t - zr[i] * k.inv_t) - offset;
+      const A rp = (ur_i * k.inv_t - zr_i * k.inv_t) - offset;
       if (stable) {
         // p - q = q expm1(rp) near rp = 0, p - q itself beyond.
         const A p_minus_q = device::acc_abs(rp) <= A(0.5) ? xmul(q, device::acc_expm1(rp)) : p - q;
         switch (k.divergence) {
           case Divergence::ForwardKL:
-            gz[i] = -c * p_minus_q;
-            gu[i] = c * xmul(p, rp - st.d_teacher);
+            gz_i = -c * p_minus_q;
+            gu_i = c * xmul(p, rp - st.d_teacher);
             break;
           case Divergence::ReverseKL:
-            gz[i] = c * xmul(q, -rp - st.d_student);
-            gu[i] = c * p_minus_q;
+            gz_i = c * xmul(q, -rp - st.d_student);
+            gu_i = c * p_minus_q;
             break;
           case Divergence::JSD:
-            gz[i] = c_student * xmul(q, student_mixture_log(rp, k) - st.d_student);
-            gu[i] = c_teacher * xmul(p, teacher_mixture_log(rp, k) - st.d_teacher);
+            gz_i = c_student * xmul(q, student_mixture_log(rp, k) - st.d_student);
+            gu_i = c_teacher * xmul(p, teacher_mixture_log(rp, k) - st.d_teacher);
             break;
         }
       } else {
         switch (k.divergence) {
           case Divergence::ForwardKL:
-            gz[i] = c * (q - p);
-            gu[i] = c * xmul(p, log_p - log_q - st.d_teacher);
+            gz_i = c * (q - p);
+            gu_i = c * xmul(p, log_p - log_q - st.d_teacher);
             break;
           case Divergence::ReverseKL:
-            gz[i] = c * xmul(q, log_q - log_p - st.d_student);
-            gu[i] = c * (p - q);
+            gz_i = c * xmul(q, log_q - log_p - st.d_student);
+            gu_i = c * (p - q);
             break;
           case Divergence::JSD: {
             const A log_m = device::log_add_exp(log_p + k.log_beta, log_q + k.log_one_minus_beta);
-            gz[i] = c_student * xmul(q, log_q - log_m - st.d_student);
-            gu[i] = c_teacher * xmul(p, log_p - log_m - st.d_teacher);
+            gz_i = c_student * xmul(q, log_q - log_m - st.d_student);
+            gu_i = c_teacher * xmul(p, log_p - log_m - st.d_teacher);
             break;
           }
         }
       }
       if (k.hard) {
-        const A q1 = k.unit_t ? q : device::acc_exp(zr[i] - st.lse_z1);
-        gz[i] += h * (col + i == label ? q1 - A(1) : q1);
+        const A q1 = k.unit_t ? q : device::acc_exp(zr_i - st.lse_z1);
+        gz_i += h * (col + i == label ? q1 - A(1) : q1);
       }
+      gzp.v[i] = static_cast<S>(gz_i);
+      gup.v[i] = static_cast<U>(gu_i);
     }
-    store_pack<N>(dz + col, gz);
-    if (du != nullptr) store_pack<N>(du + col, gu);
+    *reinterpret_cast<Pack<S, N>*>(dz + col) = gzp;
+    if (du != nullptr) *reinterpret_cast<Pack<U, N>*>(du + col) = gup;
   });
 }
 
@@ -605,8 +616,11 @@ __global__ void __launch_bounds__(kBlockThreads) kd_loss_backward_kernel(const A
   kd_loss_rows<Pass::kBackward, S, U, A, kRowThreads>(args);
 }
 
+// One block per SM is enough to say (the forward and the gradient in one
+// kernel need more registers than either: an occupancy-driven register cap
+// would spill them).
 template <typename S, typename U, typename A, int kRowThreads>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, 1)
     kd_loss_forward_grad_kernel(const Args<S, U, A> args) {
   kd_loss_rows<Pass::kForwardGrad, S, U, A, kRowThreads>(args);
 }
@@ -720,6 +734,23 @@ LaunchTensors inputs(const at::Tensor& student_logits, const at::Tensor& teacher
   return t;
 }
 
+// The forwards' loss (N,) and stats, in the accumulation type.
+std::pair<at::Tensor, at::Tensor> forward_outputs(const at::Tensor& student_logits,
+                                                  const KDLossParams& p) {
+  const auto acc_options = student_logits.options().dtype(acc_scalar_type(student_logits));
+  return {at::empty({p.rows}, acc_options),
+          at::empty({p.rows, kd_loss_stats::kCols}, acc_options)};
+}
+
+// The contiguous gradients; the teacher's is an empty (0,) tensor unless wanted.
+std::pair<at::Tensor, at::Tensor> gradient_outputs(const at::Tensor& student_logits,
+                                                   const at::Tensor& teacher_logits,
+                                                   const KDLossParams& p, bool teacher_grad) {
+  return {at::empty({p.rows, p.cols}, student_logits.options()),
+          teacher_grad ? at::empty({p.rows, p.cols}, teacher_logits.options())
+                       : at::empty({0}, teacher_logits.options())};
+}
+
 std::tuple<at::Tensor, at::Tensor> kd_loss_forward_cuda(
     const at::Tensor& student_logits,
     const at::Tensor& teacher_logits,
@@ -736,9 +767,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_forward_cuda(
   launch::check_cols_fit(p.cols, "student_logits", "classes");
   int64_t* const errors = device_error_record(student_logits);
   const c10::cuda::CUDAGuard guard(student_logits.device());
-  const auto acc_options = student_logits.options().dtype(acc_scalar_type(student_logits));
-  at::Tensor loss = at::empty({p.rows}, acc_options);
-  at::Tensor stats = at::empty({p.rows, kd_loss_stats::kCols}, acc_options);
+  auto [loss, stats] = forward_outputs(student_logits, p);
   if (p.rows == 0) return {loss, stats};
 
   LaunchTensors t = inputs(student_logits, teacher_logits, labels, p);
@@ -768,9 +797,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_backward_cuda(
   int64_t* const errors = device_error_record(student_logits);
   launch::check_cols_fit(p.cols, "student_logits", "classes");
   const c10::cuda::CUDAGuard guard(student_logits.device());
-  at::Tensor grad_z = at::empty({p.rows, p.cols}, student_logits.options());
-  at::Tensor grad_u = teacher_grad ? at::empty({p.rows, p.cols}, teacher_logits.options())
-                                   : at::empty({0}, teacher_logits.options());
+  auto [grad_z, grad_u] = gradient_outputs(student_logits, teacher_logits, p, teacher_grad);
   if (p.rows == 0) return {grad_z, grad_u};
 
   LaunchTensors t = inputs(student_logits, teacher_logits, labels, p);
@@ -801,12 +828,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_loss_forward_grad_
   launch::check_cols_fit(p.cols, "student_logits", "classes");
   int64_t* const errors = device_error_record(student_logits);
   const c10::cuda::CUDAGuard guard(student_logits.device());
-  const auto acc_options = student_logits.options().dtype(acc_scalar_type(student_logits));
-  at::Tensor loss = at::empty({p.rows}, acc_options);
-  at::Tensor stats = at::empty({p.rows, kd_loss_stats::kCols}, acc_options);
-  at::Tensor grad_z = at::empty({p.rows, p.cols}, student_logits.options());
-  at::Tensor grad_u = teacher_grad ? at::empty({p.rows, p.cols}, teacher_logits.options())
-                                   : at::empty({0}, teacher_logits.options());
+  auto [loss, stats] = forward_outputs(student_logits, p);
+  auto [grad_z, grad_u] = gradient_outputs(student_logits, teacher_logits, p, teacher_grad);
   if (p.rows == 0) return {loss, stats, grad_z, grad_u};
 
   LaunchTensors t = inputs(student_logits, teacher_logits, labels, p);
@@ -819,6 +842,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_loss_forward_grad_
   return {loss, stats, grad_z, grad_u};
 }
 
+// g[i] * G[i, :]: one elementwise kernel (products in the accumulation type,
+// rounded once to G's dtype on store); g stays on the device.
+at::Tensor kd_loss_scale_grad_cuda(const at::Tensor& unit_grad, const at::Tensor& grad_rows) {
+  check_kd_loss_scale_grad_args(unit_grad, grad_rows);
+  const c10::cuda::CUDAGuard guard(unit_grad.device());
+  at::Tensor out = at::empty({unit_grad.size(0), unit_grad.size(1)}, unit_grad.options());
+  // (N, 1) or (1, 1): a dimensioned operand, so the products are formed in its
+  // dtype, not in G's 16-bit one.
+  at::mul_out(out, unit_grad, grad_rows.reshape({-1, 1}));
+  return out;
+}
+
 }  // namespace
 }  // namespace distillkit
 
@@ -826,4 +861,5 @@ TORCH_LIBRARY_IMPL(distillkit, CUDA, m) {
   m.impl("kd_loss_forward", &distillkit::kd_loss_forward_cuda);
   m.impl("kd_loss_backward", &distillkit::kd_loss_backward_cuda);
   m.impl("kd_loss_forward_grad", &distillkit::kd_loss_forward_grad_cuda);
+  m.impl("kd_loss_scale_grad", &distillkit::kd_loss_scale_grad_cuda);
 }

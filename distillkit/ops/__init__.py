@@ -203,10 +203,14 @@ def _scale_rows(unit: Tensor, grad_rows: Tensor) -> Tensor:
     ``grad_rows`` (fp32 for 16-bit logits) and rounded once. A new tensor: the saved unit
     gradient is never scaled in place, so a retained graph's second backward sees it
     unchanged. Runs where the tensors are (on CUDA: no host read of grad_rows)."""
-    g = grad_rows.reshape(-1, 1)
-    if torch.is_grad_enabled():  # create_graph=True: out= has no autograd
-        return (unit * g).to(unit.dtype)
-    return torch.mul(unit, g, out=torch.empty_like(unit))
+    if torch.is_grad_enabled():  # create_graph=True: differentiable w.r.t. grad_rows
+        return (unit * grad_rows.reshape(-1, 1)).to(unit.dtype)
+    return torch.ops.distillkit.kd_loss_scale_grad(unit, grad_rows)
+
+
+@torch.library.register_fake("distillkit::kd_loss_scale_grad")
+def _kd_loss_scale_grad_fake(unit_grad, grad_rows):
+    return unit_grad.new_empty(unit_grad.shape)
 
 
 def _kd_loss_forward_grad_setup_context(ctx, inputs, output):
@@ -573,6 +577,16 @@ def _register_no_double_backward(op: str) -> None:
 for _op in ("kd_loss", "slam_loss", "pointwise_distance", "correlation_distance",
             "sparse_kd_loss", "coordinate_lstm"):
     _register_no_double_backward(_op)
+
+
+def _kd_loss_scale_grad_backward(ctx, grad):
+    raise double_backward_error("kd_loss")
+
+
+# Called only outside grad mode (the backward of kd_loss_forward_grad); differentiating it
+# would be differentiating kd_loss's gradient.
+torch.library.register_autograd("distillkit::kd_loss_scale_grad", _kd_loss_scale_grad_backward,
+                                setup_context=lambda ctx, inputs, output: None)
 
 
 class RaiseOnBackward(torch.autograd.Function):

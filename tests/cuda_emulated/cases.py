@@ -183,7 +183,20 @@ def kd_cases():
                                    hard=0.5, pad=pad, single_pass=True, grad_scale="rows"))
     out.append(kd_case(4, 96, "reverse_kl", T=1.0, pad=8, single_pass=True))
     out.append(kd_case(4, 2048, "reverse_kl", T=1.0, sdt=BF16, pad=1, single_pass=True))
+    for dt in (F32, BF16, F16, F64):
+        for rows_scale in (True, False):
+            out.append(kd_scale_case(5, 203, dt, rows_scale))
     return out
+
+
+def kd_scale_case(N, C, dt, rows_scale):
+    """kd_loss_scale_grad, the backward of the single pass: (N,) and 0-d scales."""
+    def make(g):
+        unit = randn((N, C), dt, g)
+        scale = torch.rand(N if rows_scale else (), generator=g, dtype=acc_of(dt)) + 0.5
+        return lambda ops: {"grad": ops.kd_loss_scale_grad(unit, scale)}
+    return Case("kd_loss", f"scale_grad_N{N}_C{C}_{SHORT[dt]}{'_rows' if rows_scale else ''}",
+                make)
 
 
 # ----------------------------------------------------------------- slam_loss
