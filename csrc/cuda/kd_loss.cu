@@ -611,14 +611,16 @@ __global__ void __launch_bounds__(kBlockThreads) kd_loss_forward_kernel(const Ar
   kd_loss_rows<Pass::kForward, S, U, A, kRowThreads>(args);
 }
 
+// The gradient kernels declare that one resident block per SM is enough:
+// without it ptxas capped them at an occupancy step (64, 80 or 128 registers)
+// and spilled (the 16-bit and fp64 rows; benchmarks/results/
+// cuda_resources_sm90_kd_loss.md has what they use instead).
 template <typename S, typename U, typename A, int kRowThreads>
-__global__ void __launch_bounds__(kBlockThreads) kd_loss_backward_kernel(const Args<S, U, A> args) {
+__global__ void __launch_bounds__(kBlockThreads, 1)
+    kd_loss_backward_kernel(const Args<S, U, A> args) {
   kd_loss_rows<Pass::kBackward, S, U, A, kRowThreads>(args);
 }
 
-// One block per SM is enough to say (the forward and the gradient in one
-// kernel need more registers than either: an occupancy-driven register cap
-// would spill them).
 template <typename S, typename U, typename A, int kRowThreads>
 __global__ void __launch_bounds__(kBlockThreads, 1)
     kd_loss_forward_grad_kernel(const Args<S, U, A> args) {
