@@ -73,6 +73,29 @@ KDLossParams check_kd_loss_args(
   return p;
 }
 
+void check_kd_loss_grad_scale(const std::optional<at::Tensor>& grad_scale,
+                              const at::Tensor& student_logits, int64_t rows) {
+  if (!grad_scale.has_value()) return;
+  const at::Tensor& g = *grad_scale;
+  const auto acc = acc_scalar_type(student_logits);
+  DK_CHECK(g.dim() == 0 || (g.dim() == 1 && g.size(0) == rows),
+           "grad_scale must have shape (", rows, ",) or be 0-d (got ", g.sizes(), ")");
+  DK_CHECK(g.scalar_type() == acc, "grad_scale must be ", acc, " (got ", g.scalar_type(), ")");
+  DK_CHECK_SAME_DEVICE(g, "grad_scale", student_logits, "student_logits");
+}
+
+void check_kd_loss_scale_grad_args(const at::Tensor& unit_grad, const at::Tensor& grad_rows) {
+  DK_CHECK_DIM(unit_grad, "unit_grad", 2);
+  DK_CHECK_FLOATING(unit_grad, "unit_grad");
+  const int64_t rows = unit_grad.size(0);
+  const auto acc = acc_scalar_type(unit_grad);
+  DK_CHECK(grad_rows.dim() == 0 || (grad_rows.dim() == 1 && grad_rows.size(0) == rows),
+           "grad_rows must have shape (", rows, ",) or be 0-d (got ", grad_rows.sizes(), ")");
+  DK_CHECK(grad_rows.scalar_type() == acc, "grad_rows must be ", acc, " (got ",
+           grad_rows.scalar_type(), ")");
+  DK_CHECK_SAME_DEVICE(grad_rows, "grad_rows", unit_grad, "unit_grad");
+}
+
 void check_kd_loss_backward_args(
     const at::Tensor& grad_loss,
     const at::Tensor& stats,

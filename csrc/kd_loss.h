@@ -83,6 +83,16 @@ KDLossParams check_kd_loss_args(
     int64_t ignore_index,
     bool scale_by_t2);
 
+// grad_scale of kd_loss_forward_grad: (rows,) or 0-d (every row), in the
+// accumulation type of student_logits and on its device. Its values are
+// read only by the kernels (on CUDA, on the device).
+void check_kd_loss_grad_scale(const std::optional<at::Tensor>& grad_scale,
+                              const at::Tensor& student_logits, int64_t rows);
+
+// kd_loss_scale_grad: unit_grad (N, C) floating; grad_rows (N,) or 0-d in its
+// accumulation type, on its device.
+void check_kd_loss_scale_grad_args(const at::Tensor& unit_grad, const at::Tensor& grad_rows);
+
 void check_kd_loss_backward_args(
     const at::Tensor& grad_loss,
     const at::Tensor& stats,

@@ -28,6 +28,21 @@ TORCH_LIBRARY(distillkit, m) {
       "str divergence, float beta, float hard_weight, int ignore_index, "
       "bool scale_by_t2, bool teacher_grad) "
       "-> (Tensor grad_student, Tensor grad_teacher)");
+  // kd_loss_forward and, in the same pass over each row, the gradients of
+  // sum_i grad_scale[i] * loss[i] (grad_scale (N,) or 0-d; all ones when
+  // None): the logits are read once, and a caller that knows the scale at
+  // forward time gets the final gradient. grad_teacher is an empty (0,)
+  // tensor unless teacher_grad is set.
+  m.def(
+      "kd_loss_forward_grad(Tensor student_logits, Tensor teacher_logits, "
+      "Tensor? labels, Tensor? grad_scale, float temperature, str divergence, "
+      "float beta, float hard_weight, int ignore_index, bool scale_by_t2, "
+      "bool teacher_grad) "
+      "-> (Tensor loss, Tensor stats, Tensor grad_student, Tensor grad_teacher)");
+  // grad_rows[i] * unit_grad[i, :] as a new tensor of unit_grad's dtype
+  // (products in fp32, fp64 for fp64; grad_rows (N,) or 0-d): the backward of
+  // kd_loss_forward_grad, into resident memory on the CPU.
+  m.def("kd_loss_scale_grad(Tensor unit_grad, Tensor grad_rows) -> Tensor");
 
   // SLaM student-label-mixing loss (docs/math.md §5) over rows of (N, C) student
   // logits and teacher probabilities; alpha (N,) in (0, 1], k (N,) int64 in

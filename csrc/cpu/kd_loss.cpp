@@ -5,7 +5,10 @@
 //             second pass for the elementwise log of the mixture),
 //   backward: one pass that recomputes p and q from the saved row stats and
 //             writes the gradient (recompute instead of storing an N x C
-//             gradient in forward: fwd+bwd moves 5 units and needs no buffer).
+//             gradient in forward: fwd+bwd moves 5 units and needs no buffer),
+//   forward_grad: the forward, then at once the backward's pass on the same
+//             row while it is in cache: the logits are read from memory once
+//             and no pass recomputes what the forward just had.
 // Every row is reduced by one thread in a fixed order, so results are the
 // same bits run to run and for any thread count.
 #include <ATen/Dispatch.h>
@@ -358,9 +361,11 @@ void forward_row(const Args<acc_t>& a, int64_t row, acc_t* zb, acc_t* ub, acc_t*
   st[kd_loss_stats::kDTeacher] = d_teacher;
 }
 
+// The gradient of g * loss[row] from the row's stats; g is the upstream
+// gradient (backward) or the caller's scale (forward_grad, with the stats the
+// forward just wrote, while the row is still in cache).
 template <typename acc_t>
-void backward_row(const Args<acc_t>& a, int64_t row, const acc_t* grad_loss,
-                  const acc_t* stats, TileStorer<acc_t> store_s, void* grad_s,
+void backward_row(const Args<acc_t>& a, int64_t row, acc_t g, const acc_t* stats, TileStorer<acc_t> store_s, void* grad_s,
                   TileStorer<acc_t> store_t, void* grad_t, acc_t* zb, acc_t* ub) {
   using Vec = Vectorized<acc_t>;
   const KDLossParams& p = a.p;
@@ -383,7 +388,6 @@ void backward_row(const Args<acc_t>& a, int64_t row, const acc_t* grad_loss,
   const acc_t* st = stats + row * kd_loss_stats::kCols;
   const acc_t T = static_cast<acc_t>(p.temperature);
   const acc_t inv_t = acc_t(1) / T;
-  const acc_t g = grad_loss[row];
   const acc_t c = g * static_cast<acc_t>(p.soft_scale) * inv_t;
   const acc_t beta = static_cast<acc_t>(p.beta);
   const bool fwd = p.divergence == Divergence::ForwardKL;
@@ -469,6 +473,22 @@ Args<acc_t> make_args(const at::Tensor& s, const at::Tensor& t,
   return a;
 }
 
+// What every pass reads: the logits with a unit class stride (rows may be
+// strided) and contiguous labels.
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> row_inputs(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+    const std::optional<at::Tensor>& labels, const KDLossParams& p) {
+  return {unit_stride_rows(student_logits), unit_stride_rows(teacher_logits),
+          p.has_labels ? std::optional<at::Tensor>(labels->contiguous()) : std::nullopt};
+}
+
+// The gradients, in resident memory (output_cache.h); the teacher's is an
+// empty (0,) tensor unless it is wanted.
+std::pair<at::Tensor, at::Tensor> gradient_buffers(const at::Tensor& s, const at::Tensor& t,
+                                                   bool teacher_grad) {
+  return {empty_like_cached(s), teacher_grad ? empty_like_cached(t) : at::empty({0}, t.options())};
+}
+
 std::tuple<at::Tensor, at::Tensor> kd_loss_forward_cpu(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits,
     const std::optional<at::Tensor>& labels, double temperature,
@@ -478,10 +498,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_forward_cpu(
                                             divergence, beta, hard_weight, ignore_index,
                                             scale_by_t2);
   if (p.has_labels) check_label_values(*labels, p.cols, ignore_index);
-  const at::Tensor s = unit_stride_rows(student_logits);
-  const at::Tensor t = unit_stride_rows(teacher_logits);
-  const std::optional<at::Tensor> y =
-      p.has_labels ? std::optional<at::Tensor>(labels->contiguous()) : std::nullopt;
+  const auto [s, t, y] = row_inputs(student_logits, teacher_logits, labels, p);
   const auto opts = s.options().dtype(acc_scalar_type(s));
   at::Tensor loss = at::empty({p.rows}, opts);
   at::Tensor stats = at::empty({p.rows, kd_loss_stats::kCols}, opts);
@@ -507,14 +524,10 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_backward_cpu(
                                             divergence, beta, hard_weight, ignore_index,
                                             scale_by_t2);
   check_kd_loss_backward_args(grad_loss, stats, student_logits, p);
-  const at::Tensor s = unit_stride_rows(student_logits);
-  const at::Tensor t = unit_stride_rows(teacher_logits);
-  const std::optional<at::Tensor> y =
-      p.has_labels ? std::optional<at::Tensor>(labels->contiguous()) : std::nullopt;
+  const auto [s, t, y] = row_inputs(student_logits, teacher_logits, labels, p);
   const at::Tensor g = grad_loss.contiguous();
   const at::Tensor st = stats.contiguous();
-  at::Tensor grad_s = empty_like_cached(s);
-  at::Tensor grad_t = teacher_grad ? empty_like_cached(t) : at::empty({0}, t.options());
+  auto [grad_s, grad_t] = gradient_buffers(s, t, teacher_grad);
   HostErrorRecord errors;
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "kd_loss_backward_cpu", [&] {
     const Args<scalar_t> a = make_args<scalar_t>(s, t, y, p, &errors);
@@ -528,7 +541,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_backward_cpu(
       alignas(64) scalar_t zb[kTile];
       alignas(64) scalar_t ub[kTile];
       for (int64_t row = begin; row < end; ++row) {
-        backward_row(a, row, g_ptr, st_ptr, store_s, gs_ptr, store_t, gt_ptr, zb, ub);
+        backward_row(a, row, g_ptr[row], st_ptr, store_s, gs_ptr, store_t, gt_ptr, zb, ub);
       }
     });
   });
@@ -536,11 +549,88 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_backward_cpu(
   return {grad_s, grad_t};
 }
 
+// The forward and, per row right after it, the gradient of scale[row] * loss[row]
+// (scale = grad_scale, or 1 without one): the logits are read from memory once,
+// the gradient passes find the row in cache (a (32000,) fp32 row pair is 256 KB).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_loss_forward_grad_cpu(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+    const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& grad_scale,
+    double temperature, c10::string_view divergence, double beta, double hard_weight,
+    int64_t ignore_index, bool scale_by_t2, bool teacher_grad) {
+  const KDLossParams p = check_kd_loss_args(student_logits, teacher_logits, labels, temperature,
+                                            divergence, beta, hard_weight, ignore_index,
+                                            scale_by_t2);
+  check_kd_loss_grad_scale(grad_scale, student_logits, p.rows);
+  if (p.has_labels) check_label_values(*labels, p.cols, ignore_index);
+  const auto [s, t, y] = row_inputs(student_logits, teacher_logits, labels, p);
+  const at::Tensor scale = grad_scale.has_value() ? grad_scale->contiguous() : at::Tensor();
+  const auto opts = s.options().dtype(acc_scalar_type(s));
+  at::Tensor loss = at::empty({p.rows}, opts);
+  at::Tensor stats = at::empty({p.rows, kd_loss_stats::kCols}, opts);
+  auto [grad_s, grad_t] = gradient_buffers(s, t, teacher_grad);
+  HostErrorRecord errors;
+  AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "kd_loss_forward_grad_cpu", [&] {
+    const Args<scalar_t> a = make_args<scalar_t>(s, t, y, p, &errors);
+    const TileStorer<scalar_t> store_s = storer_for<scalar_t>(s.scalar_type());
+    const TileStorer<scalar_t> store_t = storer_for<scalar_t>(t.scalar_type());
+    scalar_t* loss_ptr = loss.data_ptr<scalar_t>();
+    scalar_t* stats_ptr = stats.data_ptr<scalar_t>();
+    // A 0-d grad_scale scales every row: stride 0.
+    const scalar_t* scale_ptr = scale.defined() ? scale.data_ptr<scalar_t>() : nullptr;
+    const int64_t scale_stride = scale.defined() && scale.dim() == 1 ? 1 : 0;
+    void* gs_ptr = grad_s.data_ptr();
+    void* gt_ptr = teacher_grad ? grad_t.data_ptr() : nullptr;
+    at::parallel_for(0, p.rows, row_grain(p.cols), [&](int64_t begin, int64_t end) {
+      alignas(64) scalar_t zb[kTile];
+      alignas(64) scalar_t ub[kTile];
+      for (int64_t row = begin; row < end; ++row) {
+        forward_row(a, row, zb, ub, loss_ptr, stats_ptr);
+        const scalar_t g = scale_ptr != nullptr ? scale_ptr[row * scale_stride] : scalar_t(1);
+        backward_row(a, row, g, stats_ptr, store_s, gs_ptr, store_t, gt_ptr, zb, ub);
+      }
+    });
+  });
+  errors.raise_if_any();
+  return {loss, stats, grad_s, grad_t};
+}
+
+// g[i] * G[i, :] into a resident buffer (empty_like_cached): a fresh N x C
+// allocation would page-fault on every step, which costs more than the
+// multiply itself.
+at::Tensor kd_loss_scale_grad_cpu(const at::Tensor& unit_grad, const at::Tensor& grad_rows) {
+  check_kd_loss_scale_grad_args(unit_grad, grad_rows);
+  const at::Tensor unit = unit_grad.contiguous();
+  const at::Tensor g = grad_rows.contiguous();
+  at::Tensor out = empty_like_cached(unit);
+  const int64_t rows = unit.size(0), cols = unit.size(1);
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "kd_loss_scale_grad_cpu", [&] {
+    const TileLoader<scalar_t> load = loader_for<scalar_t>(unit.scalar_type());
+    const TileStorer<scalar_t> store = storer_for<scalar_t>(unit.scalar_type());
+    const scalar_t* g_ptr = g.data_ptr<scalar_t>();
+    const int64_t g_stride = g.dim() == 1 ? 1 : 0;
+    const void* src = unit.data_ptr();
+    void* dst = out.data_ptr();
+    at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+      alignas(64) scalar_t buf[kTile];
+      for (int64_t row = begin; row < end; ++row) {
+        for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
+          const int64_t n = std::min(kTile, cols - j0);
+          load(src, row * cols + j0, n, g_ptr[row * g_stride], buf);  // loads scaled by g
+          store(buf, n, dst, row * cols + j0);
+        }
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace distillkit::cpu::inline CPU_CAPABILITY
 
 DK_CPU_KERNEL(kd_loss_forward, kd_loss_forward_cpu)
 DK_CPU_KERNEL(kd_loss_backward, kd_loss_backward_cpu)
+DK_CPU_KERNEL(kd_loss_forward_grad, kd_loss_forward_grad_cpu)
+DK_CPU_KERNEL(kd_loss_scale_grad, kd_loss_scale_grad_cpu)
 
 // Registered once, by the default level's build (it runs on every CPU); each call
 // goes to the chosen level's kernel.
@@ -548,5 +638,7 @@ DK_CPU_KERNEL(kd_loss_backward, kd_loss_backward_cpu)
 TORCH_LIBRARY_IMPL(distillkit, CPU, m) {
   m.impl("kd_loss_forward", DK_CPU_DISPATCH(kd_loss_forward));
   m.impl("kd_loss_backward", DK_CPU_DISPATCH(kd_loss_backward));
+  m.impl("kd_loss_forward_grad", DK_CPU_DISPATCH(kd_loss_forward_grad));
+  m.impl("kd_loss_scale_grad", DK_CPU_DISPATCH(kd_loss_scale_grad));
 }
 #endif

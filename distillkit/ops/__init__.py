@@ -12,9 +12,9 @@ from torch import Tensor
 from .. import _C
 from .options import KDOptions, SLaMOptions, SparseKDOptions
 
-__all__ = ["kd_loss_forward", "kd_loss_backward", "slam_loss_forward", "pointwise_distance_forward",
-           "correlation_distance_forward", "sparse_kd_loss_forward", "sparse_kd_loss_backward",
-           "coordinate_lstm_step",
+__all__ = ["kd_loss_forward", "kd_loss_forward_grad", "kd_loss_backward", "slam_loss_forward",
+           "pointwise_distance_forward", "correlation_distance_forward", "sparse_kd_loss_forward",
+           "sparse_kd_loss_backward", "coordinate_lstm_step",
            "check_errors"]
 
 class StatsLayout:
@@ -80,18 +80,53 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def kd_loss_forward(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor],
                     options: KDOptions) -> Tuple[Tensor, Tensor]:
     """Per-row KD losses of (N, C) logits, shape (N,), fp32 (fp64 for fp64 input), and the
     per-row statistics the backward reads, (N, ``KD_STATS.cols``) in the same dtype.
 
     Rows whose label is ``options.ignore_index`` are 0. The losses are differentiable
-    w.r.t. both logits (the registered autograd); see :func:`distillkit.kd_loss` for the
-    math. ``options.reduction`` is not applied here.
+    w.r.t. both logits; see :func:`distillkit.kd_loss` for the math. When a gradient will
+    be asked for (grad mode on, either logits requiring grad) the forward is
+    ``kd_loss_forward_grad``: it also forms the unit gradient while each row is in cache
+    and saves it in place of the logits, and the backward only scales it by the upstream
+    gradient. Otherwise (inference) it is ``kd_loss_forward``, with no N x C buffer.
+    ``options.reduction`` is not applied here.
     """
     reject_functorch("kd_loss")
-    return torch.ops.distillkit.kd_loss_forward(student_logits, teacher_logits, labels,
-                                                *options.schema_args())
+    if not _needs_grad(student_logits, teacher_logits):
+        return torch.ops.distillkit.kd_loss_forward(student_logits, teacher_logits, labels,
+                                                    *options.schema_args())
+    loss, stats, _, _ = torch.ops.distillkit.kd_loss_forward_grad(
+        student_logits, teacher_logits, labels, None, *options.schema_args(),
+        teacher_logits.requires_grad)
+    # 0-row slices: graph edges to the logits (no storage), so that a loss on the gradient
+    # (create_graph=True) reaches the by-name error instead of a missing second-order term.
+    anchors = [t[:0].clone() for t in (student_logits, teacher_logits) if t.requires_grad]
+    return _SecondOrderGuard.apply(loss, *anchors), stats
+
+
+def kd_loss_forward_grad(student_logits: Tensor, teacher_logits: Tensor,
+                         labels: Optional[Tensor], options: KDOptions,
+                         grad_scale: Optional[Tensor] = None, teacher_grad: bool = False
+                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`kd_loss_forward` and, from the same pass over each row, the gradients of
+    ``Σ_i grad_scale[i] · rows[i]`` w.r.t. the student logits and (when ``teacher_grad``,
+    else an empty tensor) the teacher logits, contiguous, in the logits' dtypes.
+
+    ``grad_scale``: (N,) or 0-d, in the loss dtype, on the logits' device (read there: no
+    host sync); ``None`` gives the unit gradient (all ones). For callers that know the
+    scale at forward time (fused linear KD): the gradient is final after one read of the
+    logits. Its losses are differentiable only without ``grad_scale``.
+    """
+    reject_functorch("kd_loss")
+    return torch.ops.distillkit.kd_loss_forward_grad(student_logits, teacher_logits, labels,
+                                                     grad_scale, *options.schema_args(),
+                                                     teacher_grad)
 
 
 def kd_loss_backward(grad_rows: Tensor, student_logits: Tensor, teacher_logits: Tensor,
@@ -106,8 +141,7 @@ def kd_loss_backward(grad_rows: Tensor, student_logits: Tensor, teacher_logits: 
                                                  teacher_grad)
 
 
-@torch.library.register_fake("distillkit::kd_loss_forward")
-def _kd_loss_forward_fake(student_logits, teacher_logits, labels, *scalars):
+def _kd_forward_fake_outputs(student_logits, teacher_logits):
     torch._check(student_logits.dim() == 2, lambda: "student_logits must be 2-D")
     torch._check(teacher_logits.shape == student_logits.shape,
                  lambda: "teacher_logits must have the shape of student_logits")
@@ -115,6 +149,21 @@ def _kd_loss_forward_fake(student_logits, teacher_logits, labels, *scalars):
     acc = _acc_dtype(student_logits)
     return (student_logits.new_empty((n,), dtype=acc),
             student_logits.new_empty((n, KD_STATS.cols), dtype=acc))
+
+
+@torch.library.register_fake("distillkit::kd_loss_forward")
+def _kd_loss_forward_fake(student_logits, teacher_logits, labels, *scalars):
+    return _kd_forward_fake_outputs(student_logits, teacher_logits)
+
+
+@torch.library.register_fake("distillkit::kd_loss_forward_grad")
+def _kd_loss_forward_grad_fake(student_logits, teacher_logits, labels, grad_scale, *scalars):
+    teacher_grad = scalars[-1]
+    # The kernels write contiguous gradients whatever the logits' row strides.
+    grad_teacher = (teacher_logits.new_empty(teacher_logits.shape) if teacher_grad
+                    else teacher_logits.new_empty((0,)))
+    return (*_kd_forward_fake_outputs(student_logits, teacher_logits),
+            student_logits.new_empty(student_logits.shape), grad_teacher)
 
 
 @torch.library.register_fake("distillkit::kd_loss_backward")
@@ -148,6 +197,72 @@ def _kd_loss_backward(ctx, grad_loss: Tensor, _grad_stats: Optional[Tensor]
 torch.library.register_autograd(
     "distillkit::kd_loss_forward", _kd_loss_backward, setup_context=_kd_loss_setup_context
 )
+
+
+def _scale_rows(unit: Tensor, grad_rows: Tensor) -> Tensor:
+    """unit[i, :] * grad_rows[i] in the dtype of ``unit``, products formed in the dtype of
+    ``grad_rows`` (fp32 for 16-bit logits) and rounded once. A new tensor: the saved unit
+    gradient is never scaled in place, so a retained graph's second backward sees it
+    unchanged. Runs where the tensors are (on CUDA: no host read of grad_rows)."""
+    if torch.is_grad_enabled():  # create_graph=True: differentiable w.r.t. grad_rows
+        return (unit * grad_rows.reshape(-1, 1)).to(unit.dtype)
+    return torch.ops.distillkit.kd_loss_scale_grad(unit, grad_rows)
+
+
+@torch.library.register_fake("distillkit::kd_loss_scale_grad")
+def _kd_loss_scale_grad_fake(unit_grad, grad_rows):
+    return unit_grad.new_empty(unit_grad.shape)
+
+
+def _kd_loss_forward_grad_setup_context(ctx, inputs, output):
+    _, _, _, grad_scale, *scalars = inputs
+    _, stats, grad_s, grad_t = output
+    # The unit gradients replace the logits as what the backward keeps.
+    ctx.save_for_backward(grad_s, grad_t if scalars[-1] else None)
+    ctx.scaled = grad_scale is not None
+    ctx.mark_non_differentiable(stats, grad_s, grad_t)
+    # Their gradients arrive as None, not as materialized N x C zeros.
+    ctx.set_materialize_grads(False)
+
+
+def _kd_loss_forward_grad_backward(ctx, grad_loss, _grad_stats, _grad_gs, _grad_gt):
+    if ctx.scaled:
+        raise RuntimeError("kd_loss_forward_grad: with a grad_scale the returned gradient is "
+                           "already final and the losses are not differentiable; call it "
+                           "without grad_scale to differentiate the losses")
+    grad_s, grad_t = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 11
+    if ctx.needs_input_grad[1] and grad_t is None:
+        raise RuntimeError("kd_loss_forward_grad: teacher_logits requires grad but the call "
+                           "had teacher_grad=False, so no teacher gradient was formed")
+    out_s = _scale_rows(grad_s, grad_loss) if ctx.needs_input_grad[0] else None
+    out_t = _scale_rows(grad_t, grad_loss) if ctx.needs_input_grad[1] else None
+    return (out_s, out_t) + (None,) * 9  # labels, grad_scale, scalars
+
+
+torch.library.register_autograd("distillkit::kd_loss_forward_grad",
+                                _kd_loss_forward_grad_backward,
+                                setup_context=_kd_loss_forward_grad_setup_context)
+
+
+class _SecondOrderGuard(torch.autograd.Function):
+    """``rows`` unchanged; under ``create_graph=True`` its backward routes the upstream
+    gradient through :class:`RaiseOnBackward` anchored on (0-row slices of) the logits, so
+    the gradient kd_loss_forward_grad's backward forms from it is part of the graph and a
+    loss on it raises :func:`double_backward_error` by name."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, *anchors: Tensor) -> Tensor:
+        ctx.save_for_backward(*anchors)
+        return rows.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        anchors = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            grad = RaiseOnBackward.apply(grad, *anchors, "kd_loss")
+        return (grad,) + (None,) * len(anchors)
 
 
 # --- slam_loss ---------------------------------------------------------------------
@@ -486,6 +601,16 @@ def _register_no_double_backward(op: str) -> None:
 for _op in ("kd_loss", "slam_loss", "pointwise_distance", "correlation_distance",
             "sparse_kd_loss", "coordinate_lstm"):
     _register_no_double_backward(_op)
+
+
+def _kd_loss_scale_grad_backward(ctx, grad):
+    raise double_backward_error("kd_loss")
+
+
+# Called only outside grad mode (the backward of kd_loss_forward_grad); differentiating it
+# would be differentiating kd_loss's gradient.
+torch.library.register_autograd("distillkit::kd_loss_scale_grad", _kd_loss_scale_grad_backward,
+                                setup_context=lambda ctx, inputs, output: None)
 
 
 class RaiseOnBackward(torch.autograd.Function):

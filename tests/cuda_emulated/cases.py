@@ -58,19 +58,34 @@ def like(x, dtype, misalign=False):
 
 # ----------------------------------------------------------------- kd_loss
 
+def row_strided(x, pad):
+    """x in the first columns of a buffer `pad` columns wider: rows of stride C + pad, the
+    class dimension contiguous (read in place by the kernels)."""
+    base = torch.empty(x.shape[0], x.shape[1] + pad, dtype=x.dtype)
+    base.fill_(float("nan"))  # never read
+    base[:, :x.shape[1]].copy_(x)
+    return base[:, :x.shape[1]]
+
+
 def kd_case(N, C, div="forward_kl", beta=0.5, T=1.0, labels=False, hard=0.0,
-            sdt=F32, tdt=None, misalign=False, teacher_grad=True, t2=True, scale=3.0):
+            sdt=F32, tdt=None, misalign=False, teacher_grad=True, t2=True, scale=3.0,
+            single_pass=False, grad_scale=None, pad=0):
+    """single_pass: kd_loss_forward_grad with grad_scale None, "rows" (N,) or "scalar"
+    (0-d), else kd_loss_forward + kd_loss_backward; pad: row stride C + pad."""
     tdt = tdt or sdt
     name = (f"{div}{'' if div != 'jsd' else f'_b{beta}'}_T{T:g}_N{N}_C{C}_{SHORT[sdt]}"
             f"{'' if tdt == sdt else '-' + SHORT[tdt]}"
             f"{'' if not labels else '_labels' if labels is True else '_' + labels}"
             f"{f'_hw{hard:g}' if hard else ''}"
             f"{'_misaligned' if misalign else ''}{'' if teacher_grad else '_no_tgrad'}"
-            f"{'' if t2 else '_no_t2'}")
+            f"{'' if t2 else '_no_t2'}{f'_stride+{pad}' if pad else ''}"
+            f"{'' if not single_pass else '_scale_' + (grad_scale or 'none')}")
 
     def make(g):
         z = randn((N, C), sdt, g, scale, misalign)
         u = randn((N, C), tdt, g, scale, misalign)
+        if pad:
+            z, u = row_strided(z, pad), row_strided(u, pad + 8)  # two strides
         y = None
         if labels:
             y = torch.randint(0, C, (N,), generator=g)
@@ -79,11 +94,16 @@ def kd_case(N, C, div="forward_kl", beta=0.5, T=1.0, labels=False, hard=0.0,
             elif N > 1:
                 y[1::3] = IGNORE
         gl = torch.rand(N, generator=g, dtype=acc_of(sdt)) + 0.5
+        gs = {None: None, "rows": gl, "scalar": gl[0].clone()}[grad_scale]
 
         def run(ops):
-            loss, stats = ops.kd_loss_forward(z, u, y, T, div, beta, hard, IGNORE, t2)
-            gz, gu = ops.kd_loss_backward(gl, z, u, y, stats, T, div, beta, hard, IGNORE, t2,
-                                          teacher_grad)
+            if single_pass:
+                loss, stats, gz, gu = ops.kd_loss_forward_grad(z, u, y, gs, T, div, beta, hard,
+                                                               IGNORE, t2, teacher_grad)
+            else:
+                loss, stats = ops.kd_loss_forward(z, u, y, T, div, beta, hard, IGNORE, t2)
+                gz, gu = ops.kd_loss_backward(gl, z, u, y, stats, T, div, beta, hard, IGNORE,
+                                              t2, teacher_grad)
             return {"loss": loss, "stats": stats, "grad_student": gz, "grad_teacher": gu}
         return run
     return Case("kd_loss", name, make)
@@ -131,7 +151,52 @@ def kd_cases():
         out.append(kd_case(N, C, "forward_kl", T=1e4, sdt=BF16, tdt=F32, misalign=True))
     out.append(kd_case(5, 300, "forward_kl", T=2.0, teacher_grad=False, t2=False))
     out.append(kd_case(4, 1200, "jsd", 0.5, T=4.0, teacher_grad=False, t2=False, scale=20.0))
+    # The single pass (kd_loss_forward_grad): warp rows and block rows, each divergence,
+    # every grad_scale form, teacher gradient on and off.
+    for N, C in [(7, 100), (3, 1500)]:
+        for div, beta in [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)]:
+            for grad_scale in (None, "rows", "scalar"):
+                out.append(kd_case(N, C, div, beta, T=2.0, labels=True, hard=0.3,
+                                   single_pass=True, grad_scale=grad_scale))
+        out.append(kd_case(N, C, "jsd", 0.5, T=1.0, single_pass=True, teacher_grad=False))
+        out.append(kd_case(N, C, "forward_kl", T=1e4, single_pass=True, grad_scale="rows"))
+        out.append(kd_case(N, C, "jsd", 0.5, T=2.0, labels="all_ignored", hard=0.5,
+                           single_pass=True))
+    # dtypes and mixed pairs, misaligned bases, C not a multiple of a pack.
+    for sdt, tdt in [(F64, F64), (BF16, BF16), (F16, F16), (F32, BF16), (BF16, F32)]:
+        for N, C in [(5, 203), (2, 1100)]:
+            out.append(kd_case(N, C, "jsd", 0.5, T=2.0, sdt=sdt, tdt=tdt, labels=True,
+                               hard=0.2, single_pass=True, grad_scale="rows"))
+            out.append(kd_case(N, C, "forward_kl", T=1.0, sdt=sdt, tdt=tdt, misalign=True,
+                               single_pass=True))
+    for N, C in [(1, 1), (1, 3000), (1000, 40), (2, 1024), (2, 1025)]:
+        out.append(kd_case(N, C, "reverse_kl", T=2.0, labels=True, hard=0.25, single_pass=True,
+                           grad_scale="scalar"))
+    # Row-strided logits read in place: strides that keep the pack phase (pad 8, 16) and
+    # strides that do not (pad 1, 3: scalar rows), in all three passes.
+    for sdt, tdt in [(F32, F32), (BF16, BF16), (F64, F64), (BF16, F32)]:
+        for N, C in [(6, 77), (3, 1300)]:
+            for pad in (16, 3):
+                out.append(kd_case(N, C, "forward_kl", T=2.0, sdt=sdt, tdt=tdt, labels=True,
+                                   hard=0.5, pad=pad))
+                out.append(kd_case(N, C, "jsd", 0.5, T=2.0, sdt=sdt, tdt=tdt, labels=True,
+                                   hard=0.5, pad=pad, single_pass=True, grad_scale="rows"))
+    out.append(kd_case(4, 96, "reverse_kl", T=1.0, pad=8, single_pass=True))
+    out.append(kd_case(4, 2048, "reverse_kl", T=1.0, sdt=BF16, pad=1, single_pass=True))
+    for dt in (F32, BF16, F16, F64):
+        for rows_scale in (True, False):
+            out.append(kd_scale_case(5, 203, dt, rows_scale))
     return out
+
+
+def kd_scale_case(N, C, dt, rows_scale):
+    """kd_loss_scale_grad, the backward of the single pass: (N,) and 0-d scales."""
+    def make(g):
+        unit = randn((N, C), dt, g)
+        scale = torch.rand(N if rows_scale else (), generator=g, dtype=acc_of(dt)) + 0.5
+        return lambda ops: {"grad": ops.kd_loss_scale_grad(unit, scale)}
+    return Case("kd_loss", f"scale_grad_N{N}_C{C}_{SHORT[dt]}{'_rows' if rows_scale else ''}",
+                make)
 
 
 # ----------------------------------------------------------------- slam_loss
@@ -492,6 +557,16 @@ def bad_kd(N, C, bad_label):
     return raises_case("kd_loss", f"label{bad_label}_N{N}_C{C}", make_call)
 
 
+def bad_kd_single_pass(N, C, bad_label):
+    def make_call(g):
+        z, u = randn((N, C), F32, g), randn((N, C), F32, g)
+        y = torch.randint(0, C, (N,), generator=g)
+        y[N // 2] = bad_label
+        return lambda ops: ops.kd_loss_forward_grad(z, u, y, None, 2.0, "jsd", 0.5, 0.5, IGNORE,
+                                                    True, True)
+    return raises_case("kd_loss", f"single_pass_label{bad_label}_N{N}_C{C}", make_call)
+
+
 def bad_sparse(N, C, K, what, in_backward=False):
     def make_call(g):
         z = randn((N, C), F32, g)
@@ -549,6 +624,7 @@ def bad_input_cases():
     out = []
     for N, C in [(5, 40), (3, 1500)]:  # warp and block row paths
         out += [bad_kd(N, C, C), bad_kd(N, C, -5), bad_kd(N, C, 2**40)]
+        out += [bad_kd_single_pass(N, C, C), bad_kd_single_pass(N, C, -(2**40))]
         for what in ("high", "huge", "negative", "very_negative", "duplicate"):
             out.append(bad_sparse(N, C, 8, what))
         for what in ("high", "huge", "negative", "very_negative"):
