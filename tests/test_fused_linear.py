@@ -356,3 +356,14 @@ def test_bf16_weight_gradient_summed_in_fp32(n, chunk_rows):
     bound = exact.abs() * torch.finfo(torch.bfloat16).eps + 2 * err_dz + 1e-12
     assert gw.dtype == torch.bfloat16
     assert ((gw.double() - exact).abs() <= bound).all()
+
+
+def test_second_backward_raises_by_name():
+    """The gradients are formed in the forward and scaled in place by the first backward:
+    a second one (retain_graph=True) would see them scaled, so it is refused by name."""
+    hid, w, b, teacher, _ = setup(10, 4, 9)
+    loss = fused_linear_kd_loss(hid, w, teacher["teacher_logits"], student_bias=b)
+    first = torch.autograd.grad(loss, (hid, w, b), retain_graph=True)
+    assert all(torch.isfinite(g).all() for g in first)
+    with pytest.raises(RuntimeError, match="fused_linear_kd_loss: a second backward"):
+        torch.autograd.grad(loss, (hid, w, b))
