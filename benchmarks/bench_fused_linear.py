@@ -18,7 +18,9 @@ rows; the time of its three GEMMs alone, the issue's floor (docs/gpu.md), is mea
 ``benchmarks/gpu_floors.py``.
 
 --interleaved: the issue-15 comparison on a shared machine, in one process: N = 1024,
-H = 1024, C = 128256, fp32 and bf16, fwd+bwd of ``distillkit``, of the three GEMMs it
+H = 1024, C = 128256, fp32 and bf16, chunks of 512 rows (1024 holds an fp32 chunk's z and
+dz, 1.05 GB, besides the 525 MB fp32 weight gradient: a third of eager's extra memory;
+``--chunk-rows`` adds other sizes), fwd+bwd of ``distillkit``, of the three GEMMs it
 must do alone (``z = h Wᵀ``, ``dh = dz W``, ``dW = dzᵀ h``, in torch's matmuls, the
 fused loop's layouts, outputs in the inputs' dtype), ``unfused``, ``eager`` and
 ``compile``, and with ``--before REV`` the fused function as it was at that git revision
@@ -117,7 +119,7 @@ BENCH = OpBench(
     extra_providers={"unfused": unfused},
 )
 
-INTERLEAVED_CASES = [Case.of((1024, 1024, 128256), dt, temperature=2.0, chunk_rows=1024)
+INTERLEAVED_CASES = [Case.of((1024, 1024, 128256), dt, temperature=2.0, chunk_rows=512)
                      for dt in ("float32", "bfloat16")]
 INTERLEAVED_QUICK = [Case.of((96, 64, 1000), dt, temperature=2.0, chunk_rows=32)
                      for dt in ("float32", "bfloat16")]
@@ -182,7 +184,8 @@ def interleaved(argv: List[str]) -> None:
     ap.add_argument("--before", default=None, help="git revision of the fused loop to compare")
     ap.add_argument("--rounds", type=int, default=None, help="default 5, quick 2")
     ap.add_argument("--dtypes", nargs="+", default=("float32", "bfloat16"))
-    ap.add_argument("--chunk-rows", type=int, default=None)
+    ap.add_argument("--chunk-rows", type=int, nargs="+", default=(),
+                    help="also time distillkit at these chunk sizes")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-eager", action="store_true")
     args = ap.parse_args(argv)
@@ -196,6 +199,10 @@ def interleaved(argv: List[str]) -> None:
           f"load average {os.getloadavg()[0]:.1f}, {rounds} rounds\n", flush=True)
     providers: Dict[str, Callable[..., Any]] = {"distillkit": fused, "3 GEMMs": three_gemms,
                                                 "3 GEMMs, resident outputs": ResidentGemms()}
+    for rows in args.chunk_rows:
+        providers[f"distillkit chunk_rows={rows}"] = (
+            lambda h, w, t, *, temperature, chunk_rows, rows=rows:
+            fused(h, w, t, temperature=temperature, chunk_rows=rows))
     if args.before:
         before = load_revision(args.before)
         providers[f"distillkit@{args.before}"] = (
@@ -212,8 +219,6 @@ def interleaved(argv: List[str]) -> None:
         if case.dtype not in args.dtypes:
             continue
         kwargs = dict(case.kwargs)
-        if args.chunk_rows:
-            kwargs["chunk_rows"] = args.chunk_rows
         torch.manual_seed(0)
         inputs = make_inputs(case, torch.device("cpu"))
         want = None

@@ -186,6 +186,10 @@ class _FusedLinearKD(torch.autograd.Function):
                     matmul_into(grad_w, dz.t(), h_c, start > 0)
                 if need_b:
                     grad_b += dz.sum(0, dtype=grad_b.dtype)
+                # Freed before the next chunk's backward allocates its dz, which then
+                # reuses this block: else two chunks' dz were alive at once (+1 chunk of
+                # peak memory).
+                del dz
         if need_w and n == 0:
             grad_w.zero_()  # no chunk wrote it
         # h and weight only anchor a create_graph=True gradient (see backward); saved
