@@ -40,7 +40,7 @@ CPU_LEVELS = {
                "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
 }
 # Files of csrc/cpu without vectorized code: compiled once, like the host code.
-CPU_PORTABLE = {"capability.cpp", "input_errors.cpp", "output_cache.cpp"}
+CPU_PORTABLE = {"capability.cpp", "input_errors.cpp", "matmul_into.cpp", "output_cache.cpp"}
 
 
 def _cpu_levels():

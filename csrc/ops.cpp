@@ -131,4 +131,15 @@ TORCH_LIBRARY(distillkit, m) {
       "-> (Tensor grad_grad, Tensor grad_h, Tensor grad_c, Tensor[] grad_w_ih, "
       "Tensor[] grad_w_hh, Tensor[] grad_bias, Tensor grad_head_weight, "
       "Tensor grad_head_bias)");
+
+  // out = a b, or out += a b when accumulate: (M, K) a and (K, N) b of one
+  // dtype, out (M, N) of that dtype or fp32 for bf16 / fp16 operands, whose
+  // products then accumulate in fp32 into out, never rounded to bf16 (fused
+  // linear KD's weight gradient, summed over row chunks; docs/math.md §2).
+  // out must not overlap a or b.
+  m.def("matmul_into(Tensor(a!) out, Tensor a, Tensor b, bool accumulate) -> ()");
+  // An uninitialized contiguous tensor of that size and dtype on like's
+  // device; on the CPU from the output cache (cpu/output_cache.h): resident
+  // blocks reused step after step, for the per-call buffers of a loop.
+  m.def("empty_cached(Tensor like, int[] size, ScalarType dtype) -> Tensor");
 }

@@ -269,3 +269,101 @@ def test_under_bf16_autocast():
     for a, b in zip(got, want):
         assert a.dtype == torch.float32
         assert (a - b).abs().max() <= 2e-2 * b.abs().max()
+
+
+# matmul_into: the weight gradient's GEMM, out (+)= a @ b with an fp32 out for bf16/fp16
+# operands. Products of bf16 (fp16) values are exact in fp32 (8 (11) significant bits
+# each), so against the fp64 product the only error is the fp32 summation of K (+1 when
+# accumulating) terms: at most gamma_K = K u / (1 - K u) times Σ |a||b| (+ |out|), u = 2^-24.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.bfloat16, torch.float32),
+                                             (torch.float16, torch.float32),
+                                             (torch.float32, torch.float32),
+                                             (torch.float64, torch.float64),
+                                             (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("layout", ["nn", "tn", "nt", "strided"])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_matmul_into_within_summation_bound(device, dtype, out_dtype, layout, accumulate):
+    torch.manual_seed(0)
+    m, k, n = 67, 300, 40
+    a = torch.randn(k, m, device=device).to(dtype).t() if layout == "tn" else \
+        torch.randn(m, 2 * k, device=device).to(dtype)[:, ::2] if layout == "strided" else \
+        torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(n, k, device=device).to(dtype).t() if layout == "nt" else \
+        torch.randn(k, n, device=device).to(dtype)
+    out = torch.randn(m, n, device=device).to(out_dtype)
+    start = out.clone()
+    distillkit.ops.matmul_into(out, a, b, accumulate)
+    exact = a.double() @ b.double() + (start.double() if accumulate else 0)
+    terms = k + int(accumulate)
+    u = torch.finfo(torch.float32 if out_dtype != torch.float64 else torch.float64).eps / 2
+    bound = terms * u / (1 - terms * u) * (a.double().abs() @ b.double().abs()
+                                          + (start.double().abs() if accumulate else 0))
+    if out_dtype == torch.bfloat16:  # same dtype: one more rounding, of the result
+        bound = bound + exact.abs() * torch.finfo(out_dtype).eps
+    assert out.dtype == out_dtype
+    assert ((out.double() - exact).abs() <= bound).all()
+
+
+def test_matmul_into_rejects_bad_arguments():
+    a, b = torch.randn(4, 3).bfloat16(), torch.randn(3, 5).bfloat16()
+    with pytest.raises(ValueError, match="out must have shape"):
+        distillkit.ops.matmul_into(torch.empty(4, 4), a, b, False)
+    with pytest.raises(ValueError, match="out must have the operands' dtype, or be fp32"):
+        distillkit.ops.matmul_into(torch.empty(4, 5, dtype=torch.float64), a, b, False)
+    with pytest.raises(ValueError, match="same dtype"):
+        distillkit.ops.matmul_into(torch.empty(4, 5), a, b.float(), False)
+    with pytest.raises(ValueError, match="agree in K"):
+        distillkit.ops.matmul_into(torch.empty(4, 5), a, b[:2], False)
+
+
+def test_matmul_into_and_empty_cached_on_meta():
+    """The composite kernels (every backend without its own: CUDA, Meta) trace shapes."""
+    out = torch.ops.distillkit.empty_cached(torch.empty(0, device="meta"), [6, 5], torch.float32)
+    assert out.device.type == "meta" and out.shape == (6, 5) and out.dtype == torch.float32
+    distillkit.ops.matmul_into(out, torch.empty(6, 3, device="meta", dtype=torch.bfloat16),
+                               torch.empty(3, 5, device="meta", dtype=torch.bfloat16), True)
+
+
+def test_empty_cached_blocks_are_reused():
+    """A freed block of at least 1 MiB stays in the CPU output cache and serves the next
+    request of its size: the fused loop's buffers stay resident from step to step."""
+    distillkit.empty_cpu_cache()
+    t = distillkit.ops.empty_cached(torch.empty(0), (512, 1024), torch.float32)
+    assert t.shape == (512, 1024) and t.dtype == torch.float32 and t.is_contiguous()
+    ptr = t.data_ptr()
+    del t
+    assert distillkit.cpu_cache_bytes() >= 512 * 1024 * 4
+    assert distillkit.ops.empty_cached(torch.empty(0), (1024, 512), torch.float32).data_ptr() == ptr
+    with pytest.raises(ValueError, match="size must be non-negative"):
+        distillkit.ops.empty_cached(torch.empty(0), (-1, 3), torch.float32)
+
+
+@pytest.mark.parametrize("n,chunk_rows", [(40, 16), (40, 40)], ids=str)
+def test_bf16_weight_gradient_summed_in_fp32(n, chunk_rows):
+    """bf16 weights: the weight gradient summed over chunks in fp32, rounded to bf16 once,
+    is the fp64 gradient of the same bf16 logits to within bf16 rounding (one ulp), plus
+    the fp32 summation bound, for one chunk or several."""
+    hid, w, _, teacher, u = setup(n, 24, 70, torch.bfloat16, bias=False)
+    fused = fused_linear_kd_loss(hid, w, u, chunk_rows=chunk_rows, temperature=2.0)
+    (gw,) = torch.autograd.grad(fused, (w,))
+    z = (hid.detach() @ w.detach().t()).double().requires_grad_()  # the logits fused formed
+    ref = kd_loss(z, u.double(), temperature=2.0)
+    (dz,) = torch.autograd.grad(ref, (z,))
+    exact = dz.t() @ hid.detach().double()
+    # dz is rounded to bf16 by the kernel: half an ulp of each element, relative.
+    err_dz = torch.finfo(torch.bfloat16).eps / 2 * (dz.abs().t() @ hid.detach().double().abs())
+    bound = exact.abs() * torch.finfo(torch.bfloat16).eps + 2 * err_dz + 1e-12
+    assert gw.dtype == torch.bfloat16
+    assert ((gw.double() - exact).abs() <= bound).all()
+
+
+def test_second_backward_raises_by_name():
+    """The gradients are formed in the forward and scaled in place by the first backward:
+    a second one (retain_graph=True) would see them scaled, so it is refused by name."""
+    hid, w, b, teacher, _ = setup(10, 4, 9)
+    loss = fused_linear_kd_loss(hid, w, teacher["teacher_logits"], student_bias=b)
+    first = torch.autograd.grad(loss, (hid, w, b), retain_graph=True)
+    assert all(torch.isfinite(g).all() for g in first)
+    with pytest.raises(RuntimeError, match="fused_linear_kd_loss: a second backward"):
+        torch.autograd.grad(loss, (hid, w, b))

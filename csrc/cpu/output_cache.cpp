@@ -1,9 +1,11 @@
 #include "cpu/output_cache.h"
 
 #include <ATen/EmptyTensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/core/Allocator.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -17,6 +19,8 @@
 #include <mutex>
 #include <new>
 #include <string>
+
+#include "checks.h"
 
 namespace distillkit::cpu {
 namespace {
@@ -150,20 +154,32 @@ OutputCache& cache() {
 
 void OutputCache::give_back(void* ctx) { cache().put(static_cast<Block*>(ctx)); }
 
-}  // namespace
-
-at::Tensor empty_like_cached(const at::Tensor& t) {
-  if (static_cast<size_t>(t.nbytes()) < kMinCached) {
-    return at::empty_like(t, t.options(), at::MemoryFormat::Contiguous);
+// An uninitialized contiguous CPU tensor of that size and dtype.
+at::Tensor empty_cached(at::IntArrayRef sizes, at::ScalarType dtype) {
+  if (static_cast<size_t>(c10::multiply_integers(sizes)) * c10::elementSize(dtype) < kMinCached) {
+    return at::empty(sizes, at::TensorOptions().dtype(dtype).device(at::kCPU));
   }
   // With the cache off (capacity 0) blocks still come from here, huge-page
   // advised, and are freed on release.
-  return at::detail::empty_generic(t.sizes(), &cache(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   t.scalar_type(), at::MemoryFormat::Contiguous);
+  return at::detail::empty_generic(sizes, &cache(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   dtype, at::MemoryFormat::Contiguous);
 }
+
+// The op empty_cached (csrc/ops.cpp): fused linear KD's per-call buffers and
+// gradients, resident from one training step to the next.
+at::Tensor empty_cached_cpu(const at::Tensor&, at::IntArrayRef size, at::ScalarType dtype) {
+  for (const int64_t s : size) DK_CHECK(s >= 0, "size must be non-negative (got ", size, ")");
+  return empty_cached(size, dtype);
+}
+
+}  // namespace
+
+at::Tensor empty_like_cached(const at::Tensor& t) { return empty_cached(t.sizes(), t.scalar_type()); }
 
 int64_t release_output_cache() { return cache().release(); }
 
 int64_t output_cache_bytes() { return cache().cached_bytes(); }
+
+TORCH_LIBRARY_IMPL(distillkit, CPU, m) { m.impl("empty_cached", &empty_cached_cpu); }
 
 }  // namespace distillkit::cpu

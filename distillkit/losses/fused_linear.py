@@ -4,7 +4,8 @@ LLM distillation runs out of memory on logits, not on weights: N tokens × a 128
 vocabulary, for student and teacher. Here at most ``chunk_rows × C`` logits of each
 exist at a time. Per chunk: ``z = h Wᵀ (+ b)``, the fused kd_loss forward, its gradient
 ``dz`` (one kernel, scaled by the reduction's per-row factor), then ``dh = dz W``,
-``dW += dzᵀ h``, ``db += Σ dz``. The gradients are computed during the forward pass and
+``dW += dzᵀ h`` (summed in fp32 by the GEMM itself for bf16 / fp16 weights),
+``db += Σ dz``. The gradients are computed during the forward pass and
 only scaled by ``grad_output`` in backward, so the whole step costs the same three
 matmuls as the unfused computation. A model's own logit transform (:class:`LogitHead`:
 Cohere's scale, Gemma's soft cap) is applied to each chunk before the loss, and its
@@ -21,7 +22,8 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Partial
 
-from ..ops import KD_STATS, RaiseOnBackward, kd_loss_backward, kd_loss_forward, reject_functorch
+from ..ops import (KD_STATS, RaiseOnBackward, empty_cached, kd_loss_backward, kd_loss_forward,
+                   matmul_into, reject_functorch)
 from ..ops.options import KDOptions, LogitHead
 from .functional import (check_classes, check_normalizer, check_row_tensor, flat_labels,
                          mean_denominator)
@@ -31,17 +33,19 @@ __all__ = ["fused_linear_kd_loss"]
 _IDENTITY = LogitHead()
 
 
-def _linear(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
-
-
 def _head_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], head: LogitHead,
-                 need_slope: bool) -> Tuple[Tensor, Optional[Tensor]]:
+                 need_slope: bool, buffer: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
     """A chunk's final logits ``head(h Wᵀ + b)`` and, when ``need_slope`` and the soft
     cap is on, ``tanh`` of the capped argument (the backward's slope is
-    ``scale·(1 − tanh²)``). In place on the fresh matmul output, in its dtype, in the
-    order of the models' own forward: ``·scale``, ``/cap``, ``tanh``, ``·cap``."""
-    z = _linear(h, weight, bias)
+    ``scale·(1 − tanh²)``). The matmul writes into the leading rows of ``buffer``
+    (resident, reused chunk after chunk), the head transform runs in place there, in
+    its dtype, in the order of the models' own forward: ``·scale``, ``/cap``, ``tanh``,
+    ``·cap``."""
+    z = buffer[:h.shape[0]]
+    if bias is None:
+        torch.mm(h, weight.t(), out=z)
+    else:
+        torch.addmm(bias, h, weight.t(), out=z)
     if head.scale != 1.0:
         z.mul_(head.scale)
     if head.softcap is None:
@@ -115,6 +119,17 @@ def _entropy_sum(z: Tensor, stats: Tensor, y: Optional[Tensor], options: KDOptio
     return rows.sum()
 
 
+def _autocast_operands(device: str, *operands: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    """The matmul operands as autocast would give them to each matmul (floating ones but
+    fp64 in the autocast dtype), cast once for the whole call: the loop then runs with
+    autocast off, so that its matmuls can write in place (autocast refuses ``out=``)."""
+    if not torch.is_autocast_enabled(device):
+        return operands
+    low = torch.get_autocast_dtype(device)
+    return tuple(t.to(low) if t is not None and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in operands)
+
+
 class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, teacher_logits, teacher_h, teacher_weight, teacher_bias,
@@ -124,41 +139,62 @@ class _FusedLinearKD(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         need_grad = need_h or need_w or need_b
+        ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.consumed = False
+        anchors = (h, weight)
+        device = h.device.type
+        h, weight, bias, teacher_h, teacher_weight, teacher_bias = _autocast_operands(
+            device, h, weight, bias, teacher_h, teacher_weight, teacher_bias)
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
         grad_h = torch.empty_like(h) if need_h else None
-        # Low-precision weights accumulate their gradient in fp32 across chunks.
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32 if weight.dtype != torch.float64
-                             else torch.float64, device=weight.device) if need_w else None
-        grad_b = torch.zeros_like(grad_w[:, 0] if grad_w is not None else bias, dtype=grad_w.dtype
-                                  if grad_w is not None else torch.float32) if need_b else None
+        # Low-precision weights accumulate their gradient in fp32 across chunks: each
+        # chunk's product is added into it by the GEMM itself (matmul_into), never
+        # rounded to bf16. The first chunk writes it, so it needs no zero fill.
+        grad_w = empty_cached(weight, weight.shape, acc) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
         total = row_scale.new_zeros(())
         entropy_sum = row_scale.new_zeros(()) if entropy else None
-        for start in range(0, n, chunk_rows):
-            rows = slice(start, min(start + chunk_rows, n))
-            h_c = h[rows]
-            z, tanh = _head_logits(h_c, weight, bias, student_head, need_grad)
-            u = (teacher_logits[rows] if teacher_logits is not None
-                 else _head_logits(teacher_h[rows], teacher_weight, teacher_bias, teacher_head,
-                                   False)[0])
-            y = labels[rows] if labels is not None else None
-            loss, stats = kd_loss_forward(z, u, y, options)
-            scale = row_scale[rows].contiguous()
-            total += (loss * scale).sum()
-            if entropy:
-                entropy_sum += _entropy_sum(z, stats, y, options)
-            if not need_grad:
-                continue
-            dz, _ = kd_loss_backward(scale, z, u, y, stats, options, False)
-            dz = _head_backward(dz, tanh, student_head)
-            if need_h:
-                grad_h[rows] = dz @ weight
-            if need_w:
-                grad_w += (dz.t() @ h_c).to(grad_w.dtype)
-            if need_b:
-                grad_b += dz.sum(0, dtype=grad_b.dtype)
+        # The chunks' logits, in buffers reused chunk after chunk (and, from the output
+        # cache, call after call).
+        rows_max = min(chunk_rows, n)
+        z_buf = empty_cached(h, (rows_max, weight.shape[0]), h.dtype)
+        u_buf = (empty_cached(teacher_h, (rows_max, teacher_weight.shape[0]), teacher_h.dtype)
+                 if teacher_h is not None else None)
+        with torch.autocast(device, enabled=False):
+            for start in range(0, n, chunk_rows):
+                rows = slice(start, min(start + chunk_rows, n))
+                h_c = h[rows]
+                z, tanh = _head_logits(h_c, weight, bias, student_head, need_grad, z_buf)
+                u = (teacher_logits[rows] if teacher_logits is not None
+                     else _head_logits(teacher_h[rows], teacher_weight, teacher_bias,
+                                       teacher_head, False, u_buf)[0])
+                y = labels[rows] if labels is not None else None
+                loss, stats = kd_loss_forward(z, u, y, options)
+                scale = row_scale[rows].contiguous()
+                total += (loss * scale).sum()
+                if entropy:
+                    entropy_sum += _entropy_sum(z, stats, y, options)
+                if not need_grad:
+                    continue
+                dz, _ = kd_loss_backward(scale, z, u, y, stats, options, False)
+                dz = _head_backward(dz, tanh, student_head)
+                # BLAS layouts as they stand, no copies: dz W (dz row-major), dzᵀ h
+                # (dzᵀ a transposed view), into grad_h's rows and grad_w in place.
+                if need_h:
+                    matmul_into(grad_h[rows], dz, weight, False)
+                if need_w:
+                    matmul_into(grad_w, dz.t(), h_c, start > 0)
+                if need_b:
+                    grad_b += dz.sum(0, dtype=grad_b.dtype)
+                # Freed before the next chunk's backward allocates its dz, which then
+                # reuses this block: else two chunks' dz were alive at once (+1 chunk of
+                # peak memory).
+                del dz
+        if need_w and n == 0:
+            grad_w.zero_()  # no chunk wrote it
         # h and weight only anchor a create_graph=True gradient (see backward); saved
         # inputs cost no memory.
-        ctx.save_for_backward(grad_h, grad_w, grad_b, h, weight)
-        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        ctx.save_for_backward(grad_h, grad_w, grad_b, *anchors)
         if entropy:
             ctx.mark_non_differentiable(entropy_sum)
             return total, entropy_sum
@@ -166,18 +202,26 @@ class _FusedLinearKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, _grad_entropy=None):
+        if ctx.consumed:
+            raise RuntimeError("fused_linear_kd_loss: a second backward through one call is not "
+                               "supported (its gradients are formed in the forward and the first "
+                               "backward scales them in place); call fused_linear_kd_loss again")
+        ctx.consumed = True
         grad_h, grad_w, grad_b, h, weight = ctx.saved_tensors
-        w_dtype, b_dtype = ctx.dtypes
-        g = grad_output
-        out_h = grad_h * g.to(grad_h.dtype) if grad_h is not None else None
-        out_w = (grad_w * g).to(w_dtype) if grad_w is not None else None
-        out_b = (grad_b * g).to(b_dtype) if grad_b is not None else None
+        # In place, then (for a narrower parameter dtype) one conversion pass: the
+        # buffers are this call's own. Out of place, a (C, H) product would be one more
+        # (C, H) tensor, and a mixed-dtype mul writes a full temporary in t's dtype
+        # first (TensorIterator's CPU path): 2.5x the time of this, page faults included
+        # (benchmarks/results/fused_linear_profile.md).
+        outs = tuple(None if t is None else t.mul_(grad_output) if t.dtype == dtype
+                     else empty_cached(t, t.shape, dtype).copy_(t.mul_(grad_output))
+                     for t, dtype in zip((grad_h, grad_w, grad_b), ctx.dtypes))
         if torch.is_grad_enabled():
             # create_graph=True: the gradients were formed in the forward and do not
             # depend on h or W here; a loss on them must fail by name, not miss a term.
-            out_h, out_w, out_b = (RaiseOnBackward.apply(t, h, weight, "fused_linear_kd_loss")
-                                   if t is not None else None for t in (out_h, out_w, out_b))
-        return (out_h, out_w, out_b) + (None,) * 10
+            outs = tuple(RaiseOnBackward.apply(t, h, weight, "fused_linear_kd_loss")
+                         if t is not None else None for t in outs)
+        return outs + (None,) * 10
 
 
 def fused_linear_kd_loss(

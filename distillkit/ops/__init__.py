@@ -627,3 +627,24 @@ class RaiseOnBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         raise double_backward_error(ctx.op)
+
+
+__all__ += ["matmul_into", "empty_cached"]
+
+
+def matmul_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
+    """``out = a @ b``, or ``out += a @ b`` when ``accumulate``, in place: (M, K) ``a`` and
+    (K, N) ``b`` of one dtype (either may be a transposed view: no copy), ``out`` (M, N) of
+    that dtype or, for bf16 / fp16 operands, fp32, the products then accumulated in fp32
+    and never rounded to the operands' dtype (on the CPU, MKL's mixed-precision GEMM with
+    beta = 1). No autograd: for callers that form gradients themselves (fused linear KD's
+    weight gradient, summed over row chunks)."""
+    torch.ops.distillkit.matmul_into(out, a, b, accumulate)
+
+
+def empty_cached(like: Tensor, size: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """An uninitialized contiguous tensor of ``size`` and ``dtype`` on ``like``'s device; on
+    the CPU from distillkit's output cache (see :func:`distillkit.empty_cpu_cache`), whose
+    blocks stay resident and huge-page advised from one training step to the next: a
+    fresh multi-MB CPU tensor pays a page fault per page wherever it is first written."""
+    return torch.ops.distillkit.empty_cached(like, list(size), dtype)
