@@ -42,7 +42,7 @@ from typing import Any, Callable, Dict, List
 
 import torch
 
-from harness import REPO_ROOT, Case, OpBench, _CpuMeter, _git_rev, find_row, main, ratio_line
+from harness import REPO_ROOT, Case, OpBench, CpuMeter, _git_rev, find_row, main, ratio_line
 
 import distillkit
 from distillkit.reference import kd_loss_ref
@@ -190,7 +190,7 @@ def interleaved(argv: List[str]) -> None:
     ap.add_argument("--no-eager", action="store_true")
     args = ap.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 5)
-    meter = _CpuMeter()
+    meter = CpuMeter()
     flags = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
              if f in open("/proc/cpuinfo").read().split()]
     print(f"## fused_linear_kd_loss, interleaved: {meter.machine()} ({', '.join(flags)}), "

@@ -76,7 +76,10 @@ def main() -> None:
     ap.add_argument("--chunk-rows", type=int, nargs="+", default=(256, 512, 1024))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--whole", action="store_true", help="also time the whole call and its GEMMs")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, one round (CI)")
     args = ap.parse_args()
+    if args.quick:
+        args.shape, args.chunk_rows, args.rounds, args.whole = (64, 32, 500), (16, 32), 1, True
     dt = getattr(torch, args.dtype)
     n, hid, c = args.shape
     torch.manual_seed(0)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from harness import _CpuMeter
+from harness import CpuMeter
 
 import distillkit
 from distillkit import KDOptions
@@ -103,8 +103,11 @@ def main() -> None:
     ap.add_argument("--cols", type=int, default=32000)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, 2 rounds, no file (CI)")
     args = ap.parse_args()
-    meter = _CpuMeter()
+    if args.quick:
+        args.rows, args.cols, args.rounds, args.out = 64, 500, 2, None
+    meter = CpuMeter()
     torch.manual_seed(0)
     z = torch.randn(args.rows, args.cols).requires_grad_()
     u = torch.randn(args.rows, args.cols)

@@ -143,9 +143,15 @@ def test_which_pass_runs(device):
         loss = kd_loss(z, u)
     assert "kd_loss_forward_grad" in log.ops and "kd_loss_forward" not in log.ops
     with OpLog() as log:
-        loss.backward()
-    # Scaling only: the logits are not read again.
+        loss.backward(retain_graph=True)
+    # Scaling only: the logits are not read again; the saved gradient is kept for the
+    # next backward of the retained graph (a new tensor)...
     assert [op for op in log.ops if op.startswith("kd_loss")] == ["kd_loss_scale_grad"]
+    with OpLog() as log:
+        loss.backward()
+    # ... and scaled in place by the last one (no second N x C buffer).
+    assert [op for op in log.ops if op.startswith("kd_loss")] == []
+    assert "mul_" in log.ops
     with OpLog() as log:
         kd_loss(z.detach(), u)  # nothing needs a gradient
     assert "kd_loss_forward" in log.ops

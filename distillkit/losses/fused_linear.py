@@ -16,14 +16,14 @@ dim 0) is gathered once per call, as FSDP's own forward would; see :func:`_full`
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Partial
 
-from ..ops import (KD_STATS, RaiseOnBackward, empty_cached, kd_loss_backward, kd_loss_forward,
-                   matmul_into, reject_functorch)
+from ..ops import (KD_STATS, RaiseOnBackward, empty_cached, graph_is_kept, kd_loss_backward,
+                   kd_loss_forward, matmul_into, reject_functorch)
 from ..ops.options import KDOptions, LogitHead
 from .functional import (check_classes, check_normalizer, check_row_tensor, flat_labels,
                          mean_denominator)
@@ -130,71 +130,114 @@ def _autocast_operands(device: str, *operands: Optional[Tensor]) -> Tuple[Option
                  else t for t in operands)
 
 
+def chunked_head_gradients(ctx, h: Tensor, weight: Tensor, bias: Optional[Tensor],
+                           head: LogitHead, chunk_rows: int,
+                           chunk_loss: Callable[[slice, Tensor, bool], Optional[Tensor]],
+                           anchors: Tuple[Tensor, Tensor]) -> None:
+    """The student side of a fused lm head + loss, shared by the fused losses' autograd
+    Functions: per chunk of ``chunk_rows`` rows, the logits ``z = head(h_c Wᵀ + b)``
+    (in a buffer reused chunk after chunk and, from the output cache, call after call),
+    ``dz = chunk_loss(rows, z, need_grad)`` (the loss's gradient w.r.t. z, already
+    scaled by the reduction; the loss itself is the caller's to sum; None when no
+    gradient is needed), then through the head, ``dh = dz W`` into grad_h's rows,
+    ``dW += dzᵀ h_c`` and ``db += Σ dz``. The gradients (fp32 for low-precision weights:
+    each chunk's product is added by the GEMM itself, ``matmul_into``, never rounded to
+    bf16) are saved on ``ctx`` for :func:`scaled_saved_gradients`, with ``anchors``, the
+    caller's own hidden states and weight (a create_graph=True gradient's graph edges;
+    saved inputs cost no memory). ``h``, ``weight`` and ``bias`` are the autocast-cast
+    operands; the loop runs with autocast off so that its matmuls can write in place."""
+    n = h.shape[0]
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_b = bias is not None and ctx.needs_input_grad[2]
+    need_grad = need_h or need_w or need_b
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    grad_h = torch.empty_like(h) if need_h else None
+    # The first chunk writes grad_w, so it needs no zero fill.
+    grad_w = empty_cached(weight, weight.shape, acc) if need_w else None
+    grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+    z_buf = empty_cached(h, (min(chunk_rows, n), weight.shape[0]), h.dtype)
+    with torch.autocast(h.device.type, enabled=False):
+        for start in range(0, n, chunk_rows):
+            rows = slice(start, min(start + chunk_rows, n))
+            h_c = h[rows]
+            z, tanh = _head_logits(h_c, weight, bias, head, need_grad, z_buf)
+            dz = chunk_loss(rows, z, need_grad)
+            if dz is None:
+                continue
+            dz = _head_backward(dz, tanh, head)
+            # BLAS layouts as they stand, no copies: dz W (dz row-major), dzᵀ h
+            # (dzᵀ a transposed view), into grad_h's rows and grad_w in place.
+            if need_h:
+                matmul_into(grad_h[rows], dz, weight, False)
+            if need_w:
+                matmul_into(grad_w, dz.t(), h_c, start > 0)
+            if need_b:
+                grad_b += dz.sum(0, dtype=grad_b.dtype)
+            # Freed before the next chunk's backward allocates its dz, which then reuses
+            # this block: else two chunks' dz were alive at once (+1 chunk of peak memory).
+            del dz
+    if need_w and n == 0:
+        grad_w.zero_()  # no chunk wrote it
+    ctx.save_for_backward(grad_h, grad_w, grad_b, *anchors)
+
+
+def scaled_saved_gradients(ctx, grad_output: Tensor, op: str) -> Tuple[Optional[Tensor], ...]:
+    """The backward of a fused head + loss: the gradients :func:`chunked_head_gradients`
+    formed in the forward times ``grad_output``, in the parameters' dtypes
+    (``ctx.dtypes``: hidden, weight, bias)."""
+    grad_h, grad_w, grad_b, *anchors = ctx.saved_tensors
+    if graph_is_kept():
+        # retain_graph=True: the next backward reads the saved gradients again.
+        outs = tuple(None if t is None else (t * grad_output).to(dtype)
+                     for t, dtype in zip((grad_h, grad_w, grad_b), ctx.dtypes))
+    else:
+        # The last read of this call's own buffers: in place, then (for a narrower
+        # parameter dtype) one conversion pass. Out of place, a (C, H) product would be
+        # one more (C, H) tensor, and a mixed-dtype mul writes a full temporary in t's
+        # dtype first (TensorIterator's CPU path): 2.5x the time of this, page faults
+        # included (benchmarks/results/fused_linear_profile.md).
+        outs = tuple(None if t is None else t.mul_(grad_output) if t.dtype == dtype
+                     else empty_cached(t, t.shape, dtype).copy_(t.mul_(grad_output))
+                     for t, dtype in zip((grad_h, grad_w, grad_b), ctx.dtypes))
+    if torch.is_grad_enabled():
+        # create_graph=True: the gradients were formed in the forward and do not depend
+        # on h or W here; a loss on them must fail by name, not miss a term.
+        outs = tuple(RaiseOnBackward.apply(t, *anchors, op) if t is not None else None
+                     for t in outs)
+    return outs
+
+
 class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, teacher_logits, teacher_h, teacher_weight, teacher_bias,
                 labels, row_scale, chunk_rows, options: KDOptions, heads, entropy):
-        n = h.shape[0]
         student_head, teacher_head = heads
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = bias is not None and ctx.needs_input_grad[2]
-        need_grad = need_h or need_w or need_b
         ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        ctx.consumed = False
         anchors = (h, weight)
-        device = h.device.type
         h, weight, bias, teacher_h, teacher_weight, teacher_bias = _autocast_operands(
-            device, h, weight, bias, teacher_h, teacher_weight, teacher_bias)
-        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        grad_h = torch.empty_like(h) if need_h else None
-        # Low-precision weights accumulate their gradient in fp32 across chunks: each
-        # chunk's product is added into it by the GEMM itself (matmul_into), never
-        # rounded to bf16. The first chunk writes it, so it needs no zero fill.
-        grad_w = empty_cached(weight, weight.shape, acc) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+            h.device.type, h, weight, bias, teacher_h, teacher_weight, teacher_bias)
         total = row_scale.new_zeros(())
         entropy_sum = row_scale.new_zeros(()) if entropy else None
-        # The chunks' logits, in buffers reused chunk after chunk (and, from the output
-        # cache, call after call).
-        rows_max = min(chunk_rows, n)
-        z_buf = empty_cached(h, (rows_max, weight.shape[0]), h.dtype)
-        u_buf = (empty_cached(teacher_h, (rows_max, teacher_weight.shape[0]), teacher_h.dtype)
-                 if teacher_h is not None else None)
-        with torch.autocast(device, enabled=False):
-            for start in range(0, n, chunk_rows):
-                rows = slice(start, min(start + chunk_rows, n))
-                h_c = h[rows]
-                z, tanh = _head_logits(h_c, weight, bias, student_head, need_grad, z_buf)
-                u = (teacher_logits[rows] if teacher_logits is not None
-                     else _head_logits(teacher_h[rows], teacher_weight, teacher_bias,
-                                       teacher_head, False, u_buf)[0])
-                y = labels[rows] if labels is not None else None
-                loss, stats = kd_loss_forward(z, u, y, options)
-                scale = row_scale[rows].contiguous()
-                total += (loss * scale).sum()
-                if entropy:
-                    entropy_sum += _entropy_sum(z, stats, y, options)
-                if not need_grad:
-                    continue
-                dz, _ = kd_loss_backward(scale, z, u, y, stats, options, False)
-                dz = _head_backward(dz, tanh, student_head)
-                # BLAS layouts as they stand, no copies: dz W (dz row-major), dzᵀ h
-                # (dzᵀ a transposed view), into grad_h's rows and grad_w in place.
-                if need_h:
-                    matmul_into(grad_h[rows], dz, weight, False)
-                if need_w:
-                    matmul_into(grad_w, dz.t(), h_c, start > 0)
-                if need_b:
-                    grad_b += dz.sum(0, dtype=grad_b.dtype)
-                # Freed before the next chunk's backward allocates its dz, which then
-                # reuses this block: else two chunks' dz were alive at once (+1 chunk of
-                # peak memory).
-                del dz
-        if need_w and n == 0:
-            grad_w.zero_()  # no chunk wrote it
-        # h and weight only anchor a create_graph=True gradient (see backward); saved
-        # inputs cost no memory.
-        ctx.save_for_backward(grad_h, grad_w, grad_b, *anchors)
+        u_buf = (empty_cached(teacher_h, (min(chunk_rows, h.shape[0]), teacher_weight.shape[0]),
+                              teacher_h.dtype) if teacher_h is not None else None)
+
+        def chunk_loss(rows: slice, z: Tensor, need_grad: bool) -> Optional[Tensor]:
+            nonlocal total, entropy_sum
+            u = (teacher_logits[rows] if teacher_logits is not None
+                 else _head_logits(teacher_h[rows], teacher_weight, teacher_bias,
+                                   teacher_head, False, u_buf)[0])
+            y = labels[rows] if labels is not None else None
+            loss, stats = kd_loss_forward(z, u, y, options)
+            scale = row_scale[rows].contiguous()
+            total += (loss * scale).sum()
+            if entropy:
+                entropy_sum += _entropy_sum(z, stats, y, options)
+            if not need_grad:
+                return None
+            return kd_loss_backward(scale, z, u, y, stats, options, False)[0]
+
+        chunked_head_gradients(ctx, h, weight, bias, student_head, chunk_rows, chunk_loss,
+                               anchors)
         if entropy:
             ctx.mark_non_differentiable(entropy_sum)
             return total, entropy_sum
@@ -202,26 +245,7 @@ class _FusedLinearKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, _grad_entropy=None):
-        if ctx.consumed:
-            raise RuntimeError("fused_linear_kd_loss: a second backward through one call is not "
-                               "supported (its gradients are formed in the forward and the first "
-                               "backward scales them in place); call fused_linear_kd_loss again")
-        ctx.consumed = True
-        grad_h, grad_w, grad_b, h, weight = ctx.saved_tensors
-        # In place, then (for a narrower parameter dtype) one conversion pass: the
-        # buffers are this call's own. Out of place, a (C, H) product would be one more
-        # (C, H) tensor, and a mixed-dtype mul writes a full temporary in t's dtype
-        # first (TensorIterator's CPU path): 2.5x the time of this, page faults included
-        # (benchmarks/results/fused_linear_profile.md).
-        outs = tuple(None if t is None else t.mul_(grad_output) if t.dtype == dtype
-                     else empty_cached(t, t.shape, dtype).copy_(t.mul_(grad_output))
-                     for t, dtype in zip((grad_h, grad_w, grad_b), ctx.dtypes))
-        if torch.is_grad_enabled():
-            # create_graph=True: the gradients were formed in the forward and do not
-            # depend on h or W here; a loss on them must fail by name, not miss a term.
-            outs = tuple(RaiseOnBackward.apply(t, h, weight, "fused_linear_kd_loss")
-                         if t is not None else None for t in outs)
-        return outs + (None,) * 10
+        return scaled_saved_gradients(ctx, grad_output, "fused_linear_kd_loss") + (None,) * 10
 
 
 def fused_linear_kd_loss(

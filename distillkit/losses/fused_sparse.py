@@ -17,10 +17,11 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ..ops import RaiseOnBackward, reject_functorch, sparse_kd_loss_backward, sparse_kd_loss_forward
+from ..ops import reject_functorch, sparse_kd_loss_backward, sparse_kd_loss_forward
 from ..ops.options import LogitHead, SparseKDOptions
 from .functional import check_classes, check_normalizer, check_row_tensor, flat_labels
-from .fused_linear import _IDENTITY, _full, _head_backward, _head_logits
+from .fused_linear import (_IDENTITY, _autocast_operands, _full, chunked_head_gradients,
+                           scaled_saved_gradients)
 
 __all__ = ["fused_linear_sparse_kd_loss"]
 
@@ -29,20 +30,13 @@ class _FusedLinearSparseKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, indices, logprobs, tail, labels, row_scale, chunk_rows,
                 options: SparseKDOptions, head: LogitHead):
-        n = h.shape[0]
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = bias is not None and ctx.needs_input_grad[2]
-        need_grad = need_h or need_w or need_b
-        grad_h = torch.empty_like(h) if need_h else None
-        # Low-precision weights accumulate their gradient in fp32 across chunks.
-        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        anchors = (h, weight)
+        h, weight, bias = _autocast_operands(h.device.type, h, weight, bias)
         total = row_scale.new_zeros(())
-        for start in range(0, n, chunk_rows):
-            rows = slice(start, min(start + chunk_rows, n))
-            h_c = h[rows]
-            z, tanh = _head_logits(h_c, weight, bias, head, need_grad)
+
+        def chunk_loss(rows: slice, z: Tensor, need_grad: bool) -> Optional[Tensor]:
+            nonlocal total
             idx, lp = indices[rows], logprobs[rows]
             t = tail[rows] if tail is not None else None
             y = labels[rows] if labels is not None else None
@@ -50,35 +44,16 @@ class _FusedLinearSparseKD(torch.autograd.Function):
             scale = row_scale[rows].contiguous()
             total += (loss * scale).sum()
             if not need_grad:
-                continue
-            dz = sparse_kd_loss_backward(scale, z, idx, lp, y, stats, options, t)
-            dz = _head_backward(dz, tanh, head)
-            if need_h:
-                grad_h[rows] = dz @ weight
-            if need_w:
-                grad_w += (dz.t() @ h_c).to(acc)
-            if need_b:
-                grad_b += dz.sum(0, dtype=acc)
-        # h and weight only anchor a create_graph=True gradient (see backward).
-        ctx.save_for_backward(grad_h, grad_w, grad_b, h, weight)
-        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+                return None
+            return sparse_kd_loss_backward(scale, z, idx, lp, y, stats, options, t)
+
+        chunked_head_gradients(ctx, h, weight, bias, head, chunk_rows, chunk_loss, anchors)
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_h, grad_w, grad_b, h, weight = ctx.saved_tensors
-        w_dtype, b_dtype = ctx.dtypes
-        g = grad_output
-        out_h = grad_h * g.to(grad_h.dtype) if grad_h is not None else None
-        out_w = (grad_w * g).to(w_dtype) if grad_w is not None else None
-        out_b = (grad_b * g).to(b_dtype) if grad_b is not None else None
-        if torch.is_grad_enabled():
-            # create_graph=True: the gradients were formed in the forward; a loss on them
-            # must fail by name, not silently miss the second-order term.
-            out_h, out_w, out_b = (RaiseOnBackward.apply(t, h, weight,
-                                                         "fused_linear_sparse_kd_loss")
-                                   if t is not None else None for t in (out_h, out_w, out_b))
-        return (out_h, out_w, out_b) + (None,) * 8
+        return scaled_saved_gradients(ctx, grad_output,
+                                      "fused_linear_sparse_kd_loss") + (None,) * 8
 
 
 def fused_linear_sparse_kd_loss(

@@ -15,7 +15,7 @@ from .options import KDOptions, SLaMOptions, SparseKDOptions
 __all__ = ["kd_loss_forward", "kd_loss_forward_grad", "kd_loss_backward", "slam_loss_forward",
            "pointwise_distance_forward", "correlation_distance_forward", "sparse_kd_loss_forward",
            "sparse_kd_loss_backward", "coordinate_lstm_step",
-           "check_errors"]
+           "check_errors", "graph_is_kept"]
 
 class StatsLayout:
     """The named columns of the per-row statistics an op's forward saves for its backward.
@@ -199,13 +199,27 @@ torch.library.register_autograd(
 )
 
 
+def graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph=True``), so that its
+    saved tensors will be read again. From the engine's graph task; where this PyTorch
+    does not say, assumed kept (the safe answer)."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep_graph is None else bool(keep_graph())
+
+
 def _scale_rows(unit: Tensor, grad_rows: Tensor) -> Tensor:
     """unit[i, :] * grad_rows[i] in the dtype of ``unit``, products formed in the dtype of
-    ``grad_rows`` (fp32 for 16-bit logits) and rounded once. A new tensor: the saved unit
-    gradient is never scaled in place, so a retained graph's second backward sees it
-    unchanged. Runs where the tensors are (on CUDA: no host read of grad_rows)."""
+    ``grad_rows`` (fp32 for 16-bit logits) and rounded once; where the tensors are (on
+    CUDA: no host read of grad_rows). When the graph is freed after this backward the
+    saved unit gradient is read for the last time here, so it is scaled in place and
+    becomes the gradient (no second N x C buffer); a retained graph's saved gradient is
+    left unchanged for the next backward (a new tensor)."""
     if torch.is_grad_enabled():  # create_graph=True: differentiable w.r.t. grad_rows
         return (unit * grad_rows.reshape(-1, 1)).to(unit.dtype)
+    # Eager only: a traced backward (torch.compile, AOT autograd's fake and functional
+    # tensors) must not mutate a saved forward output.
+    if type(unit) is Tensor and not torch.compiler.is_compiling() and not graph_is_kept():
+        return unit.mul_(grad_rows.reshape(-1, 1))
     return torch.ops.distillkit.kd_loss_scale_grad(unit, grad_rows)
 
 
