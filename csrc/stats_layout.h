@@ -80,7 +80,8 @@ DK_HOST_DEVICE inline int64_t stat_int(A stat) {
 // slam_loss_forward: stats (N, kCols), in the notation of slam_loss.h.
 namespace slam_loss_stats {
 enum Column : int {
-  kLseStudent,     // lse(z)
+  kMaxStudent,     // m = max z; lse(z) = m + ls, kept apart (log f = (z - m) - ls)
+  kLogSumStudent,  // ls = log sum exp(z - m)
   kThreshold,      // thr, the k-th largest teacher probability
   kTies,           // entries equal to thr taken into the top-k set M (int_stat)
   kTeacherArgmax,  // yhat = argmax t, the first one (int_stat)
@@ -89,7 +90,8 @@ enum Column : int {
   kCols
 };
 inline constexpr StatsColumn kColumns[] = {
-    {"lse_student", kLseStudent}, {"threshold", kThreshold},        {"ties", kTies},
+    {"max_student", kMaxStudent},       {"log_sum_student", kLogSumStudent},
+    {"threshold", kThreshold},          {"ties", kTies},
     {"teacher_argmax", kTeacherArgmax}, {"teacher_mass", kTeacherMass}, {"h_sum", kHSum}};
 }  // namespace slam_loss_stats
 
@@ -115,19 +117,20 @@ inline constexpr StatsColumn kColumns[] = {{"lse_student", kLseStudent},
 
 // correlation_distance_forward: stats (outer, inner, kCols) of the row
 // distance 1 - <u, v> / (|u| |v| + eps), u = s - mean s, v = t - mean t (the
-// means are 0 without centring).
+// means are 0 without centring). A degenerate row (|u| = 0 or |v| = 0) has
+// zero norms and cosine.
 namespace correlation_distance_stats {
 enum Column : int {
   kMeanStudent,  // mean s (0 without centring)
   kMeanTeacher,  // mean t (0 without centring)
   kNormStudent,  // |u|
   kNormTeacher,  // |v|
-  kDot,          // <u, v>
+  kCosine,       // <u, v> / (|u| |v|), in [-1, 1] (where <u, v> itself may overflow)
   kCols
 };
 inline constexpr StatsColumn kColumns[] = {
     {"mean_student", kMeanStudent}, {"mean_teacher", kMeanTeacher},
-    {"norm_student", kNormStudent}, {"norm_teacher", kNormTeacher}, {"dot", kDot}};
+    {"norm_student", kNormStudent}, {"norm_teacher", kNormTeacher}, {"cosine", kCosine}};
 }  // namespace correlation_distance_stats
 
 // Each table names every column once, in column order.

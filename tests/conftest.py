@@ -95,3 +95,14 @@ def pytest_report_header(config):
             f"{bool(distillkit._C.with_cuda)}, GPU visible: {HAS_CUDA}, "
             f"threads: {torch.get_num_threads()}, "
             f"DISTILLKIT_EXPECT_CUDA={os.environ.get('DISTILLKIT_EXPECT_CUDA', '0')}")
+
+
+def copies_made(fn, shape):
+    """The aten copy ops (contiguous, clone, copy_) of a tensor of `shape` that fn()
+    dispatches (the ops' own value checks copy scalars, not inputs)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                record_shapes=True) as prof:
+        fn()
+    return [e.name for e in prof.events()
+            if e.name in ("aten::contiguous", "aten::clone", "aten::copy_")
+            and list(shape) in [list(s) for s in e.input_shapes]]

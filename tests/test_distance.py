@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from distillkit import distance
 from distillkit.reference import DISTANCE_OPS, distance_ref
 
-from conftest import DEVICES, GRAD_TOL, HAS_CUDA
+from conftest import DEVICES, GRAD_TOL, HAS_CUDA, copies_made
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # Sums of many elements: compare relative to the magnitude.
@@ -149,6 +149,34 @@ def test_non_contiguous_and_mixed(device):
     fused, ref = run_both(sb, torch.randn(5, 12, device=device, requires_grad=True), "pearson")
     assert fused[1][0].dtype == torch.bfloat16 and fused[1][1].dtype == torch.float32
     assert_matches(fused, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("center", [False, True], ids=["cosine", "pearson"])
+@pytest.mark.parametrize("pads", [(8, 8), (3, 3), (5, 2)], ids=str)
+def test_correlation_reads_row_strided_rows_in_place(device, dtype, center, pads):
+    """Rows of wider buffers ((outer, D, 1) views of x[:, :D]) give bitwise the
+    contiguous result, without a copy."""
+    outer, D = 6, 301
+    s = torch.randn(outer, D, device=device).to(dtype)
+    t = (0.5 * s.float() + torch.randn(outer, D, device=device)).to(dtype)
+    ss = torch.zeros(outer, D + pads[0], device=device, dtype=dtype)[:, :D].copy_(s)
+    ts = torch.zeros(outer, D + pads[1], device=device, dtype=dtype)[:, :D].copy_(t)
+    ops = torch.ops.distillkit
+    rows, stats = ops.correlation_distance_forward(s[:, :, None], t[:, :, None], center)
+    g = torch.rand(outer, 1, device=device) + 0.5
+    grads = ops.correlation_distance_backward(g, s[:, :, None], t[:, :, None], stats, center, True)
+    out = {}
+    copies = copies_made(lambda: out.update(
+        fwd=ops.correlation_distance_forward(ss[:, :, None], ts[:, :, None], center)),
+        (outer, D, 1))
+    copies += copies_made(lambda: out.update(bwd=ops.correlation_distance_backward(
+        g, ss[:, :, None], ts[:, :, None], stats, center, True)), (outer, D, 1))
+    assert copies == []
+    assert torch.equal(out["fwd"][0], rows) and torch.equal(out["fwd"][1], stats)
+    for got, want in zip(out["bwd"], grads):
+        assert torch.equal(got, want) and got.is_contiguous()
 
 
 @pytest.mark.parametrize("device", DEVICES)

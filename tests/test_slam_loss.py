@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from distillkit import forward_corrected_loss, slam_loss
 from distillkit.reference import forward_corrected_loss_ref, slam_loss_ref, topk_mask_ref
 
-from conftest import DEVICES, GRAD_TOL, HAS_CUDA, LOSS_TOL
+from conftest import DEVICES, GRAD_TOL, HAS_CUDA, LOSS_TOL, copies_made
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -133,6 +133,40 @@ def test_non_contiguous_and_mixed_dtypes(device):
     fused, ref = run_both(zb, teacher(6, 30, device), 0.4, 3)
     assert fused[1].dtype == torch.bfloat16
     assert_matches(fused, ref, torch.bfloat16, loss_tol=(1e-4, 1e-4))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("pads", [(8, 8), (3, 3), (5, 2)], ids=str)
+@pytest.mark.parametrize("hard", [False, True])
+def test_row_strided_inputs_are_read_in_place(device, dtype, pads, hard):
+    """Slices of wider rows (class dim contiguous, any row stride) give bitwise the
+    contiguous result, and the kernels read them without a copy (the value checks'
+    fp32 view of a 16-bit teacher, made for contiguous inputs too, aside)."""
+    n, c = 6, 203
+    z = (torch.randn(n, c, device=device) * 3).to(dtype)
+    t = teacher(n, c, device, dtype=dtype)
+    zs = torch.zeros(n, c + pads[0], device=device, dtype=dtype)[:, :c].copy_(z)
+    ts = torch.zeros(n, c + pads[1], device=device, dtype=dtype)[:, :c].copy_(t)
+    alpha = torch.rand(n, device=device) * 0.9 + 0.05
+    k = torch.randint(2, 8, (n,), device=device)
+    flags = (True, hard)
+    gl = torch.rand(n, device=device) + 0.5
+    want = {}
+    contiguous_copies = copies_made(lambda: want.update(
+        fwd=torch.ops.distillkit.slam_loss_forward(z, t, alpha, k, *flags)), (n, c))
+    loss, stats = want["fwd"]
+    contiguous_copies += copies_made(lambda: want.update(
+        bwd=torch.ops.distillkit.slam_loss_backward(gl, z, t, alpha, k, stats, *flags)), (n, c))
+    grad = want["bwd"]
+    out = {}
+    copies = copies_made(lambda: out.update(
+        fwd=torch.ops.distillkit.slam_loss_forward(zs, ts, alpha, k, *flags)), (n, c))
+    copies += copies_made(lambda: out.update(
+        bwd=torch.ops.distillkit.slam_loss_backward(gl, zs, ts, alpha, k, stats, *flags)), (n, c))
+    assert copies == contiguous_copies
+    assert torch.equal(out["fwd"][0], loss) and torch.equal(out["fwd"][1], stats)
+    assert torch.equal(out["bwd"], grad) and out["bwd"].is_contiguous()
 
 
 @pytest.mark.parametrize("device", DEVICES)

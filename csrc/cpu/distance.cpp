@@ -19,7 +19,9 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstddef>
+#include <limits>
 #include <vector>
 
 #include "cpu/capability.h"
@@ -174,21 +176,23 @@ std::tuple<at::Tensor, at::Tensor> pointwise_distance_backward_cpu(
 
 // --- correlation ----------------------------------------------------------------
 
-// Loads elements [j0, j0 + n) of both flat inputs into tiles; the vector
-// padding is set to 0 in both.
+// Loads elements [s0, s0 + n) of the flat student and [t0, t0 + n) of the
+// flat teacher into tiles; the vector padding is set to 0 in both.
 template <typename acc_t>
 void load_pair(TileLoader<acc_t> ls, const void* s, TileLoader<acc_t> lt, const void* t,
-               int64_t j0, int64_t n, acc_t* sb, acc_t* tb) {
-  ls(s, j0, n, acc_t(1), sb);
-  lt(t, j0, n, acc_t(1), tb);
+               int64_t s0, int64_t t0, int64_t n, acc_t* sb, acc_t* tb) {
+  ls(s, s0, n, acc_t(1), sb);
+  lt(t, t0, n, acc_t(1), tb);
   for (int64_t i = n; i % Vectorized<acc_t>::size() != 0; ++i) sb[i] = tb[i] = 0;
 }
 
 // A row's stats (correlation_distance_stats), read and written in place:
-// means (0 for cosine), norms of u and v, <u, v>.
+// means (0 for cosine), norms of u and v, and cos(u, v) = <u, v> / (|u| |v|)
+// (0 for a degenerate row). The cosine rather than <u, v>: it is in [-1, 1]
+// whatever the magnitudes, where <u, v> of 1e30-scale rows overflows fp32.
 template <typename acc_t>
 struct Corr {
-  acc_t ms, mt, nu, nv, dot;
+  acc_t ms, mt, nu, nv, cos;
 };
 
 template <typename acc_t>
@@ -200,44 +204,159 @@ constexpr bool corr_matches_stats_layout() {
          offsetof(Corr<acc_t>, mt) == col::kMeanTeacher * kSize &&
          offsetof(Corr<acc_t>, nu) == col::kNormStudent * kSize &&
          offsetof(Corr<acc_t>, nv) == col::kNormTeacher * kSize &&
-         offsetof(Corr<acc_t>, dot) == col::kDot * kSize;
+         offsetof(Corr<acc_t>, cos) == col::kCosine * kSize;
 }
 static_assert(corr_matches_stats_layout<float>() && corr_matches_stats_layout<double>());
 
-// 1 - rho and the backward coefficients: ds = g (a_s v + b_s u), dt = g (a_t u + b_t v).
+// A row's sums from the fast path: means, sum u^2, sum v^2, sum u v.
 template <typename acc_t>
-struct CorrGrad {
-  acc_t a, bs, bt;
-  explicit CorrGrad(const Corr<acc_t>& c) {
-    if (c.nu == 0 || c.nv == 0) {
-      a = bs = bt = 0;
-      return;
-    }
-    const acc_t den = c.nu * c.nv + static_cast<acc_t>(kCorrelationEps);
-    a = -acc_t(1) / den;
-    bs = c.dot * c.nv / (c.nu * den * den);
-    bt = c.dot * c.nu / (c.nv * den * den);
-  }
+struct CorrSums {
+  acc_t ms, mt, uu, vv, uv;
 };
 
+// Whether the fast path's sums hold the row's stats to their digits: they are
+// finite, and each of sum u^2, sum v^2 is above both D min / eps (no square
+// lost digits to underflow: their absolute errors, at most min each, are then
+// below eps of the sum) and D (16 eps mean)^2 (u = s - mean is not at the
+// rounding level of the mean: a constant or nearly constant row). Otherwise
+// the row takes careful_stats.
+template <typename acc_t>
+bool sums_hold(const CorrSums<acc_t>& r, int64_t D) {
+  using L = std::numeric_limits<acc_t>;
+  const acc_t n = static_cast<acc_t>(D);
+  auto floor = [&](acc_t mean) {
+    const acc_t m = acc_t(16) * L::epsilon() * mean;
+    return n * std::max(L::min() / L::epsilon(), m * m);
+  };
+  return std::isfinite(r.uu) && std::isfinite(r.vv) && std::isfinite(r.uv) &&
+         r.uu >= floor(r.ms) && r.vv >= floor(r.mt);
+}
+
+// Norms and cosine of sums that hold; <u, v> / |u| / |v| rather than over
+// |u| |v|, which can overflow.
+template <typename acc_t>
+Corr<acc_t> corr_from_sums(const CorrSums<acc_t>& r) {
+  const acc_t nu = std::sqrt(r.uu), nv = std::sqrt(r.vv);
+  return {r.ms, r.mt, nu, nv, r.uv / nu / nv};
+}
+
+// The careful path of a row's stats (both layouts), for rows whose fast sums
+// do not hold (sums_hold). get(j, s, t) reads element j < D of the row.
+//  1. the extremes of s and t: a row is degenerate exactly when it is constant
+//     (Pearson) or zero (cosine), whatever the mean's rounding; its stats are
+//     the means given (the fast path's) and zero norms and cosine;
+//  2. the centred values scaled by powers of two that bring the largest to
+//     [1/2, 1) (exact), summed, with the mean corrected by their own mean
+//     (the corrected two-pass algorithm of Chan, Golub and LeVeque).
+// A NaN or infinite input gives NaN stats, as on the fast path.
+template <bool kCenter, typename acc_t, typename Get>
+Corr<acc_t> careful_stats(int64_t D, acc_t ms, acc_t mt, Get&& get) {
+  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+  acc_t s_lo = kInf, s_hi = -kInf, t_lo = kInf, t_hi = -kInf, probe = 0;
+  for (int64_t j = 0; j < D; ++j) {
+    acc_t s, t;
+    get(j, s, t);
+    s_lo = std::min(s_lo, s); s_hi = std::max(s_hi, s);
+    t_lo = std::min(t_lo, t); t_hi = std::max(t_hi, t);
+    probe += (s - s) + (t - t);  // NaN for a NaN or infinite entry
+  }
+  if (!kCenter) ms = mt = 0;
+  if (probe != acc_t(0)) {
+    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+    return {ms, mt, nan, nan, nan};
+  }
+  const bool flat_s = kCenter ? s_lo == s_hi : std::max(s_hi, -s_lo) == 0;
+  const bool flat_t = kCenter ? t_lo == t_hi : std::max(t_hi, -t_lo) == 0;
+  if (flat_s || flat_t) return {ms, mt, 0, 0, 0};  // degenerate: distance 1, no gradient
+  int es, et;
+  std::frexp(std::max(s_hi - ms, ms - s_lo), &es);
+  std::frexp(std::max(t_hi - mt, mt - t_lo), &et);
+  acc_t su = 0, sv = 0, uu = 0, vv = 0, uv = 0;
+  for (int64_t j = 0; j < D; ++j) {
+    acc_t s, t;
+    get(j, s, t);
+    const acc_t u = std::ldexp(s - ms, -es), v = std::ldexp(t - mt, -et);
+    su += u; sv += v;
+    uu += u * u; vv += v * v; uv += u * v;
+  }
+  if (kCenter) {
+    const acc_t n = static_cast<acc_t>(D), cu = su / n, cv = sv / n;
+    uu = std::max(acc_t(0), uu - cu * su);
+    vv = std::max(acc_t(0), vv - cv * sv);
+    uv -= cu * sv;
+    ms += std::ldexp(cu, es);
+    mt += std::ldexp(cv, et);
+  }
+  const acc_t ru = std::sqrt(uu), rv = std::sqrt(vv);
+  return {ms, mt, std::ldexp(ru, es), std::ldexp(rv, et), uv / ru / rv};
+}
+
+// The weight of the distance's eps, w = |u| |v| / (|u| |v| + eps), formed
+// without the product |u| |v| (which can overflow or underflow).
+template <typename acc_t>
+acc_t eps_weight(const Corr<acc_t>& c) {
+  return acc_t(1) / (acc_t(1) + static_cast<acc_t>(kCorrelationEps) / c.nu / c.nv);
+}
+
+// 1 - <u, v> / (|u| |v| + eps) = 1 - cos w.
 template <typename acc_t>
 acc_t corr_distance(const Corr<acc_t>& c) {
   if (c.nu == 0 || c.nv == 0) return 1;
-  return acc_t(1) - c.dot / (c.nu * c.nv + static_cast<acc_t>(kCorrelationEps));
+  return acc_t(1) - c.cos * eps_weight(c);
 }
 
+// The backward coefficients, with un = u / |u| and vn = v / |v| (entries in
+// [-1, 1] whatever the magnitudes): ds = as un + bs vn, dt = at vn + bt un,
+// where, from d = 1 - <u, v> / (|u| |v| + eps), for the row's gradient g,
+//   as = g cos w pu, bs = -g pu, at = g cos w pv, bt = -g pv,
+// pu = w / |u| = 1 / (|u| + eps / |v|) and pv = w / |v| = 1 / (|v| + eps / |u|),
+// formed so (w itself underflows for tiny rows, where pu does not). All zero
+// for a degenerate row.
+template <typename acc_t>
+struct CorrGrad {
+  acc_t as, bs, at, bt, iu, iv;
+  CorrGrad(const Corr<acc_t>& c, acc_t g) {
+    if (c.nu == 0 || c.nv == 0) {
+      as = bs = at = bt = iu = iv = 0;
+      return;
+    }
+    const acc_t eps = static_cast<acc_t>(kCorrelationEps);
+    const acc_t pu = acc_t(1) / (c.nu + eps / c.nv), pv = acc_t(1) / (c.nv + eps / c.nu);
+    const acc_t gcw = g * c.cos * eps_weight(c);
+    as = gcw * pu; bs = -g * pu;
+    at = gcw * pv; bt = -g * pv;
+    iu = acc_t(1) / c.nu; iv = acc_t(1) / c.nv;
+  }
+};
+
+// s_row, t_row: the inputs' row strides when inner == 1 (rows are read in
+// place, see corr_input); D otherwise (contiguous).
 template <typename acc_t>
 struct CorrArgs {
   const void* s;
   const void* t;
   TileLoader<acc_t> ls, lt;
-  int64_t outer, D, inner;
+  int64_t outer, D, inner, s_row, t_row;
 };
 
 template <typename acc_t>
 CorrArgs<acc_t> make_corr_args(const at::Tensor& s, const at::Tensor& t) {
-  return {s.data_ptr(), t.data_ptr(), loader_for<acc_t>(s.scalar_type()),
-          loader_for<acc_t>(t.scalar_type()), s.size(0), s.size(1), s.size(2)};
+  return {s.data_ptr(),
+          t.data_ptr(),
+          loader_for<acc_t>(s.scalar_type()),
+          loader_for<acc_t>(t.scalar_type()),
+          s.size(0),
+          s.size(1),
+          s.size(2),
+          s.size(2) == 1 ? s.stride(0) : s.size(1),
+          s.size(2) == 1 ? t.stride(0) : s.size(1)};
+}
+
+// An input as the kernels read it: with inner == 1, rows (o, :, 0) whose
+// elements are contiguous are read in place at any row stride (slices such
+// as x[:, :D]); anything else is made contiguous.
+at::Tensor corr_input(const at::Tensor& x) {
+  return x.size(2) == 1 && (x.stride(1) == 1 || x.size(1) == 1) ? x : x.contiguous();
 }
 
 // Pearson in one pass over memory, as stable as two: a block's means and
@@ -259,27 +378,27 @@ void chan_merge(acc_t n, acc_t nb, T& ms, T& mt, T& ss, T& tt, T& st, T bms, T b
 
 // A contiguous row (inner == 1), vectorized along the row in tiles.
 template <bool kCenter, typename acc_t>
-Corr<acc_t> corr_row_stats(const CorrArgs<acc_t>& a, int64_t row, acc_t* sb, acc_t* tb) {
+CorrSums<acc_t> corr_row_sums(const CorrArgs<acc_t>& a, int64_t row, acc_t* sb, acc_t* tb) {
   using Vec = Vectorized<acc_t>;
   using at::vec::fmadd;
   if constexpr (!kCenter) {
     Vec uu(0), vv(0), uv(0);
     for (int64_t j0 = 0; j0 < a.D; j0 += kTile) {
       const int64_t n = std::min(kTile, a.D - j0);
-      load_pair(a.ls, a.s, a.lt, a.t, row * a.D + j0, n, sb, tb);  // zero padding
+      load_pair(a.ls, a.s, a.lt, a.t, row * a.s_row + j0, row * a.t_row + j0, n, sb, tb);  // zero padding
       for (int64_t i = 0; i < n; i += Vec::size()) {
         const Vec u = Vec::loadu(sb + i), v = Vec::loadu(tb + i);
         uu = fmadd(u, u, uu); vv = fmadd(v, v, vv); uv = fmadd(u, v, uv);
       }
     }
-    return {0, 0, std::sqrt(reduce_sum(uu)), std::sqrt(reduce_sum(vv)), reduce_sum(uv)};
+    return {0, 0, reduce_sum(uu), reduce_sum(vv), reduce_sum(uv)};
   } else {
     // Moments of (s - ks, t - kt), ks and kt the first tile's means: then a
     // row mean far above the row's spread is not rounded into every merge.
     acc_t ks = 0, kt = 0, ms = 0, mt = 0, ss = 0, tt = 0, st = 0;
     for (int64_t j0 = 0; j0 < a.D; j0 += kTile) {
       const int64_t n = std::min(kTile, a.D - j0);
-      load_pair(a.ls, a.s, a.lt, a.t, row * a.D + j0, n, sb, tb);  // zero padding
+      load_pair(a.ls, a.s, a.lt, a.t, row * a.s_row + j0, row * a.t_row + j0, n, sb, tb);  // zero padding
       if (j0 == 0) {
         Vec vs(0), vt(0);
         for (int64_t i = 0; i < n; i += Vec::size()) { vs += Vec::loadu(sb + i); vt += Vec::loadu(tb + i); }
@@ -313,8 +432,28 @@ Corr<acc_t> corr_row_stats(const CorrArgs<acc_t>& a, int64_t row, acc_t* sb, acc
       chan_merge<acc_t, acc_t>(j0, n, ms, mt, ss, tt, st, bms, bmt, reduce_sum(uu),
                                reduce_sum(vv), reduce_sum(uv));
     }
-    return {ks + ms, kt + mt, std::sqrt(ss), std::sqrt(tt), st};
+    return {ks + ms, kt + mt, ss, tt, st};
   }
+}
+
+// A contiguous row's stats: the fast sums, or the careful path where they
+// do not hold.
+template <bool kCenter, typename acc_t>
+Corr<acc_t> corr_row_stats(const CorrArgs<acc_t>& a, int64_t row, acc_t* sb, acc_t* tb) {
+  const CorrSums<acc_t> r = corr_row_sums<kCenter>(a, row, sb, tb);
+  if (sums_hold(r, a.D)) return corr_from_sums(r);
+  // Element by element, a tile at a time (the fallback of rare rows).
+  int64_t loaded = -1;
+  return careful_stats<kCenter>(a.D, r.ms, r.mt, [&](int64_t j, acc_t& s, acc_t& t) {
+    const int64_t j0 = j / kTile * kTile;
+    if (j0 != loaded) {
+      load_pair(a.ls, a.s, a.lt, a.t, row * a.s_row + j0, row * a.t_row + j0,
+                std::min(kTile, a.D - j0), sb, tb);
+      loaded = j0;
+    }
+    s = sb[j - j0];
+    t = tb[j - j0];
+  });
 }
 
 // inner > 1 (features, dim=0 Pearson): a task is a block of consecutive rows
@@ -405,15 +544,29 @@ void corr_cols_stats(const CorrArgs<acc_t>& a, int64_t o, int64_t c0, int64_t b,
     }
   }
   for (int64_t i = 0; i < b; ++i) {
-    out[i] = {state[5 * bv + i] + state[i], state[6 * bv + i] + state[bv + i],
-              std::sqrt(state[2 * bv + i]), std::sqrt(state[3 * bv + i]), state[4 * bv + i]};
+    const CorrSums<acc_t> r{state[5 * bv + i] + state[i], state[6 * bv + i] + state[bv + i],
+                            state[2 * bv + i], state[3 * bv + i], state[4 * bv + i]};
+    if (sums_hold(r, a.D)) {
+      out[i] = corr_from_sums(r);
+      continue;
+    }
+    // Element by element down the column (the fallback of rare rows); a
+    // loader pads its output to a whole vector.
+    alignas(64) acc_t one_s[Vectorized<acc_t>::size()], one_t[Vectorized<acc_t>::size()];
+    out[i] = careful_stats<kCenter>(a.D, r.ms, r.mt, [&](int64_t j, acc_t& s, acc_t& t) {
+      const int64_t off = (o * a.D + j) * a.inner + c0 + i;
+      a.ls(a.s, off, 1, acc_t(1), one_s);
+      a.lt(a.t, off, 1, acc_t(1), one_t);
+      s = one_s[0];
+      t = one_t[0];
+    });
   }
 }
 
 std::tuple<at::Tensor, at::Tensor> correlation_distance_forward_cpu(
     const at::Tensor& student, const at::Tensor& teacher, bool center) {
   check_distance_inputs(student, teacher, 3);
-  const at::Tensor s = student.contiguous(), t = teacher.contiguous();
+  const at::Tensor s = corr_input(student), t = corr_input(teacher);
   const int64_t outer = s.size(0), inner = s.size(2);
   const auto opts = s.options().dtype(acc_scalar_type(s));
   at::Tensor rows = at::empty({outer, inner}, opts);
@@ -453,7 +606,7 @@ std::tuple<at::Tensor, at::Tensor> correlation_distance_backward_cpu(
     const at::Tensor& stats, bool center, bool teacher_grad) {
   check_distance_inputs(student, teacher, 3);
   check_correlation_distance_backward_args(grad_rows, stats, student);
-  const at::Tensor s = student.contiguous(), t = teacher.contiguous();
+  const at::Tensor s = corr_input(student), t = corr_input(teacher);
   const at::Tensor g = grad_rows.contiguous(), stc = stats.contiguous();
   const int64_t outer = s.size(0), D = s.size(1), inner = s.size(2);
   at::Tensor gs = empty_like_cached(s);
@@ -468,16 +621,16 @@ std::tuple<at::Tensor, at::Tensor> correlation_distance_backward_cpu(
       at::parallel_for(0, outer, row_grain(D), [&](int64_t begin, int64_t end) {
         alignas(64) scalar_t sb[kTile], tb[kTile];
         for (int64_t row = begin; row < end; ++row) {
-          const CorrGrad<scalar_t> c(st[row]);
-          const scalar_t gr = gp[row];
-          const Vec as(gr * c.a), bs(gr * c.bs), bt(gr * c.bt), ms(st[row].ms), mt(st[row].mt);
+          const CorrGrad<scalar_t> c(st[row], gp[row]);
+          const Vec as(c.as), bs(c.bs), at(c.at), bt(c.bt), iu(c.iu), iv(c.iv);
+          const Vec ms(st[row].ms), mt(st[row].mt);
           for (int64_t j0 = 0; j0 < D; j0 += kTile) {
             const int64_t n = std::min(kTile, D - j0);
-            load_pair(a.ls, a.s, a.lt, a.t, row * D + j0, n, sb, tb);
+            load_pair(a.ls, a.s, a.lt, a.t, row * a.s_row + j0, row * a.t_row + j0, n, sb, tb);
             for (int64_t i = 0; i < n; i += Vec::size()) {
-              const Vec u = Vec::loadu(sb + i) - ms, v = Vec::loadu(tb + i) - mt;
-              (as * v + bs * u).store(sb + i);
-              if (teacher_grad) (as * u + bt * v).store(tb + i);
+              const Vec un = (Vec::loadu(sb + i) - ms) * iu, vn = (Vec::loadu(tb + i) - mt) * iv;
+              (as * un + bs * vn).store(sb + i);
+              if (teacher_grad) (at * vn + bt * un).store(tb + i);
             }
             ss(sb, n, gs.data_ptr(), row * D + j0);
             if (teacher_grad) sto(tb, n, gt.data_ptr(), row * D + j0);
@@ -488,19 +641,22 @@ std::tuple<at::Tensor, at::Tensor> correlation_distance_backward_cpu(
       const int64_t bmax = round_up(std::min(inner, kMaxCols), Vec::size());
       for_each_col_block(outer, inner, [&](int64_t o, int64_t c0, int64_t b) {
         thread_local std::vector<scalar_t> work;
-        work.resize(7 * bmax);
+        work.resize(10 * bmax);
         const int64_t bv = round_up(b, Vec::size());
         scalar_t* sb = work.data();
         scalar_t* tb = sb + bv;
         scalar_t* as = tb + bv;
         scalar_t* bs = as + bv;
-        scalar_t* bt = bs + bv;
-        scalar_t* ms = bt + bv;
+        scalar_t* at = bs + bv;
+        scalar_t* bt = at + bv;
+        scalar_t* iu = bt + bv;
+        scalar_t* iv = iu + bv;
+        scalar_t* ms = iv + bv;
         scalar_t* mt = ms + bv;
         for (int64_t i = 0; i < bv; ++i) {
           const int64_t k = o * inner + c0 + std::min(i, b - 1);  // padding lanes repeat the last row
-          const CorrGrad<scalar_t> c(st[k]);
-          as[i] = gp[k] * c.a; bs[i] = gp[k] * c.bs; bt[i] = gp[k] * c.bt;
+          const CorrGrad<scalar_t> c(st[k], gp[k]);
+          as[i] = c.as; bs[i] = c.bs; at[i] = c.at; bt[i] = c.bt; iu[i] = c.iu; iv[i] = c.iv;
           ms[i] = st[k].ms; mt[i] = st[k].mt;
         }
         for (int64_t j = 0; j < D; ++j) {
@@ -508,10 +664,10 @@ std::tuple<at::Tensor, at::Tensor> correlation_distance_backward_cpu(
           a.ls(a.s, off, b, scalar_t(1), sb);
           a.lt(a.t, off, b, scalar_t(1), tb);
           for (int64_t i = 0; i < bv; i += Vec::size()) {
-            const Vec u = Vec::loadu(sb + i) - Vec::loadu(ms + i), v = Vec::loadu(tb + i) - Vec::loadu(mt + i);
-            const Vec va = Vec::loadu(as + i);
-            (va * v + Vec::loadu(bs + i) * u).store(sb + i);
-            if (teacher_grad) (va * u + Vec::loadu(bt + i) * v).store(tb + i);
+            const Vec un = (Vec::loadu(sb + i) - Vec::loadu(ms + i)) * Vec::loadu(iu + i);
+            const Vec vn = (Vec::loadu(tb + i) - Vec::loadu(mt + i)) * Vec::loadu(iv + i);
+            (Vec::loadu(as + i) * un + Vec::loadu(bs + i) * vn).store(sb + i);
+            if (teacher_grad) (Vec::loadu(at + i) * vn + Vec::loadu(bt + i) * un).store(tb + i);
           }
           ss(sb, b, gs.data_ptr(), off);
           if (teacher_grad) sto(tb, b, gt.data_ptr(), off);

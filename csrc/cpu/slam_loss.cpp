@@ -3,7 +3,7 @@
 // vocabularies), so the teacher is read from memory once per pass while the
 // top-k threshold, the log-sum-exp and the sums reuse it from cache. Only the
 // k members of the top-k set need the mixing formula; every other class has
-// log q = log alpha + z - lse, so they are summed in closed form.
+// log q = log alpha + log f, so they are summed in closed form.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -105,11 +105,6 @@ acc_t kth_largest(const acc_t* t, int64_t C, int64_t k, std::vector<acc_t>& work
   return *low;
 }
 
-template <typename acc_t>
-struct RowStats {
-  acc_t lse, thr, ties, yhat, t_sum, s;
-};
-
 // Visits every class with t_i >= thr in index order, saying whether it is a
 // member of the top-k set: t_i > thr, or one of the first `ties` indices with
 // t_i == thr (ties go to the lower class index). Classes below thr are never
@@ -137,35 +132,63 @@ void for_each_candidate(const acc_t* t, int64_t C, acc_t thr, int64_t ties, F&& 
 // The mixing constants of a row: c (1 or 1/(k-1)), b = (1 - alpha) c, a = alpha - b.
 template <typename acc_t>
 struct Mix {
-  acc_t alpha, b, a;
+  acc_t alpha, b, a, c, one_minus_alpha, one_minus_c;
   Mix(acc_t alpha_, int64_t k, bool normalized) : alpha(alpha_) {
-    const acc_t c = normalized ? acc_t(1) / static_cast<acc_t>(k - 1) : acc_t(1);
-    b = (acc_t(1) - alpha) * c;
+    c = normalized ? acc_t(1) / static_cast<acc_t>(k - 1) : acc_t(1);
+    one_minus_alpha = acc_t(1) - alpha;
+    one_minus_c = acc_t(1) - c;
+    b = one_minus_alpha * c;
     a = alpha - b;
   }
-  // log q_i and h_i / t_i (= -f a / q) of a member with logit z.
-  std::pair<acc_t, acc_t> member(acc_t z, acc_t lse) const {
-    const acc_t log_f = z - lse;
+  // log q_i and h_i / t_i (= -f a / q) of a member with log f_i = log_f.
+  std::pair<acc_t, acc_t> member(acc_t log_f) const {
     const acc_t f = std::exp(log_f);
     if (b == acc_t(0)) return {std::log(alpha) + log_f, acc_t(-1)};  // q = alpha f exactly
     // q = alpha f + b (1 - f): two non-negative terms, with 1 - f = -expm1(log f)
     // exact when f is near 1 (b + a f would cancel), and q >= min(b, alpha) > 0.
-    const acc_t q = alpha * f - b * std::expm1(log_f);
-    return {std::log(q), -f * a / q};
+    // Near q = 1 (a small loss), log q = log1p(-(1 - q)), with 1 - q = (1 - alpha)
+    // ((1 - c) + c f) + alpha (1 - f) also a sum of non-negative terms (c <= 1):
+    // log(q) of the rounded q would carry eps absolute, not relative, error.
+    const acc_t one_minus_f = -std::expm1(log_f);
+    const acc_t q = alpha * f + b * one_minus_f;
+    const acc_t log_q =
+        q < acc_t(0.5)
+            ? std::log(q)
+            : std::log1p(-(one_minus_alpha * (one_minus_c + c * f) + alpha * one_minus_f));
+    return {log_q, -f * a / q};
   }
 };
 
+// lse(z) as its two parts, m = max z and ls = log sum exp(z - m): log f_i is
+// then (z_i - m) - ls, where z_i - m is exact near the maximum (Sterbenz), so
+// log f keeps its digits for logits far from 0 (1e4 and above), which the
+// rounded sum m + ls would give up (eps |lse| absolute, in every log f). And
+// ls = log1p(s') with s' = sum exp(z - m) - 1 summed without the maximum's 1:
+// a confident row (f_max near 1) keeps 1 - f_max = -expm1(-ls) to its digits,
+// which log(1 + s') would round away.
 template <typename acc_t>
-acc_t row_lse(const acc_t* z, int64_t C) {
+struct RowLse {
+  acc_t m, ls;
+  acc_t log_f(acc_t z) const { return (z - m) - ls; }
+};
+
+// z's vector padding is -inf (load_tile): it adds nothing to the max or the sum.
+template <typename acc_t>
+RowLse<acc_t> row_lse(const acc_t* z, int64_t C) {
   using Vec = Vectorized<acc_t>;
   const int64_t n = padded<acc_t>(C);
   Vec vmax(-std::numeric_limits<acc_t>::infinity());
   for (int64_t i = 0; i < n; i += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(z + i));
   const acc_t m = reduce_max(vmax);
-  if (m == -std::numeric_limits<acc_t>::infinity()) return m;
-  Vec vsum(0);
-  for (int64_t i = 0; i < n; i += Vec::size()) vsum += vexp(Vec::loadu(z + i) - Vec(m));
-  return m + std::log(reduce_sum(vsum));
+  if (m == -std::numeric_limits<acc_t>::infinity()) return {m, acc_t(0)};
+  // The entries equal to m add exactly 1 each: counted, not summed.
+  Vec vsum(0), vtop(0);
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const Vec zv = Vec::loadu(z + i), top = zv == Vec(m);
+    vsum += Vec::blendv(vexp(zv - Vec(m)), Vec(0), top);
+    vtop += Vec::blendv(Vec(0), Vec(1), top);
+  }
+  return {m, std::log1p(reduce_sum(vsum) + (reduce_sum(vtop) - acc_t(1)))};
 }
 
 template <typename acc_t>
@@ -178,12 +201,16 @@ acc_t slam_forward_row(const SlamArgs<acc_t>& a, int64_t row, RowBuffers<acc_t>&
   const acc_t* t = b.t.data();
   const int64_t yhat = std::max_element(t, t + C) - t;  // the first maximum
   const acc_t thr = kth_largest(t, C, k, b.work);
+  const RowLse<acc_t> lse = row_lse(z, C);
   // Vectorized sums over the classes below the threshold (never members);
   // classes at or above it are visited one by one below. The count of
   // classes above it is taken per chunk of kCountChunk columns, whose lane
   // counts are exact in acc_t, and summed as an integer.
   constexpr int64_t kCountChunk = int64_t{1} << 20;
   int64_t greater = 0;
+  // vrest_tz sums t (z - m) <= 0: terms of one sign (no cancellation, unlike
+  // t z and t lse summed apart), and those of the loss are all >= 0 below.
+  const Vec vm(lse.m);
   Vec vrest_t(0), vrest_tz(0);
   for (int64_t c0 = 0; c0 < n; c0 += kCountChunk) {
     Vec vgreater(0);
@@ -192,43 +219,45 @@ acc_t slam_forward_row(const SlamArgs<acc_t>& a, int64_t row, RowBuffers<acc_t>&
       vgreater += Vec::blendv(Vec(0), Vec(1), tv > Vec(thr));
       const Vec below = Vec::blendv(Vec(0), tv, tv < Vec(thr));
       vrest_t += below;
-      vrest_tz += masked_term(below, Vec::loadu(z + i));
+      vrest_tz += masked_term(below, Vec::loadu(z + i) - vm);
     }
     greater += static_cast<int64_t>(reduce_sum(vgreater));
   }
   const int64_t ties = k - greater;
-  const acc_t lse = row_lse(z, C);
   const Mix<acc_t> mix(a.alpha[row], k, a.p.normalized);
   acc_t loss, s, t_sum;
   if (a.p.hard) {
-    const auto [log_q, h_over_t] = mix.member(z[yhat], lse);
+    const auto [log_q, h_over_t] = mix.member(lse.log_f(z[yhat]));
     loss = -log_q;
     s = h_over_t;
     t_sum = 1;
   } else {
-    // Members: their exact log q; everyone else: log alpha + z - lse, summed in
-    // closed form. Scalar sums over up to C candidates accumulate in double.
+    // Members: their exact log q; everyone else: log alpha + (z - m) - ls,
+    // summed in closed form. Scalar sums over up to C candidates accumulate in
+    // double.
     double rest_t = reduce_sum(vrest_t), rest_tz = reduce_sum(vrest_tz);
     double m_t = 0, m_tlogq = 0, m_h = 0;
     for_each_candidate(t, C, thr, ties, [&](int64_t i, bool member) {
       if (t[i] == acc_t(0)) return;  // xlogy: 0 log q = 0
       if (!member) {
         rest_t += t[i];
-        rest_tz += static_cast<double>(t[i]) * z[i];
+        rest_tz += static_cast<double>(t[i]) * (z[i] - lse.m);
         return;
       }
-      const auto [log_q, h_over_t] = mix.member(z[i], lse);
+      const auto [log_q, h_over_t] = mix.member(lse.log_f(z[i]));
       m_t += t[i];
       m_tlogq += static_cast<double>(t[i]) * log_q;
       m_h += static_cast<double>(t[i]) * h_over_t;
     });
-    loss = static_cast<acc_t>(-(rest_t * (std::log(static_cast<double>(mix.alpha)) - lse) +
-                                rest_tz + m_tlogq));
+    loss = static_cast<acc_t>(
+        rest_t * (static_cast<double>(lse.ls) - std::log(static_cast<double>(mix.alpha))) -
+        rest_tz - m_tlogq);
     s = static_cast<acc_t>(-rest_t + m_h);
     t_sum = static_cast<acc_t>(rest_t + m_t);
   }
   acc_t* st = stats + row * slam_loss_stats::kCols;
-  st[slam_loss_stats::kLseStudent] = lse;
+  st[slam_loss_stats::kMaxStudent] = lse.m;
+  st[slam_loss_stats::kLogSumStudent] = lse.ls;
   st[slam_loss_stats::kThreshold] = thr;
   st[slam_loss_stats::kTies] = int_stat<acc_t>(ties);
   st[slam_loss_stats::kTeacherArgmax] = int_stat<acc_t>(yhat);
@@ -269,14 +298,16 @@ void slam_backward_row(const SlamArgs<acc_t>& a, int64_t row, acc_t g, const acc
   load_row(a, row, b);
   acc_t* z = b.z.data();
   const acc_t* t = b.t.data();
-  const acc_t lse = st[slam_loss_stats::kLseStudent], s = st[slam_loss_stats::kHSum];
+  const RowLse<acc_t> lse{st[slam_loss_stats::kMaxStudent], st[slam_loss_stats::kLogSumStudent]};
+  const acc_t s = st[slam_loss_stats::kHSum];
   const Mix<acc_t> mix(a.alpha[row], k, a.p.normalized);
   // Members' gradients need the logits, so they are computed before the
   // vectorized pass overwrites z with dz.
   std::vector<std::pair<int64_t, acc_t>> members;
   auto member_grad = [&](int64_t i, acc_t t_i) {
-    const acc_t h = t_i * mix.member(z[i], lse).second;
-    members.emplace_back(i, g * (h - std::exp(z[i] - lse) * s));
+    const acc_t log_f = lse.log_f(z[i]);
+    const acc_t h = t_i * mix.member(log_f).second;
+    members.emplace_back(i, g * (h - std::exp(log_f) * s));
   };
   if (a.p.hard) {
     member_grad(yhat, acc_t(1));
@@ -288,9 +319,9 @@ void slam_backward_row(const SlamArgs<acc_t>& a, int64_t row, acc_t g, const acc
     });
   }
   // Non-members: h_j = -t_j (0 in hard mode).
-  const Vec vg(g), vs(s), vlse(lse), tscale(a.p.hard ? acc_t(0) : acc_t(1));
+  const Vec vg(g), vs(s), vm(lse.m), vls(lse.ls), tscale(a.p.hard ? acc_t(0) : acc_t(1));
   for (int64_t i = 0; i < n; i += Vec::size()) {
-    const Vec f = vexp(Vec::loadu(z + i) - vlse);
+    const Vec f = vexp((Vec::loadu(z + i) - vm) - vls);
     (vg * (Vec(0) - tscale * Vec::loadu(t + i) - f * vs)).store(z + i);
   }
   for (const auto& [i, dz] : members) z[i] = dz;

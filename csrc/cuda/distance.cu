@@ -19,10 +19,17 @@
 //    one per lane (a warp reads kTileRows consecutive addresses per step
 //    wherever the tile does not cross an o boundary), times kSlices slices of
 //    D, combined through shared memory in slice order.
-//  Both run two passes, means then centred products, as the CPU does: the
-//  one-pass sum(s^2) - D mean^2 cancels. The backward uses the same mappings
-//  without reductions: per-row coefficients from the stats, then one pass
-//  that writes both gradients.
+//  Both run two passes, means then centred products (and the centred values'
+//  own sums, which correct the means: the corrected two-pass algorithm), as
+//  stable as the CPU's: the one-pass sum(s^2) - D mean^2 cancels. A row whose
+//  sums over- or underflow (entries near 1e±19 in fp32) or sit at the
+//  rounding level of its mean (a constant row) takes a careful path, the
+//  CPU's careful_stats: extremes (degenerate rows exactly), then the centred
+//  values scaled by powers of two. The stats hold norms and the cosine, never
+//  <u, v> or |u| |v| (which overflow), and the backward works on u / |u| and
+//  v / |v|. The backward uses the same mappings without reductions: per-row
+//  coefficients from the stats, then one pass that writes both gradients.
+//  With inner == 1 the rows are read in place at any row stride.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -33,6 +40,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 
@@ -70,6 +78,10 @@ constexpr int kSlices = kBlockThreads / kTileRows;
 
 __device__ __forceinline__ float acc_sqrt(float x) { return sqrtf(x); }
 __device__ __forceinline__ double acc_sqrt(double x) { return sqrt(x); }
+__device__ __forceinline__ float acc_frexp(float x, int* e) { return frexpf(x, e); }
+__device__ __forceinline__ double acc_frexp(double x, int* e) { return frexp(x, e); }
+__device__ __forceinline__ float acc_ldexp(float x, int e) { return ldexpf(x, e); }
+__device__ __forceinline__ double acc_ldexp(double x, int e) { return ldexp(x, e); }
 
 // N running sums, merged elementwise: the value type of the all-reductions
 // of common.cuh, which find merge and shfl_xor by argument-dependent lookup
@@ -218,8 +230,10 @@ struct CorrForwardArgs {
   int64_t outer;
   int64_t D;
   int64_t inner;
+  int64_t s_row;  // inner == 1: the student's row stride (rows read in place)
+  int64_t t_row;  // inner == 1: the teacher's row stride
   bool center;
-  bool aligned;  // both base pointers are aligned to a pack (inner == 1 only)
+  bool aligned;  // every row starts at the same phase of a pack (inner == 1 only)
 };
 
 template <typename S, typename U, typename A>
@@ -233,35 +247,178 @@ struct CorrBackwardArgs {
   int64_t outer;
   int64_t D;
   int64_t inner;
-  bool aligned;  // every base pointer is aligned to a pack (inner == 1 only)
+  int64_t s_row;  // inner == 1: the student's row stride (rows read in place)
+  int64_t t_row;  // inner == 1: the teacher's row stride
+  bool aligned;  // every row starts at the same phase of a pack (inner == 1 only)
 };
 
-// Stores row r's stats (mean s, mean t, |u|, |v|, <u, v>) and its distance
-// 1 - <u, v> / (|u| |v| + eps), or 1 for a degenerate row (|u| = 0 or |v| = 0).
-template <typename S, typename U, typename A>
-__device__ __forceinline__ void store_row(const CorrForwardArgs<S, U, A>& args, int64_t r,
-                                          A ms, A mt, A uu, A vv, A uv) {
-  const A nu = acc_sqrt(uu);
-  const A nv = acc_sqrt(vv);
-  A* st = args.stats + r * correlation_distance_stats::kCols;
-  st[correlation_distance_stats::kMeanStudent] = ms;
-  st[correlation_distance_stats::kMeanTeacher] = mt;
-  st[correlation_distance_stats::kNormStudent] = nu;
-  st[correlation_distance_stats::kNormTeacher] = nv;
-  st[correlation_distance_stats::kDot] = uv;
-  args.rows[r] = (nu == A(0) || nv == A(0))
-                     ? A(1)
-                     : A(1) - uv / (nu * nv + static_cast<A>(kCorrelationEps));
+// The math of the row stats is the CPU kernel's (cpu/distance.cpp: CorrSums,
+// sums_hold, careful_stats, eps_weight, CorrGrad), step for step.
+
+// A row's stats as stored: means (0 for cosine), |u|, |v| and cos(u, v) (in
+// [-1, 1] whatever the magnitudes; zero norms and cosine for a degenerate row).
+template <typename A>
+struct Corr {
+  A ms, mt, nu, nv, cos;
+};
+
+// Whether the fast sums (means, sum u^2, sum v^2, sum u v) hold the stats to
+// their digits: finite, and sum u^2, sum v^2 above D min / eps (no square lost
+// digits to underflow) and D (16 eps mean)^2 (the row is not constant, or
+// nearly, at the rounding level of its mean). Otherwise the careful path.
+template <typename A>
+__device__ __forceinline__ bool sums_hold(A ms, A mt, A uu, A vv, A uv, int64_t D) {
+  using L = std::numeric_limits<A>;
+  const A n = static_cast<A>(D);
+  const A mu = A(16) * L::epsilon() * ms, mv = A(16) * L::epsilon() * mt;
+  const A tiny = L::min() / L::epsilon();
+  return device::acc_isfinite(uu) && device::acc_isfinite(vv) && device::acc_isfinite(uv) &&
+         uu >= n * device::acc_max(tiny, mu * mu) && vv >= n * device::acc_max(tiny, mv * mv);
 }
 
-// Row r's backward, read from the stats: ds = as v + bs u, dt = as u + bt v
-// for u = s - ms, v = t - mt (the means are 0 without centring, so one path
-// serves cosine and Pearson). With den = |u| |v| + eps and g the row's
-// upstream gradient: as = -g / den, bs = g <u,v> |v| / (|u| den^2),
-// bt = g <u,v> |u| / (|v| den^2); all 0 for a degenerate row.
+template <typename A>
+__device__ __forceinline__ Corr<A> corr_from_sums(A ms, A mt, A uu, A vv, A uv) {
+  const A nu = acc_sqrt(uu), nv = acc_sqrt(vv);
+  return {ms, mt, nu, nv, uv / nu / nv};
+}
+
+// The fast path's second pass: u, v, u^2, v^2, u v of the centred values.
+template <typename A>
+__device__ __forceinline__ void add_centred(Sums<A, 5>& p, A u, A v) {
+  p.v[0] += u;
+  p.v[1] += v;
+  p.v[2] += u * u;
+  p.v[3] += v * v;
+  p.v[4] += u * v;
+}
+
+// Pearson: the products corrected by the centred values' own means (the
+// rounding of the first pass's means, which would add D (mean error)^2 to
+// sum u^2), and the means with them: the corrected two-pass algorithm.
+template <typename A>
+__device__ __forceinline__ void correct_mean(Sums<A, 5>& p, int64_t D, A& ms, A& mt) {
+  const A n = static_cast<A>(D), cu = p.v[0] / n, cv = p.v[1] / n;
+  p.v[2] = device::acc_max(A(0), p.v[2] - cu * p.v[0]);
+  p.v[3] = device::acc_max(A(0), p.v[3] - cv * p.v[1]);
+  p.v[4] -= cu * p.v[1];
+  ms += cu;
+  mt += cv;
+}
+
+// The careful path's first pass: extremes of s and t (a row is degenerate
+// exactly when constant, for Pearson, or zero, for cosine) and a probe that is
+// NaN when an entry is NaN or infinite (fmin/fmax would skip a NaN).
+template <typename A>
+struct Extremes {
+  A s_lo, s_hi, t_lo, t_hi, probe;
+};
+
+template <typename A>
+__device__ __forceinline__ Extremes<A> extremes_empty() {
+  const A inf = std::numeric_limits<A>::infinity();
+  return {inf, -inf, inf, -inf, A(0)};
+}
+
+template <typename A>
+__device__ __forceinline__ void extremes_add(Extremes<A>& x, A s, A t) {
+  x.s_lo = device::acc_min(x.s_lo, s);
+  x.s_hi = device::acc_max(x.s_hi, s);
+  x.t_lo = device::acc_min(x.t_lo, t);
+  x.t_hi = device::acc_max(x.t_hi, t);
+  x.probe += (s - s) + (t - t);
+}
+
+template <typename A>
+__device__ __forceinline__ Extremes<A> merge(const Extremes<A>& x, const Extremes<A>& y) {
+  return {device::acc_min(x.s_lo, y.s_lo), device::acc_max(x.s_hi, y.s_hi),
+          device::acc_min(x.t_lo, y.t_lo), device::acc_max(x.t_hi, y.t_hi), x.probe + y.probe};
+}
+
+template <typename A>
+__device__ __forceinline__ Extremes<A> shfl_xor(const Extremes<A>& x, int mask) {
+  return {device::shfl_xor(x.s_lo, mask), device::shfl_xor(x.s_hi, mask),
+          device::shfl_xor(x.t_lo, mask), device::shfl_xor(x.t_hi, mask),
+          device::shfl_xor(x.probe, mask)};
+}
+
+// The careful path's scaling: the centred values are scaled by 2^-es and
+// 2^-et (exact), which bring the largest to [1/2, 1), and summed in pass 2.
+template <typename A>
+struct Careful {
+  A ms, mt;   // the means the values are centred on (0 for cosine)
+  int es, et;
+  bool degenerate;
+  bool nan;
+
+  __device__ __forceinline__ Careful(const Extremes<A>& x, A ms_, A mt_, bool center)
+      : ms(center ? ms_ : A(0)), mt(center ? mt_ : A(0)), es(0), et(0) {
+    nan = x.probe != A(0);
+    const bool flat_s = center ? x.s_lo == x.s_hi : device::acc_max(x.s_hi, -x.s_lo) == A(0);
+    const bool flat_t = center ? x.t_lo == x.t_hi : device::acc_max(x.t_hi, -x.t_lo) == A(0);
+    degenerate = flat_s || flat_t;
+    acc_frexp(device::acc_max(x.s_hi - ms, ms - x.s_lo), &es);
+    acc_frexp(device::acc_max(x.t_hi - mt, mt - x.t_lo), &et);
+  }
+
+  // Adds element (s, t) to pass 2's sums: u, v, u^2, v^2, u v of the scaled values.
+  __device__ __forceinline__ void add(Sums<A, 5>& p, A s, A t) const {
+    add_centred(p, acc_ldexp(s - ms, -es), acc_ldexp(t - mt, -et));
+  }
+
+  // The stats from pass 2's sums; the mean corrected by the centred values'
+  // own mean (Chan, Golub and LeVeque's corrected two-pass algorithm).
+  __device__ __forceinline__ Corr<A> finish(const Sums<A, 5>& p, int64_t D, bool center) const {
+    if (nan) {
+      const A q = std::numeric_limits<A>::quiet_NaN();
+      return {ms, mt, q, q, q};
+    }
+    if (degenerate) return {ms, mt, A(0), A(0), A(0)};
+    Sums<A, 5> c = p;
+    A cu = A(0), cv = A(0);
+    if (center) correct_mean(c, D, cu, cv);
+    const A ru = acc_sqrt(c.v[2]), rv = acc_sqrt(c.v[3]);
+    return {ms + acc_ldexp(cu, es), mt + acc_ldexp(cv, et), acc_ldexp(ru, es),
+            acc_ldexp(rv, et), c.v[4] / ru / rv};
+  }
+};
+
+// w = |u| |v| / (|u| |v| + eps), without the product |u| |v|.
+template <typename A>
+__device__ __forceinline__ A eps_weight(A nu, A nv) {
+  return A(1) / (A(1) + static_cast<A>(kCorrelationEps) / nu / nv);
+}
+
+// Stores row r's stats and its distance 1 - <u, v> / (|u| |v| + eps) =
+// 1 - cos w, or 1 for a degenerate row (|u| = 0 or |v| = 0).
+template <typename S, typename U, typename A>
+__device__ __forceinline__ void store_row(const CorrForwardArgs<S, U, A>& args, int64_t r,
+                                          const Corr<A>& c) {
+  A* st = args.stats + r * correlation_distance_stats::kCols;
+  st[correlation_distance_stats::kMeanStudent] = c.ms;
+  st[correlation_distance_stats::kMeanTeacher] = c.mt;
+  st[correlation_distance_stats::kNormStudent] = c.nu;
+  st[correlation_distance_stats::kNormTeacher] = c.nv;
+  st[correlation_distance_stats::kCosine] = c.cos;
+  args.rows[r] = (c.nu == A(0) || c.nv == A(0)) ? A(1)
+                                                  : A(1) - c.cos * eps_weight(c.nu, c.nv);
+}
+
+// Row r's backward, read from the stats: with un = (s - ms) / |u| and vn =
+// (t - mt) / |v| (entries in [-1, 1] whatever the magnitudes; the means are 0
+// without centring, so one path serves cosine and Pearson), ds = as un + bs
+// vn and dt = at vn + bt un, where, for the row's upstream gradient g,
+//   as = g cos w pu, bs = -g pu, at = g cos w pv, bt = -g pv,
+// pu = w / |u| = 1 / (|u| + eps / |v|), pv = w / |v| = 1 / (|v| + eps / |u|)
+// (w itself underflows for tiny rows, pu does not); all 0 for a degenerate row.
 template <typename A>
 struct CorrGrad {
-  A ms, mt, as, bs, bt;
+  A ms, mt, iu, iv, as, bs, at, bt;
+
+  __device__ __forceinline__ void grads(A s, A t, A& ds, A& dt) const {
+    const A un = (s - ms) * iu, vn = (t - mt) * iv;
+    ds = as * un + bs * vn;
+    dt = at * vn + bt * un;
+  }
 };
 
 template <typename A>
@@ -269,67 +426,81 @@ __device__ __forceinline__ CorrGrad<A> corr_grad(const A* stats, const A* grad_r
   const A* st = stats + r * correlation_distance_stats::kCols;
   const A nu = st[correlation_distance_stats::kNormStudent];
   const A nv = st[correlation_distance_stats::kNormTeacher];
-  const A dot = st[correlation_distance_stats::kDot];
+  const A cos = st[correlation_distance_stats::kCosine];
   CorrGrad<A> c{st[correlation_distance_stats::kMeanStudent],
-                st[correlation_distance_stats::kMeanTeacher], A(0), A(0), A(0)};
+                st[correlation_distance_stats::kMeanTeacher],
+                A(0), A(0), A(0), A(0), A(0), A(0)};
   if (nu == A(0) || nv == A(0)) return c;
   const A g = grad_rows[r];
-  const A den = nu * nv + static_cast<A>(kCorrelationEps);
-  c.as = g * (-A(1) / den);
-  c.bs = g * (dot * nv / (nu * den * den));
-  c.bt = g * (dot * nu / (nv * den * den));
+  const A eps = static_cast<A>(kCorrelationEps);
+  const A pu = A(1) / (nu + eps / nv), pv = A(1) / (nv + eps / nu);
+  const A gcw = g * cos * eps_weight(nu, nv);
+  c.iu = A(1) / nu;
+  c.iv = A(1) / nv;
+  c.as = gcw * pu;
+  c.bs = -g * pu;
+  c.at = gcw * pv;
+  c.bt = -g * pv;
   return c;
 }
 
-// inner == 1: row r is elements [r * D, (r + 1) * D).
+// inner == 1: row r is elements [r * s_row, r * s_row + D) of the student
+// and [r * t_row, r * t_row + D) of the teacher (rows read in place), and
+// [r * D, (r + 1) * D) of the gradients. The packs' phase is taken from the
+// student's offset, every tensor's when `aligned` is set.
 template <typename S, typename U, typename A, int kRowThreads>
 __global__ void __launch_bounds__(kBlockThreads)
     correlation_distance_rows_forward_kernel(const CorrForwardArgs<S, U, A> args) {
   constexpr int kVec = pack_width<S, U>();
   __shared__ Sums<A, 2> mean_smem[kBlockThreads / kWarpSize];
-  __shared__ Sums<A, 3> prod_smem[kBlockThreads / kWarpSize];
+  __shared__ Sums<A, 5> prod_smem[kBlockThreads / kWarpSize];
+  __shared__ Extremes<A> extremes_smem[kBlockThreads / kWarpSize];
   const int lane = threadIdx.x % kRowThreads;
   const int cols = static_cast<int>(args.D);
 
   for (int64_t r = first_row<kBlockThreads, kRowThreads>(); r < args.outer;
        r += row_stride<kBlockThreads, kRowThreads>()) {
-    const int64_t start = r * args.D;
+    const int64_t start = r * args.s_row;
     const S* s = args.student + start;
-    const U* t = args.teacher + start;
-    A ms = A(0), mt = A(0);
-    if (args.center) {
-      Sums<A, 2> m{{A(0), A(0)}};
+    const U* t = args.teacher + r * args.t_row;
+    // Calls f(s_j, t_j) for this thread's elements of the row, in packs.
+    auto each = [&](auto&& f) {
       for_each_pack<kVec>(start, cols, args.aligned, lane, kRowThreads, [&](int j, auto n) {
         constexpr int N = decltype(n)::value;
         A sv[N], tv[N];
         load_pack<N>(s + j, sv);
         load_pack<N>(t + j, tv);
 #pragma unroll
-        for (int k = 0; k < N; ++k) {
-          m.v[0] += sv[k];
-          m.v[1] += tv[k];
-        }
+        for (int k = 0; k < N; ++k) f(sv[k], tv[k]);
+      });
+    };
+    A ms = A(0), mt = A(0);
+    if (args.center) {
+      Sums<A, 2> m{{A(0), A(0)}};
+      each([&](A sj, A tj) {
+        m.v[0] += sj;
+        m.v[1] += tj;
       });
       m = group_allreduce<kRowThreads>(m, mean_smem);
       ms = m.v[0] / static_cast<A>(args.D);
       mt = m.v[1] / static_cast<A>(args.D);
     }
-    Sums<A, 3> p{{A(0), A(0), A(0)}};
-    for_each_pack<kVec>(start, cols, args.aligned, lane, kRowThreads, [&](int j, auto n) {
-      constexpr int N = decltype(n)::value;
-      A sv[N], tv[N];
-      load_pack<N>(s + j, sv);
-      load_pack<N>(t + j, tv);
-#pragma unroll
-      for (int k = 0; k < N; ++k) {
-        const A u = sv[k] - ms, v = tv[k] - mt;
-        p.v[0] += u * u;
-        p.v[1] += v * v;
-        p.v[2] += u * v;
-      }
-    });
+    Sums<A, 5> p{{A(0), A(0), A(0), A(0), A(0)}};
+    each([&](A sj, A tj) { add_centred(p, sj - ms, tj - mt); });
     p = group_allreduce<kRowThreads>(p, prod_smem);
-    if (lane == 0) store_row(args, r, ms, mt, p.v[0], p.v[1], p.v[2]);
+    if (args.center) correct_mean(p, args.D, ms, mt);
+    // Uniform over the row's threads (all-reduced values).
+    if (sums_hold(ms, mt, p.v[2], p.v[3], p.v[4], args.D)) {
+      if (lane == 0) store_row(args, r, corr_from_sums(ms, mt, p.v[2], p.v[3], p.v[4]));
+      continue;
+    }
+    Extremes<A> x = extremes_empty<A>();
+    each([&](A sj, A tj) { extremes_add(x, sj, tj); });
+    const Careful<A> care(group_allreduce<kRowThreads>(x, extremes_smem), ms, mt, args.center);
+    Sums<A, 5> q{{A(0), A(0), A(0), A(0), A(0)}};
+    each([&](A sj, A tj) { care.add(q, sj, tj); });
+    q = group_allreduce<kRowThreads>(q, prod_smem);
+    if (lane == 0) store_row(args, r, care.finish(q, args.D, args.center));
   }
 }
 
@@ -342,11 +513,11 @@ __global__ void __launch_bounds__(kBlockThreads)
 
   for (int64_t r = first_row<kBlockThreads, kRowThreads>(); r < args.outer;
        r += row_stride<kBlockThreads, kRowThreads>()) {
-    const int64_t start = r * args.D;
+    const int64_t start = r * args.s_row;  // the packs' phase
     const S* s = args.student + start;
-    const U* t = args.teacher + start;
-    S* gs = args.grad_student + start;
-    U* gt = args.grad_teacher == nullptr ? nullptr : args.grad_teacher + start;
+    const U* t = args.teacher + r * args.t_row;
+    S* gs = args.grad_student + r * args.D;
+    U* gt = args.grad_teacher == nullptr ? nullptr : args.grad_teacher + r * args.D;
     const CorrGrad<A> c = corr_grad(args.stats, args.grad_rows, r);
     for_each_pack<kVec>(start, cols, args.aligned, lane, kRowThreads, [&](int j, auto n) {
       constexpr int N = decltype(n)::value;
@@ -354,11 +525,7 @@ __global__ void __launch_bounds__(kBlockThreads)
       load_pack<N>(s + j, sv);
       load_pack<N>(t + j, tv);
 #pragma unroll
-      for (int k = 0; k < N; ++k) {
-        const A u = sv[k] - c.ms, v = tv[k] - c.mt;
-        ds[k] = c.as * v + c.bs * u;
-        dt[k] = c.as * u + c.bt * v;
-      }
+      for (int k = 0; k < N; ++k) c.grads(sv[k], tv[k], ds[k], dt[k]);
       store_pack<N>(gs + j, ds);
       if (gt != nullptr) store_pack<N>(gt + j, dt);
     });
@@ -369,9 +536,8 @@ __global__ void __launch_bounds__(kBlockThreads)
 // kTileRows + lane), added in slice order so that all of them get the same
 // value. Every thread of the block must call it; `smem` may be reused by the
 // next call: the leading barrier waits for its readers.
-template <typename A, int N>
-__device__ __forceinline__ Sums<A, N> slice_allreduce(Sums<A, N> v,
-                                                      Sums<A, N> (&smem)[kSlices][kTileRows]) {
+template <typename V>
+__device__ __forceinline__ V slice_allreduce(V v, V (&smem)[kSlices][kTileRows]) {
   const int lane = threadIdx.x % kTileRows;
   const int slice = threadIdx.x / kTileRows;
   __syncthreads();
@@ -390,7 +556,9 @@ template <typename S, typename U, typename A>
 __global__ void __launch_bounds__(kBlockThreads)
     correlation_distance_strided_forward_kernel(const CorrForwardArgs<S, U, A> args) {
   __shared__ Sums<A, 2> mean_smem[kSlices][kTileRows];
-  __shared__ Sums<A, 3> prod_smem[kSlices][kTileRows];
+  __shared__ Sums<A, 5> prod_smem[kSlices][kTileRows];
+  __shared__ Extremes<A> extremes_smem[kSlices][kTileRows];
+  __shared__ int careful_rows;
   const int lane = threadIdx.x % kTileRows;
   const int slice = threadIdx.x / kTileRows;
   const int64_t rows = args.outer * args.inner;
@@ -418,18 +586,40 @@ __global__ void __launch_bounds__(kBlockThreads)
       ms = m.v[0] / static_cast<A>(args.D);
       mt = m.v[1] / static_cast<A>(args.D);
     }
-    Sums<A, 3> p{{A(0), A(0), A(0)}};
+    Sums<A, 5> p{{A(0), A(0), A(0), A(0), A(0)}};
     if (live) {
       for (int64_t e = first; e < end; e += step) {
-        const A u = static_cast<A>(args.student[e]) - ms;
-        const A v = static_cast<A>(args.teacher[e]) - mt;
-        p.v[0] += u * u;
-        p.v[1] += v * v;
-        p.v[2] += u * v;
+        add_centred(p, static_cast<A>(args.student[e]) - ms, static_cast<A>(args.teacher[e]) - mt);
       }
     }
     p = slice_allreduce(p, prod_smem);
-    if (live && slice == 0) store_row(args, r, ms, mt, p.v[0], p.v[1], p.v[2]);
+    if (args.center) correct_mean(p, args.D, ms, mt);
+    const bool hold = !live || sums_hold(ms, mt, p.v[2], p.v[3], p.v[4], args.D);
+    if (live && hold && slice == 0) {
+      store_row(args, r, corr_from_sums(ms, mt, p.v[2], p.v[3], p.v[4]));
+    }
+    // The careful path, when a row of the tile needs it: block-wide, for the
+    // barriers; only those rows store its result.
+    if (threadIdx.x == 0) careful_rows = 0;
+    __syncthreads();
+    if (!hold) atomicOr(&careful_rows, 1);
+    __syncthreads();
+    if (careful_rows == 0) continue;
+    Extremes<A> x = extremes_empty<A>();
+    if (live) {
+      for (int64_t e = first; e < end; e += step) {
+        extremes_add(x, static_cast<A>(args.student[e]), static_cast<A>(args.teacher[e]));
+      }
+    }
+    const Careful<A> care(slice_allreduce(x, extremes_smem), ms, mt, args.center);
+    Sums<A, 5> q{{A(0), A(0), A(0), A(0), A(0)}};
+    if (live && !hold) {
+      for (int64_t e = first; e < end; e += step) {
+        care.add(q, static_cast<A>(args.student[e]), static_cast<A>(args.teacher[e]));
+      }
+    }
+    q = slice_allreduce(q, prod_smem);
+    if (!hold && slice == 0) store_row(args, r, care.finish(q, args.D, args.center));
   }
 }
 
@@ -450,10 +640,10 @@ __global__ void __launch_bounds__(kBlockThreads)
     const int64_t end = (o + 1) * args.D * args.inner;
     const CorrGrad<A> c = corr_grad(args.stats, args.grad_rows, r);
     for (int64_t e = first; e < end; e += step) {
-      const A u = static_cast<A>(args.student[e]) - c.ms;
-      const A v = static_cast<A>(args.teacher[e]) - c.mt;
-      args.grad_student[e] = static_cast<S>(c.as * v + c.bs * u);
-      if (args.grad_teacher != nullptr) args.grad_teacher[e] = static_cast<U>(c.as * u + c.bt * v);
+      A ds, dt;
+      c.grads(static_cast<A>(args.student[e]), static_cast<A>(args.teacher[e]), ds, dt);
+      args.grad_student[e] = static_cast<S>(ds);
+      if (args.grad_teacher != nullptr) args.grad_teacher[e] = static_cast<U>(dt);
     }
   }
 }
@@ -510,6 +700,24 @@ void launch_pointwise_backward(const at::Tensor& grad, const at::Tensor& s, cons
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// An input as the kernels read it: with inner == 1, rows (o, :, 0) whose
+// elements are contiguous are read in place at any row stride (slices such as
+// x[:, :D]), as on the CPU; anything else is made contiguous.
+at::Tensor corr_input(const at::Tensor& x) {
+  return x.size(2) == 1 && (x.stride(1) == 1 || x.size(1) == 1) ? x : x.contiguous();
+}
+
+// The row kernels use packs when every base pointer is aligned to one and
+// every row starts at the same phase of a pack: all row strides equal (the
+// gradients' being D) or all whole packs.
+template <int kVec>
+bool rows_aligned(bool pointers_aligned, int64_t outer, int64_t D, int64_t s_row, int64_t t_row,
+                  bool with_grads) {
+  const bool same = s_row == t_row && (!with_grads || s_row == D);
+  const bool whole = s_row % kVec == 0 && t_row % kVec == 0 && (!with_grads || D % kVec == 0);
+  return pointers_aligned && (same || whole || outer == 1);
+}
+
 // Only a contiguous row (inner <= 1) is walked with int column indices.
 void check_row_fits(int64_t D, int64_t inner) {
   if (inner <= 1) launch::check_cols_fit(D, "student", "elements per row");
@@ -542,8 +750,12 @@ void launch_correlation_forward(const at::Tensor& s, const at::Tensor& t, bool c
   args.outer = s.size(0);
   args.D = s.size(1);
   args.inner = s.size(2);
+  args.s_row = args.inner == 1 ? s.stride(0) : args.D;
+  args.t_row = args.inner == 1 ? t.stride(0) : args.D;
   args.center = center;
-  args.aligned = pack_aligned<kVec>(args.student) && pack_aligned<kVec>(args.teacher);
+  args.aligned = rows_aligned<kVec>(
+      pack_aligned<kVec>(args.student) && pack_aligned<kVec>(args.teacher), args.outer, args.D,
+      args.s_row, args.t_row, false);
   launch_correlation(args, correlation_distance_strided_forward_kernel<S, U, A>,
                      correlation_distance_rows_forward_kernel<S, U, A, kWarpSize>,
                      correlation_distance_rows_forward_kernel<S, U, A, kBlockThreads>);
@@ -566,9 +778,13 @@ void launch_correlation_backward(const at::Tensor& g, const at::Tensor& s, const
   args.outer = s.size(0);
   args.D = s.size(1);
   args.inner = s.size(2);
-  args.aligned = pack_aligned<kVec>(args.student) && pack_aligned<kVec>(args.teacher) &&
-                 pack_aligned<kVec>(args.grad_student) &&
-                 (!teacher_grad || pack_aligned<kVec>(args.grad_teacher));
+  args.s_row = args.inner == 1 ? s.stride(0) : args.D;
+  args.t_row = args.inner == 1 ? t.stride(0) : args.D;
+  args.aligned = rows_aligned<kVec>(pack_aligned<kVec>(args.student) &&
+                                        pack_aligned<kVec>(args.teacher) &&
+                                        pack_aligned<kVec>(args.grad_student) &&
+                                        (!teacher_grad || pack_aligned<kVec>(args.grad_teacher)),
+                                    args.outer, args.D, args.s_row, args.t_row, true);
   launch_correlation(args, correlation_distance_strided_backward_kernel<S, U, A>,
                      correlation_distance_rows_backward_kernel<S, U, A, kWarpSize>,
                      correlation_distance_rows_backward_kernel<S, U, A, kBlockThreads>);
@@ -619,8 +835,8 @@ std::tuple<at::Tensor, at::Tensor> correlation_distance_forward_cuda(
   check_row_fits(student.size(1), student.size(2));
   device_error_record(student);  // raises what an earlier kernel recorded
   const c10::cuda::CUDAGuard guard(student.device());
-  const at::Tensor s = student.contiguous();
-  const at::Tensor t = teacher.contiguous();
+  const at::Tensor s = corr_input(student);
+  const at::Tensor t = corr_input(teacher);
   const int64_t outer = s.size(0), inner = s.size(2);
   const auto opts = s.options().dtype(acc_scalar_type(s));
   at::Tensor rows = at::empty({outer, inner}, opts);
@@ -641,12 +857,12 @@ std::tuple<at::Tensor, at::Tensor> correlation_distance_backward_cuda(
   check_row_fits(student.size(1), student.size(2));
   device_error_record(student);  // raises what an earlier kernel recorded
   const c10::cuda::CUDAGuard guard(student.device());
-  const at::Tensor s = student.contiguous();
-  const at::Tensor t = teacher.contiguous();
+  const at::Tensor s = corr_input(student);
+  const at::Tensor t = corr_input(teacher);
   const at::Tensor g = grad_rows.contiguous();
   const at::Tensor st = stats.contiguous();
-  at::Tensor gs = at::empty_like(s);
-  at::Tensor gt = teacher_grad ? at::empty_like(t) : at::empty({0}, t.options());
+  at::Tensor gs = at::empty(s.sizes(), s.options());
+  at::Tensor gt = teacher_grad ? at::empty(t.sizes(), t.options()) : at::empty({0}, t.options());
   if (s.numel() == 0) return {gs, gt};
   dispatch_input_types(s, "student", t, "teacher", [&]<typename S, typename U>() {
     launch_correlation_backward<S, U>(g, s, t, st, gs, gt, teacher_grad);

@@ -19,7 +19,7 @@
 //      radix select over the indices of those entries finds the index of the
 //      ties-th one (the cut; members at the threshold are those up to it);
 //   4. (soft mode) one pass over z and t summing the members' exact
-//      t log q and h, and the non-members' t (log alpha + z - lse) and -t.
+//      t log q and h, and the non-members' t (log alpha + log f) and -t.
 //      Hard mode reads z[yhat] only.
 // Backward recomputes the member set from the saved threshold and ties (the
 // cut select's first pass over t counts the entries at the threshold; more
@@ -61,7 +61,6 @@ using device::group_allreduce;
 using device::kWarpSize;
 using device::load_pack;
 using device::nonneg_key;
-using device::OnlineLSE;
 using device::pack_width;
 using device::store_pack;
 using device::xmul;
@@ -79,12 +78,19 @@ using IndexSelect = BlockRadixSelect<uint32_t, kBlockThreads>;
 // Both selects take turns on one shared buffer.
 using SelectShared = device::RadixSelectShared<kBlockThreads>;
 
+// The inputs' rows are read in place: the class dimension is contiguous, the
+// row strides are any (slices such as logits[:, :V]); the gradient is
+// contiguous. for_each_pack's phase is taken from the student's row offset,
+// which is the phase of every tensor's row when `aligned` is set (host side:
+// every row stride equal, or every one a whole number of packs).
 struct SlamScalars {
   int64_t rows;
   int cols;
+  int64_t s_stride;  // student row stride, in elements
+  int64_t t_stride;  // teacher row stride, in elements
   bool normalized;
   bool hard;
-  bool aligned;  // every tensor's base pointer is aligned to a pack
+  bool aligned;  // every tensor's rows start at the same phase of a pack
   double sum_tolerance;  // how far a teacher row's sum may be from 1
 };
 
@@ -113,36 +119,163 @@ struct BackwardArgs {
   SlamScalars p;
 };
 
+// x / q for 0 < q <= 1 (|x| <= 1 or so), without the out-of-line slow path
+// of the IEEE division: its call sites in the unrolled pack loops of the
+// backward made ptxas spill around them (12/44 B of spill stores/loads in the
+// 16-bit kernels, a few bytes in fp64 with other register allocations). An
+// approximate reciprocal, then one step on the exact residual x - y q, give
+// the quotient to within an ulp. A q below 2^-100 (fp64: 2^-1000) is scaled
+// by 2^64 (2^600) first, exactly, so that the reciprocal's argument is
+// normal. The emulator's host build divides.
+#if defined(__CUDA_ARCH__)
+// The approximate reciprocal (fp32: ~1 ulp; fp64: ~20 bits, refined by two
+// Newton steps), of a normal argument.
+__device__ __forceinline__ float rcp_approx(float q) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(q));
+  return r;
+}
+__device__ __forceinline__ double rcp_approx(double q) {
+  double r;
+  asm("rcp.approx.ftz.f64 %0, %1;" : "=d"(r) : "d"(q));
+  r = fma(r, fma(-q, r, 1.0), r);
+  return fma(r, fma(-q, r, 1.0), r);
+}
+#endif
+
+template <typename A>
+__device__ __forceinline__ A div_unit(A x, A q) {
+#if defined(__CUDA_ARCH__)
+  constexpr bool kF32 = std::is_same_v<A, float>;
+  const A scale = q < A(kF32 ? 0x1p-100 : 0x1p-1000) ? A(kF32 ? 0x1p64 : 0x1p600) : A(1);
+  x *= scale;
+  q *= scale;
+  const A r = rcp_approx(q);
+  const A y = x * r;
+  return fma(fma(-y, q, x), r, y);
+#else
+  return x / q;
+#endif
+}
+
 // The mixing constants of a row, as in the CPU kernel: c = 1 or 1/(k-1),
 // b = (1 - alpha) c, a = alpha - b. The products are unfused so that b is
 // exactly 0 when alpha is 1 and a is rounded as on the CPU.
 template <typename A>
 struct Mix {
+  A alpha;
   A log_alpha;
   A b;
   A a;
+  A c;
+  A one_minus_alpha;
+  A one_minus_c;
 
-  __device__ __forceinline__ Mix(A alpha, int64_t k, bool normalized) {
-    const A c = normalized ? A(1) / static_cast<A>(k - 1) : A(1);
-    b = device::mul_rn(A(1) - alpha, c);
+  __device__ __forceinline__ Mix(A alpha_, int64_t k, bool normalized) : alpha(alpha_) {
+    c = normalized ? A(1) / static_cast<A>(k - 1) : A(1);
+    one_minus_alpha = A(1) - alpha;
+    one_minus_c = A(1) - c;
+    b = device::mul_rn(one_minus_alpha, c);
     a = alpha - b;
     log_alpha = device::acc_log(alpha);
   }
 
-  // log q and h / t = -f a / q of a member with logit z.
-  __device__ __forceinline__ void member(A z, A lse, A& log_q, A& h_over_t) const {
-    const A log_f = z - lse;
+  // log q and h / t = -f a / q of a member with log f = log_f.
+  __device__ __forceinline__ void member(A log_f, A& log_q, A& h_over_t) const {
     const A f = device::acc_exp(log_f);
     if (b == A(0)) {  // alpha = 1: q = f exactly
       log_q = log_alpha + log_f;
       h_over_t = A(-1);
       return;
     }
-    const A q = b + a * f;  // between min(b, alpha) and max(b, alpha): > 0
-    log_q = device::acc_log(q);
-    h_over_t = -f * a / q;
+    // As on the CPU: q = alpha f + b (1 - f), two non-negative terms, with
+    // 1 - f = -expm1(log f) exact when f is near 1, q >= min(b, alpha) > 0;
+    // near q = 1, log q = log1p(-(1 - q)), 1 - q = (1 - alpha) ((1 - c) + c f)
+    // + alpha (1 - f), non-negative terms too (c <= 1).
+    const A one_minus_f = -device::acc_expm1(log_f);
+    const A q = device::mul_rn(alpha, f) + device::mul_rn(b, one_minus_f);
+    log_q = q < A(0.5) ? device::acc_log(q)
+                       : device::acc_log1p(-(device::mul_rn(one_minus_alpha,
+                                                            one_minus_c + device::mul_rn(c, f)) +
+                                             device::mul_rn(alpha, one_minus_f)));
+    h_over_t = div_unit(-f * a, q);
   }
 };
+
+// lse(z) as its two parts, as on the CPU: m = max z and ls = log sum
+// exp(z - m) = log1p(s'). log f = (z - m) - ls keeps its digits for logits
+// far from 0 (z - m is exact near the maximum), which z - (m + ls) would not.
+template <typename A>
+struct RowLse {
+  A m;
+  A ls;
+  __device__ __forceinline__ A log_f(A z) const { return (z - m) - ls; }
+};
+
+// Running m = max z and s' = sum exp(z - m) - 1, summed without the 1 of the
+// maximum (one entry equal to m), as the CPU's row_lse: a confident row keeps
+// 1 - f_max = -expm1(-log1p(s')) to its digits, which log(1 + s') would round
+// away. Every update adds non-negative terms (no cancellation). Empty: m =
+// -inf, s' = -1. A NaN z makes s' NaN (the compares skip it, exp does not).
+template <typename A>
+struct OnlineLse1p {
+  A m;
+  A s;  // s'
+
+  static __device__ __forceinline__ OnlineLse1p empty() { return {device::neg_inf<A>(), A(-1)}; }
+
+  template <int N>
+  __device__ __forceinline__ void add(const A (&x)[N]) {
+    A mx = x[0];
+#pragma unroll
+    for (int i = 1; i < N; ++i) mx = device::acc_max(mx, x[i]);
+    bool skip = false;  // the new maximum's own 1 is left out, once
+    if (mx > m) {
+      s = m == device::neg_inf<A>() ? A(0) : (A(1) + s) * device::acc_exp(m - mx);
+      m = mx;
+      skip = true;
+    }
+    if (m == device::neg_inf<A>()) {  // all -inf so far: nothing to add, but a NaN
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        if (x[i] != x[i]) s = x[i];
+      }
+      return;
+    }
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      if (skip && x[i] == m) {
+        skip = false;
+        continue;
+      }
+      s += device::acc_exp(x[i] - m);
+    }
+  }
+
+  __device__ __forceinline__ RowLse<A> finish() const { return {m, device::acc_log1p(s)}; }
+};
+
+// Commutative bitwise (the butterfly merges (x, y) on one lane and (y, x) on
+// its partner): the larger m's sum is kept, the smaller's rescaled.
+template <typename A>
+__device__ __forceinline__ OnlineLse1p<A> merge(const OnlineLse1p<A>& x,
+                                                const OnlineLse1p<A>& y) {
+  if (x.m == y.m) {
+    return {x.m, x.m == device::neg_inf<A>() ? A(-1) : (x.s + y.s) + A(1)};
+  }
+  // Selected by value: references to one of two locals would put both in
+  // local memory.
+  const bool x_hi = x.m > y.m;
+  const A hi_m = x_hi ? x.m : y.m, hi_s = x_hi ? x.s : y.s;
+  const A lo_m = x_hi ? y.m : x.m, lo_s = x_hi ? y.s : x.s;
+  if (lo_m == device::neg_inf<A>()) return {hi_m, hi_s};
+  return {hi_m, hi_s + (A(1) + lo_s) * device::acc_exp(lo_m - hi_m)};
+}
+
+template <typename A>
+__device__ __forceinline__ OnlineLse1p<A> shfl_xor(const OnlineLse1p<A>& v, int mask) {
+  return {device::shfl_xor(v.m, mask), device::shfl_xor(v.s, mask)};
+}
 
 // The top-k set: t > thr, plus the entries t == thr up to index `cut` (the
 // first `ties` of them in index order).
@@ -178,7 +311,7 @@ __device__ __forceinline__ ArgMax<A> shfl_xor(const ArgMax<A>& v, int mask) {
 // check the teacher's sum and its number of negative or NaN entries.
 template <typename A>
 struct RowHead {
-  OnlineLSE<A> z;
+  OnlineLse1p<A> z;
   ArgMax<A> top;
   A t_sum;
   A t_bad;
@@ -186,17 +319,17 @@ struct RowHead {
 
 template <typename A>
 __device__ __forceinline__ RowHead<A> merge(const RowHead<A>& x, const RowHead<A>& y) {
-  return {device::merge(x.z, y.z), merge(x.top, y.top), x.t_sum + y.t_sum, x.t_bad + y.t_bad};
+  return {merge(x.z, y.z), merge(x.top, y.top), x.t_sum + y.t_sum, x.t_bad + y.t_bad};
 }
 
 template <typename A>
 __device__ __forceinline__ RowHead<A> shfl_xor(const RowHead<A>& v, int mask) {
-  return {device::shfl_xor(v.z, mask), shfl_xor(v.top, mask), device::shfl_xor(v.t_sum, mask),
+  return {shfl_xor(v.z, mask), shfl_xor(v.top, mask), device::shfl_xor(v.t_sum, mask),
           device::shfl_xor(v.t_bad, mask)};
 }
 
 // Soft-mode sums of the forward's member pass. With t > 0 only (xlogy):
-// members give t log q and t (h / t); non-members give t and t (z - lse).
+// members give t log q and t (h / t); non-members give t and t log f.
 template <typename A>
 struct SoftSums {
   A t_sum;     // all t
@@ -262,9 +395,9 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int tid = threadIdx.x;
 
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
-    const int64_t row_start = row * p.cols;
+    const int64_t row_start = row * p.s_stride;  // the packs' phase
     const S* z = args.student + row_start;
-    const T* t = args.teacher + row_start;
+    const T* t = args.teacher + row * p.t_stride;
     // A k outside [k_min, C] is recorded and clamped, so the select always
     // has its k keys.
     const int64_t k_min = p.normalized ? 2 : 1;
@@ -286,7 +419,8 @@ __global__ void __launch_bounds__(kBlockThreads)
     // 1. lse(z), argmax t, and the select's first digit.
     ValueSelect<A> sel(select_smem, 8 * sizeof(Key), static_cast<int>(k));
     sel.begin_pass();
-    RowHead<A> head{OnlineLSE<A>::empty(), {A(-1), std::numeric_limits<int>::max()}, A(0), A(0)};
+    RowHead<A> head{OnlineLse1p<A>::empty(), {A(-1), std::numeric_limits<int>::max()}, A(0),
+                    A(0)};
     for_each_pack<kVec>(row_start, p.cols, p.aligned, tid, kBlockThreads, [&](int col, auto n) {
       constexpr int N = decltype(n)::value;
       A zr[N], tr[N];
@@ -303,7 +437,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     });
     sel.end_pass();
     head = group_allreduce<kBlockThreads>(head, head_smem);
-    const A lse = head.z.lse();
+    const RowLse<A> lse = head.z.finish();
     // A NaN row has no argmax: its index stays past the row, so take 0.
     const int yhat = head.top.index < p.cols ? head.top.index : 0;
     if (head.t_bad > A(0)) {
@@ -341,7 +475,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     if (p.hard) {
       // yhat is always a member (rank 0 of the top-k order).
       A log_q, h_over_t;
-      mix.member(static_cast<A>(z[yhat]), lse, log_q, h_over_t);
+      mix.member(lse.log_f(static_cast<A>(z[yhat])), log_q, h_over_t);
       loss = -log_q;
       s = h_over_t;
       t_sum = A(1);
@@ -360,17 +494,17 @@ __global__ void __launch_bounds__(kBlockThreads)
           if (tr[i] == A(0)) continue;  // xlogy: 0 log q = 0
           if (m.contains(tr[i], col + i)) {
             A log_q, h_over_t;
-            mix.member(zr[i], lse, log_q, h_over_t);
+            mix.member(lse.log_f(zr[i]), log_q, h_over_t);
             sums.m_tlogq += tr[i] * log_q;
             sums.m_h += tr[i] * h_over_t;
           } else {
             sums.rest_t += tr[i];
-            sums.rest_tlf += tr[i] * (zr[i] - lse);
+            sums.rest_tlf += tr[i] * lse.log_f(zr[i]);
           }
         }
       });
       sums = group_allreduce<kBlockThreads>(sums, sums_smem);
-      // Non-members: log q = log alpha + (z - lse).
+      // Non-members: log q = log alpha + log f.
       loss = -(sums.rest_t * mix.log_alpha + sums.rest_tlf + sums.m_tlogq);
       s = sums.m_h - sums.rest_t;
       t_sum = sums.t_sum;
@@ -379,7 +513,8 @@ __global__ void __launch_bounds__(kBlockThreads)
     if (tid == 0) {
       A* st = args.stats + row * slam_loss_stats::kCols;
       args.loss[row] = bad_row ? std::numeric_limits<A>::quiet_NaN() : loss;
-      st[slam_loss_stats::kLseStudent] = lse;
+      st[slam_loss_stats::kMaxStudent] = lse.m;
+      st[slam_loss_stats::kLogSumStudent] = lse.ls;
       st[slam_loss_stats::kThreshold] = thr;
       st[slam_loss_stats::kTies] = int_stat<A>(ties);
       st[slam_loss_stats::kTeacherArgmax] = int_stat<A>(yhat);
@@ -398,12 +533,12 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int tid = threadIdx.x;
 
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
-    const int64_t row_start = row * p.cols;
+    const int64_t row_start = row * p.s_stride;  // the packs' phase
     const S* z = args.student + row_start;
-    const T* t = args.teacher + row_start;
-    S* dz = args.grad_student + row_start;
+    const T* t = args.teacher + row * p.t_stride;
+    S* dz = args.grad_student + row * p.cols;
     const A* st = args.stats + row * slam_loss_stats::kCols;
-    const A lse = st[slam_loss_stats::kLseStudent];
+    const RowLse<A> lse{st[slam_loss_stats::kMaxStudent], st[slam_loss_stats::kLogSumStudent]};
     const A s = st[slam_loss_stats::kHSum];
     const A g_in = args.grad_loss[row];
     // k and alpha may have changed since the forward: out of range, they are
@@ -438,12 +573,13 @@ __global__ void __launch_bounds__(kBlockThreads)
         load_pack<N>(z + col, zr);
 #pragma unroll
         for (int i = 0; i < N; ++i) {
+          const A log_f = lse.log_f(zr[i]);
           A h = A(0);
           if (col + i == yhat) {
             A log_q;
-            mix.member(zr[i], lse, log_q, h);
+            mix.member(log_f, log_q, h);
           }
-          gz[i] = valid ? g * (h - device::acc_exp(zr[i] - lse) * s) : A(0);
+          gz[i] = valid ? g * (h - device::acc_exp(log_f) * s) : A(0);
         }
         store_pack<N>(dz + col, gz);
       });
@@ -464,13 +600,14 @@ __global__ void __launch_bounds__(kBlockThreads)
       load_pack<N>(t + col, tr);
 #pragma unroll
       for (int i = 0; i < N; ++i) {
+        const A log_f = lse.log_f(zr[i]);
         A h = -tr[i];
         if (m.contains(tr[i], col + i)) {
           A log_q, h_over_t;
-          mix.member(zr[i], lse, log_q, h_over_t);
+          mix.member(log_f, log_q, h_over_t);
           h = xmul(tr[i], h_over_t);
         }
-        gz[i] = g * (h - device::acc_exp(zr[i] - lse) * s);
+        gz[i] = g * (h - device::acc_exp(log_f) * s);
       }
       store_pack<N>(dz + col, gz);
     });
@@ -485,9 +622,24 @@ void check_cols_fit(const SlamLossParams& p) {
   launch::check_cols_fit(p.cols, "student_logits", "classes");
 }
 
-SlamScalars make_scalars(const SlamLossParams& p, bool aligned, double sum_tolerance) {
-  return SlamScalars{p.rows, static_cast<int>(p.cols), p.normalized, p.hard, aligned,
-                     sum_tolerance};
+// Packs are used when every base pointer is aligned to one and every row
+// starts at the same phase of a pack: all row strides equal (a contiguous
+// batch, the gradient's stride being cols) or all whole packs.
+template <int kVec>
+SlamScalars make_scalars(const SlamLossParams& p, const at::Tensor& z, const at::Tensor& t,
+                         bool pointers_aligned, bool with_grad) {
+  const int64_t ss = z.stride(0), ts = t.stride(0);
+  const bool same = ss == ts && (!with_grad || ss == p.cols);
+  const bool whole = ss % kVec == 0 && ts % kVec == 0 && (!with_grad || p.cols % kVec == 0);
+  return SlamScalars{p.rows,       static_cast<int>(p.cols), ss, ts, p.normalized, p.hard,
+                     pointers_aligned && (same || whole || p.rows == 1),
+                     teacher_sum_tolerance(t.scalar_type())};
+}
+
+// Rows are read in place when the class dimension is contiguous (any row
+// stride), as on the CPU; otherwise a contiguous copy.
+at::Tensor unit_stride_rows(const at::Tensor& x) {
+  return x.stride(1) == 1 ? x : x.contiguous();
 }
 
 template <typename S, typename T>
@@ -504,8 +656,8 @@ void launch_forward(const at::Tensor& z, const at::Tensor& t, const at::Tensor& 
   args.loss = loss.data_ptr<A>();
   args.stats = stats.data_ptr<A>();
   args.errors = errors;
-  args.p = make_scalars(p, pack_aligned<kVec>(args.student) && pack_aligned<kVec>(args.teacher),
-                        teacher_sum_tolerance(t.scalar_type()));
+  args.p = make_scalars<kVec>(
+      p, z, t, pack_aligned<kVec>(args.student) && pack_aligned<kVec>(args.teacher), false);
   slam_loss_forward_kernel<S, T, A>
       <<<grid_for(p.rows, 1), kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -526,9 +678,11 @@ void launch_backward(const at::Tensor& grad_loss, const at::Tensor& z, const at:
   args.stats = stats.data_ptr<A>();
   args.grad_student = grad.data_ptr<S>();
   args.errors = errors;
-  args.p = make_scalars(p, pack_aligned<kVec>(args.student) && pack_aligned<kVec>(args.teacher) &&
-                               pack_aligned<kVec>(args.grad_student),
-                        teacher_sum_tolerance(t.scalar_type()));
+  args.p = make_scalars<kVec>(p, z, t,
+                              pack_aligned<kVec>(args.student) &&
+                                  pack_aligned<kVec>(args.teacher) &&
+                                  pack_aligned<kVec>(args.grad_student),
+                              true);
   slam_loss_backward_kernel<S, T, A>
       <<<grid_for(p.rows, 1), kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -546,8 +700,8 @@ std::tuple<at::Tensor, at::Tensor> slam_loss_forward_cuda(
   at::Tensor stats = at::empty({p.rows, slam_loss_stats::kCols}, alpha.options());
   if (p.rows == 0) return {loss, stats};
 
-  const at::Tensor z = student_logits.contiguous();
-  const at::Tensor t = teacher_probs.contiguous();
+  const at::Tensor z = unit_stride_rows(student_logits);
+  const at::Tensor t = unit_stride_rows(teacher_probs);
   const at::Tensor al = alpha.contiguous();
   const at::Tensor kk = k.contiguous();
   dispatch_input_types(z, "student_logits", t, "teacher_probs",
@@ -571,8 +725,8 @@ at::Tensor slam_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor
   if (p.rows == 0 || p.cols == 0) return grad;
 
   const at::Tensor g = grad_loss.contiguous();
-  const at::Tensor z = student_logits.contiguous();
-  const at::Tensor t = teacher_probs.contiguous();
+  const at::Tensor z = unit_stride_rows(student_logits);
+  const at::Tensor t = unit_stride_rows(teacher_probs);
   const at::Tensor al = alpha.contiguous();
   const at::Tensor kk = k.contiguous();
   const at::Tensor st = stats.contiguous();

@@ -201,13 +201,24 @@ def kd_scale_case(N, C, dt, rows_scale):
 
 # ----------------------------------------------------------------- slam_loss
 
+def row_slice(x, pad):
+    """x (N, C) copied into the first C columns of an (N, C + pad) buffer: rows
+    `C + pad` apart, read in place by the kernels (pad = 0: x itself)."""
+    if pad == 0:
+        return x
+    buf = torch.zeros(x.shape[0], x.shape[1] + pad, dtype=x.dtype)
+    buf[:, :x.shape[1]] = x
+    return buf[:, :x.shape[1]]
+
+
 def slam_case(N, C, k, normalized, hard, sdt=F32, tdt=None, ties=False, misalign=False,
-              alpha_one=False):
+              alpha_one=False, pads=(0, 0)):
     tdt = tdt or sdt
     name = (f"k{k}_{'norm' if normalized else 'unnorm'}_{'hard' if hard else 'soft'}"
             f"_N{N}_C{C}_{SHORT[sdt]}{'' if tdt == sdt else '-' + SHORT[tdt]}"
             f"{'_ties' if ties else ''}{'_misaligned' if misalign else ''}"
-            f"{'_alpha1' if alpha_one else ''}")
+            f"{'_alpha1' if alpha_one else ''}"
+            f"{'_rowpad%d-%d' % pads if any(pads) else ''}")
 
     def make(g):
         acc = acc_of(sdt)
@@ -222,6 +233,7 @@ def slam_case(N, C, k, normalized, hard, sdt=F32, tdt=None, ties=False, misalign
         else:
             t = torch.softmax(torch.randn(N, C, generator=g, dtype=F64) * 2.0, 1)
         t = like(t, tdt, misalign)
+        z, t = row_slice(z, pads[0]), row_slice(t, pads[1])
         alpha = (torch.rand(N, generator=g, dtype=F64) * 0.9 + 0.1).to(acc)
         if alpha_one:
             alpha[::2] = 1.0
@@ -257,6 +269,12 @@ def slam_cases():
     out.append(slam_case(1, 1, 1, False, False))
     out.append(slam_case(1, 1, 1, False, True))
     out.append(slam_case(64, 30, 3, True, False, alpha_one=True))
+    # Row-strided inputs (slices of wider rows), read in place: equal strides
+    # that are whole packs, equal odd strides, and unequal ones (scalar path).
+    for pads in [(8, 8), (3, 3), (5, 2)]:
+        for hard in (False, True):
+            out.append(slam_case(5, 200, 5, True, hard, ties=not hard, pads=pads))
+        out.append(slam_case(3, 1500, 2, False, False, BF16, F32, pads=pads))
     return out
 
 
@@ -282,15 +300,21 @@ def pointwise_case(shape, op, sdt=F32, tdt=None, misalign=False, teacher_grad=Tr
 
 
 def corr_case(outer, D, inner, center, sdt=F32, tdt=None, misalign=False, degenerate=False,
-              teacher_grad=True):
+              teacher_grad=True, pads=(0, 0), scales=(1.0, 1.0), offset=0.0):
     tdt = tdt or sdt
     name = (f"{'pearson' if center else 'cosine'}_{outer}x{D}x{inner}_{SHORT[sdt]}"
             f"{'' if tdt == sdt else '-' + SHORT[tdt]}{'_misaligned' if misalign else ''}"
-            f"{'_degenerate' if degenerate else ''}{'' if teacher_grad else '_no_tgrad'}")
+            f"{'_degenerate' if degenerate else ''}{'' if teacher_grad else '_no_tgrad'}"
+            f"{'_rowpad%d-%d' % pads if any(pads) else ''}"
+            f"{'_scale%g-%g' % scales if scales != (1.0, 1.0) else ''}"
+            f"{'_offset%g' % offset if offset else ''}")
 
     def make(g):
         s64 = torch.randn(outer, D, inner, generator=g, dtype=F64) + 0.3
         t64 = 0.5 * s64 + torch.randn(outer, D, inner, generator=g, dtype=F64)
+        # Magnitudes whose squares leave the dtype's range, and rows far above
+        # their spread: the kernels' careful path.
+        s64, t64 = (s64 + offset) * scales[0], (t64 - offset) * scales[1]
         if degenerate:
             s64[0, :, 0] = 0.0                     # |u| = 0 (cosine and Pearson)
             if outer * inner > 1:
@@ -298,6 +322,9 @@ def corr_case(outer, D, inner, center, sdt=F32, tdt=None, misalign=False, degene
                 t64[r[0], :, r[1]] = 2.5           # constant: |v| = 0 for Pearson
         s = like(s64, sdt, misalign)
         t = like(t64, tdt, misalign)
+        if inner == 1 and any(pads):  # rows of wider buffers, read in place
+            s = row_slice(s[:, :, 0], pads[0]).unsqueeze(2)
+            t = row_slice(t[:, :, 0], pads[1]).unsqueeze(2)
         gr = torch.rand(outer, inner, generator=g, dtype=acc_of(sdt)) + 0.5
 
         def run(ops):
@@ -339,6 +366,20 @@ def distance_cases():
         out.append(corr_case(2, 37, 17, False, sdt, tdt))
     out.append(corr_case(4, 50, 1, True, teacher_grad=False))
     out.append(corr_case(2, 20, 5, False, teacher_grad=False))
+    for center in (False, True):
+        # Row-strided inputs (inner == 1), read in place: equal strides that
+        # are whole packs, equal odd strides, unequal ones; warp and block rows.
+        for pads in [(8, 8), (3, 3), (5, 2)]:
+            out.append(corr_case(6, 300, 1, center, pads=pads))
+            out.append(corr_case(2, 1500, 1, center, BF16, pads=pads))
+        # Magnitudes and offsets that take the careful path, all layouts.
+        for scales in [(1e30, 1e30), (1e-30, 1e-30), (1e30, 1e-30)]:
+            out.append(corr_case(5, 64, 1, center, scales=scales, degenerate=True))
+            out.append(corr_case(2, 1100, 1, center, scales=scales))
+            out.append(corr_case(2, 33, 7, center, scales=scales, degenerate=True))
+            out.append(corr_case(3, 40, 1, center, F64, scales=scales))
+        out.append(corr_case(4, 100, 1, center, offset=3e3))
+        out.append(corr_case(2, 40, 6, center, offset=3e3))
     return out
 
 
@@ -612,8 +653,9 @@ def bad_slam(N, C, what, normalized=False, hard=False):
         def call(ops):
             loss, stats = ops.slam_loss_forward(z, t, alpha, k, normalized, hard)
             if what == "argmax":
+                from distillkit.ops import SLAM_STATS  # the column, by name
                 stats = stats.clone()
-                stats[r, 3] = int_bits(C + 5, F32)
+                stats[r, SLAM_STATS.teacher_argmax] = int_bits(C + 5, F32)
                 ops.slam_loss_backward(gl, z, t, alpha, k, stats, normalized, hard)
         return call
     return raises_case("slam_loss", f"{what}_N{N}_C{C}{'_norm' if normalized else ''}"
