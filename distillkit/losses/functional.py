@@ -494,7 +494,8 @@ def sparse_kd_loss(
                          f"{tuple(teacher_indices.shape)})")
     if teacher_indices.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"teacher_indices must be int64 or int32 (got {teacher_indices.dtype})")
-    opts.check_tail(teacher_tail_logprob is not None)
+    opts.check_inputs(teacher_tail_logprob is not None, teacher_indices.shape[-1],
+                      student_logits.shape[-1])
     z = student_logits.reshape(math.prod(lead), student_logits.shape[-1])
     idx = teacher_indices.reshape(z.shape[0], teacher_indices.shape[-1]).long()
     lp = teacher_logprobs.reshape(idx.shape)

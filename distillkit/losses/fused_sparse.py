@@ -127,7 +127,6 @@ def fused_linear_sparse_kd_loss(
     if student_head is not None and not isinstance(student_head, LogitHead):
         raise ValueError(f"student_head must be a LogitHead or None "
                          f"(got {type(student_head).__name__})")
-    opts.check_tail(teacher_tail_logprob is not None)
     hidden = student_hidden.shape[-1]
     lead = student_hidden.shape[:-1]
     if student_weight.dim() != 2 or student_weight.shape[1] != hidden:
@@ -136,6 +135,7 @@ def fused_linear_sparse_kd_loss(
     check_classes("student_hidden", student_hidden, what="feature")
     check_classes("student_weight", student_weight, 0, "row (class)")
     num_classes = student_weight.shape[0]
+    opts.check_inputs(teacher_tail_logprob is not None, teacher_indices.shape[-1], num_classes)
     if student_bias is not None and student_bias.shape != (num_classes,):
         raise ValueError(f"student_bias must have shape ({num_classes},) "
                          f"(got {tuple(student_bias.shape)})")

@@ -200,11 +200,33 @@ class SparseKDOptions(_Options):
         return not (self.divergence == "forward_kl" or
                     (self.divergence == "jsd" and self.beta == 0.0))
 
+    # From this temperature on, a row whose buckets cover every class (the tail bucket,
+    # raw log-probabilities, or K = C) has student and teacher agreeing to O(1/T): its
+    # divergence is O(1/T²) of the terms it is summed from, below the rounding of the
+    # cached log-probabilities themselves, so no result is relatively accurate
+    # (docs/math.md §4.1; tests/test_sparse_extreme_scalars.py, CANCELLATION_RANGE).
+    CANCELLATION_TEMPERATURE = 100.0
+
     def check_tail(self, has_tail: bool) -> None:
         if self.needs_tail and not has_tail:
             raise ValueError(f"divergence={self.divergence!r} (beta={self.beta}) needs "
                              "teacher_tail_logprob: it compares complete distributions, the "
                              "K kept classes plus the tail bucket")
+
+    def check_inputs(self, has_tail: bool, kept: int, classes: int) -> None:
+        """The checks that need the call's inputs: the tail a divergence needs, and the
+        temperature range where the op cannot be accurate (the reference, an fp64 oracle,
+        checks only the former)."""
+        self.check_tail(has_tail)
+        complete = has_tail or not self.renormalize or kept == classes
+        if complete and self.temperature >= self.CANCELLATION_TEMPERATURE:
+            what = ("a teacher tail" if has_tail else "renormalize=False" if not self.renormalize
+                    else f"K = C = {classes}")
+            raise ValueError(
+                f"temperature must be < {self.CANCELLATION_TEMPERATURE:g} for sparse KD with "
+                f"{what} (got {self.temperature:g}): student and teacher then agree to O(1/T) "
+                "and the divergence, O(1/T^2) of its terms, is below the rounding of the "
+                "cached log-probabilities (docs/math.md §4.1)")
 
 
 @dataclass(frozen=True)
