@@ -119,10 +119,11 @@ struct BackwardArgs {
   SlamScalars p;
 };
 
-// x / q for 0 < q <= 1 (|x| <= 1 or so), without the out-of-line slow path
-// of the IEEE division: its call sites in the unrolled pack loops of the
-// backward made ptxas spill around them (12/44 B of spill stores/loads in the
-// 16-bit kernels, a few bytes in fp64 with other register allocations). An
+// x / q for q > 0 below 2^100 and |x / q| in range, without the out-of-line
+// slow path of the IEEE division (or reciprocal): its call sites (in the
+// unrolled pack loops of the backward, and c = 1 / (k - 1) in Mix) made ptxas
+// spill around them (12/44 B of spill stores/loads in the 16-bit kernels, a
+// few bytes elsewhere with other register allocations). An
 // approximate reciprocal, then one step on the exact residual x - y q, give
 // the quotient to within an ulp. A q below 2^-100 (fp64: 2^-1000) is scaled
 // by 2^64 (2^600) first, exactly, so that the reciprocal's argument is
@@ -144,7 +145,7 @@ __device__ __forceinline__ double rcp_approx(double q) {
 #endif
 
 template <typename A>
-__device__ __forceinline__ A div_unit(A x, A q) {
+__device__ __forceinline__ A div_fast(A x, A q) {
 #if defined(__CUDA_ARCH__)
   constexpr bool kF32 = std::is_same_v<A, float>;
   const A scale = q < A(kF32 ? 0x1p-100 : 0x1p-1000) ? A(kF32 ? 0x1p64 : 0x1p600) : A(1);
@@ -172,7 +173,7 @@ struct Mix {
   A one_minus_c;
 
   __device__ __forceinline__ Mix(A alpha_, int64_t k, bool normalized) : alpha(alpha_) {
-    c = normalized ? A(1) / static_cast<A>(k - 1) : A(1);
+    c = normalized ? div_fast(A(1), static_cast<A>(k - 1)) : A(1);
     one_minus_alpha = A(1) - alpha;
     one_minus_c = A(1) - c;
     b = device::mul_rn(one_minus_alpha, c);
@@ -198,7 +199,7 @@ struct Mix {
                        : device::acc_log1p(-(device::mul_rn(one_minus_alpha,
                                                             one_minus_c + device::mul_rn(c, f)) +
                                              device::mul_rn(alpha, one_minus_f)));
-    h_over_t = div_unit(-f * a, q);
+    h_over_t = div_fast(-f * a, q);
   }
 };
 
@@ -212,69 +213,65 @@ struct RowLse {
   __device__ __forceinline__ A log_f(A z) const { return (z - m) - ls; }
 };
 
-// Running m = max z and s' = sum exp(z - m) - 1, summed without the 1 of the
-// maximum (one entry equal to m), as the CPU's row_lse: a confident row keeps
+// Running m = max z, with s' = sum exp(z - m) - 1 kept as lt = sum exp(z - m)
+// over z < m plus eq = the number of z == m (s' = lt + (eq - 1)), as the CPU's
+// row_lse: the maximum's 1 is counted, not summed, so a confident row keeps
 // 1 - f_max = -expm1(-log1p(s')) to its digits, which log(1 + s') would round
 // away. Every update adds non-negative terms (no cancellation). Empty: m =
-// -inf, s' = -1. A NaN z makes s' NaN (the compares skip it, exp does not).
+// -inf. A NaN z makes lt NaN (the compares skip it, exp does not).
 template <typename A>
 struct OnlineLse1p {
   A m;
-  A s;  // s'
+  A lt;
+  A eq;  // a count, exact in A (at most C / threads per thread before merges)
 
-  static __device__ __forceinline__ OnlineLse1p empty() { return {device::neg_inf<A>(), A(-1)}; }
+  static __device__ __forceinline__ OnlineLse1p empty() {
+    return {device::neg_inf<A>(), A(0), A(0)};
+  }
 
   template <int N>
   __device__ __forceinline__ void add(const A (&x)[N]) {
     A mx = x[0];
 #pragma unroll
     for (int i = 1; i < N; ++i) mx = device::acc_max(mx, x[i]);
-    bool skip = false;  // the new maximum's own 1 is left out, once
-    if (mx > m) {
-      s = m == device::neg_inf<A>() ? A(0) : (A(1) + s) * device::acc_exp(m - mx);
+    if (mx > m) {  // the old terms are all below the new maximum
+      lt = (lt + eq) * device::acc_exp(m - mx);  // exp(-inf) = 0 for an empty state
+      eq = A(0);
       m = mx;
-      skip = true;
     }
-    if (m == device::neg_inf<A>()) {  // all -inf so far: nothing to add, but a NaN
-#pragma unroll
-      for (int i = 0; i < N; ++i) {
-        if (x[i] != x[i]) s = x[i];
-      }
-      return;
-    }
+    // All -inf so far: exp(x - 0) = 0, not exp(-inf - -inf).
+    const A ref = m == device::neg_inf<A>() ? A(0) : m;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      if (skip && x[i] == m) {
-        skip = false;
-        continue;
-      }
-      s += device::acc_exp(x[i] - m);
+      const bool top = x[i] == m;
+      lt += top ? A(0) : device::acc_exp(x[i] - ref);
+      eq += top ? A(1) : A(0);
     }
   }
 
-  __device__ __forceinline__ RowLse<A> finish() const { return {m, device::acc_log1p(s)}; }
+  __device__ __forceinline__ RowLse<A> finish() const {
+    return {m, device::acc_log1p(lt + (eq - A(1)))};
+  }
 };
 
 // Commutative bitwise (the butterfly merges (x, y) on one lane and (y, x) on
-// its partner): the larger m's sum is kept, the smaller's rescaled.
+// its partner): the larger m's sums are kept, the smaller's rescaled into lt.
 template <typename A>
 __device__ __forceinline__ OnlineLse1p<A> merge(const OnlineLse1p<A>& x,
                                                 const OnlineLse1p<A>& y) {
-  if (x.m == y.m) {
-    return {x.m, x.m == device::neg_inf<A>() ? A(-1) : (x.s + y.s) + A(1)};
-  }
+  if (x.m == y.m) return {x.m, x.lt + y.lt, x.eq + y.eq};
   // Selected by value: references to one of two locals would put both in
   // local memory.
   const bool x_hi = x.m > y.m;
-  const A hi_m = x_hi ? x.m : y.m, hi_s = x_hi ? x.s : y.s;
-  const A lo_m = x_hi ? y.m : x.m, lo_s = x_hi ? y.s : x.s;
-  if (lo_m == device::neg_inf<A>()) return {hi_m, hi_s};
-  return {hi_m, hi_s + (A(1) + lo_s) * device::acc_exp(lo_m - hi_m)};
+  const A hi_m = x_hi ? x.m : y.m, hi_lt = x_hi ? x.lt : y.lt, hi_eq = x_hi ? x.eq : y.eq;
+  const A lo_m = x_hi ? y.m : x.m, lo_lt = x_hi ? y.lt : x.lt, lo_eq = x_hi ? y.eq : x.eq;
+  return {hi_m, hi_lt + (lo_lt + lo_eq) * device::acc_exp(lo_m - hi_m), hi_eq};
 }
 
 template <typename A>
 __device__ __forceinline__ OnlineLse1p<A> shfl_xor(const OnlineLse1p<A>& v, int mask) {
-  return {device::shfl_xor(v.m, mask), device::shfl_xor(v.s, mask)};
+  return {device::shfl_xor(v.m, mask), device::shfl_xor(v.lt, mask),
+          device::shfl_xor(v.eq, mask)};
 }
 
 // The top-k set: t > thr, plus the entries t == thr up to index `cut` (the

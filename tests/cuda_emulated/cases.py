@@ -378,8 +378,10 @@ def distance_cases():
             out.append(corr_case(2, 1100, 1, center, scales=scales))
             out.append(corr_case(2, 33, 7, center, scales=scales, degenerate=True))
             out.append(corr_case(3, 40, 1, center, F64, scales=scales))
-        out.append(corr_case(4, 100, 1, center, offset=3e3))
-        out.append(corr_case(2, 40, 6, center, offset=3e3))
+    # Pearson rows far above their spread (for cosine such rows are nearly
+    # parallel, whose gradient cancels to below the tolerance's reach).
+    out.append(corr_case(4, 100, 1, True, offset=3e3))
+    out.append(corr_case(2, 40, 6, True, offset=3e3))
     return out
 
 
