@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Partial
 
-from ..ops import (KD_STATS, RaiseOnBackward, empty_cached, graph_is_kept, kd_loss_backward,
-                   kd_loss_forward, matmul_into, reject_functorch)
+from ..ops import (KD_STATS, RaiseOnBackward, empty_cached, graph_is_kept, kd_loss_forward,
+                   kd_loss_forward_grad, matmul_into, reject_functorch)
 from ..ops.options import KDOptions, LogitHead
 from .functional import (check_classes, check_normalizer, check_row_tensor, flat_labels,
                          mean_denominator)
@@ -227,14 +227,18 @@ class _FusedLinearKD(torch.autograd.Function):
                  else _head_logits(teacher_h[rows], teacher_weight, teacher_bias,
                                    teacher_head, False, u_buf)[0])
             y = labels[rows] if labels is not None else None
-            loss, stats = kd_loss_forward(z, u, y, options)
             scale = row_scale[rows].contiguous()
+            # With a gradient, one pass over the chunk: the loss and its final gradient
+            # (scaled by the reduction's per-row factors) while each row is in cache.
+            if need_grad:
+                loss, stats, dz, _ = kd_loss_forward_grad(z, u, y, options, grad_scale=scale)
+            else:
+                loss, stats = kd_loss_forward(z, u, y, options)
+                dz = None
             total += (loss * scale).sum()
             if entropy:
                 entropy_sum += _entropy_sum(z, stats, y, options)
-            if not need_grad:
-                return None
-            return kd_loss_backward(scale, z, u, y, stats, options, False)[0]
+            return dz
 
         chunked_head_gradients(ctx, h, weight, bias, student_head, chunk_rows, chunk_loss,
                                anchors)
