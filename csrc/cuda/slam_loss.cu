@@ -380,8 +380,15 @@ __device__ int tie_cut(const T* t, int64_t row_start, const SlamScalars& p, A th
   return p.cols - 1 - static_cast<int>(sel.value());
 }
 
+// Blocks per SM the kernels are compiled for (at most 64 registers; fp64:
+// 128): without it, ptxas picks its own occupancy target and spilled
+// (48 registers, 14/24 B in the 16-bit forward) where 64 hold everything.
+constexpr int kMinBlocks = 4;
+template <typename A>
+constexpr int kMinBlocksFor = sizeof(A) == 8 ? 2 : kMinBlocks;
+
 template <typename S, typename T, typename A>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksFor<A>)
     slam_loss_forward_kernel(const ForwardArgs<S, T, A> args) {
   constexpr int kVec = pack_width<S, T>();
   using Key = value_key_t<A>;
@@ -522,7 +529,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 }
 
 template <typename S, typename T, typename A>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksFor<A>)
     slam_loss_backward_kernel(const BackwardArgs<S, T, A> args) {
   constexpr int kVec = pack_width<S, T>();
   __shared__ SelectShared select_smem;
