@@ -37,6 +37,10 @@ def test_every_op_has_its_kernels():
     if os.environ.get("DISTILLKIT_EXPECT_CUDA") == "1":
         assert distillkit._C.with_cuda == 1
         keys.append("CUDA")
+    # An op whose math is ATen's on every device but the CPU (matmul_into, empty_cached)
+    # has a CompositeExplicitAutograd kernel, which serves the CUDA key.
     missing = [(op, key) for op in ops for key in keys
-               if not torch._C._dispatch_has_kernel_for_dispatch_key(op, key)]
+               if not torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+               and not (key != "CPU" and torch._C._dispatch_has_kernel_for_dispatch_key(
+                   op, "CompositeExplicitAutograd"))]
     assert not missing
