@@ -39,8 +39,11 @@ test: build
 
 # The tests of every kernel file, the CPU kernels run at the avx2 level whatever the CPU has
 # (test_cpu_capability.py runs a sample of them at every level).
-KERNEL_TESTS := tests/test_kd_loss.py tests/test_slam_loss.py tests/test_sparse_kd.py \
-	tests/test_distance.py tests/test_coordinate_lstm.py tests/test_fused_linear.py
+KERNEL_TESTS := tests/test_kd_loss.py tests/test_kd_single_pass.py tests/test_slam_loss.py \
+	tests/test_sparse_kd.py tests/test_sparse_tail.py tests/test_distance.py \
+	tests/test_coordinate_lstm.py tests/test_fused_linear.py tests/test_extreme_scalars.py \
+	tests/test_extreme_scalars_linear.py tests/test_sparse_extreme_scalars.py \
+	tests/test_extreme_scalars_slam_distance.py
 
 test-avx2: build
 	DISTILLKIT_CPU_CAPABILITY=avx2 $(PY) -m distillkit info | grep "^CPU level"
