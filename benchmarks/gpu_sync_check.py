@@ -63,14 +63,25 @@ def kd_case(divergence: str, c: int, teacher_grad: bool = False, weighted: bool 
     return make
 
 
-def sparse_case(c: int):
+def _topk_teacher(c: int, device):
+    """A cached top-8 teacher: indices, log-probabilities and the log tail mass."""
+    log_p = torch.log_softmax(torch.randn(N, c, device=device), -1)
+    logprobs, index = log_p.topk(8)
+    tail = torch.logsumexp(log_p.scatter(1, index, float("-inf")), -1)
+    return index, logprobs, tail
+
+
+def sparse_case(c: int, divergence: str = "forward_kl"):
     def make(device):
         z = _logits(N, c, device)
-        logprobs, index = torch.log_softmax(torch.randn(N, c, device=device), -1).topk(8)
+        index, logprobs, tail = _topk_teacher(c, device)
         labels = _labels(N, c, device)
+        tail = tail if divergence != "forward_kl" else None
 
         def run():
-            loss = distillkit.sparse_kd_loss(z, index, logprobs, labels=labels, temperature=2.0)
+            loss = distillkit.sparse_kd_loss(z, index, logprobs, teacher_tail_logprob=tail,
+                                             labels=labels, temperature=2.0,
+                                             divergence=divergence)
             loss.backward()
             return loss
         return run
@@ -121,6 +132,21 @@ def fused_linear_case():
     return make
 
 
+def fused_sparse_case():
+    def make(device):
+        h = torch.randn(N, 256, device=device, dtype=torch.bfloat16).requires_grad_()
+        w = (torch.randn(BLOCK_C, 256, device=device) / 16).to(torch.bfloat16).requires_grad_()
+        index, logprobs, tail = _topk_teacher(BLOCK_C, device)
+
+        def run():
+            loss = distillkit.fused_linear_sparse_kd_loss(h, w, index, logprobs, tail,
+                                                          divergence="jsd", chunk_rows=16)
+            loss.backward()
+            return loss
+        return run
+    return make
+
+
 def coordinate_lstm_case(hidden: Tuple[int, ...], head: bool):
     def make(device):
         P, width = 4096, sum(hidden)
@@ -151,6 +177,7 @@ def cases() -> List[Case]:
         for div in ("forward_kl", "reverse_kl", "jsd"):
             out.append((f"kd_loss {div}, {path}", kd_case(div, c)))
         out.append((f"sparse_kd_loss, {path}", sparse_case(c)))
+        out.append((f"sparse_kd_loss tail + jsd, {path}", sparse_case(c, "jsd")))
         out.append((f"slam_loss, {path}", slam_case(c, per_row_k=False)))
     out.append(("kd_loss teacher grad + row weights", kd_case("forward_kl", BLOCK_C, True, True)))
     out.append(("slam_loss per-row k", slam_case(WARP_C, per_row_k=True)))
@@ -158,6 +185,7 @@ def cases() -> List[Case]:
         out.append((f"distance {op}, rows", distance_case(op, (N, BLOCK_C), -1)))
         out.append((f"distance {op}, strided (dim=1)", distance_case(op, (8, 64, 16, 16), 1)))
     out.append(("fused_linear_kd_loss", fused_linear_case()))
+    out.append(("fused_linear_sparse_kd_loss tail + jsd", fused_sparse_case()))
     out.append(("coordinate_lstm_step 2x20+head", coordinate_lstm_case((20, 20), True)))
     out.append(("coordinate_lstm_step 3x64,1", coordinate_lstm_case((64, 64, 64, 1), False)))
     return out
