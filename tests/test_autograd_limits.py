@@ -34,6 +34,8 @@ LOSSES = {
     "distance ": lambda z: distillkit.distance(z, _U, "l2"),
     "sparse_kd_loss": lambda z: distillkit.sparse_kd_loss(z, _IDX, _LP),
     "fused_linear_kd_loss": lambda z: distillkit.fused_linear_kd_loss(z[:, :5], _W, _U),
+    "fused_linear_sparse_kd_loss": lambda z: distillkit.fused_linear_sparse_kd_loss(
+        z[:, :5], _W, _IDX, _LP),
     "coordinate_lstm": lambda z: _lstm(z.reshape(-1)),
 }
 
