@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Partial
 
-from ..ops import (KD_STATS, RaiseOnBackward, empty_cached, graph_is_kept, kd_loss_forward,
-                   kd_loss_forward_grad, matmul_into, reject_functorch)
+from ..ops import (KD_STATS, RaiseOnBackward, empty_cached, kd_loss_forward,
+                   kd_loss_forward_grad, matmul_into, reject_functorch,
+                   saved_buffer_is_last_read)
 from ..ops.options import KDOptions, LogitHead
 from .functional import (check_classes, check_normalizer, check_row_tensor, flat_labels,
                          mean_denominator)
@@ -186,19 +187,22 @@ def scaled_saved_gradients(ctx, grad_output: Tensor, op: str) -> Tuple[Optional[
     formed in the forward times ``grad_output``, in the parameters' dtypes
     (``ctx.dtypes``: hidden, weight, bias)."""
     grad_h, grad_w, grad_b, *anchors = ctx.saved_tensors
-    if graph_is_kept():
-        # retain_graph=True: the next backward reads the saved gradients again.
-        outs = tuple(None if t is None else (t * grad_output).to(dtype)
-                     for t, dtype in zip((grad_h, grad_w, grad_b), ctx.dtypes))
-    else:
-        # The last read of this call's own buffers: in place, then (for a narrower
+
+    def scaled(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+        if t is None:
+            return None
+        if not saved_buffer_is_last_read(t):
+            # retain_graph=True (or a traced backward): the saved gradient stays as it is.
+            return (t * grad_output).to(dtype)
+        # The last read of this call's own buffer: in place, then (for a narrower
         # parameter dtype) one conversion pass. Out of place, a (C, H) product would be
         # one more (C, H) tensor, and a mixed-dtype mul writes a full temporary in t's
         # dtype first (TensorIterator's CPU path): 2.5x the time of this, page faults
         # included (benchmarks/results/fused_linear_profile.md).
-        outs = tuple(None if t is None else t.mul_(grad_output) if t.dtype == dtype
-                     else empty_cached(t, t.shape, dtype).copy_(t.mul_(grad_output))
-                     for t, dtype in zip((grad_h, grad_w, grad_b), ctx.dtypes))
+        t.mul_(grad_output)
+        return t if t.dtype == dtype else empty_cached(t, t.shape, dtype).copy_(t)
+
+    outs = tuple(scaled(t, dtype) for t, dtype in zip((grad_h, grad_w, grad_b), ctx.dtypes))
     if torch.is_grad_enabled():
         # create_graph=True: the gradients were formed in the forward and do not depend
         # on h or W here; a loss on them must fail by name, not miss a term.

@@ -15,7 +15,7 @@ from .options import KDOptions, SLaMOptions, SparseKDOptions
 __all__ = ["kd_loss_forward", "kd_loss_forward_grad", "kd_loss_backward", "slam_loss_forward",
            "pointwise_distance_forward", "correlation_distance_forward", "sparse_kd_loss_forward",
            "sparse_kd_loss_backward", "coordinate_lstm_step",
-           "check_errors", "graph_is_kept"]
+           "check_errors", "saved_buffer_is_last_read", "matmul_into", "empty_cached"]
 
 class StatsLayout:
     """The named columns of the per-row statistics an op's forward saves for its backward.
@@ -199,12 +199,17 @@ torch.library.register_autograd(
 )
 
 
-def graph_is_kept() -> bool:
-    """Whether the running backward keeps the graph (``retain_graph=True``), so that its
-    saved tensors will be read again. From the engine's graph task; where this PyTorch
-    does not say, assumed kept (the safe answer)."""
+def saved_buffer_is_last_read(t: Tensor) -> bool:
+    """Whether a backward may scale its saved buffer ``t`` in place and return it as the
+    gradient: the running backward frees the graph (no ``retain_graph=True``: the buffer
+    is not read again) and runs eagerly (a traced backward, torch.compile or AOT
+    autograd's fake and functional tensors, must not mutate a saved forward output).
+    From the engine's graph task; where this PyTorch does not say, the graph counts as
+    kept (the safe answer)."""
+    if type(t) is not Tensor or torch.compiler.is_compiling():
+        return False
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return True if keep_graph is None else bool(keep_graph())
+    return keep_graph is not None and not keep_graph()
 
 
 def _scale_rows(unit: Tensor, grad_rows: Tensor) -> Tensor:
@@ -216,9 +221,7 @@ def _scale_rows(unit: Tensor, grad_rows: Tensor) -> Tensor:
     left unchanged for the next backward (a new tensor)."""
     if torch.is_grad_enabled():  # create_graph=True: differentiable w.r.t. grad_rows
         return (unit * grad_rows.reshape(-1, 1)).to(unit.dtype)
-    # Eager only: a traced backward (torch.compile, AOT autograd's fake and functional
-    # tensors) must not mutate a saved forward output.
-    if type(unit) is Tensor and not torch.compiler.is_compiling() and not graph_is_kept():
+    if saved_buffer_is_last_read(unit):
         return unit.mul_(grad_rows.reshape(-1, 1))
     return torch.ops.distillkit.kd_loss_scale_grad(unit, grad_rows)
 
@@ -641,9 +644,6 @@ class RaiseOnBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         raise double_backward_error(ctx.op)
-
-
-__all__ += ["matmul_into", "empty_cached"]
 
 
 def matmul_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
