@@ -480,40 +480,56 @@ def sparse_kd_loss(
         raise ValueError("student_logits must have at least one dimension (..., C)")
     check_classes("student_logits", student_logits)
     lead = student_logits.shape[:-1]
-    if teacher_indices.dim() < 1 or teacher_indices.shape[:-1] != lead:
-        raise ValueError(f"teacher_indices must have shape {tuple(lead)} + (K,) "
-                         f"(got {tuple(teacher_indices.shape)})")
-    check_classes("teacher_indices", teacher_indices, what="kept class (K >= 1)")
-    for name, tensor in (("teacher_indices", teacher_indices), ("teacher_logprobs", teacher_logprobs)):
-        if tensor.device != student_logits.device:
-            raise ValueError(f"{name} must be on student_logits' device {student_logits.device} "
-                             f"(got {tensor.device})")
-    if teacher_logprobs.shape != teacher_indices.shape:
-        raise ValueError("teacher_logprobs must have the shape of teacher_indices "
-                         f"(got {tuple(teacher_logprobs.shape)} and "
-                         f"{tuple(teacher_indices.shape)})")
-    if teacher_indices.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"teacher_indices must be int64 or int32 (got {teacher_indices.dtype})")
-    opts.check_inputs(teacher_tail_logprob is not None, teacher_indices.shape[-1],
-                      student_logits.shape[-1])
+    check_topk_teacher(teacher_indices, teacher_logprobs, teacher_tail_logprob, lead,
+                       "student_logits' device", student_logits.device,
+                       student_logits.shape[-1], opts)
     z = student_logits.reshape(math.prod(lead), student_logits.shape[-1])
     idx = teacher_indices.reshape(z.shape[0], teacher_indices.shape[-1]).long()
     lp = teacher_logprobs.reshape(idx.shape)
     # fp64 on either side means an fp64 computation (the kernels pair fp64 with fp64).
     if (z.dtype == torch.float64) != (lp.dtype == torch.float64):
         z, lp = z.double(), lp.double()
-    tail = None
-    if teacher_tail_logprob is not None:
-        check_row_tensor("teacher_tail_logprob", teacher_tail_logprob, lead, z.device,
-                         floating=True)
-        tail = teacher_tail_logprob.reshape(-1).to(lp.dtype)
+    tail = (teacher_tail_logprob.reshape(-1).to(lp.dtype)
+            if teacher_tail_logprob is not None else None)
     y = flat_labels(labels, lead, z.device)
     rows, _ = sparse_kd_loss_forward(z, idx, lp, y, opts, tail)
     denominator = None
     if opts.reduction == "mean":
-        # Rows with no kept class are dead too, not only those with an ignored label.
-        live = (idx >= 0).any(-1)
-        if y is not None:
-            live = live & (y != opts.ignore_index)
-        denominator = normalizer if normalizer is not None else live.sum().clamp(min=1)
+        denominator = (normalizer if normalizer is not None
+                       else live_topk_rows(idx, y, opts.ignore_index).clamp(min=1))
     return reduce_rows(rows, lead, weight, opts.reduction, denominator)
+
+
+def check_topk_teacher(teacher_indices: Tensor, teacher_logprobs: Tensor,
+                       teacher_tail_logprob: Optional[Tensor], lead, device_name: str,
+                       device: torch.device, classes: int, opts: SparseKDOptions) -> None:
+    """The checks of a cached top-K teacher against the student's leading shape ``lead``,
+    ``device`` (named ``device_name`` in the errors) and ``classes``: (..., K) int64/int32
+    indices, log-probabilities of their shape, an optional (...) log tail, and the
+    options' own checks that need them (:meth:`SparseKDOptions.check_inputs`)."""
+    if teacher_indices.dim() < 1 or teacher_indices.shape[:-1] != lead:
+        raise ValueError(f"teacher_indices must have shape {tuple(lead)} + (K,) "
+                         f"(got {tuple(teacher_indices.shape)})")
+    check_classes("teacher_indices", teacher_indices, what="kept class (K >= 1)")
+    for name, tensor in (("teacher_indices", teacher_indices), ("teacher_logprobs", teacher_logprobs)):
+        if tensor.device != device:
+            raise ValueError(f"{name} must be on {device_name} {device} (got {tensor.device})")
+    if teacher_logprobs.shape != teacher_indices.shape:
+        raise ValueError("teacher_logprobs must have the shape of teacher_indices "
+                         f"(got {tuple(teacher_logprobs.shape)} and "
+                         f"{tuple(teacher_indices.shape)})")
+    if teacher_indices.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"teacher_indices must be int64 or int32 (got {teacher_indices.dtype})")
+    opts.check_inputs(teacher_tail_logprob is not None, teacher_indices.shape[-1], classes)
+    if teacher_tail_logprob is not None:
+        check_row_tensor("teacher_tail_logprob", teacher_tail_logprob, lead, device,
+                         floating=True)
+
+
+def live_topk_rows(idx: Tensor, y: Optional[Tensor], ignore_index: int) -> Tensor:
+    """The number of rows a top-K loss's mean divides by: a row with no kept class is dead
+    too, not only one whose label is ``ignore_index``."""
+    live = (idx >= 0).any(-1)
+    if y is not None:
+        live = live & (y != ignore_index)
+    return live.sum()

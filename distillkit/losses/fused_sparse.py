@@ -19,7 +19,8 @@ from torch import Tensor
 
 from ..ops import reject_functorch, sparse_kd_loss_backward, sparse_kd_loss_forward
 from ..ops.options import LogitHead, SparseKDOptions
-from .functional import check_classes, check_normalizer, check_row_tensor, flat_labels
+from .functional import (check_classes, check_normalizer, check_row_tensor,
+                         check_topk_teacher, flat_labels, live_topk_rows)
 from .fused_linear import (_IDENTITY, _autocast_operands, _full, chunked_head_gradients,
                            scaled_saved_gradients)
 
@@ -135,25 +136,11 @@ def fused_linear_sparse_kd_loss(
     check_classes("student_hidden", student_hidden, what="feature")
     check_classes("student_weight", student_weight, 0, "row (class)")
     num_classes = student_weight.shape[0]
-    opts.check_inputs(teacher_tail_logprob is not None, teacher_indices.shape[-1], num_classes)
     if student_bias is not None and student_bias.shape != (num_classes,):
         raise ValueError(f"student_bias must have shape ({num_classes},) "
                          f"(got {tuple(student_bias.shape)})")
-    if teacher_indices.dim() < 1 or teacher_indices.shape[:-1] != lead:
-        raise ValueError(f"teacher_indices must have shape {tuple(lead)} + (K,) "
-                         f"(got {tuple(teacher_indices.shape)})")
-    check_classes("teacher_indices", teacher_indices, what="kept class (K >= 1)")
-    if teacher_indices.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"teacher_indices must be int64 or int32 (got {teacher_indices.dtype})")
-    if teacher_logprobs.shape != teacher_indices.shape:
-        raise ValueError("teacher_logprobs must have the shape of teacher_indices "
-                         f"(got {tuple(teacher_logprobs.shape)} and "
-                         f"{tuple(teacher_indices.shape)})")
-    for name, tensor in (("teacher_indices", teacher_indices),
-                         ("teacher_logprobs", teacher_logprobs)):
-        if tensor.device != student_hidden.device:
-            raise ValueError(f"{name} must be on student_hidden's device "
-                             f"{student_hidden.device} (got {tensor.device})")
+    check_topk_teacher(teacher_indices, teacher_logprobs, teacher_tail_logprob, lead,
+                       "student_hidden's device", student_hidden.device, num_classes, opts)
     h = student_hidden.reshape(-1, hidden)
     k = teacher_indices.shape[-1]
     idx = teacher_indices.reshape(-1, k).long()
@@ -161,11 +148,8 @@ def fused_linear_sparse_kd_loss(
     # The kernels pair fp64 logits with fp64 log-probabilities, and nothing else with them.
     if (h.dtype == torch.float64) != (lp.dtype == torch.float64):
         lp = lp.double() if h.dtype == torch.float64 else lp.float()
-    tail = None
-    if teacher_tail_logprob is not None:
-        check_row_tensor("teacher_tail_logprob", teacher_tail_logprob, lead, h.device,
-                         floating=True)
-        tail = teacher_tail_logprob.reshape(-1).detach().to(lp.dtype)
+    tail = (teacher_tail_logprob.reshape(-1).detach().to(lp.dtype)
+            if teacher_tail_logprob is not None else None)
     y = flat_labels(labels, lead, h.device)
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     # The reduction's derivative w.r.t. each row's loss, known before the loop; a dead
@@ -178,10 +162,7 @@ def fused_linear_sparse_kd_loss(
         if normalizer is not None:
             row_scale = row_scale / normalizer
         else:
-            live = (idx >= 0).any(-1)
-            if y is not None:
-                live = live & (y != opts.ignore_index)
-            row_scale = row_scale / live.sum().clamp(min=1).to(acc)
+            row_scale = row_scale / live_topk_rows(idx, y, opts.ignore_index).clamp(min=1).to(acc)
     reject_functorch("fused_linear_sparse_kd_loss")
     return _FusedLinearSparseKD.apply(h, _full(student_weight), _full(student_bias), idx, lp,
                                       tail, y, row_scale, chunk_rows, opts,
