@@ -42,7 +42,8 @@ from typing import Any, Callable, Dict, List
 
 import torch
 
-from harness import REPO_ROOT, Case, OpBench, CpuMeter, _git_rev, find_row, main, ratio_line
+from harness import (REPO_ROOT, Case, CpuMeter, OpBench, cpu_flags, find_row, git_rev, main,
+                     ratio_line)
 
 import distillkit
 from distillkit.reference import kd_loss_ref
@@ -191,10 +192,9 @@ def interleaved(argv: List[str]) -> None:
     args = ap.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 5)
     meter = CpuMeter()
-    flags = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-             if f in open("/proc/cpuinfo").read().split()]
+    flags = cpu_flags(("avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))
     print(f"## fused_linear_kd_loss, interleaved: {meter.machine()} ({', '.join(flags)}), "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, rev {_git_rev()}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, rev {git_rev()}, "
           f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}, "
           f"load average {os.getloadavg()[0]:.1f}, {rounds} rounds\n", flush=True)
     providers: Dict[str, Callable[..., Any]] = {"distillkit": fused, "3 GEMMs": three_gemms,

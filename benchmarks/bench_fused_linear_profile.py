@@ -22,6 +22,8 @@ from typing import Callable, Dict, List
 
 import torch
 
+from harness import CpuMeter
+
 import distillkit
 from distillkit.ops import kd_loss_backward, kd_loss_forward, matmul_into
 from distillkit.ops.options import KDOptions
@@ -87,9 +89,7 @@ def main() -> None:
     w = (torch.randn(c, hid) / hid**0.5).to(dt)
     u = torch.randn(n, c).to(dt)
     opts = KDOptions.resolve(None, temperature=2.0)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), "unknown CPU")
-    print(f"# {cpu}, torch {torch.__version__}, "
+    print(f"# {CpuMeter().machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {args.dtype}, N={n} H={hid} C={c}, "
           f"load before {os.getloadavg()}", flush=True)
     for rows in args.chunk_rows:

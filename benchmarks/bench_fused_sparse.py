@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import _git_rev, _meter  # noqa: E402
+from harness import _meter, git_rev  # noqa: E402
 
 import distillkit  # noqa: E402
 from distillkit.data.sparse_cache import teacher_topk  # noqa: E402
@@ -125,7 +125,7 @@ def main():
         "held right before the step; teacher MB: the teacher's input tensors.",
         "",
         f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}, git revision "
-        f"{_git_rev()}, torch {torch.__version__}, {args.threads} threads, "
+        f"{git_rev()}, torch {torch.__version__}, {args.threads} threads, "
         f"{_meter(device).machine()} ({device.type}); {args.repeats} timed runs per row",
         "- the machine is shared: the 1-minute load average before / after each row is given",
         "",

@@ -27,30 +27,18 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
-import time
 from pathlib import Path
 
 import torch
 
-from harness import CpuMeter
+from harness import CpuMeter, cpu_flags, git_rev
 
 import distillkit
 from distillkit import KDOptions
 from distillkit.reference import kd_loss_ref
 
-ROOT = Path(__file__).resolve().parent.parent
 KW = dict(temperature=2.0, divergence="forward_kl")
-
-
-def cpu_flags() -> str:
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return " ".join(f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16",
-                                            "amx_tile") if f in have)
-    return "unknown"
+FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_tile")
 
 
 def providers(z, u):
@@ -87,14 +75,6 @@ def providers(z, u):
 
     return {"floor": floor, "single_pass": single_pass, "two_pass": two_pass,
             "scaled_op": scaled_op, "eager": eager, "compile": compile_}
-
-
-def git_rev() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
-                         capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "csrc", "distillkit"],
-                           cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return (out or "unknown") + (" (modified)" if dirty else "")
 
 
 def main() -> None:
@@ -143,7 +123,7 @@ def main() -> None:
         "requiring grad. Rounds interleaved (every provider once per round, order rotating); "
         "median and min over rounds. Peak: the step's rise of resident memory.",
         "",
-        f"- CPU: {meter.machine()} ({platform.machine()}), flags {cpu_flags()}; "
+        f"- CPU: {meter.machine()} ({platform.machine()}), flags {' '.join(cpu_flags(FLAGS))}; "
         f"{torch.get_num_threads()} threads; distillkit CPU level "
         f"{distillkit._C.cpu_capability}",
         f"- torch {torch.__version__}; git {git_rev()}",

@@ -36,7 +36,7 @@ from typing import Dict, List
 
 import torch
 
-from harness import CpuMeter
+from harness import CpuMeter, cpu_flags
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -122,10 +122,8 @@ def worker(job: Dict) -> Dict:
 
 
 def _cpu() -> str:
-    with open("/proc/cpuinfo") as f:
-        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return f"{CpuMeter().machine()}; flags: {' '.join(x for x in wanted if x in flags)}"
+    flags = cpu_flags(("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))
+    return f"{CpuMeter().machine()}; flags: {' '.join(flags)}"
 
 
 def main() -> None:

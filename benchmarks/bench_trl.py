@@ -28,7 +28,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from harness import Case, OpBench, find_row, main
+from harness import Case, OpBench, cpu_flags, find_row, main
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import distillkit  # noqa: E402
@@ -104,10 +104,8 @@ def roofline_bytes(case: Case, mode: str) -> int:
 
 def _cpu_line() -> str:
     wanted = ("avx2", "avx512f", "avx512bw", "avx512_bf16", "amx_tile", "fma")
-    with open("/proc/cpuinfo") as f:
-        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     load = os.getloadavg()
-    return (f"CPU flags: {' '.join(x for x in wanted if x in flags) or 'none of ' + ' '.join(wanted)}; "
+    return (f"CPU flags: {' '.join(cpu_flags(wanted)) or 'none of ' + ' '.join(wanted)}; "
             f"{os.cpu_count()} cores, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
             "(1 / 5 / 15 min) when the run ended: the machine was shared with other jobs.")
 

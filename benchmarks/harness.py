@@ -152,6 +152,14 @@ class OpBench:
 
 # --- device-specific measurement: the one place that knows CPU from CUDA -----------------
 
+def cpu_flags(wanted: Sequence[str]) -> List[str]:
+    """Those of ``wanted`` that /proc/cpuinfo lists for this CPU, in ``wanted``'s order."""
+    with open("/proc/cpuinfo") as f:
+        have = next((set(line.split(":", 1)[1].split()) for line in f
+                     if line.startswith("flags")), set())
+    return [flag for flag in wanted if flag in have]
+
+
 def _proc_status_bytes(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -329,7 +337,7 @@ def run_case(bench: OpBench, case: Case, provider: str, modes: Sequence[str],
 
 # --- the driver --------------------------------------------------------------------------
 
-def _git_rev() -> str:
+def git_rev() -> str:
     try:
         return subprocess.run(
             ["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty", "--abbrev=12"],
@@ -448,7 +456,7 @@ def main(bench: OpBench) -> None:
         return
 
     env = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "git_rev": _git_rev(), "torch": torch.__version__, "threads": args.threads,
+           "git_rev": git_rev(), "torch": torch.__version__, "threads": args.threads,
            "machine": _meter(device).machine(), "device": device.type, "op": bench.name}
     print(f"# {bench.name} on {env['machine']} ({device.type}, {args.threads} threads), "
           f"torch {env['torch']}, rev {env['git_rev']}, {env['date']}", flush=True)
