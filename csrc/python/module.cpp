@@ -7,6 +7,10 @@
 //  - <op>_stats_layout ({column name: index}) and <op>_stats_cols for every
 //    op that returns per-row stats (stats_layout.h), so that Python reads the
 //    stats by the names the kernels write them with;
+//  - kd_loss's cancellation-free constants (kd_loss.h: kd_stable_ratio and the
+//    series lengths kd_ratio_weight_terms / kd_log1p_gap_terms, (fp64, fp32)
+//    tuples), for the vocabulary-parallel loss, which must take the kernels'
+//    decisions and evaluate their series;
 //  - the two functions of the CPU output cache (cpu/output_cache.h);
 //  - the CPU kernels' level (cpu/capability.h): cpu_capability (the chosen
 //    level's name), cpu_capability_reason, cpu_capability_supported (the best
@@ -22,6 +26,7 @@
 
 #include "cpu/capability.h"
 #include "cpu/output_cache.h"
+#include "kd_loss.h"
 #include "stats_layout.h"
 
 namespace {
@@ -118,6 +123,30 @@ int add_cpu_capability(PyObject* module) {
   return 0;
 }
 
+// A (fp64, fp32) pair of ints as a tuple attribute.
+int add_pair(PyObject* module, const char* name, int fp64, int fp32) {
+  PyObject* pair = Py_BuildValue("(ii)", fp64, fp32);
+  if (pair == nullptr) return -1;
+  const int status = PyModule_AddObjectRef(module, name, pair);
+  Py_DECREF(pair);
+  return status;
+}
+
+int add_kd_constants(PyObject* module) {
+  PyObject* ratio = PyFloat_FromDouble(distillkit::kStableRatio);
+  if (ratio == nullptr) return -1;
+  const int status = PyModule_AddObjectRef(module, "kd_stable_ratio", ratio);
+  Py_DECREF(ratio);
+  if (status < 0) return -1;
+  using distillkit::kLog1pGapTerms32, distillkit::kLog1pGapTerms64;
+  using distillkit::kRatioWeightTerms32, distillkit::kRatioWeightTerms64;
+  if (add_pair(module, "kd_ratio_weight_terms", kRatioWeightTerms64, kRatioWeightTerms32) < 0 ||
+      add_pair(module, "kd_log1p_gap_terms", kLog1pGapTerms64, kLog1pGapTerms32) < 0) {
+    return -1;
+  }
+  return 0;
+}
+
 }  // namespace
 
 PyMODINIT_FUNC PyInit__C(void) {
@@ -125,7 +154,8 @@ PyMODINIT_FUNC PyInit__C(void) {
   if (module == nullptr) return nullptr;
   if (PyModule_AddStringConstant(module, "__torch_version__", DISTILLKIT_TORCH_VERSION) < 0 ||
       PyModule_AddIntConstant(module, "with_cuda", DISTILLKIT_WITH_CUDA) < 0 ||
-      add_stats_layouts(module) < 0 || add_cpu_capability(module) < 0) {
+      add_stats_layouts(module) < 0 || add_kd_constants(module) < 0 ||
+      add_cpu_capability(module) < 0) {
     Py_DECREF(module);
     return nullptr;
   }

@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .. import _C
 from ..ops import KD_STATS, kd_loss_backward, kd_loss_forward, reject_functorch
 from ..ops.options import KDOptions
 from .functional import kd_rows_inputs, reduce_kd_rows
@@ -59,7 +60,7 @@ _CHUNK_ELEMENTS = 1 << 20
 _A, _B, _LSE1, _Z_Y = range(4)
 # kStableRatio of csrc/kd_loss.h: the backward kernel's cancellation-free pass is taken
 # where the divergence is not above this times |lse(z/T)| + |lse(u/T)|.
-_STABLE_RATIO = 1.0 / 256
+_STABLE_RATIO = _C.kd_stable_ratio
 
 
 def _series(terms: int) -> List[float]:
@@ -70,8 +71,9 @@ def _series(terms: int) -> List[float]:
 # The kernels' series lengths (kRatioWeightTerms64/32, kLog1pGapTerms64/32 of
 # csrc/kd_loss.h): the truncation is below the dtype's rounding for the arguments they
 # get, |e| <= 1/2 and φ's y in [-0.4, 1/2] (β expm1(rp) and (1 − β) expm1(−rp), |rp| <= 1/2).
-_RATIO_WEIGHT = {torch.float64: _series(19), torch.float32: _series(10)}
-_LOG1P_GAP_TERMS = {torch.float64: 12, torch.float32: 6}
+_RATIO_WEIGHT = {dtype: _series(terms)
+                 for dtype, terms in zip((torch.float64, torch.float32), _C.kd_ratio_weight_terms)}
+_LOG1P_GAP_TERMS = dict(zip((torch.float64, torch.float32), _C.kd_log1p_gap_terms))
 
 
 def _resolve(opts: KDOptions) -> str:
