@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from distillkit import distance
 from distillkit.reference import DISTANCE_OPS, distance_ref
 
-from conftest import DEVICES, GRAD_TOL, HAS_CUDA, copies_made
+from conftest import DEVICES, GRAD_TOL, HAS_CUDA, NEEDS_CUDA, copies_made
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # Sums of many elements: compare relative to the magnitude.
@@ -274,7 +274,7 @@ def test_deterministic_across_thread_counts(shape, dim):
             assert torch.equal(a, b)
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.skipif(not HAS_CUDA, reason=NEEDS_CUDA)
 @pytest.mark.parametrize("op", DISTANCE_OPS)
 @pytest.mark.parametrize("shape,dim", [((64, 32000), -1), ((8, 64, 16, 16), 1), ((256, 100), 0)],
                          ids=str)

@@ -6,6 +6,8 @@ and distillkit.ops.check_errors.)"""
 import pytest
 import torch
 
+from conftest import NEEDS_CUDA
+
 import distillkit
 from distillkit import kd_loss, slam_loss, sparse_kd_loss
 from distillkit.ops import SLAM_STATS, check_errors
@@ -212,7 +214,7 @@ def test_slam_tie_count_is_exact_beyond_2_24_classes():
 
 # --- CUDA: the same errors, without a host sync ---------------------------------------
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NEEDS_CUDA)
 @pytest.mark.parametrize("case", ["kd_label", "sparse_index", "sparse_duplicate", "slam_k",
                                   "sparse_edited_before_backward"])
 def test_cuda_bad_values_raise_later_without_a_sync(case):

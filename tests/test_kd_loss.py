@@ -6,7 +6,7 @@ import torch
 from distillkit import KDLoss, kd_loss
 from distillkit.reference import kd_loss_ref
 
-from conftest import DEVICES, GRAD_TOL, HAS_CUDA, LOSS_TOL
+from conftest import DEVICES, GRAD_TOL, HAS_CUDA, LOSS_TOL, NEEDS_CUDA
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd"]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -301,7 +301,7 @@ def test_op_level_checks_name_arguments():
                                              0.0, -100, True)
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.skipif(not HAS_CUDA, reason=NEEDS_CUDA)
 def test_device_mismatch():
     with pytest.raises(ValueError, match="same device"):
         kd_loss(torch.randn(2, 3, device="cuda"), torch.randn(2, 3))
@@ -379,8 +379,8 @@ def test_deterministic_across_thread_counts():
 
 @pytest.mark.parametrize("device,dtype", [
     ("cpu", torch.bfloat16),
-    pytest.param("cuda", torch.float16, marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")),
-    pytest.param("cuda", torch.bfloat16, marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")),
+    pytest.param("cuda", torch.float16, marks=pytest.mark.skipif(not HAS_CUDA, reason=NEEDS_CUDA)),
+    pytest.param("cuda", torch.bfloat16, marks=pytest.mark.skipif(not HAS_CUDA, reason=NEEDS_CUDA)),
 ], ids=str)
 def test_autocast_runs_on_inputs_as_given(device, dtype):
     """Under autocast the op is not re-cast: low-precision logits from autocast matmuls go
@@ -402,7 +402,7 @@ def test_autocast_runs_on_inputs_as_given(device, dtype):
 # --- CUDA build and CUDA-vs-CPU --------------------------------------------------
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.skipif(not HAS_CUDA, reason=NEEDS_CUDA)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_cuda_matches_cpu(dtype, divergence):

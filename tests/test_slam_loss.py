@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from distillkit import forward_corrected_loss, slam_loss
 from distillkit.reference import forward_corrected_loss_ref, slam_loss_ref, topk_mask_ref
 
-from conftest import DEVICES, GRAD_TOL, HAS_CUDA, LOSS_TOL, copies_made
+from conftest import DEVICES, GRAD_TOL, HAS_CUDA, LOSS_TOL, NEEDS_CUDA, copies_made
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -274,7 +274,7 @@ def test_deterministic_across_thread_counts():
     assert torch.equal(outs[0], outs[1])
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.skipif(not HAS_CUDA, reason=NEEDS_CUDA)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("hard", [False, True])
 def test_cuda_matches_cpu(dtype, hard):

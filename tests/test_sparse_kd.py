@@ -7,7 +7,7 @@ import torch
 from distillkit import kd_loss, sparse_kd_loss
 from distillkit.reference import kd_loss_ref, sparse_kd_loss_ref
 
-from conftest import DEVICES, GRAD_TOL, HAS_CUDA, LOSS_TOL
+from conftest import DEVICES, GRAD_TOL, HAS_CUDA, LOSS_TOL, NEEDS_CUDA
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -270,7 +270,7 @@ def test_op_level_checks_name_arguments():
                                                     True, True)
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.skipif(not HAS_CUDA, reason=NEEDS_CUDA)
 def test_device_mismatch():
     with pytest.raises(ValueError, match="same device"):
         sparse_kd_loss(torch.randn(2, 3, device="cuda"), torch.zeros(2, 1, dtype=torch.long),
@@ -343,7 +343,7 @@ def test_deterministic_across_thread_counts():
 # --- CUDA build and CUDA-vs-CPU ----------------------------------------------------------
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.skipif(not HAS_CUDA, reason=NEEDS_CUDA)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "raw"])
 @pytest.mark.parametrize("n,c,k", [(9, 1000, 8), (9, 32000, 32), (3, 128256, 32)], ids=str)
