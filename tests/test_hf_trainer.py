@@ -205,11 +205,16 @@ def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):
     saved = {f.name for f in checkpoint.iterdir()}
     assert not any("teacher" in name for name in saved), saved
 
-    teacher, fresh = model("llama", 32, 0), model("llama", 16, 1)
-    resumed = DistillationTrainer(model=fresh, teacher_model=teacher, options=KD, chunk_rows=5,
-                                  args=arguments(tmp_path / "resumed", **adam),
-                                  train_dataset=padded_data())
-    resumed.train(resume_from_checkpoint=str(checkpoint))
+    def resume(name):
+        """A new trainer on a fresh student, resumed from the checkpoint."""
+        teacher, fresh = model("llama", 32, 0), model("llama", 16, 1)
+        trainer = DistillationTrainer(model=fresh, teacher_model=teacher, options=KD,
+                                      chunk_rows=5, args=arguments(tmp_path / name, **adam),
+                                      train_dataset=padded_data())
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+        return trainer, fresh
+
+    resumed, fresh = resume("resumed")
     assert resumed.state.global_step == 4
     assert_params_close(params(fresh), params(student), terms=4 * SEQ * VOCAB)
     # The resumed steps are the uninterrupted run's steps 3 and 4 (same batches, same loss).
@@ -218,11 +223,7 @@ def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):
     # Without the optimizer state (moments reset) the same two steps end elsewhere: the
     # comparison above can fail.
     (checkpoint / "optimizer.pt").unlink()
-    teacher, reset = model("llama", 32, 0), model("llama", 16, 1)
-    cold = DistillationTrainer(model=reset, teacher_model=teacher, options=KD, chunk_rows=5,
-                               args=arguments(tmp_path / "cold", **adam),
-                               train_dataset=padded_data())
-    cold.train(resume_from_checkpoint=str(checkpoint))
+    _, reset = resume("cold")
     assert max((a - b).abs().max() for a, b in zip(params(reset), params(student))) > 1e-4
 
 
