@@ -98,8 +98,9 @@ def test_row_strided_and_non_contiguous(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES)
 def test_same_bits_as_the_two_pass_ops(device, divergence, beta):
-    """Same kernels' math per element: forward_grad's gradient with grad_scale g is the
-    backward op's gradient of sum g * rows, bit for bit; a 0-d scale is a per-row one."""
+    """Where forward_grad's gradient pass is backward_row (JSD; the hard term at T != 1,
+    as here) it is the backward op's math per element: its gradient with grad_scale g is
+    the backward op's gradient of sum g * rows, bit for bit; a 0-d scale is a per-row one."""
     n, c = 7, 1500
     z, u = logits(n, c, torch.bfloat16, device), logits(n, c, torch.float32, device)
     y = torch.randint(0, c, (n,), device=device)
@@ -121,6 +122,51 @@ def test_same_bits_as_the_two_pass_ops(device, divergence, beta):
     assert gu_unit.shape == (0,)
     assert torch.equal(gz_unit, torch.ops.distillkit.kd_loss_backward(
         torch.ones(n, device=device), z, u, y, stats0, *opts.schema_args(), False)[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("teacher_grad", [False, True])
+def test_kept_exponentials_match_the_two_pass_ops(device, divergence, dtype, teacher_grad):
+    """KL rows (no hard term at T != 1) take their gradient from the forward's own
+    exponentials, q = exp(z/T - m_j)·exp(m_j - lse) with m_j the online max after tile j,
+    instead of exp(z/T - lse). Each exp is within 2 ulp (exp_u20) of its rounded
+    argument, and an argument x rounded in fp32 moves exp(x) by up to ε|x| relatively;
+    with |z/T - m_j| and |m_j - lse| at most |z/T - lse|, the two q differ by at most
+    δq = q·ε·(8 + 2|z/T - lse|), likewise p. A gradient entry is c·(q - p) or c times a
+    probability times a log ratio (|log q - log p| + |D| at most) plus the hard term's
+    h·q, so the two ops differ by at most (|c|·W + h)·(δq + δp), W = 1 + |log q - log
+    p| + |D_s| + |D_t|, plus a rounding of the output dtype each. Rows span 3 tiles:
+    the first all -inf in one row (q = 0 before any live entry), a late large max in
+    another (m_j rises by ~30), an ignored row, a hard term at T = 1."""
+    n, c, temperature, hard_weight = 4, 5000, 1.0, 0.25
+    z, u = logits(n, c, dtype, device), logits(n, c, dtype, device)
+    z[0, :2048] = u[0, :2048] = float("-inf")
+    z[1, 4500], u[1, 4600] = 40.0, 35.0
+    y = torch.randint(0, c, (n,), device=device)
+    y[0] = 3000
+    y[2] = IGNORE
+    opts = KDOptions(temperature=temperature, divergence=divergence, hard_weight=hard_weight)
+    g = torch.rand(n, device=device) + 0.5
+    _, stats0 = torch.ops.distillkit.kd_loss_forward(z, u, y, *opts.schema_args())
+    two = torch.ops.distillkit.kd_loss_backward(g, z, u, y, stats0, *opts.schema_args(),
+                                                teacher_grad)
+    _, stats, *one = kd_loss_forward_grad(z, u, y, opts, grad_scale=g, teacher_grad=teacher_grad)
+    assert torch.equal(stats, stats0)
+    eps = torch.finfo(torch.float32).eps
+    log_q = torch.log_softmax(z.double() / temperature, 1)
+    log_p = torch.log_softmax(u.double() / temperature, 1)
+    spread = [torch.nan_to_num(lx.abs(), posinf=0.0) for lx in (log_q, log_p)]
+    dq, dp = (lx.exp() * eps * (8 + 2 * sx) for lx, sx in zip((log_q, log_p), spread))
+    d = stats0[:, 3:5].double().abs().sum(1, keepdim=True)
+    w = 1 + torch.nan_to_num((log_q - log_p).abs(), nan=0.0, posinf=0.0) + d
+    cg = (g.double() * (1 - hard_weight) / temperature)[:, None]
+    bound = (cg * w + g.double()[:, None] * hard_weight) * (dq + dp)
+    for got, want in zip(one, two if teacher_grad else two[:1]):
+        out = 2 * torch.finfo(dtype).eps * want.double().abs()
+        assert (got.double() - want.double()).abs().le(bound + out).all()
+    assert one[0][2].eq(0).all()  # the ignored row
 
 
 class OpLog(TorchDispatchMode):

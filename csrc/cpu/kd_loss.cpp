@@ -8,7 +8,9 @@
 //             gradient in forward: fwd+bwd moves 5 units and needs no buffer),
 //   forward_grad: the forward, then at once the backward's pass on the same
 //             row while it is in cache: the logits are read from memory once
-//             and no pass recomputes what the forward just had.
+//             and no pass recomputes what the forward just had; KL rows keep
+//             the forward's exponentials (RowExps), so the gradient pass
+//             needs none (2 exps per element in all instead of 4).
 // Every row is reduced by one thread in a fixed order, so results are the
 // same bits run to run and for any thread count.
 #include <ATen/Dispatch.h>
@@ -25,6 +27,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "cpu/capability.h"
 #include "cpu/output_cache.h"
@@ -255,9 +258,22 @@ acc_t label_logit(const Args<acc_t>& a, int64_t row) {
   return z_y[0];
 }
 
+// What forward_grad's forward keeps of a row for its gradient pass, so that
+// pass forms q and p without an exp (two of the four per element): for tile j,
+// es = exp(z/T - ms[j]) and et = exp(u/T - mt[j]), ms[j] and mt[j] the online
+// maxima after that tile (-inf while the stream is all -inf; es = et = 0 there),
+// so q = es exp(ms[j] - lse(z/T)) and p = et exp(mt[j] - lse(u/T)).
+template <typename acc_t>
+struct RowExps {
+  acc_t* es;  // cols rounded up to whole vectors
+  acc_t* et;
+  acc_t* ms;  // one per tile
+  acc_t* mt;
+};
+
 template <typename acc_t>
 void forward_row(const Args<acc_t>& a, int64_t row, acc_t* zb, acc_t* ub, acc_t* loss,
-                 acc_t* stats) {
+                 acc_t* stats, const RowExps<acc_t>* keep = nullptr) {
   using Vec = Vectorized<acc_t>;
   const KDLossParams& p = a.p;
   acc_t* st = stats + row * kd_loss_stats::kCols;
@@ -290,17 +306,26 @@ void forward_row(const Args<acc_t>& a, int64_t row, acc_t* zb, acc_t* ub, acc_t*
     Vec s_sum(0), t_sum(0), s_extra(0), t_extra(0), s_sum1(0);
     for (int64_t i = 0; i < n_vec; i += Vec::size()) {
       const Vec zv = Vec::loadu(zb + i), uv = Vec::loadu(ub + i);
+      Vec et(0), es(0);
       if (t_live) {
-        const Vec e = vexp(uv - tm);
-        t_sum += e;
-        if (fwd) t_extra += masked_term(e, uv - zv);
+        et = vexp(uv - tm);
+        t_sum += et;
+        if (fwd) t_extra += masked_term(et, uv - zv);
       }
       if (s_live) {
-        const Vec e = vexp(zv - sm);
-        s_sum += e;
-        if (rev) s_extra += masked_term(e, zv - uv);
+        es = vexp(zv - sm);
+        s_sum += es;
+        if (rev) s_extra += masked_term(es, zv - uv);
         if (lse_t1) s_sum1 += vexp((zv - sm) * vt);
       }
+      if (keep != nullptr) {
+        es.store(keep->es + j0 + i);
+        et.store(keep->et + j0 + i);
+      }
+    }
+    if (keep != nullptr) {
+      keep->ms[j0 / kTile] = s.max;
+      keep->mt[j0 / kTile] = t.max;
     }
     s.sum += reduce_sum(s_sum);
     s.extra += reduce_sum(s_extra);
@@ -361,6 +386,18 @@ void forward_row(const Args<acc_t>& a, int64_t row, acc_t* zb, acc_t* ub, acc_t*
   st[kd_loss_stats::kDTeacher] = d_teacher;
 }
 
+// Whether the gradient of a row with stats `st` takes the cancellation-free
+// pass: its forward's divergence is tiny next to the lse values.
+template <typename acc_t>
+bool gradient_needs_stable_pass(const KDLossParams& p, const acc_t* st) {
+  const acc_t lse_s = st[kd_loss_stats::kLseStudent], lse_t = st[kd_loss_stats::kLseTeacher];
+  const acc_t d_soft = p.divergence == Divergence::ForwardKL ? st[kd_loss_stats::kDTeacher]
+                       : p.divergence == Divergence::ReverseKL
+                           ? st[kd_loss_stats::kDStudent]
+                           : std::min(st[kd_loss_stats::kDTeacher], st[kd_loss_stats::kDStudent]);
+  return needs_stable_pass(d_soft, std::abs(lse_s) + std::abs(lse_t));
+}
+
 // The gradient of g * loss[row] from the row's stats; g is the upstream
 // gradient (backward) or the caller's scale (forward_grad, with the stats the
 // forward just wrote, while the row is still in cache).
@@ -404,10 +441,7 @@ void backward_row(const Args<acc_t>& a, int64_t row, acc_t g, const acc_t* stats
   // the log ratios cancel as well: they are formed from rp = log p - log q to
   // full precision (one more pass), q - p = -q expm1(rp).
   const acc_t lse_s = st[kd_loss_stats::kLseStudent], lse_t = st[kd_loss_stats::kLseTeacher];
-  const acc_t d_soft = fwd ? st[kd_loss_stats::kDTeacher]
-                           : rev ? st[kd_loss_stats::kDStudent]
-                                 : std::min(st[kd_loss_stats::kDTeacher], st[kd_loss_stats::kDStudent]);
-  const bool stable = needs_stable_pass(d_soft, std::abs(lse_s) + std::abs(lse_t));
+  const bool stable = gradient_needs_stable_pass(p, st);
   const Vec voff(stable ? log_ratio_offset(a, row, lse_s, lse_t, zb, ub) : acc_t(0));
   const MixtureLogs<acc_t> mix(p.divergence == Divergence::JSD ? p.beta : 0.5);
 
@@ -447,6 +481,73 @@ void backward_row(const Args<acc_t>& a, int64_t row, acc_t g, const acc_t* stats
         du = ct * masked_term(pp, lp - lm - vdt);
       }
       if (p.hard) dz += hc * vexp(zv * vT - vl1);  // softmax(z) at T = 1
+      dz.store(zb + i);
+      du.store(ub + i);
+    }
+    if (p.hard && y >= j0 && y < j0 + n) zb[y - j0] -= g * static_cast<acc_t>(p.hard_weight);
+    store_s(zb, n, grad_s, out_off + j0);
+    if (grad_t) store_t(ub, n, grad_t, out_off + j0);
+  }
+}
+
+// Whether forward_grad forms the gradient of a row from the forward's
+// exponentials (RowExps) rather than with backward_row: KL rows whose
+// gradient needs only q, p and the log ratio (JSD's log m needs a pass of its
+// own; the hard term at T != 1 an exp of its own), the rows of the plain
+// formulas (finite lse's, no cancellation-free pass), labels checked.
+template <typename acc_t>
+bool gradient_from_kept_exps(const Args<acc_t>& a, int64_t row, const acc_t* stats) {
+  const KDLossParams& p = a.p;
+  const acc_t* st = stats + row * kd_loss_stats::kCols;
+  return p.divergence != Divergence::JSD && !(p.hard && p.temperature != 1.0) &&
+         !row_ignored(a, row) && std::isfinite(st[kd_loss_stats::kLseStudent]) &&
+         std::isfinite(st[kd_loss_stats::kLseTeacher]) && !gradient_needs_stable_pass(p, st);
+}
+
+// backward_row's plain formulas on such a row, with q and p from the kept
+// exponentials: forward KL's student gradient c (q - p) reads no logits;
+// the log ratios (the other gradient, reverse KL) load the row's tiles again,
+// from cache.
+template <typename acc_t>
+void backward_row_kept(const Args<acc_t>& a, int64_t row, acc_t g, const acc_t* stats,
+                       const RowExps<acc_t>& kept, TileStorer<acc_t> store_s, void* grad_s,
+                       TileStorer<acc_t> store_t, void* grad_t, acc_t* zb, acc_t* ub) {
+  using Vec = Vectorized<acc_t>;
+  const KDLossParams& p = a.p;
+  const acc_t* st = stats + row * kd_loss_stats::kCols;
+  const acc_t inv_t = acc_t(1) / static_cast<acc_t>(p.temperature);
+  const acc_t c = g * static_cast<acc_t>(p.soft_scale) * inv_t;
+  const bool fwd = p.divergence == Divergence::ForwardKL;
+  const bool log_ratio = fwd ? grad_t != nullptr : true;
+  const acc_t lse_s = st[kd_loss_stats::kLseStudent], lse_t = st[kd_loss_stats::kLseTeacher];
+  const Vec vc(c), vls(lse_s), vlt(lse_t);
+  const Vec vds(st[kd_loss_stats::kDStudent]), vdt(st[kd_loss_stats::kDTeacher]);
+  const Vec hc(g * static_cast<acc_t>(p.hard_weight));
+  const int64_t y = p.hard ? a.labels[row] : -1;
+  const int64_t s_off = row * a.s_row_stride, t_off = row * a.t_row_stride;
+  const int64_t out_off = row * p.cols;
+  for (int64_t j0 = 0; j0 < p.cols; j0 += kTile) {
+    const int64_t n = std::min(kTile, p.cols - j0);
+    // exp(-inf - lse) = 0: a tile before any live entry keeps q = 0.
+    const Vec fs(std::exp(kept.ms[j0 / kTile] - lse_s)), ft(std::exp(kept.mt[j0 / kTile] - lse_t));
+    if (log_ratio) {
+      a.load_s(a.student, s_off + j0, n, inv_t, zb);
+      a.load_t(a.teacher, t_off + j0, n, inv_t, ub);
+    }
+    for (int64_t i = 0; i < n; i += Vec::size()) {
+      const Vec q = Vec::loadu(kept.es + j0 + i) * fs, pp = Vec::loadu(kept.et + j0 + i) * ft;
+      // lp - lq = (u/T - z/T) - (lse(u/T) - lse(z/T)), as backward_row forms it.
+      const Vec lq = log_ratio ? Vec::loadu(zb + i) - vls : Vec(0);
+      const Vec lp = log_ratio ? Vec::loadu(ub + i) - vlt : Vec(0);
+      Vec dz, du(0);
+      if (fwd) {
+        dz = vc * (q - pp);
+        if (grad_t != nullptr) du = vc * masked_term(pp, lp - lq - vdt);
+      } else {
+        dz = vc * masked_term(q, lq - lp - vds);
+        du = vc * (pp - q);
+      }
+      if (p.hard) dz += hc * q;  // softmax(z) at T = 1 is q
       dz.store(zb + i);
       du.store(ub + i);
     }
@@ -580,13 +681,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_loss_forward_grad_
     const int64_t scale_stride = scale.defined() && scale.dim() == 1 ? 1 : 0;
     void* gs_ptr = grad_s.data_ptr();
     void* gt_ptr = teacher_grad ? grad_t.data_ptr() : nullptr;
+    using Vec = Vectorized<scalar_t>;
+    const int64_t padded = (p.cols + Vec::size() - 1) / Vec::size() * Vec::size();
+    const int64_t tiles = (p.cols + kTile - 1) / kTile;
     at::parallel_for(0, p.rows, row_grain(p.cols), [&](int64_t begin, int64_t end) {
       alignas(64) scalar_t zb[kTile];
       alignas(64) scalar_t ub[kTile];
+      // This thread's RowExps: 2 x cols of the accumulation type, which stay in
+      // cache between a row's two passes as its logits do.
+      std::vector<scalar_t> buffer(2 * padded + 2 * tiles);
+      const RowExps<scalar_t> kept{buffer.data(), buffer.data() + padded,
+                                   buffer.data() + 2 * padded, buffer.data() + 2 * padded + tiles};
       for (int64_t row = begin; row < end; ++row) {
-        forward_row(a, row, zb, ub, loss_ptr, stats_ptr);
+        forward_row(a, row, zb, ub, loss_ptr, stats_ptr, &kept);
         const scalar_t g = scale_ptr != nullptr ? scale_ptr[row * scale_stride] : scalar_t(1);
-        backward_row(a, row, g, stats_ptr, store_s, gs_ptr, store_t, gt_ptr, zb, ub);
+        if (gradient_from_kept_exps(a, row, stats_ptr)) {
+          backward_row_kept(a, row, g, stats_ptr, kept, store_s, gs_ptr, store_t, gt_ptr, zb, ub);
+        } else {
+          backward_row(a, row, g, stats_ptr, store_s, gs_ptr, store_t, gt_ptr, zb, ub);
+        }
       }
     });
   });
