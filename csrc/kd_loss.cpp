@@ -96,6 +96,11 @@ void check_kd_loss_scale_grad_args(const at::Tensor& unit_grad, const at::Tensor
   DK_CHECK_SAME_DEVICE(grad_rows, "grad_rows", unit_grad, "unit_grad");
 }
 
+void check_kd_loss_scale_grad_in_place_args(const at::Tensor& grad, const at::Tensor& grad_rows) {
+  check_kd_loss_scale_grad_args(grad, grad_rows);
+  DK_CHECK(grad.is_contiguous(), "grad must be contiguous (got strides ", grad.strides(), ")");
+}
+
 void check_kd_loss_backward_args(
     const at::Tensor& grad_loss,
     const at::Tensor& stats,

@@ -92,6 +92,8 @@ void check_kd_loss_grad_scale(const std::optional<at::Tensor>& grad_scale,
 // kd_loss_scale_grad: unit_grad (N, C) floating; grad_rows (N,) or 0-d in its
 // accumulation type, on its device.
 void check_kd_loss_scale_grad_args(const at::Tensor& unit_grad, const at::Tensor& grad_rows);
+// kd_loss_scale_grad_: the same, and grad contiguous (scaled in place).
+void check_kd_loss_scale_grad_in_place_args(const at::Tensor& grad, const at::Tensor& grad_rows);
 
 void check_kd_loss_backward_args(
     const at::Tensor& grad_loss,

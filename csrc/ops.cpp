@@ -43,6 +43,11 @@ TORCH_LIBRARY(distillkit, m) {
   // (products in fp32, fp64 for fp64; grad_rows (N,) or 0-d): the backward of
   // kd_loss_forward_grad, into resident memory on the CPU.
   m.def("kd_loss_scale_grad(Tensor unit_grad, Tensor grad_rows) -> Tensor");
+  // The same product in place, in grad itself: the backward of a saved
+  // gradient read for the last time. Rows whose factor is exactly 1 (the
+  // usual upstream gradient of a reduced loss whose scale the forward
+  // applied) are left as they are: x * 1 is x, and the CPU kernel skips them.
+  m.def("kd_loss_scale_grad_(Tensor(a!) grad, Tensor grad_rows) -> ()");
 
   // SLaM student-label-mixing loss (docs/math.md §5) over rows of (N, C) student
   // logits and teacher probabilities; alpha (N,) in (0, 1], k (N,) int64 in

@@ -196,8 +196,7 @@ def test_which_pass_runs(device):
     with OpLog() as log:
         loss.backward()
     # ... and scaled in place by the last one (no second N x C buffer).
-    assert [op for op in log.ops if op.startswith("kd_loss")] == []
-    assert "mul_" in log.ops
+    assert [op for op in log.ops if op.startswith("kd_loss")] == ["kd_loss_scale_grad_"]
     with OpLog() as log:
         kd_loss(z.detach(), u)  # nothing needs a gradient
     assert "kd_loss_forward" in log.ops
@@ -299,6 +298,56 @@ def test_opcheck(device, variant):
     torch.library.opcheck(torch.ops.distillkit.kd_loss_forward_grad,
                           (z.requires_grad_(grad), u.requires_grad_(grad), y, scale, 2.0, "jsd",
                            0.4, 0.3, IGNORE, True, variant != "rows_scale"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scale_grad_in_place_op(device, dtype):
+    """kd_loss_scale_grad_ is kd_loss_scale_grad in place: the same bits, for (N,) scales
+    with factors of exactly 1 among them (rows the CPU kernel skips: x·1 is x) and 0-d
+    scales of 1 and not."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    unit = logits(5, 37, dtype, device)
+    rows = torch.rand(5, dtype=acc, device=device) + 0.5
+    rows[1::2] = 1.0
+    for g in (rows, torch.tensor(1.0, dtype=acc, device=device),
+              torch.tensor(0.3, dtype=acc, device=device)):
+        grad = unit.clone()
+        torch.ops.distillkit.kd_loss_scale_grad_(grad, g)
+        assert torch.equal(grad, torch.ops.distillkit.kd_loss_scale_grad(unit, g))
+    with pytest.raises(ValueError, match="grad must be contiguous"):
+        torch.ops.distillkit.kd_loss_scale_grad_(unit.t().contiguous().t(), rows)
+    torch.library.opcheck(torch.ops.distillkit.kd_loss_scale_grad_, (unit.clone(), rows))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_reduced_loss_saves_its_final_gradient(device, reduction):
+    """A reduced loss has its gradient w.r.t. the rows (weight / denominator) before the
+    pass: the forward forms the loss's final gradient, and the backward of
+    loss.backward() (an upstream 1) only hands it over, in place; a weight or normalizer
+    that requires grad takes the per-row path (its gradient needs the rows)."""
+    z = logits(6, 40, torch.float32, device).requires_grad_()
+    u = logits(6, 40, torch.float32, device)
+    y = torch.tensor([0, IGNORE, 2, 3, IGNORE, 5], device=device)
+    w = torch.rand(6, device=device) + 0.5
+    with OpLog() as log:
+        loss = kd_loss(z, u, labels=y, weight=w, hard_weight=0.3, reduction=reduction)
+    assert "kd_loss_forward_grad" in log.ops
+    (got,) = torch.autograd.grad(loss, z, retain_graph=True)
+    ref = z.detach().clone().requires_grad_()
+    kd_loss_ref(ref, u, labels=y, weight=w, hard_weight=0.3, reduction=reduction).backward()
+    rtol, atol = GRAD_TOL[torch.float32]
+    torch.testing.assert_close(got, ref.grad, rtol=rtol, atol=atol)
+    (twice,) = torch.autograd.grad(loss, z, torch.tensor(2.0, device=device))
+    torch.testing.assert_close(twice, 2 * got, rtol=torch.finfo(torch.float32).eps, atol=0)
+    wg = w.clone().requires_grad_()
+    loss = kd_loss(z, u, labels=y, weight=wg, hard_weight=0.3, reduction=reduction)
+    gz, gw = torch.autograd.grad(loss, (z, wg))
+    torch.testing.assert_close(gz, got, rtol=rtol, atol=atol)
+    rows = kd_loss(z, u, labels=y, hard_weight=0.3, reduction="none").detach()
+    keep = (y != IGNORE).sum() if reduction == "mean" else 1
+    torch.testing.assert_close(gw, rows / keep, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("device", DEVICES)

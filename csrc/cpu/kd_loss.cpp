@@ -710,31 +710,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_loss_forward_grad_
 // g[i] * G[i, :] into a resident buffer (empty_like_cached): a fresh N x C
 // allocation would page-fault on every step, which costs more than the
 // multiply itself.
-at::Tensor kd_loss_scale_grad_cpu(const at::Tensor& unit_grad, const at::Tensor& grad_rows) {
-  check_kd_loss_scale_grad_args(unit_grad, grad_rows);
-  const at::Tensor unit = unit_grad.contiguous();
-  const at::Tensor g = grad_rows.contiguous();
-  at::Tensor out = empty_like_cached(unit);
-  const int64_t rows = unit.size(0), cols = unit.size(1);
+// dst[i, :] = g[i] * src[i, :] for contiguous (rows, cols) src and dst, the
+// products in the accumulation type and rounded once. In place (dst == src)
+// a row whose g is 1 is left as it is: no pass over it.
+void scale_rows(const at::Tensor& src, const at::Tensor& g, at::Tensor& dst) {
+  const int64_t rows = src.size(0), cols = src.size(1);
+  const bool in_place = src.data_ptr() == dst.data_ptr();
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "kd_loss_scale_grad_cpu", [&] {
-    const TileLoader<scalar_t> load = loader_for<scalar_t>(unit.scalar_type());
-    const TileStorer<scalar_t> store = storer_for<scalar_t>(unit.scalar_type());
+    const TileLoader<scalar_t> load = loader_for<scalar_t>(src.scalar_type());
+    const TileStorer<scalar_t> store = storer_for<scalar_t>(src.scalar_type());
     const scalar_t* g_ptr = g.data_ptr<scalar_t>();
     const int64_t g_stride = g.dim() == 1 ? 1 : 0;
-    const void* src = unit.data_ptr();
-    void* dst = out.data_ptr();
+    const void* in = src.data_ptr();
+    void* out = dst.data_ptr();
     at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
       alignas(64) scalar_t buf[kTile];
       for (int64_t row = begin; row < end; ++row) {
+        const scalar_t f = g_ptr[row * g_stride];
+        if (in_place && f == scalar_t(1)) continue;
         for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
           const int64_t n = std::min(kTile, cols - j0);
-          load(src, row * cols + j0, n, g_ptr[row * g_stride], buf);  // loads scaled by g
-          store(buf, n, dst, row * cols + j0);
+          load(in, row * cols + j0, n, f, buf);  // loads scaled by f
+          store(buf, n, out, row * cols + j0);
         }
       }
     });
   });
+}
+
+at::Tensor kd_loss_scale_grad_cpu(const at::Tensor& unit_grad, const at::Tensor& grad_rows) {
+  check_kd_loss_scale_grad_args(unit_grad, grad_rows);
+  const at::Tensor unit = unit_grad.contiguous();
+  at::Tensor out = empty_like_cached(unit);
+  scale_rows(unit, grad_rows.contiguous(), out);
   return out;
+}
+
+void kd_loss_scale_grad__cpu(at::Tensor& grad, const at::Tensor& grad_rows) {
+  check_kd_loss_scale_grad_in_place_args(grad, grad_rows);
+  scale_rows(grad, grad_rows.contiguous(), grad);
 }
 
 }  // namespace
@@ -744,6 +758,7 @@ DK_CPU_KERNEL(kd_loss_forward, kd_loss_forward_cpu)
 DK_CPU_KERNEL(kd_loss_backward, kd_loss_backward_cpu)
 DK_CPU_KERNEL(kd_loss_forward_grad, kd_loss_forward_grad_cpu)
 DK_CPU_KERNEL(kd_loss_scale_grad, kd_loss_scale_grad_cpu)
+DK_CPU_KERNEL(kd_loss_scale_grad_, kd_loss_scale_grad__cpu)
 
 // Registered once, by the default level's build (it runs on every CPU); each call
 // goes to the chosen level's kernel.
@@ -753,5 +768,6 @@ TORCH_LIBRARY_IMPL(distillkit, CPU, m) {
   m.impl("kd_loss_backward", DK_CPU_DISPATCH(kd_loss_backward));
   m.impl("kd_loss_forward_grad", DK_CPU_DISPATCH(kd_loss_forward_grad));
   m.impl("kd_loss_scale_grad", DK_CPU_DISPATCH(kd_loss_scale_grad));
+  m.impl("kd_loss_scale_grad_", DK_CPU_DISPATCH(kd_loss_scale_grad_));
 }
 #endif

@@ -856,6 +856,14 @@ at::Tensor kd_loss_scale_grad_cuda(const at::Tensor& unit_grad, const at::Tensor
   return out;
 }
 
+// In place, as one elementwise kernel too; rows of factor 1 are multiplied
+// all the same (skipping them would need the factors on the host).
+void kd_loss_scale_grad__cuda(at::Tensor& grad, const at::Tensor& grad_rows) {
+  check_kd_loss_scale_grad_in_place_args(grad, grad_rows);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  grad.mul_(grad_rows.reshape({-1, 1}));
+}
+
 }  // namespace
 }  // namespace distillkit
 
@@ -864,4 +872,5 @@ TORCH_LIBRARY_IMPL(distillkit, CUDA, m) {
   m.impl("kd_loss_backward", &distillkit::kd_loss_backward_cuda);
   m.impl("kd_loss_forward_grad", &distillkit::kd_loss_forward_grad_cuda);
   m.impl("kd_loss_scale_grad", &distillkit::kd_loss_scale_grad_cuda);
+  m.impl("kd_loss_scale_grad_", &distillkit::kd_loss_scale_grad__cuda);
 }

@@ -8,8 +8,9 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ..ops import (correlation_distance_forward, kd_loss_forward, pointwise_distance_forward,
-                  slam_loss_forward, sparse_kd_loss_forward)
+from ..ops import (correlation_distance_forward, kd_loss_forward, kd_loss_reduced,
+                  pointwise_distance_forward, slam_loss_forward, sparse_kd_loss_forward,
+                  weighted_total)
 from ..ops.options import REDUCTIONS, KDOptions, SLaMOptions, SparseKDOptions, check_choice
 
 __all__ = ["kd_loss", "slam_loss", "forward_corrected_loss", "distance", "sparse_kd_loss"]
@@ -121,6 +122,13 @@ def kd_loss(
     """
     opts = KDOptions.resolve(options, **fields)
     z, u, y, lead = kd_rows_inputs(student_logits, teacher_logits, labels, opts, normalizer)
+    fixed = [t for t in (weight, normalizer) if isinstance(t, Tensor)]
+    if opts.reduction != "none" and not any(t.requires_grad for t in fixed):
+        # The reduction's weights are constants: the gradient is final after one pass.
+        w = row_weight(weight, lead, z.device, z.shape[0])
+        denominator = (mean_denominator(y, z.shape[0], opts.ignore_index, normalizer)
+                       if opts.reduction == "mean" else None)
+        return kd_loss_reduced(z, u, y, opts, w, denominator)
     rows, _ = kd_loss_forward(z, u, y, opts)
     return reduce_kd_rows(rows, lead, y, weight, opts, normalizer)
 
@@ -179,15 +187,22 @@ def reduce_rows(rows: Tensor, lead, weight: Optional[Tensor], reduction: str,
                 denominator=None) -> Tensor:
     """Weights multiply rows; ``mean`` divides the sum by ``denominator`` (default: the
     row count, never Σ weight); ``none`` returns the rows with the leading shape."""
-    if weight is not None:
-        check_row_tensor("weight", weight, lead, rows.device, floating=True)
-        rows = rows * weight.reshape(rows.shape).to(rows.dtype)
+    w = row_weight(weight, lead, rows.device, rows.shape[0])
     if reduction == "none":
-        return rows.reshape(lead)
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    return total / (denominator if denominator is not None else max(rows.numel(), 1))
+        return (rows if w is None else rows * w.to(rows.dtype)).reshape(lead)
+    if reduction == "mean" and denominator is None:
+        denominator = max(rows.numel(), 1)
+    return weighted_total(rows, None if w is None else w.to(rows.dtype),
+                          denominator if reduction == "mean" else None)
+
+
+def row_weight(weight: Optional[Tensor], lead, device: torch.device, rows: int
+               ) -> Optional[Tensor]:
+    """``weight`` checked against the leading shape, as (N,)."""
+    if weight is None:
+        return None
+    check_row_tensor("weight", weight, lead, device, floating=True)
+    return weight.reshape(rows)
 
 
 def reduce_kd_rows(rows: Tensor, lead, y: Optional[Tensor], weight: Optional[Tensor],

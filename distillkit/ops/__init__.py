@@ -15,7 +15,8 @@ from .options import KDOptions, SLaMOptions, SparseKDOptions
 __all__ = ["kd_loss_forward", "kd_loss_forward_grad", "kd_loss_backward", "slam_loss_forward",
            "pointwise_distance_forward", "correlation_distance_forward", "sparse_kd_loss_forward",
            "sparse_kd_loss_backward", "coordinate_lstm_step",
-           "check_errors", "saved_buffer_is_last_read", "matmul_into", "empty_cached"]
+           "check_errors", "saved_buffer_is_last_read", "matmul_into", "empty_cached",
+           "kd_loss_reduced", "weighted_total"]
 
 class StatsLayout:
     """The named columns of the per-row statistics an op's forward saves for its backward.
@@ -222,13 +223,72 @@ def _scale_rows(unit: Tensor, grad_rows: Tensor) -> Tensor:
     if torch.is_grad_enabled():  # create_graph=True: differentiable w.r.t. grad_rows
         return (unit * grad_rows.reshape(-1, 1)).to(unit.dtype)
     if saved_buffer_is_last_read(unit):
-        return unit.mul_(grad_rows.reshape(-1, 1))
+        torch.ops.distillkit.kd_loss_scale_grad_(unit, grad_rows)
+        return unit
     return torch.ops.distillkit.kd_loss_scale_grad(unit, grad_rows)
 
 
 @torch.library.register_fake("distillkit::kd_loss_scale_grad")
 def _kd_loss_scale_grad_fake(unit_grad, grad_rows):
     return unit_grad.new_empty(unit_grad.shape)
+
+
+@torch.library.register_fake("distillkit::kd_loss_scale_grad_")
+def _kd_loss_scale_grad__fake(grad, grad_rows):
+    return None
+
+
+def weighted_total(rows: Tensor, weight: Optional[Tensor], denominator) -> Tensor:
+    """``Σ weight·rows``, divided by ``denominator`` unless it is None (``sum``): the
+    reduction of per-row losses, one formula for every path that reduces them."""
+    total = (rows if weight is None else rows * weight).sum()
+    return total if denominator is None else total / denominator
+
+
+def kd_loss_reduced(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor],
+                    options: KDOptions, weight: Optional[Tensor], denominator) -> Tensor:
+    """``weighted_total`` of :func:`kd_loss_forward`'s rows, where the loss is reduced:
+    ``weight`` (N,) floating or None, ``denominator`` a number, a 0-d tensor or
+    None (``sum``), neither requiring grad. The gradient of the total w.r.t. the rows,
+    ``weight / denominator``, is known before the pass, so the forward forms the final
+    gradient of the loss (``kd_loss_forward_grad`` with that ``grad_scale``: every 16-bit
+    gradient entry rounded once) and the backward only multiplies it by the upstream
+    gradient, in place: for ``loss.backward()`` that is 1, no pass at all on the CPU."""
+    acc, device = _acc_dtype(student_logits), student_logits.device
+    weight = None if weight is None else weight.to(acc)
+    if not _needs_grad(student_logits, teacher_logits):
+        rows, _ = kd_loss_forward(student_logits, teacher_logits, labels, options)
+        return weighted_total(rows, weight, denominator)
+    reject_functorch("kd_loss")
+    scale = weight
+    if denominator is not None:
+        # The reciprocal on the device, as the total's division is: no host read.
+        inverse = (torch.reciprocal(denominator.to(acc)) if isinstance(denominator, Tensor)
+                   else torch.full((), 1.0 / denominator, dtype=acc, device=device))
+        scale = inverse if weight is None else weight * inverse
+    total = _ReducedKD.apply(student_logits, teacher_logits, labels, scale, weight,
+                             denominator, options)
+    anchors = [t[:0].clone() for t in (student_logits, teacher_logits) if t.requires_grad]
+    return _SecondOrderGuard.apply(total, *anchors)
+
+
+class _ReducedKD(torch.autograd.Function):
+    """The reduced loss of :func:`kd_loss_reduced`: it saves the final gradient of the
+    loss (the logits' place) and scales it by the upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, z, u, y, scale, weight, denominator, options):
+        teacher_grad = ctx.needs_input_grad[1]
+        rows, _, grad_s, grad_t = torch.ops.distillkit.kd_loss_forward_grad(
+            z, u, y, scale, *options.schema_args(), teacher_grad)
+        ctx.save_for_backward(grad_s, grad_t if teacher_grad else None)
+        return weighted_total(rows, weight, denominator)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_s, grad_t = ctx.saved_tensors
+        return (_scale_rows(grad_s, grad) if ctx.needs_input_grad[0] else None,
+                _scale_rows(grad_t, grad) if ctx.needs_input_grad[1] else None) + (None,) * 5
 
 
 def _kd_loss_forward_grad_setup_context(ctx, inputs, output):

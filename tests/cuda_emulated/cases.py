@@ -186,17 +186,28 @@ def kd_cases():
     for dt in (F32, BF16, F16, F64):
         for rows_scale in (True, False):
             out.append(kd_scale_case(5, 203, dt, rows_scale))
+            out.append(kd_scale_case(5, 203, dt, rows_scale, in_place=True))
     return out
 
 
-def kd_scale_case(N, C, dt, rows_scale):
-    """kd_loss_scale_grad, the backward of the single pass: (N,) and 0-d scales."""
+def kd_scale_case(N, C, dt, rows_scale, in_place=False):
+    """kd_loss_scale_grad, the backward of the single pass: (N,) and 0-d scales; or
+    kd_loss_scale_grad_, in place, with factors of exactly 1 among the rows."""
     def make(g):
         unit = randn((N, C), dt, g)
         scale = torch.rand(N if rows_scale else (), generator=g, dtype=acc_of(dt)) + 0.5
-        return lambda ops: {"grad": ops.kd_loss_scale_grad(unit, scale)}
-    return Case("kd_loss", f"scale_grad_N{N}_C{C}_{SHORT[dt]}{'_rows' if rows_scale else ''}",
-                make)
+        if in_place and rows_scale:
+            scale[::2] = 1.0
+
+        def run(ops):
+            if not in_place:
+                return {"grad": ops.kd_loss_scale_grad(unit, scale)}
+            grad = unit.clone()
+            ops.kd_loss_scale_grad_(grad, scale)
+            return {"grad": grad}
+        return run
+    return Case("kd_loss", f"scale_grad{'_' if in_place else ''}_N{N}_C{C}_{SHORT[dt]}"
+                f"{'_rows' if rows_scale else ''}", make)
 
 
 # ----------------------------------------------------------------- slam_loss
