@@ -10,7 +10,8 @@
 //    is bitwise reproducible, on any GPU, and the same for every layout.
 //  - row-strided inputs (PointwiseRows) are read in place: a unit within one
 //    row whose pack is aligned is one vector load, any other (across rows, or
-//    misaligned) is read one element at a time in the same order.
+//    misaligned) is read one element at a time in the same order. Contiguous
+//    inputs take a kernel without the row bookkeeping (its registers).
 //  - backward: elementwise; the 0-d upstream gradient is read on the device
 //    (no host sync).
 //
@@ -158,14 +159,21 @@ __device__ __forceinline__ RowPos row_pos(int64_t j, int64_t len) {
 // Reads the n <= kVec elements of an input from position p on into v[0, n)
 // (the rest set to 0): one pack where they lie in one row and the pack is
 // aligned, else one element at a time along the rows. The values land in the
-// same places either way, so every sum is that of a contiguous input.
-template <int kVec, typename T, typename A>
+// same places either way, so every sum is that of a contiguous input. kRows
+// false: contiguous inputs, one row (p.row = 0), which no unit leaves.
+template <int kVec, bool kRows, typename T, typename A>
 __device__ __forceinline__ void load_unit(const T* base, int64_t row_stride, int64_t len,
                                           RowPos p, int n, A (&v)[kVec]) {
   const T* first = base + p.row * row_stride + p.col;
-  if (n == kVec && p.col + kVec <= len &&
+  const bool one_row = !kRows || p.col + n <= len;
+  if (n == kVec && one_row &&
       reinterpret_cast<std::uintptr_t>(first) % (sizeof(T) * kVec) == 0) {
     load_pack<kVec>(first, v);
+    return;
+  }
+  if (one_row) {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) v[k] = k < n ? static_cast<A>(first[k]) : A(0);
     return;
   }
 #pragma unroll
@@ -201,28 +209,35 @@ __device__ __forceinline__ void store_unit(T* p, int n, const A (&v)[kVec]) {
 // size)-th unit from t, so a warp's loads are consecutive within a row; the
 // units, hence each thread's sums, depend on numel alone, not on the layout
 // or the alignment. A thread's row position advances without a division.
-template <int kVec, typename S, typename U, typename A, typename F>
+// kRows false (PointwiseRows::flat()): contiguous inputs, element j at j,
+// without the row bookkeeping (fewer registers: full occupancy).
+template <int kVec, bool kRows, typename S, typename U, typename A, typename F>
 __device__ __forceinline__ void for_each_unit(const S* student, const U* teacher,
                                               const PointwiseLayout& l, F&& f) {
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t units = (l.numel + kVec - 1) / kVec;
   if (first >= units) return;
-  RowPos p = row_pos(first * kVec, l.len);
-  // The backward's grid covers every unit: no step to divide.
-  const RowPos step = first + stride < units ? row_pos(stride * kVec, l.len) : RowPos{0, 0};
+  RowPos p{0, first * kVec}, step{0, stride * kVec};
+  if constexpr (kRows) {
+    p = row_pos(p.col, l.len);
+    // The backward's grid covers every unit: no step to divide.
+    if (first + stride < units) step = row_pos(step.col, l.len);
+  }
   for (int64_t u = first; u < units; u += stride) {
     const int64_t j = u * kVec;
     const int n = l.numel - j < kVec ? static_cast<int>(l.numel - j) : kVec;
     A s[kVec], t[kVec];
-    load_unit<kVec>(student, l.s_row, l.len, p, n, s);
-    load_unit<kVec>(teacher, l.t_row, l.len, p, n, t);
+    load_unit<kVec, kRows>(student, l.s_row, l.len, p, n, s);
+    load_unit<kVec, kRows>(teacher, l.t_row, l.len, p, n, t);
     f(j, n, s, t);
-    p.row += step.row;
     p.col += step.col;
-    if (p.col >= l.len) {
-      p.col -= l.len;
-      ++p.row;
+    if constexpr (kRows) {
+      p.row += step.row;
+      if (p.col >= l.len) {
+        p.col -= l.len;
+        ++p.row;
+      }
     }
   }
 }
@@ -247,13 +262,13 @@ struct PointwiseBackwardArgs {
   PointwiseOp op;
 };
 
-template <typename S, typename U, typename A>
+template <typename S, typename U, typename A, bool kRows>
 __global__ void __launch_bounds__(kBlockThreads)
     pointwise_distance_forward_kernel(const PointwiseForwardArgs<S, U, A> args) {
   constexpr int kVec = pack_width<S, U>();
   __shared__ Sums<A, 1> smem[kBlockThreads / kWarpSize];
   Sums<A, 1> acc{{A(0)}};
-  for_each_unit<kVec, S, U, A>(args.student, args.teacher, args.layout,
+  for_each_unit<kVec, kRows, S, U, A>(args.student, args.teacher, args.layout,
                                [&](int64_t, int n, const A (&s)[kVec], const A (&t)[kVec]) {
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
@@ -276,12 +291,12 @@ __global__ void __launch_bounds__(kBlockThreads)
   if (threadIdx.x == 0) *out = acc.v[0];
 }
 
-template <typename S, typename U, typename A>
+template <typename S, typename U, typename A, bool kRows>
 __global__ void __launch_bounds__(kBlockThreads)
     pointwise_distance_backward_kernel(const PointwiseBackwardArgs<S, U, A> args) {
   constexpr int kVec = pack_width<S, U>();
   const A g = *args.grad;
-  for_each_unit<kVec, S, U, A>(args.student, args.teacher, args.layout,
+  for_each_unit<kVec, kRows, S, U, A>(args.student, args.teacher, args.layout,
                                [&](int64_t j, int n, const A (&s)[kVec], const A (&t)[kVec]) {
     A gs[kVec], gt[kVec];
 #pragma unroll
@@ -747,7 +762,9 @@ void launch_pointwise_forward(const PointwiseRows& rows, PointwiseOp op, at::Ten
   args.partials = partials.data_ptr<A>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (blocks > 0) {
-    pointwise_distance_forward_kernel<S, U, A><<<blocks, kBlockThreads, 0, stream>>>(args);
+    const auto kernel = rows.flat() ? pointwise_distance_forward_kernel<S, U, A, false>
+                                    : pointwise_distance_forward_kernel<S, U, A, true>;
+    kernel<<<blocks, kBlockThreads, 0, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   pointwise_distance_sum_partials_kernel<A>
@@ -770,8 +787,9 @@ void launch_pointwise_backward(const at::Tensor& grad, const PointwiseRows& rows
   args.op = op;
   const int64_t units = (args.layout.numel + kVec - 1) / kVec;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  pointwise_distance_backward_kernel<S, U, A>
-      <<<grid_for(units, kBlockThreads), kBlockThreads, 0, stream>>>(args);
+  const auto kernel = rows.flat() ? pointwise_distance_backward_kernel<S, U, A, false>
+                                  : pointwise_distance_backward_kernel<S, U, A, true>;
+  kernel<<<grid_for(units, kBlockThreads), kBlockThreads, 0, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
