@@ -280,6 +280,17 @@ def slam_cases():
 
 # ----------------------------------------------------------------- distances
 
+def pointwise_run(s, t, op, teacher_grad):
+    """run(ops) of a pointwise case: the forward sum and the backward of grad 0.75."""
+    gr = torch.tensor(0.75, dtype=acc_of(s.dtype))
+
+    def run(ops):
+        out = ops.pointwise_distance_forward(s, t, op)
+        gs, gt = ops.pointwise_distance_backward(gr, s, t, op, teacher_grad)
+        return {"sum": out, "grad_student": gs, "grad_teacher": gt}
+    return run
+
+
 def pointwise_case(shape, op, sdt=F32, tdt=None, misalign=False, teacher_grad=True):
     tdt = tdt or sdt
     name = (f"{op}_{'x'.join(map(str, shape))}_{SHORT[sdt]}"
@@ -289,13 +300,7 @@ def pointwise_case(shape, op, sdt=F32, tdt=None, misalign=False, teacher_grad=Tr
     def make(g):
         s = randn(shape, sdt, g, 1.5, misalign)
         t = randn(shape, tdt, g, 1.5, misalign)
-        gr = torch.tensor(0.75, dtype=acc_of(sdt))
-
-        def run(ops):
-            out = ops.pointwise_distance_forward(s, t, op)
-            gs, gt = ops.pointwise_distance_backward(gr, s, t, op, teacher_grad)
-            return {"sum": out, "grad_student": gs, "grad_teacher": gt}
-        return run
+        return pointwise_run(s, t, op, teacher_grad)
     return Case("distance", name, make)
 
 
@@ -415,13 +420,7 @@ def pointwise_rows_case(rows, len_, op, sdt=F32, tdt=None, pads=(0, 0), misalign
         s = wide_rows(s64.to(sdt), pads[0], misalign[0]).view(shape)
         t = wide_rows(t64.to(tdt), pads[1], misalign[1])
         t = (t.expand(rows, len_) if broadcast_teacher else t).view(shape)
-        gr = torch.tensor(0.75, dtype=acc_of(sdt))
-
-        def run(ops):
-            out = ops.pointwise_distance_forward(s, t, op)
-            gs, gt = ops.pointwise_distance_backward(gr, s, t, op, teacher_grad)
-            return {"sum": out, "grad_student": gs, "grad_teacher": gt}
-        return run
+        return pointwise_run(s, t, op, teacher_grad)
     return Case("distance", name, make)
 
 
