@@ -107,7 +107,7 @@ struct FlatWalk {
 
   void seek(int64_t j0) { j = j0; }
 
-  // The next n elements, as PointwiseInputs' load.
+  // Loads the next n <= kStep elements (load_from) and moves past them.
   void next(int64_t n, typename In::Vec& s0, typename In::Vec& s1, typename In::Vec& t0,
             typename In::Vec& t1) {
     In::load_from(in.s + j, in.t + j, n, s0, s1, t0, t1);
@@ -147,7 +147,7 @@ struct RowWalk {
     In::load_from(sb, tb, n, s0, s1, t0, t1);
   }
 
-  // m <= len - col
+  // Moves m <= len - col elements on, to the next row's start at the end.
   void advance(int64_t m) {
     col += m;
     if (col == in.len) {
