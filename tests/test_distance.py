@@ -179,6 +179,98 @@ def test_correlation_reads_row_strided_rows_in_place(device, dtype, center, pads
         assert torch.equal(got, want) and got.is_contiguous()
 
 
+def wide_rows(x, pad):
+    """x in the first columns of rows `pad` elements wider: x.reshape(R, L) copied into an
+    (R, L + pad) buffer of NaN (never read), its [:, :L] viewed with x's shape."""
+    rows = x.reshape(-1, x.shape[-1] if x.dim() == 2 else x[0].numel())
+    buf = torch.full((rows.shape[0], rows.shape[1] + pad), float("nan"), dtype=x.dtype,
+                     device=x.device)
+    buf[:, :rows.shape[1]] = rows
+    return buf[:, :rows.shape[1]].view(x.shape)
+
+
+def pointwise_both_ways(s, t, op, layouts):
+    """Forward and backward (teacher gradient too) of the op on contiguous s, t and on
+    layouts(s), layouts(t), and the aten copies of the input shape the latter made."""
+    ops = torch.ops.distillkit
+    g = torch.tensor(0.75, dtype=torch.float64 if s.dtype == torch.float64 else torch.float32,
+                     device=s.device)
+    want = (ops.pointwise_distance_forward(s, t, op),
+            *ops.pointwise_distance_backward(g, s, t, op, True))
+    sv, tv = layouts
+    out = {}
+    copies = copies_made(lambda: out.update(fwd=ops.pointwise_distance_forward(sv, tv, op)),
+                         s.shape)
+    copies += copies_made(lambda: out.update(
+        bwd=ops.pointwise_distance_backward(g, sv, tv, op, True)), s.shape)
+    return want, (out["fwd"], *out["bwd"]), copies
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ["l1", "l2", "smooth_l1"])
+@pytest.mark.parametrize("pads", [(8, 8), (3, 3), (5, 2)], ids=str)
+@pytest.mark.parametrize("shape", [(6, 301), (1, 301), (40, 7), (3, 4, 37), (2, 3, 5)], ids=str)
+def test_pointwise_reads_row_strided_rows_in_place(device, dtype, op, pads, shape):
+    """Rows of wider buffers, each input its own row stride (x[:, :D]; (B, S, V) rows of
+    S V such as logits[:, :-1, :]; rows shorter than a vector step, so steps cross rows)
+    give bitwise the contiguous result, gradients contiguous, without a copy: the kernels
+    walk the same element order, so lanes and partial sums are the same."""
+    s = (torch.randn(shape, device=device) * 2).to(dtype)
+    t = (0.5 * s.float() + torch.randn(shape, device=device)).to(dtype)
+    want, got, copies = pointwise_both_ways(s, t, op, (wide_rows(s, pads[0]), wide_rows(t, pads[1])))
+    assert copies == []
+    assert torch.equal(got[0], want[0])
+    for g, w in zip(got[1:], want[1:]):
+        assert g.dtype == w.dtype and g.is_contiguous() and torch.equal(g, w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16),
+                                    (torch.float32, torch.float16)], ids=str)
+def test_pointwise_row_strided_mixed_dtypes(device, dtypes):
+    """Each input is read in place in its own dtype, the gradients are written in it."""
+    s = (torch.randn(17, 59, device=device) * 2).to(dtypes[0])
+    t = (torch.randn(17, 59, device=device) * 2).to(dtypes[1])
+    for op in ("l1", "l2", "smooth_l1"):
+        want, got, copies = pointwise_both_ways(s, t, op, (wide_rows(s, 3), wide_rows(t, 6)))
+        assert copies == [] and [g.dtype for g in got[1:]] == list(dtypes)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout,copied", [
+    ("teacher_broadcast_row", 0),      # expand of one row: row stride 0, read in place
+    ("trl_and_sliced_classes", 1),     # rows of S V and of V: the teacher is copied
+    ("transposed_student", 1),         # no unit-stride rows: copied
+    ("column_strided_both", 2),        # x[:, ::2]
+], ids=str)
+def test_pointwise_layouts_copied_or_not(device, layout, copied):
+    """Which inputs are made contiguous (aten::contiguous of the input shape in the forward);
+    the values and gradients are the contiguous inputs' bitwise."""
+    B, S, V = 3, 4, 37
+    s = torch.randn(B, S, V, device=device)
+    t = torch.randn(B, S, V, device=device)
+    if layout == "teacher_broadcast_row":
+        t = t[:1, :1].expand(B, S, V).contiguous()
+        views = (torch.empty(B, S, V + 5, device=device)[..., :V].copy_(s),
+                 t[:1, :1].expand(B, S, V))
+    elif layout == "trl_and_sliced_classes":
+        views = (torch.empty(B, S + 1, V, device=device)[:, :-1].copy_(s),
+                 torch.empty(B, S, V + 3, device=device)[..., :V].copy_(t))
+    elif layout == "transposed_student":
+        views = (s.transpose(0, 1).contiguous().transpose(0, 1), wide_rows(t, 2))
+    else:
+        views = tuple(torch.empty(B, S, 2 * V, device=device)[..., ::2].copy_(x) for x in (s, t))
+    want, got, _ = pointwise_both_ways(s, t, "smooth_l1", views)
+    fwd_copies = copies_made(lambda: torch.ops.distillkit.pointwise_distance_forward(
+        *views, "smooth_l1"), s.shape)
+    assert fwd_copies.count("aten::contiguous") == copied
+    for g, w in zip(got, want):
+        assert g.is_contiguous() and torch.equal(g, w)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", ["l1", "l2", "smooth_l1"])
 @pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16),

@@ -3,6 +3,8 @@
 //    converting in registers; fixed chunks reduced in parallel into
 //    per-chunk partials summed in chunk order (deterministic for any thread
 //    count); backward recomputes d = s - t and writes both gradients at once.
+//    Row-strided inputs (PointwiseRows) are read in place, walked in the
+//    element order of the contiguous loop, so their sums are bitwise its.
 //  - correlation (cosine, Pearson) over the middle dim of (outer, D, inner):
 //    with inner == 1 a row is contiguous and is vectorized along itself; with
 //    inner > 1 (features, or dim=0 "intra" Pearson) a block of consecutive
@@ -68,9 +70,9 @@ void dispatch_pointwise_op(PointwiseOp op, F&& f) {
   }
 }
 
-// Both inputs of a pointwise op, typed: `load` reads elements [i, i + n),
-// n <= kStep, of each into two acc_t vectors, zero past n (d = 0 adds nothing
-// to any op).
+// Both inputs of a pointwise op, typed, with their PointwiseRows layout;
+// load_from reads n <= kStep consecutive elements from sp and from tp into
+// two acc_t vectors each, zero past n (d = 0 adds nothing to any op).
 template <PointwiseOp kOp_, typename s_t_, typename t_t_, typename acc_t_>
 struct PointwiseInputs {
   static constexpr PointwiseOp kOp = kOp_;
@@ -83,28 +85,97 @@ struct PointwiseInputs {
   static constexpr int64_t kStep = SIo::kStep;
   const s_t* s;
   const t_t* t;
+  int64_t len, s_row, t_row;  // PointwiseRows'
 
-  void load(int64_t i, int64_t n, Vec& s0, Vec& s1, Vec& t0, Vec& t1) const {
+  static void load_from(const s_t* sp, const t_t* tp, int64_t n, Vec& s0, Vec& s1, Vec& t0,
+                        Vec& t1) {
     if (n == kStep) {
-      SIo::load(s + i, s0, s1);
-      TIo::load(t + i, t0, t1);
+      SIo::load(sp, s0, s1);
+      TIo::load(tp, t0, t1);
     } else {
-      SIo::load_partial(s + i, n, s0, s1);
-      TIo::load_partial(t + i, n, t0, t1);
+      SIo::load_partial(sp, n, s0, s1);
+      TIo::load_partial(tp, n, t0, t1);
     }
   }
 };
 
-// Calls body(PointwiseInputs<...>) once per call: the loops are specialized
-// for the op and both input dtypes, converting in registers (fp64 is read in
-// fp64, the fp32 family in fp32).
+// Walks contiguous inputs (PointwiseRows::flat()): element j is at j.
+template <typename In>
+struct FlatWalk {
+  In in;
+  int64_t j = 0;
+
+  void seek(int64_t j0) { j = j0; }
+
+  // Loads the next n <= kStep elements (load_from) and moves past them.
+  void next(int64_t n, typename In::Vec& s0, typename In::Vec& s1, typename In::Vec& t0,
+            typename In::Vec& t1) {
+    In::load_from(in.s + j, in.t + j, n, s0, s1, t0, t1);
+    j += n;
+  }
+};
+
+// Walks rows: element j is column `col` of row `row`, read where it lies; a
+// step within one row loads in place, one across rows is gathered first, in
+// the same order, so the lanes and every sum are those of FlatWalk.
+template <typename In>
+struct RowWalk {
+  In in;
+  int64_t row = 0, col = 0;
+
+  void seek(int64_t j0) {
+    row = j0 / in.len;
+    col = j0 % in.len;
+  }
+
+  void next(int64_t n, typename In::Vec& s0, typename In::Vec& s1, typename In::Vec& t0,
+            typename In::Vec& t1) {
+    if (col + n <= in.len) {
+      In::load_from(in.s + row * in.s_row + col, in.t + row * in.t_row + col, n, s0, s1, t0, t1);
+      advance(n);
+      return;
+    }
+    alignas(64) typename In::s_t sb[In::kStep];
+    alignas(64) typename In::t_t tb[In::kStep];
+    for (int64_t k = 0; k < n;) {
+      const int64_t m = std::min(n - k, in.len - col);
+      std::copy_n(in.s + row * in.s_row + col, m, sb + k);
+      std::copy_n(in.t + row * in.t_row + col, m, tb + k);
+      k += m;
+      advance(m);
+    }
+    In::load_from(sb, tb, n, s0, s1, t0, t1);
+  }
+
+  // Moves m <= len - col elements on, to the next row's start at the end.
+  void advance(int64_t m) {
+    col += m;
+    if (col == in.len) {
+      col = 0;
+      ++row;
+    }
+  }
+};
+
+// Calls body(walk) once, walk a FlatWalk or RowWalk of PointwiseInputs<...>
+// (a value; the body copies it per range of elements): the loops are
+// specialized for the op, both input dtypes (converting in registers: fp64 is
+// read in fp64, the fp32 family in fp32) and the layout, so contiguous inputs
+// keep the flat loop.
 template <typename F>
-void dispatch_pointwise(const at::Tensor& s, const at::Tensor& t, PointwiseOp op, F&& body) {
+void dispatch_pointwise(const PointwiseRows& in, PointwiseOp op, F&& body) {
   dispatch_pointwise_op(op, [&](auto op_tag) {
-    dispatch_input_types(s, "student", t, "teacher", [&]<typename s_t, typename t_t>() {
+    dispatch_input_types(in.student, "student", in.teacher, "teacher",
+                         [&]<typename s_t, typename t_t>() {
       using acc_t = std::conditional_t<std::is_same_v<s_t, double>, double, float>;
-      body(PointwiseInputs<decltype(op_tag)::value, s_t, t_t, acc_t>{s.data_ptr<s_t>(),
-                                                                     t.data_ptr<t_t>()});
+      using In = PointwiseInputs<decltype(op_tag)::value, s_t, t_t, acc_t>;
+      const In inputs{in.student.data_ptr<s_t>(), in.teacher.data_ptr<t_t>(), in.len, in.s_row,
+                      in.t_row};
+      if (in.flat()) {
+        body(FlatWalk<In>{inputs});
+      } else {
+        body(RowWalk<In>{inputs});
+      }
     });
   });
 }
@@ -113,22 +184,24 @@ at::Tensor pointwise_distance_forward_cpu(const at::Tensor& student, const at::T
                                           c10::string_view op_name) {
   check_distance_inputs(student, teacher, -1);
   const PointwiseOp op = parse_pointwise_op(op_name);
-  const at::Tensor s = student.contiguous(), t = teacher.contiguous();
-  const int64_t numel = s.numel(), chunks = (numel + kTile - 1) / kTile;
-  at::Tensor out = at::empty({}, s.options().dtype(acc_scalar_type(s)));
-  dispatch_pointwise(s, t, op, [&](const auto in) {
-    using In = decltype(in);
+  const PointwiseRows rows = pointwise_rows(student, teacher);
+  const int64_t numel = student.numel(), chunks = (numel + kTile - 1) / kTile;
+  at::Tensor out = at::empty({}, student.options().dtype(acc_scalar_type(student)));
+  dispatch_pointwise(rows, op, [&](const auto walk) {
+    using In = decltype(walk.in);
     using acc_t = typename In::acc_t;
     using Vec = typename In::Vec;
-    // Fixed chunks, partials summed in chunk order: deterministic for any
-    // thread count.
+    // Fixed chunks of the element order, partials summed in chunk order:
+    // deterministic for any thread count and layout.
     std::vector<acc_t> partial(chunks);
     at::parallel_for(0, chunks, 16, [&](int64_t begin, int64_t end) {
+      auto w = walk;
       for (int64_t c = begin; c < end; ++c) {
         const int64_t j0 = c * kTile, n = std::min(kTile, numel - j0);
         Vec acc0(0), acc1(0), s0, s1, t0, t1;
+        w.seek(j0);
         for (int64_t i = 0; i < n; i += In::kStep) {
-          in.load(j0 + i, std::min(In::kStep, n - i), s0, s1, t0, t1);
+          w.next(std::min(In::kStep, n - i), s0, s1, t0, t1);
           acc0 += pointwise_value<In::kOp>(s0 - t0);
           acc1 += pointwise_value<In::kOp>(s1 - t1);
         }
@@ -142,26 +215,29 @@ at::Tensor pointwise_distance_forward_cpu(const at::Tensor& student, const at::T
   return out;
 }
 
+// The gradients are contiguous whatever the inputs' layout.
 std::tuple<at::Tensor, at::Tensor> pointwise_distance_backward_cpu(
     const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
     c10::string_view op_name, bool teacher_grad) {
   check_distance_inputs(student, teacher, -1);
   const PointwiseOp op = parse_pointwise_op(op_name);
-  const at::Tensor s = student.contiguous(), t = teacher.contiguous();
-  const int64_t numel = s.numel();
-  at::Tensor gs = empty_like_cached(s);
-  at::Tensor gt = teacher_grad ? empty_like_cached(t) : at::empty({0}, t.options());
-  dispatch_pointwise(s, t, op, [&](const auto in) {
-    using In = decltype(in);
+  const PointwiseRows rows = pointwise_rows(student, teacher);
+  const int64_t numel = student.numel();
+  at::Tensor gs = empty_like_cached(student);
+  at::Tensor gt = teacher_grad ? empty_like_cached(teacher) : at::empty({0}, teacher.options());
+  dispatch_pointwise(rows, op, [&](const auto walk) {
+    using In = decltype(walk.in);
     using Vec = typename In::Vec;
     typename In::s_t* gsp = gs.template data_ptr<typename In::s_t>();
     typename In::t_t* gtp = teacher_grad ? gt.template data_ptr<typename In::t_t>() : nullptr;
     const Vec g(grad.item<typename In::acc_t>());
     at::parallel_for(0, numel, 16 * kTile, [&](int64_t begin, int64_t end) {
+      auto w = walk;
+      w.seek(begin);
       Vec s0, s1, t0, t1;
       for (int64_t i = begin; i < end; i += In::kStep) {
         const int64_t n = std::min(In::kStep, end - i);
-        in.load(i, n, s0, s1, t0, t1);
+        w.next(n, s0, s1, t0, t1);
         const Vec d0 = pointwise_grad<In::kOp>(s0 - t0, g), d1 = pointwise_grad<In::kOp>(s1 - t1, g);
         if (n == In::kStep) In::SIo::store(gsp + i, d0, d1); else In::SIo::store_partial(gsp + i, n, d0, d1);
         if (teacher_grad) {

@@ -3,10 +3,15 @@
 // (stats_layout.h) included (the backward reads them).
 //
 // Pointwise (l1, l2, smooth_l1):
-//  - forward: a grid whose size depends on numel alone walks the flat inputs
-//    in 16-byte packs; each block reduces its threads' sums in a fixed order
-//    to one partial, and a one-block kernel sums the partials in block order.
-//    No floating-point atomics, so the sum is bitwise reproducible, on any GPU.
+//  - forward: a grid whose size depends on numel alone walks the inputs in
+//    units of a 16-byte pack of the element order; each block reduces its
+//    threads' sums in a fixed order to one partial, and a one-block kernel
+//    sums the partials in block order. No floating-point atomics, so the sum
+//    is bitwise reproducible, on any GPU, and the same for every layout.
+//  - row-strided inputs (PointwiseRows) are read in place: a unit within one
+//    row whose pack is aligned is one vector load, any other (across rows, or
+//    misaligned) is read one element at a time in the same order. Contiguous
+//    inputs take a kernel without the row bookkeeping (its registers).
 //  - backward: elementwise; the 0-d upstream gradient is read on the device
 //    (no host sync).
 //
@@ -129,21 +134,111 @@ __device__ __forceinline__ A pointwise_grad(PointwiseOp op, A d) {
   return acc_abs(d) < A(1) ? d : sign;
 }
 
-// Calls f(j, n) over the flat range [0, numel) of pack-aligned tensors: n =
-// kVec elements from j for the packs, then n = 1 for the tail (n is a
-// std::integral_constant); all of it one element at a time when `aligned` is
-// false. Thread t of the grid takes every (grid size)-th unit from t, so a
-// warp's loads are consecutive.
-template <int kVec, typename F>
-__device__ __forceinline__ void for_each_flat(int64_t numel, bool aligned, F&& f) {
+// The PointwiseRows layout of both inputs (distance.h): element j is column
+// j % len of row j / len, at row * s_row + col of the student's data and
+// row * t_row + col of the teacher's.
+struct PointwiseLayout {
+  int64_t numel;
+  int64_t len;
+  int64_t s_row;
+  int64_t t_row;
+};
+
+// A thread's position in the rows: element j = row * len + col.
+struct RowPos {
+  int64_t row;
+  int64_t col;
+};
+
+__device__ __forceinline__ RowPos row_pos(int64_t j, int64_t len) {
+  if (j < len) return {0, j};  // always so for one row (contiguous inputs): no division
+  const int64_t row = j / len;
+  return {row, j - row * len};
+}
+
+// Reads the n <= kVec elements of an input from position p on into v[0, n)
+// (the rest set to 0): one pack where they lie in one row and the pack is
+// aligned, else one element at a time along the rows. The values land in the
+// same places either way, so every sum is that of a contiguous input. kRows
+// false: contiguous inputs, one row (p.row = 0), which no unit leaves.
+template <int kVec, bool kRows, typename T, typename A>
+__device__ __forceinline__ void load_unit(const T* base, int64_t row_stride, int64_t len,
+                                          RowPos p, int n, A (&v)[kVec]) {
+  const T* first = base + p.row * row_stride + p.col;
+  const bool one_row = !kRows || p.col + n <= len;
+  if (n == kVec && one_row &&
+      reinterpret_cast<std::uintptr_t>(first) % (sizeof(T) * kVec) == 0) {
+    load_pack<kVec>(first, v);
+    return;
+  }
+  if (one_row) {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) v[k] = k < n ? static_cast<A>(first[k]) : A(0);
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    v[k] = A(0);
+    if (k < n) {
+      v[k] = static_cast<A>(base[p.row * row_stride + p.col]);
+      if (++p.col == len) {
+        p.col = 0;
+        ++p.row;
+      }
+    }
+  }
+}
+
+// Writes v[0, n) to elements [j, j + n) of a contiguous gradient: one pack
+// where whole and aligned, else one element at a time.
+template <int kVec, typename T, typename A>
+__device__ __forceinline__ void store_unit(T* p, int n, const A (&v)[kVec]) {
+  if (n == kVec && reinterpret_cast<std::uintptr_t>(p) % (sizeof(T) * kVec) == 0) {
+    store_pack<kVec>(p, v);
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    if (k < n) p[k] = static_cast<T>(v[k]);
+  }
+}
+
+// Calls f(j, n, s, t) for the units of kVec elements of the element order
+// [0, numel) (the last one n = numel - j < kVec elements), s and t the
+// inputs' elements read by load_unit. Thread t of the grid takes every (grid
+// size)-th unit from t, so a warp's loads are consecutive within a row; the
+// units, hence each thread's sums, depend on numel alone, not on the layout
+// or the alignment. A thread's row position advances without a division.
+// kRows false (PointwiseRows::flat()): contiguous inputs, element j at j,
+// without the row bookkeeping (fewer registers: full occupancy).
+template <int kVec, bool kRows, typename S, typename U, typename A, typename F>
+__device__ __forceinline__ void for_each_unit(const S* student, const U* teacher,
+                                              const PointwiseLayout& l, F&& f) {
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t packs = aligned ? numel / kVec : 0;
-  for (int64_t p = first; p < packs; p += stride) {
-    f(p * kVec, std::integral_constant<int, kVec>{});
+  const int64_t units = (l.numel + kVec - 1) / kVec;
+  if (first >= units) return;
+  RowPos p{0, first * kVec}, step{0, stride * kVec};
+  if constexpr (kRows) {
+    p = row_pos(p.col, l.len);
+    // The backward's grid covers every unit: no step to divide.
+    if (first + stride < units) step = row_pos(step.col, l.len);
   }
-  for (int64_t j = packs * kVec + first; j < numel; j += stride) {
-    f(j, std::integral_constant<int, 1>{});
+  for (int64_t u = first; u < units; u += stride) {
+    const int64_t j = u * kVec;
+    const int n = l.numel - j < kVec ? static_cast<int>(l.numel - j) : kVec;
+    A s[kVec], t[kVec];
+    load_unit<kVec, kRows>(student, l.s_row, l.len, p, n, s);
+    load_unit<kVec, kRows>(teacher, l.t_row, l.len, p, n, t);
+    f(j, n, s, t);
+    p.col += step.col;
+    if constexpr (kRows) {
+      p.row += step.row;
+      if (p.col >= l.len) {
+        p.col -= l.len;
+        ++p.row;
+      }
+    }
   }
 }
 
@@ -152,9 +247,8 @@ struct PointwiseForwardArgs {
   const S* student;
   const U* teacher;
   A* partials;  // (gridDim.x,)
-  int64_t numel;
+  PointwiseLayout layout;
   PointwiseOp op;
-  bool aligned;  // both base pointers are aligned to a pack
 };
 
 template <typename S, typename U, typename A>
@@ -162,26 +256,24 @@ struct PointwiseBackwardArgs {
   const A* grad;  // the 0-d upstream gradient
   const S* student;
   const U* teacher;
-  S* grad_student;
-  U* grad_teacher;  // nullptr unless the teacher gradient is wanted
-  int64_t numel;
+  S* grad_student;  // contiguous
+  U* grad_teacher;  // contiguous; nullptr unless the teacher gradient is wanted
+  PointwiseLayout layout;
   PointwiseOp op;
-  bool aligned;  // every base pointer is aligned to a pack
 };
 
-template <typename S, typename U, typename A>
+template <typename S, typename U, typename A, bool kRows>
 __global__ void __launch_bounds__(kBlockThreads)
     pointwise_distance_forward_kernel(const PointwiseForwardArgs<S, U, A> args) {
   constexpr int kVec = pack_width<S, U>();
   __shared__ Sums<A, 1> smem[kBlockThreads / kWarpSize];
   Sums<A, 1> acc{{A(0)}};
-  for_each_flat<kVec>(args.numel, args.aligned, [&](int64_t j, auto n) {
-    constexpr int N = decltype(n)::value;
-    A s[N], t[N];
-    load_pack<N>(args.student + j, s);
-    load_pack<N>(args.teacher + j, t);
+  for_each_unit<kVec, kRows, S, U, A>(args.student, args.teacher, args.layout,
+                               [&](int64_t, int n, const A (&s)[kVec], const A (&t)[kVec]) {
 #pragma unroll
-    for (int k = 0; k < N; ++k) acc.v[0] += pointwise_value(args.op, s[k] - t[k]);
+    for (int k = 0; k < kVec; ++k) {
+      if (k < n) acc.v[0] += pointwise_value(args.op, s[k] - t[k]);
+    }
   });
   acc = group_allreduce<kBlockThreads>(acc, smem);
   if (threadIdx.x == 0) args.partials[blockIdx.x] = acc.v[0];
@@ -199,23 +291,21 @@ __global__ void __launch_bounds__(kBlockThreads)
   if (threadIdx.x == 0) *out = acc.v[0];
 }
 
-template <typename S, typename U, typename A>
+template <typename S, typename U, typename A, bool kRows>
 __global__ void __launch_bounds__(kBlockThreads)
     pointwise_distance_backward_kernel(const PointwiseBackwardArgs<S, U, A> args) {
   constexpr int kVec = pack_width<S, U>();
   const A g = *args.grad;
-  for_each_flat<kVec>(args.numel, args.aligned, [&](int64_t j, auto n) {
-    constexpr int N = decltype(n)::value;
-    A s[N], t[N], gs[N], gt[N];
-    load_pack<N>(args.student + j, s);
-    load_pack<N>(args.teacher + j, t);
+  for_each_unit<kVec, kRows, S, U, A>(args.student, args.teacher, args.layout,
+                               [&](int64_t j, int n, const A (&s)[kVec], const A (&t)[kVec]) {
+    A gs[kVec], gt[kVec];
 #pragma unroll
-    for (int k = 0; k < N; ++k) {
+    for (int k = 0; k < kVec; ++k) {
       gs[k] = g * pointwise_grad(args.op, s[k] - t[k]);
       gt[k] = A(0) - gs[k];
     }
-    store_pack<N>(args.grad_student + j, gs);
-    if (args.grad_teacher != nullptr) store_pack<N>(args.grad_teacher + j, gt);
+    store_unit<kVec>(args.grad_student + j, n, gs);
+    if (args.grad_teacher != nullptr) store_unit<kVec>(args.grad_teacher + j, n, gt);
   });
 }
 
@@ -650,25 +740,31 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 // ---------------------------------------------------------------- host side
 
+PointwiseLayout pointwise_layout(const PointwiseRows& rows) {
+  return {rows.student.numel(), rows.len, rows.s_row, rows.t_row};
+}
+
+// The grid depends on numel alone (units of kVec elements), so the forward's
+// partials, hence its sum, do too.
 template <typename S, typename U>
-void launch_pointwise_forward(const at::Tensor& s, const at::Tensor& t, PointwiseOp op,
-                              at::Tensor& out) {
+void launch_pointwise_forward(const PointwiseRows& rows, PointwiseOp op, at::Tensor& out) {
   using A = acc_t<S>;
   constexpr int kVec = pack_width<S, U>();
   PointwiseForwardArgs<S, U, A> args;
-  args.student = s.data_ptr<S>();
-  args.teacher = t.data_ptr<U>();
-  args.numel = s.numel();
+  args.student = rows.student.data_ptr<S>();
+  args.teacher = rows.teacher.data_ptr<U>();
+  args.layout = pointwise_layout(rows);
   args.op = op;
-  args.aligned = pack_aligned<kVec>(args.student) && pack_aligned<kVec>(args.teacher);
-  const int64_t units = args.aligned ? (args.numel + kVec - 1) / kVec : args.numel;
+  const int64_t units = (args.layout.numel + kVec - 1) / kVec;
   const int blocks = static_cast<int>(
       std::min<int64_t>(kMaxPartials, (units + kBlockThreads - 1) / kBlockThreads));
   at::Tensor partials = at::empty({blocks}, out.options());
   args.partials = partials.data_ptr<A>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (blocks > 0) {
-    pointwise_distance_forward_kernel<S, U, A><<<blocks, kBlockThreads, 0, stream>>>(args);
+    const auto kernel = rows.flat() ? pointwise_distance_forward_kernel<S, U, A, false>
+                                    : pointwise_distance_forward_kernel<S, U, A, true>;
+    kernel<<<blocks, kBlockThreads, 0, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   pointwise_distance_sum_partials_kernel<A>
@@ -677,26 +773,23 @@ void launch_pointwise_forward(const at::Tensor& s, const at::Tensor& t, Pointwis
 }
 
 template <typename S, typename U>
-void launch_pointwise_backward(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& t,
-                               PointwiseOp op, at::Tensor& gs, at::Tensor& gt,
-                               bool teacher_grad) {
+void launch_pointwise_backward(const at::Tensor& grad, const PointwiseRows& rows, PointwiseOp op,
+                               at::Tensor& gs, at::Tensor& gt, bool teacher_grad) {
   using A = acc_t<S>;
   constexpr int kVec = pack_width<S, U>();
   PointwiseBackwardArgs<S, U, A> args;
   args.grad = grad.data_ptr<A>();
-  args.student = s.data_ptr<S>();
-  args.teacher = t.data_ptr<U>();
+  args.student = rows.student.data_ptr<S>();
+  args.teacher = rows.teacher.data_ptr<U>();
   args.grad_student = gs.data_ptr<S>();
   args.grad_teacher = teacher_grad ? gt.data_ptr<U>() : nullptr;
-  args.numel = s.numel();
+  args.layout = pointwise_layout(rows);
   args.op = op;
-  args.aligned = pack_aligned<kVec>(args.student) && pack_aligned<kVec>(args.teacher) &&
-                 pack_aligned<kVec>(args.grad_student) &&
-                 (!teacher_grad || pack_aligned<kVec>(args.grad_teacher));
-  const int64_t units = args.aligned ? (args.numel + kVec - 1) / kVec : args.numel;
+  const int64_t units = (args.layout.numel + kVec - 1) / kVec;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  pointwise_distance_backward_kernel<S, U, A>
-      <<<grid_for(units, kBlockThreads), kBlockThreads, 0, stream>>>(args);
+  const auto kernel = rows.flat() ? pointwise_distance_backward_kernel<S, U, A, false>
+                                  : pointwise_distance_backward_kernel<S, U, A, true>;
+  kernel<<<grid_for(units, kBlockThreads), kBlockThreads, 0, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -797,15 +890,16 @@ at::Tensor pointwise_distance_forward_cuda(const at::Tensor& student, const at::
   const PointwiseOp op = parse_pointwise_op(op_name);
   device_error_record(student);  // raises what an earlier kernel recorded
   const c10::cuda::CUDAGuard guard(student.device());
-  const at::Tensor s = student.contiguous();
-  const at::Tensor t = teacher.contiguous();
-  at::Tensor out = at::empty({}, s.options().dtype(acc_scalar_type(s)));
-  dispatch_input_types(s, "student", t, "teacher", [&]<typename S, typename U>() {
-    launch_pointwise_forward<S, U>(s, t, op, out);
+  const PointwiseRows rows = pointwise_rows(student, teacher);
+  at::Tensor out = at::empty({}, student.options().dtype(acc_scalar_type(student)));
+  dispatch_input_types(rows.student, "student", rows.teacher, "teacher",
+                       [&]<typename S, typename U>() {
+    launch_pointwise_forward<S, U>(rows, op, out);
   });
   return out;
 }
 
+// The gradients are contiguous whatever the inputs' layout.
 std::tuple<at::Tensor, at::Tensor> pointwise_distance_backward_cuda(
     const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
     c10::string_view op_name, bool teacher_grad) {
@@ -818,13 +912,14 @@ std::tuple<at::Tensor, at::Tensor> pointwise_distance_backward_cuda(
   DK_CHECK_SAME_DEVICE(grad, "grad", student, "student");
   device_error_record(student);  // raises what an earlier kernel recorded
   const c10::cuda::CUDAGuard guard(student.device());
-  const at::Tensor s = student.contiguous();
-  const at::Tensor t = teacher.contiguous();
-  at::Tensor gs = at::empty_like(s);
-  at::Tensor gt = teacher_grad ? at::empty_like(t) : at::empty({0}, t.options());
-  if (s.numel() == 0) return {gs, gt};
-  dispatch_input_types(s, "student", t, "teacher", [&]<typename S, typename U>() {
-    launch_pointwise_backward<S, U>(grad, s, t, op, gs, gt, teacher_grad);
+  at::Tensor gs = at::empty(student.sizes(), student.options());
+  at::Tensor gt = teacher_grad ? at::empty(teacher.sizes(), teacher.options())
+                               : at::empty({0}, teacher.options());
+  if (student.numel() == 0) return {gs, gt};
+  const PointwiseRows rows = pointwise_rows(student, teacher);
+  dispatch_input_types(rows.student, "student", rows.teacher, "teacher",
+                       [&]<typename S, typename U>() {
+    launch_pointwise_backward<S, U>(grad, rows, op, gs, gt, teacher_grad);
   });
   return {gs, gt};
 }

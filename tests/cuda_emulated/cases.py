@@ -291,6 +291,17 @@ def slam_cases():
 
 # ----------------------------------------------------------------- distances
 
+def pointwise_run(s, t, op, teacher_grad):
+    """run(ops) of a pointwise case: the forward sum and the backward of grad 0.75."""
+    gr = torch.tensor(0.75, dtype=acc_of(s.dtype))
+
+    def run(ops):
+        out = ops.pointwise_distance_forward(s, t, op)
+        gs, gt = ops.pointwise_distance_backward(gr, s, t, op, teacher_grad)
+        return {"sum": out, "grad_student": gs, "grad_teacher": gt}
+    return run
+
+
 def pointwise_case(shape, op, sdt=F32, tdt=None, misalign=False, teacher_grad=True):
     tdt = tdt or sdt
     name = (f"{op}_{'x'.join(map(str, shape))}_{SHORT[sdt]}"
@@ -300,13 +311,7 @@ def pointwise_case(shape, op, sdt=F32, tdt=None, misalign=False, teacher_grad=Tr
     def make(g):
         s = randn(shape, sdt, g, 1.5, misalign)
         t = randn(shape, tdt, g, 1.5, misalign)
-        gr = torch.tensor(0.75, dtype=acc_of(sdt))
-
-        def run(ops):
-            out = ops.pointwise_distance_forward(s, t, op)
-            gs, gt = ops.pointwise_distance_backward(gr, s, t, op, teacher_grad)
-            return {"sum": out, "grad_student": gs, "grad_teacher": gt}
-        return run
+        return pointwise_run(s, t, op, teacher_grad)
     return Case("distance", name, make)
 
 
@@ -393,6 +398,64 @@ def distance_cases():
     # parallel, whose gradient cancels to below the tolerance's reach).
     out.append(corr_case(4, 100, 1, True, offset=3e3))
     out.append(corr_case(2, 40, 6, True, offset=3e3))
+    return out + pointwise_rows_cases()
+
+
+def wide_rows(x, pad, misalign=False):
+    """x (R, L) in the first L columns of an (R, L + pad) buffer of NaN (never read):
+    rows L + pad apart, read in place by the pointwise kernels; misalign: the buffer
+    starts one element past an aligned allocation."""
+    R, L = x.shape
+    flat = torch.full((R * (L + pad) + 1,), float("nan"), dtype=x.dtype)
+    buf = (flat[1:] if misalign else flat[:-1]).view(R, L + pad)
+    buf[:, :L] = x
+    return buf[:, :L]
+
+
+def pointwise_rows_case(rows, len_, op, sdt=F32, tdt=None, pads=(0, 0), misalign=(False, False),
+                        shape=None, teacher_grad=True, broadcast_teacher=False):
+    """Row-strided inputs: `rows` rows of `len_` elements, each input's rows `len_ + pad`
+    apart (viewed with `shape`, e.g. (B, S, V) rows of S V as logits[:, :-1, :]);
+    broadcast_teacher: the teacher is one row expanded (row stride 0)."""
+    tdt = tdt or sdt
+    shape = shape or (rows, len_)
+    name = (f"{op}_rows{rows}x{len_}_{SHORT[sdt]}{'' if tdt == sdt else '-' + SHORT[tdt]}"
+            f"_rowpad{pads[0]}-{pads[1]}"
+            f"{'_misaligned%d%d' % misalign if any(misalign) else ''}"
+            f"{'_as' + 'x'.join(map(str, shape)) if len(shape) != 2 else ''}"
+            f"{'_bcast' if broadcast_teacher else ''}{'' if teacher_grad else '_no_tgrad'}")
+
+    def make(g):
+        s64 = torch.randn(rows, len_, generator=g, dtype=F64) * 1.5
+        t64 = torch.randn(1 if broadcast_teacher else rows, len_, generator=g, dtype=F64) * 1.5
+        s = wide_rows(s64.to(sdt), pads[0], misalign[0]).view(shape)
+        t = wide_rows(t64.to(tdt), pads[1], misalign[1])
+        t = (t.expand(rows, len_) if broadcast_teacher else t).view(shape)
+        return pointwise_run(s, t, op, teacher_grad)
+    return Case("distance", name, make)
+
+
+def pointwise_rows_cases():
+    out = []
+    for op in ("l1", "l2", "smooth_l1"):
+        # Strides that are whole packs, equal odd ones, unequal ones; odd lengths (tails).
+        out.append(pointwise_rows_case(6, 301, op, pads=(8, 8)))
+        out.append(pointwise_rows_case(6, 301, op, BF16, pads=(3, 3)))
+        out.append(pointwise_rows_case(6, 301, op, F16, pads=(5, 2), misalign=(True, False)))
+        # Rows shorter than a pack: units cross rows.
+        out.append(pointwise_rows_case(40, 7, op, pads=(1, 3)))
+        out.append(pointwise_rows_case(33, 3, op, BF16, pads=(2, 5), misalign=(False, True)))
+    # (B, S, V) = logits[:, :-1, :]: B rows of S V, (S + 1) V apart.
+    out.append(pointwise_rows_case(3, 4 * 37, "smooth_l1", pads=(37, 37), shape=(3, 4, 37)))
+    out.append(pointwise_rows_case(3, 4 * 37, "l1", BF16, pads=(37, 1), shape=(3, 4, 37)))
+    for sdt, tdt, misalign in [(F64, F64, (True, True)), (F32, BF16, (False, True)),
+                               (BF16, F16, (True, False)), (F16, F32, (False, False))]:
+        out.append(pointwise_rows_case(17, 129, "smooth_l1", sdt, tdt, (5, 2), misalign))
+    out.append(pointwise_rows_case(9, 77, "l2", pads=(3, 0), broadcast_teacher=True))
+    out.append(pointwise_rows_case(5, 77, "l1", pads=(2, 6), teacher_grad=False))
+    out.append(pointwise_rows_case(1, 1001, "l2", pads=(3, 3), misalign=(True, False)))
+    # More units than the forward's grid: each thread's row position advances.
+    out.append(pointwise_rows_case(1100, 1000, "l2", pads=(3, 8)))
     return out
 
 
