@@ -104,9 +104,22 @@ def kd_case(N, C, div="forward_kl", beta=0.5, T=1.0, labels=False, hard=0.0,
                 loss, stats = ops.kd_loss_forward(z, u, y, T, div, beta, hard, IGNORE, t2)
                 gz, gu = ops.kd_loss_backward(gl, z, u, y, stats, T, div, beta, hard, IGNORE,
                                               t2, teacher_grad)
-            return {"loss": loss, "stats": stats, "grad_student": gz, "grad_teacher": gu}
+            return {"loss": loss, "stats": kd_stats_compared(stats), "grad_student": gz,
+                    "grad_teacher": gu}
         return run
     return Case("kd_loss", name, make)
+
+
+def kd_stats_compared(stats):
+    """The stats with the log-ratio offset replaced by the teacher lse it implies,
+    lse_student + offset: on a row without the cancellation-free pass the offset is the
+    difference of the two lse's, rounded against their size, not its own (a tolerance
+    relative to the offset would fail on ε|lse|). Its precision on the other rows is
+    what the gradients compared here depend on (rp = (u − z)/T − offset)."""
+    from distillkit.ops import KD_STATS  # the columns, by name
+    out = stats.clone()
+    out[:, KD_STATS.log_ratio_offset] += stats[:, KD_STATS.lse_student]
+    return out
 
 
 def kd_cases():
