@@ -20,13 +20,16 @@ import argparse
 import math
 import re
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Callable, List, Tuple
 
 import torch
+import torch.distributed as dist
 
 import distillkit
+from distillkit.parallel import vocab_parallel_kd_loss
 from distillkit.sparse_cache import teacher_topk
 from distillkit.ops import coordinate_lstm_step
 from distillkit.reference import DISTANCE_OPS
@@ -147,6 +150,33 @@ def fused_sparse_case():
     return make
 
 
+def _one_rank_group(device):
+    """The default group, of this process alone: NCCL for CUDA tensors and gloo for CPU
+    ones (the shard shapes), as a tensor-parallel job would set it up; its communicator
+    is created here, before the sync mode is on."""
+    if not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"file://{tempfile.mktemp()}", rank=0,
+                                world_size=1)
+    dist.all_reduce(torch.zeros(1, device=device))
+
+
+def vocab_parallel_case(divergence: str, temperature: float):
+    def make(device):
+        _one_rank_group(device)
+        z = _logits(N, BLOCK_C, device)
+        u = _logits(N, BLOCK_C, device, grad=False)
+        labels = _labels(N, BLOCK_C, device)
+
+        def run():
+            loss = vocab_parallel_kd_loss(z, u, labels=labels, temperature=temperature,
+                                          divergence=divergence, hard_weight=0.2)
+            loss.backward()
+            return loss
+        return run
+    return make
+
+
 def coordinate_lstm_case(hidden: Tuple[int, ...], head: bool):
     def make(device):
         P, width = 4096, sum(hidden)
@@ -186,6 +216,9 @@ def cases() -> List[Case]:
         out.append((f"distance {op}, strided (dim=1)", distance_case(op, (8, 64, 16, 16), 1)))
     out.append(("fused_linear_kd_loss", fused_linear_case()))
     out.append(("fused_linear_sparse_kd_loss tail + jsd", fused_sparse_case()))
+    out.append(("vocab_parallel_kd_loss forward_kl, 1 rank", vocab_parallel_case("forward_kl", 2.0)))
+    # T = 1e4: every row takes the backward's cancellation-free pass (global offset).
+    out.append(("vocab_parallel_kd_loss jsd T=1e4, 1 rank", vocab_parallel_case("jsd", 1e4)))
     out.append(("coordinate_lstm_step 2x20+head", coordinate_lstm_case((20, 20), True)))
     out.append(("coordinate_lstm_step 3x64,1", coordinate_lstm_case((64, 64, 64, 1), False)))
     return out
@@ -238,6 +271,8 @@ def main(argv=None) -> int:
         print(f"{label}: {status}", flush=True)
         rows.append((label, status))
 
+    if dist.is_initialized():
+        dist.destroy_process_group()
     failed = [r for r in rows if r[1] != "ok"]
     lines = [f"# Host-sync check: {name}, torch {torch.__version__}", "",
              "`benchmarks/gpu_sync_check.py`: every case runs forward + backward twice under "

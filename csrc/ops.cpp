@@ -10,6 +10,12 @@ TORCH_LIBRARY(distillkit, m) {
   // recorded (csrc/input_errors.h, cuda/device_errors.cuh), after waiting for
   // the device of `like`; a no-op on the CPU, whose ops raise at the call.
   m.def("check_errors(Tensor like) -> ()");
+  // Checks that every label (labels (N,) int64) is in [0, num_classes) or
+  // equals ignore_index, with the ValueError of a kd_loss label: the CPU raises
+  // at the call, a CUDA kernel records the first bad entry it meets (raised as
+  // above). For callers whose kernels see only part of the classes
+  // (vocab-parallel KD, where the bound is the global vocabulary).
+  m.def("check_labels(Tensor labels, int num_classes, int ignore_index) -> ()");
 
   // Soft-label KD loss over rows of (N, C) logits (docs/math.md §1). Returns the
   // per-row loss (fp32, fp64 for fp64 input; ignored rows are 0) and per-row

@@ -19,6 +19,13 @@ void check_row_labels(const at::Tensor& labels, int64_t rows, const at::Tensor& 
   DK_CHECK_SAME_DEVICE(labels, "labels", student_logits, "student_logits");
 }
 
+void check_label_bound_args(const at::Tensor& labels, int64_t num_classes) {
+  DK_CHECK(labels.scalar_type() == at::kLong, "labels must be int64 (got ",
+           labels.scalar_type(), ")");
+  DK_CHECK(labels.dim() == 1, "labels must be 1-D (got shape ", labels.sizes(), ")");
+  DK_CHECK(num_classes >= 1, "num_classes must be >= 1 (got ", num_classes, ")");
+}
+
 void check_temperature(double temperature) {
   DK_CHECK(std::isfinite(temperature) && temperature > 0.0,
            "temperature must be finite and > 0 (got ", temperature, ")");

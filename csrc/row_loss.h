@@ -16,6 +16,9 @@ at::ScalarType acc_scalar_type(const at::Tensor& input);
 // labels: (rows,) int64 on the device of student_logits.
 void check_row_labels(const at::Tensor& labels, int64_t rows, const at::Tensor& student_logits);
 
+// check_labels' arguments: labels (N,) int64, num_classes >= 1.
+void check_label_bound_args(const at::Tensor& labels, int64_t num_classes);
+
 // temperature: finite and > 0.
 void check_temperature(double temperature);
 

@@ -26,16 +26,22 @@ struct StatsColumn {
 // and D_teacher as defined in kd_loss.h); ignored rows are all zeros.
 namespace kd_loss_stats {
 enum Column : int {
-  kLseStudent,    // lse(zs)
-  kLseTeacher,    // lse(us)
-  kLseStudentT1,  // lse(z), the hard term's; repeats lse(zs) unless the hard term is on and T != 1
-  kDStudent,      // D_student
-  kDTeacher,      // D_teacher
+  kLseStudent,      // lse(zs)
+  kLseTeacher,      // lse(us)
+  kLseStudentT1,    // lse(z), the hard term's; repeats lse(zs) unless the hard term is on and T != 1
+  kDStudent,        // D_student
+  kDTeacher,        // D_teacher
+  // lse(us) - lse(zs) to full precision, c + log1p(X) of kd_loss.h, on the rows
+  // that took the cancellation-free pass (the backward's such pass reads it:
+  // rp = log p - log q = (us - zs) - offset); elsewhere the rounded difference
+  // of the two lse columns, which the backward does not read.
+  kLogRatioOffset,
   kCols
 };
 inline constexpr StatsColumn kColumns[] = {
     {"lse_student", kLseStudent}, {"lse_teacher", kLseTeacher},
-    {"lse_student_t1", kLseStudentT1}, {"d_student", kDStudent}, {"d_teacher", kDTeacher}};
+    {"lse_student_t1", kLseStudentT1}, {"d_student", kDStudent}, {"d_teacher", kDTeacher},
+    {"log_ratio_offset", kLogRatioOffset}};
 }  // namespace kd_loss_stats
 
 // A column that holds an integer (a class index, a count) holds the bits of

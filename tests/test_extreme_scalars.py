@@ -19,6 +19,8 @@ import pytest
 import torch
 
 from distillkit import kd_loss
+from distillkit.ops import KD_STATS, kd_loss_forward
+from distillkit.ops.options import KDOptions
 from distillkit.reference import kd_loss_ref
 
 TEMPERATURES = [1e-3, 1.0, 1e2, 1e4, 1e6]
@@ -105,3 +107,24 @@ def test_float64_reference_agrees_where_it_is_accurate(logits, T):
     bound = C_LOSS * math.sqrt(C) * torch.finfo(torch.float64).eps
     assert ((ref - exact).abs() / exact).max() <= 1e3 * bound  # the oracle's own error
     assert ((ours - exact).abs() / exact).max() <= bound
+
+
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES, ids=lambda v: str(v))
+@pytest.mark.parametrize("T", [1e4, 1e6], ids=lambda t: f"T{t:g}")
+def test_saved_log_ratio_offset_is_precise(logits, T, divergence, beta):
+    """The rows that take the cancellation-free pass save lse(u/T) − lse(z/T) to full
+    precision (the backward's offset): within the rounding of the scaled logits,
+    4 ε max(|z/T| + |u/T|), and 4 sqrt(C) ε of the offset itself, where the rounded
+    difference of the saved lse's is off by about ε |lse| (far more at these T)."""
+    z, u = logits
+    _, st = kd_loss_forward(z, u, None, KDOptions(temperature=T, divergence=divergence,
+                                                  beta=beta))
+    eps = torch.finfo(z.dtype).eps
+    exact = torch.tensor([float(mpmath.log(mpmath.fsum(mpmath.exp(mpmath.mpf(v) / T) for v in ur))
+                                - mpmath.log(mpmath.fsum(mpmath.exp(mpmath.mpf(v) / T) for v in zr)))
+                          for zr, ur in zip(z.double().tolist(), u.double().tolist())],
+                         dtype=torch.float64)
+    offset = st[:, KD_STATS.log_ratio_offset].double()
+    bound = (4 * eps * ((z.abs() + u.abs()).amax(1).double() / T)
+             + C_LOSS * math.sqrt(C) * eps * exact.abs())
+    assert ((offset - exact).abs() <= bound).all(), (offset - exact).abs() / bound

@@ -6,11 +6,11 @@ and distillkit.ops.check_errors.)"""
 import pytest
 import torch
 
-from conftest import NEEDS_CUDA
+from conftest import DEVICES, NEEDS_CUDA
 
 import distillkit
 from distillkit import kd_loss, slam_loss, sparse_kd_loss
-from distillkit.ops import SLAM_STATS, check_errors
+from distillkit.ops import KD_STATS, SLAM_STATS, check_errors
 
 ops = torch.ops.distillkit
 
@@ -71,7 +71,7 @@ def test_raw_kd_backward_checks_shapes_and_labels():
     scalars = (2.0, "forward_kl", 0.5, 0.5, -100, True)
     loss, stats = ops.kd_loss_forward(z, u, y, *scalars)
     g = torch.ones(5)
-    with pytest.raises(ValueError, match=r"stats must have shape \(5, 5\)"):
+    with pytest.raises(ValueError, match=rf"stats must have shape \(5, {KD_STATS.cols}\)"):
         ops.kd_loss_backward(g, z, u, y, stats[:4], *scalars, True)
     with pytest.raises(ValueError, match="stats must be"):
         ops.kd_loss_backward(g, z, u, y, stats.double(), *scalars, True)
@@ -210,6 +210,27 @@ def test_slam_tie_count_is_exact_beyond_2_24_classes():
     s = stats[0, SLAM_STATS.h_sum].item()
     assert member == pytest.approx(-tt * f * 0.5 / q - f * s, rel=1e-4)
     assert outside == pytest.approx(-tt - f * s, rel=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_check_labels_raises_kd_losss_message_with_the_given_bound(device):
+    # check_labels (vocab-parallel KD's global check): kd_loss's label message, the bound
+    # given rather than a tensor's width; ignore_index and every label below it pass.
+    y = torch.tensor([0, 5, -100, 11], device=device)
+    ops.check_labels(y, 12, -100)
+    check_errors(y.device)
+    for bad, i, v in [(12, 3, 12), (-1, 1, -1)]:
+        y_bad = y.clone()
+        y_bad[i] = bad
+        with pytest.raises(ValueError, match=rf"labels must be in \[0, 12\) or equal "
+                                             rf"ignore_index=-100 \(labels\[{i}\] = {v}\)"):
+            ops.check_labels(y_bad, 12, -100)
+            check_errors(y.device)  # CUDA: the kernel's record raises here
+    with pytest.raises(ValueError, match="labels must be int64"):
+        ops.check_labels(y.int(), 12, -100)
+    with pytest.raises(ValueError, match="num_classes must be >= 1"):
+        ops.check_labels(y, 0, -100)
+    torch.library.opcheck(torch.ops.distillkit.check_labels, (y, 12, -100))
 
 
 # --- CUDA: the same errors, without a host sync ---------------------------------------

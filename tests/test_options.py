@@ -127,6 +127,8 @@ def test_kd_stats_layout_names_the_kernel_columns():
         "lse_student_t1": torch.logsumexp(z, -1),
         "d_student": (log_q.exp() * (log_q - log_m)).sum(-1),
         "d_teacher": (log_p.exp() * (log_p - log_m)).sum(-1),
+        # No row takes the cancellation-free pass here: the difference of the lse's.
+        "log_ratio_offset": torch.logsumexp(u / t, -1) - torch.logsumexp(z / t, -1),
     }
     assert set(KD_STATS.names) == set(expected)
     for name, value in expected.items():

@@ -175,9 +175,10 @@ bool needs_stable_pass(acc_t soft, acc_t magnitude) {
          !(soft > magnitude * static_cast<acc_t>(kStableRatio));
 }
 
-// log p - log q of a row to full precision: rp = (u/T - z/T) - c - log1p(X)
-// with c = lse(u/T) - lse(z/T) as rounded and X from ratio_sums over q. It is
-// what both the JSD and the backward's cancellation-free passes use.
+// The offset of log p - log q of a row to full precision: rp = (u/T - z/T) -
+// offset, offset = c + log1p(X) with c = lse(u/T) - lse(z/T) as rounded and X
+// from ratio_sums over q. JSD's cancellation-free pass forms it; the forward
+// saves it (kLogRatioOffset) for the backward's.
 template <typename acc_t>
 acc_t log_ratio_offset(const Args<acc_t>& a, int64_t row, acc_t lse_s, acc_t lse_t, acc_t* zb,
                        acc_t* ub) {
@@ -221,9 +222,8 @@ struct MixtureLogs {
 // KL(q||m) = sum q phi(beta expm1(rp)).
 template <typename acc_t>
 std::pair<acc_t, acc_t> stable_jsd(const Args<acc_t>& a, int64_t row, acc_t lse_s, acc_t lse_t,
-                                   acc_t* zb, acc_t* ub) {
+                                   acc_t offset, acc_t* zb, acc_t* ub) {
   using Vec = Vectorized<acc_t>;
-  const acc_t offset = log_ratio_offset(a, row, lse_s, lse_t, zb, ub);
   const Vec vls(lse_s), vlt(lse_t), voff(offset);
   const MixtureLogs<acc_t> mix(a.p.beta);
   Vec dt(0), ds(0);
@@ -358,15 +358,29 @@ void forward_row(const Args<acc_t>& a, int64_t row, acc_t* zb, acc_t* ub, acc_t*
     d_student = reduce_sum(ds);
     d_teacher = reduce_sum(dt);
   }
-  // Rows where cancellation took the one-pass result's digits (p ~ q).
+  // Rows where cancellation took the one-pass result's digits (p ~ q). Their
+  // pass also gives lse(u/T) - lse(z/T) to full precision (c + log1p(X), for any
+  // reference c), which the backward's cancellation-free pass reads instead of
+  // summing the row once more; the other rows keep the rounded difference, which
+  // the backward never reads (its test on the final divergence takes that pass
+  // only on rows that took it here).
   const acc_t lse_mag = std::abs(lse_s) + std::abs(lse_t);
+  acc_t offset = lse_t - lse_s;
   if (fwd && needs_stable_pass(d_teacher, lse_mag + std::abs(t.extra / t.sum))) {
-    d_teacher = kl_from(ratio_sums(a, row, true, lse_s, t.extra / t.sum, zb, ub));
+    const acc_t c = t.extra / t.sum;
+    const RatioSums<acc_t> r = ratio_sums(a, row, true, lse_s, c, zb, ub);
+    d_teacher = kl_from(r);
+    offset = c + std::log1p(r.x);
   } else if (rev && needs_stable_pass(d_student, lse_mag + std::abs(s.extra / s.sum))) {
-    d_student = kl_from(ratio_sums(a, row, false, lse_t, s.extra / s.sum, zb, ub));
+    // Base p: lse(z/T) - lse(u/T) = c + log1p(X).
+    const acc_t c = s.extra / s.sum;
+    const RatioSums<acc_t> r = ratio_sums(a, row, false, lse_t, c, zb, ub);
+    d_student = kl_from(r);
+    offset = -(c + std::log1p(r.x));
   } else if (p.divergence == Divergence::JSD &&
              needs_stable_pass(std::min(d_teacher, d_student), lse_mag)) {
-    std::tie(d_teacher, d_student) = stable_jsd(a, row, lse_s, lse_t, zb, ub);
+    offset = log_ratio_offset(a, row, lse_s, lse_t, zb, ub);
+    std::tie(d_teacher, d_student) = stable_jsd(a, row, lse_s, lse_t, offset, zb, ub);
   }
   const acc_t soft = fwd ? d_teacher
                          : rev ? d_student
@@ -384,6 +398,7 @@ void forward_row(const Args<acc_t>& a, int64_t row, acc_t* zb, acc_t* ub, acc_t*
   st[kd_loss_stats::kLseStudentT1] = lse1;
   st[kd_loss_stats::kDStudent] = d_student;
   st[kd_loss_stats::kDTeacher] = d_teacher;
+  st[kd_loss_stats::kLogRatioOffset] = offset;
 }
 
 // Whether the gradient of a row with stats `st` takes the cancellation-free
@@ -439,10 +454,12 @@ void backward_row(const Args<acc_t>& a, int64_t row, acc_t g, const acc_t* stats
   const int64_t y = p.hard ? a.labels[row] : -1;
   // Where the forward's divergence is tiny next to the lse values, q - p and
   // the log ratios cancel as well: they are formed from rp = log p - log q to
-  // full precision (one more pass), q - p = -q expm1(rp).
-  const acc_t lse_s = st[kd_loss_stats::kLseStudent], lse_t = st[kd_loss_stats::kLseTeacher];
+  // full precision, rp = (u/T - z/T) - the saved offset (the forward's pass
+  // formed it; a caller that builds the stats, vocab-parallel KD, gives the
+  // offset of the whole row, which no pass over this row's columns could),
+  // q - p = -q expm1(rp).
   const bool stable = gradient_needs_stable_pass(p, st);
-  const Vec voff(stable ? log_ratio_offset(a, row, lse_s, lse_t, zb, ub) : acc_t(0));
+  const Vec voff(stable ? st[kd_loss_stats::kLogRatioOffset] : acc_t(0));
   const MixtureLogs<acc_t> mix(p.divergence == Divergence::JSD ? p.beta : 0.5);
 
   for (int64_t j0 = 0; j0 < p.cols; j0 += kTile) {

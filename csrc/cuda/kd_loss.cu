@@ -15,7 +15,8 @@
 //
 // Backward recomputes p and q from the saved per-row stats (no N x C buffer
 // kept from the forward) and writes the gradient in one pass: it reads z and
-// u and writes dz (and du when asked), with no reductions.
+// u and writes dz (and du when asked), with no reductions (a row with p ~ q
+// reads the precise log-ratio offset from the stats too).
 //
 // Forward-grad runs the forward and then, on the same row group, the
 // backward's pass with the stats still in registers and the row just read
@@ -276,7 +277,8 @@ __device__ __forceinline__ A kl_from(const RatioSums<A>& r) {
 }
 
 // log p - log q = (u/T - z/T) - offset to full precision: offset = c +
-// log1p(X) over the base q, c = lse(u/T) - lse(z/T) as rounded.
+// log1p(X) over the base q, c = lse(u/T) - lse(z/T) as rounded. JSD's
+// cancellation-free pass forms it; the forward saves it (kLogRatioOffset).
 template <int kVec, int kRowThreads, typename S, typename U, typename A>
 __device__ __forceinline__ A log_ratio_offset(const S* z, const U* u, int64_t row_start,
                                               const KDScalars<A>& k, int lane, A lse_z, A lse_u,
@@ -295,6 +297,7 @@ struct RowStats {
   A lse_z1;
   A d_student;
   A d_teacher;
+  A log_ratio_offset;  // kLogRatioOffset
 };
 
 // The static shared memory of the row reductions (a slot per warp).
@@ -389,21 +392,32 @@ __device__ __forceinline__ RowStats<A> forward_row(const S* z, const U* u, int64
   }
   // Rows where cancellation took the one-pass result's digits (kd_loss.h).
   // The decision is the same on every thread of the group (all-reduced values).
+  // Their pass also gives lse(u/T) - lse(z/T) to full precision (c + log1p(X),
+  // for any reference c), saved for the backward's cancellation-free pass; the
+  // other rows keep the rounded difference, which the backward never reads (its
+  // test on the final divergence takes that pass only on rows that took it here).
   const A lse_mag = device::acc_abs(lse_z) + device::acc_abs(lse_u);
+  A offset = lse_u - lse_z;
   if (k.divergence == Divergence::ForwardKL &&
       needs_stable_pass(d_teacher, lse_mag + device::acc_abs(st.u.a / st.u.s))) {
-    d_teacher = kl_from(ratio_sums<kVec, kRowThreads>(z, u, phase, k, lane, true, lse_z,
-                                                      st.u.a / st.u.s, smem.ratio));
+    const A c = st.u.a / st.u.s;
+    const RatioSums<A> r =
+        ratio_sums<kVec, kRowThreads>(z, u, phase, k, lane, true, lse_z, c, smem.ratio);
+    d_teacher = kl_from(r);
+    offset = c + device::acc_log1p(r.x);
     soft = d_teacher;
   } else if (k.divergence == Divergence::ReverseKL &&
              needs_stable_pass(d_student, lse_mag + device::acc_abs(st.z.a / st.z.s))) {
-    d_student = kl_from(ratio_sums<kVec, kRowThreads>(z, u, phase, k, lane, false, lse_u,
-                                                      st.z.a / st.z.s, smem.ratio));
+    // Base p: lse(z/T) - lse(u/T) = c + log1p(X).
+    const A c = st.z.a / st.z.s;
+    const RatioSums<A> r =
+        ratio_sums<kVec, kRowThreads>(z, u, phase, k, lane, false, lse_u, c, smem.ratio);
+    d_student = kl_from(r);
+    offset = -(c + device::acc_log1p(r.x));
     soft = d_student;
   } else if (k.divergence == Divergence::JSD &&
              needs_stable_pass(device::acc_min(d_teacher, d_student), lse_mag)) {
-    const A offset =
-        log_ratio_offset<kVec, kRowThreads>(z, u, phase, k, lane, lse_z, lse_u, smem.ratio);
+    offset = log_ratio_offset<kVec, kRowThreads>(z, u, phase, k, lane, lse_z, lse_u, smem.ratio);
     JsdSums<A> sums{A(0), A(0)};
     for_each_scaled_pack<kVec, kRowThreads>(z, u, phase, k, lane, [&](auto n, const auto& zs,
                                                                           const auto& us) {
@@ -434,17 +448,15 @@ __device__ __forceinline__ RowStats<A> forward_row(const S* z, const U* u, int64
   const A lse_z1 = track_z1 ? st.z1.lse() : lse_z;
   loss = k.soft_scale * soft;
   if (k.hard) loss += k.hard_weight * (lse_z1 - static_cast<A>(z[label]));
-  return {lse_z, lse_u, lse_z1, d_student, d_teacher};
+  return {lse_z, lse_u, lse_z1, d_student, d_teacher, offset};
 }
 
-// dz (and du when wanted) of g * loss of one row from its stats. No
-// reductions except the cancellation-free offset (rows with p ~ q). Every
-// thread of the group calls it.
+// dz (and du when wanted) of g * loss of one row from its stats, with no
+// reductions. Every thread of the group calls it.
 template <int kVec, int kRowThreads, typename S, typename U, typename A>
 __device__ __forceinline__ void gradient_row(const S* z, const U* u, S* dz, U* du, int64_t phase,
                                              int64_t label, const RowStats<A>& st, A g,
-                                             const KDScalars<A>& k, int lane,
-                                             RatioSums<A>* ratio_smem) {
+                                             const KDScalars<A>& k, int lane) {
   const A c = g * k.soft_grad_scale;
   // JSD weights its two KL terms by 1 - beta (student) and beta (teacher).
   const bool jsd = k.divergence == Divergence::JSD;
@@ -452,17 +464,18 @@ __device__ __forceinline__ void gradient_row(const S* z, const U* u, S* dz, U* d
   const A c_teacher = jsd ? c * k.beta : c;
   const A h = g * k.hard_weight;
   // Where the divergence is tiny next to the lse values, q - p and the log
-  // ratios cancel too: they come from rp = log p - log q to full precision
-  // (one more pass), q - p = -q expm1(rp). Uniform over the row group.
+  // ratios cancel too: they come from rp = log p - log q to full precision,
+  // rp = (u/T - z/T) - the saved offset (the forward's pass formed it; a caller
+  // that builds the stats, vocab-parallel KD, gives the offset of the whole
+  // row, which no pass over this row's columns could), q - p = -q expm1(rp).
+  // Uniform over the row group.
   const A d_soft = k.divergence == Divergence::ForwardKL   ? st.d_teacher
                    : k.divergence == Divergence::ReverseKL ? st.d_student
                                                            : device::acc_min(st.d_teacher,
                                                                              st.d_student);
   const bool stable =
       needs_stable_pass(d_soft, device::acc_abs(st.lse_z) + device::acc_abs(st.lse_u));
-  const A offset = stable ? log_ratio_offset<kVec, kRowThreads>(z, u, phase, k, lane, st.lse_z,
-                                                                st.lse_u, ratio_smem)
-                          : A(0);
+  const A offset = stable ? st.log_ratio_offset : A(0);
 
   for_each_pack<kVec>(phase, k.cols, k.aligned, lane, kRowThreads, [&](int col, auto n) {
     constexpr int N = decltype(n)::value;
@@ -592,16 +605,17 @@ __device__ __forceinline__ void kd_loss_rows(const Args<S, U, A>& args) {
         stats[kd_loss_stats::kLseStudentT1] = st.lse_z1;
         stats[kd_loss_stats::kDStudent] = st.d_student;
         stats[kd_loss_stats::kDTeacher] = st.d_teacher;
+        stats[kd_loss_stats::kLogRatioOffset] = st.log_ratio_offset;
       }
     } else {
       const A* saved = args.saved_stats + row * kd_loss_stats::kCols;
       st = {saved[kd_loss_stats::kLseStudent], saved[kd_loss_stats::kLseTeacher],
             saved[kd_loss_stats::kLseStudentT1], saved[kd_loss_stats::kDStudent],
-            saved[kd_loss_stats::kDTeacher]};
+            saved[kd_loss_stats::kDTeacher], saved[kd_loss_stats::kLogRatioOffset]};
     }
     if constexpr (kGrad) {
       const A g = args.row_scale == nullptr ? A(1) : args.row_scale[row * args.row_scale_stride];
-      gradient_row<kVec, kRowThreads>(z, u, dz, du, phase, label, st, g, k, lane, smem.ratio);
+      gradient_row<kVec, kRowThreads>(z, u, dz, du, phase, label, st, g, k, lane);
     }
   }
 }

@@ -7,10 +7,9 @@
 //  - <op>_stats_layout ({column name: index}) and <op>_stats_cols for every
 //    op that returns per-row stats (stats_layout.h), so that Python reads the
 //    stats by the names the kernels write them with;
-//  - kd_loss's cancellation-free constants (kd_loss.h: kd_stable_ratio and the
-//    series lengths kd_ratio_weight_terms / kd_log1p_gap_terms, (fp64, fp32)
-//    tuples), for the vocabulary-parallel loss, which must take the kernels'
-//    decisions and evaluate their series;
+//  - kd_loss's series lengths (kd_loss.h: kd_ratio_weight_terms /
+//    kd_log1p_gap_terms, (fp64, fp32) tuples), for the vocabulary-parallel
+//    loss, which evaluates the kernels' series;
 //  - the two functions of the CPU output cache (cpu/output_cache.h);
 //  - the CPU kernels' level (cpu/capability.h): cpu_capability (the chosen
 //    level's name), cpu_capability_reason, cpu_capability_supported (the best
@@ -133,11 +132,6 @@ int add_pair(PyObject* module, const char* name, int fp64, int fp32) {
 }
 
 int add_kd_constants(PyObject* module) {
-  PyObject* ratio = PyFloat_FromDouble(distillkit::kStableRatio);
-  if (ratio == nullptr) return -1;
-  const int status = PyModule_AddObjectRef(module, "kd_stable_ratio", ratio);
-  Py_DECREF(ratio);
-  if (status < 0) return -1;
   using distillkit::kLog1pGapTerms32, distillkit::kLog1pGapTerms64;
   using distillkit::kRatioWeightTerms32, distillkit::kRatioWeightTerms64;
   if (add_pair(module, "kd_ratio_weight_terms", kRatioWeightTerms64, kRatioWeightTerms32) < 0 ||

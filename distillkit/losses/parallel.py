@@ -25,15 +25,22 @@ the global lse. With ``c = B − A`` as rounded and ``e = (u − z)/T − c``:
 ``Σ q`` and ``Σ p`` (≈ 1) give the lse's of the logits as scaled here to full precision,
 ``A + log Σ q``, kept as that unrounded pair: a rounded lse is off by ε|lse| (2.4e−4 at
 |lse| = 4000 in fp32, T = 1e−3), and the shard kernels may scale by 1/T with another
-rounding. The partial sums are formed in row chunks in the accumulation dtype; every rank
-sums the gathered numbers in rank order, so all of them agree bit for bit.
+rounding. JSD's shares use them, since they form p and q here; the backward kernel does
+not need them (it scales the logits as the shard kernels did, under which A and B are the
+rows' lse's: see the forward). The partial sums are formed in row chunks in the
+accumulation dtype; every rank sums the gathered numbers in rank order, so all of them
+agree bit for bit.
 
-``kd_loss_backward`` reads only the global stats and the rank's own logits, so it writes
-this rank's columns of the global gradient without communication, except on the rows where
-it takes its cancellation-free pass (``needs_stable_pass`` of csrc/cpu/kd_loss.cpp): that
-pass recomputes the offset by a reduction over the row it is given, here only the shard.
-Those rows are formed again here (``_stable_rows_grad``: the kernel's formula) from the
-precise offset and normalizations the forward kept.
+``kd_loss_backward`` reads only the stats and the rank's own logits, so given the global
+stats it writes this rank's columns of the global gradient without communication. That
+holds on the rows of its cancellation-free pass too (where p ≈ q), because the pass does
+not reduce over its row: it reads ``rp``'s offset ``c + log1p(X)`` from the stats column
+``log_ratio_offset``, which the forward here fills with the global one.
+
+No host sync on CUDA: the labels are checked against the global vocabulary by the
+``check_labels`` op (a CUDA kernel records a bad one, raised at a later distillkit call or
+by ``distillkit.ops.check_errors``); the only host values are the shard shapes, exchanged
+as a CPU tensor where the group carries CPU tensors (see ``_shard_layout``).
 """
 from __future__ import annotations
 
@@ -45,7 +52,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _C
-from ..ops import KD_STATS, kd_loss_backward, kd_loss_forward, reject_functorch
+from ..ops import KD_STATS, check_labels, kd_loss_backward, kd_loss_forward, reject_functorch
 from ..ops.options import KDOptions
 from .functional import kd_rows_inputs, reduce_kd_rows
 
@@ -58,9 +65,6 @@ _LOCAL_IGNORE = -1
 _CHUNK_ELEMENTS = 1 << 20
 # Columns of a rank's per-row numbers in the first all-gather.
 _A, _B, _LSE1, _Z_Y = range(4)
-# kStableRatio of csrc/kd_loss.h: the backward kernel's cancellation-free pass is taken
-# where the divergence is not above this times |lse(z/T)| + |lse(u/T)|.
-_STABLE_RATIO = _C.kd_stable_ratio
 
 
 def _series(terms: int) -> List[float]:
@@ -218,67 +222,22 @@ def _log_probs(x: Tensor, y: Tensor, lse_s: Tensor, lse_t: Tensor,
     return rp, (x - lse_s) - precise[:, 1, None], (y - lse_t) - precise[:, 2, None]
 
 
-def _takes_stable_pass(stats: Tensor, y: Optional[Tensor], kind: str) -> Tensor:
-    """(n,) bool: the rows on which kd_loss_backward takes its cancellation-free pass, the
-    kernels' needs_stable_pass(d_soft, |lse(z/T)| + |lse(u/T)|) on the stats it is given
-    (in their dtype; JSD's d_soft is the smaller term, fmin as on CUDA: the two agree for
-    every finite pair). Ignored rows get zeros, not that pass."""
-    d_s, d_t = stats[:, KD_STATS.d_student], stats[:, KD_STATS.d_teacher]
-    d_soft = d_t if kind == "forward_kl" else d_s if kind == "reverse_kl" else torch.fmin(d_t, d_s)
-    mag = stats[:, KD_STATS.lse_student].abs() + stats[:, KD_STATS.lse_teacher].abs()
-    stable = torch.isfinite(d_soft) & torch.isfinite(mag) & ~(d_soft > mag * _STABLE_RATIO)
-    return stable if y is None else stable & (y != _LOCAL_IGNORE)
-
-
-def _stable_rows_grad(grad_z: Tensor, grad_u: Optional[Tensor], rows: Tensor, z: Tensor,
-                      u: Tensor, y: Optional[Tensor], stats: Tensor, precise: Tensor,
-                      grad_rows: Tensor, opts: KDOptions) -> None:
-    """Overwrites ``rows`` of the shard gradients with the kernel's cancellation-free
-    gradient (csrc/cpu/kd_loss.cpp backward_row) formed with the forward's global precise
-    offset and normalizations (_log_probs): q − p = −q expm1(rp) near rp = 0, the log
-    ratios from rp, JSD's from _mixture_logs; then the hard term at T = 1 and its −1 on the
-    (local) label column, as the kernel writes it (the caller gives back the placeholder
-    column's). Chunked by rows: no temporary beyond a chunk of the shard."""
-    acc, temperature, beta = stats.dtype, opts.temperature, opts.beta
-    kind = opts.divergence
-    soft_scale = (1.0 - opts.hard_weight) * (temperature ** 2 if opts.scale_by_t2 else 1.0)
-    hard = y is not None and opts.hard_weight > 0
-    for chunk in _row_chunks(rows.numel(), z.shape[1]):
-        r = rows[chunk]
-        x, yv = _scaled(z, r, acc, temperature), _scaled(u, r, acc, temperature)
-        st = stats[r]
-        lse_s, lse_t, lse1, d_s, d_t = (st[:, k, None] for k in (
-            KD_STATS.lse_student, KD_STATS.lse_teacher, KD_STATS.lse_student_t1,
-            KD_STATS.d_student, KD_STATS.d_teacher))
-        rp, log_q, log_p = _log_probs(x, yv, lse_s, lse_t, precise[r])
-        q, p = torch.exp(log_q), torch.exp(log_p)
-        g = grad_rows[r, None].to(acc)
-        c = g * (soft_scale / temperature)
-        if kind == "forward_kl":
-            dz = -c * torch.where(rp.abs() <= 0.5, _masked(q, torch.expm1(rp)), p - q)
-            du = c * _masked(p, rp - d_t)
-        elif kind == "reverse_kl":
-            dz = c * _masked(q, -rp - d_s)
-            du = c * torch.where(rp.abs() <= 0.5, _masked(q, torch.expm1(rp)), p - q)
-        else:
-            log_qm, log_pm = _mixture_logs(rp, beta)
-            dz = (c * (1.0 - beta)) * _masked(q, log_qm - d_s)
-            du = (c * beta) * _masked(p, log_pm - d_t)
-        if hard:
-            h = g * opts.hard_weight
-            dz += h * torch.exp(z[r].to(acc) - lse1)  # softmax(z) at T = 1
-            dz.scatter_add_(1, y[r, None], -h)
-        grad_z[r] = dz.to(grad_z.dtype)
-        if grad_u is not None:
-            grad_u[r] = du.to(grad_u.dtype)
-
-
 def _shard_layout(z: Tensor, group) -> Tuple[int, List[int]]:
     """(this shard's first global column, every rank's width), checked alike on
-    every rank so that all of them raise together rather than hang in a collective."""
+    every rank so that all of them raise together rather than hang in a collective
+    (under NCCL, all-gathers of unequal sizes hang or read garbage; they do not raise).
+
+    The shapes are host values, and are exchanged as a CPU tensor where the group
+    carries CPU tensors (gloo, or a ``"cpu:gloo,cuda:nccl"`` group): no device memory
+    is read. A group with a device backend only (plain NCCL) exchanges them on the
+    device, and reading the 2R integers back is this function's one device-to-host
+    copy per call (made without any host-to-device copy: the tensor is filled there)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    shapes = _all_gather(torch.tensor(z.shape, dtype=torch.int64, device=z.device), group,
-                         world).tolist()
+    pg = group if group is not None else dist.group.WORLD
+    device = torch.device("cpu") if torch.device("cpu") in pg._device_types else z.device
+    shape = torch.full((2,), z.shape[1], dtype=torch.int64, device=device)
+    shape[:1].fill_(z.shape[0])
+    shapes = _all_gather(shape, group, world).tolist()
     if len({rows for rows, _ in shapes}) != 1:
         raise ValueError("every rank must pass the same number of rows (got "
                          f"{[rows for rows, _ in shapes]} by rank)")
@@ -303,13 +262,16 @@ class _VocabParallelKD(torch.autograd.Function):
         hard = y is not None and hard_weight > 0
         y_fwd = None
         owned = keep = None
+        bad = None
         if y is not None:
+            # Labels against the global vocabulary (the shard kernels see only their
+            # width): kd_loss's ValueError, raised at the call on the CPU and, from a
+            # kernel's record, at a later call on CUDA (no host read). Until then a bad
+            # row is treated as ignored, with a NaN loss, as kd_loss's CUDA kernels do.
+            check_labels(y, num_classes, ignore_index)
             keep = y != ignore_index
             bad = keep & ((y < 0) | (y >= num_classes))
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0, 0])
-                raise ValueError(f"labels must be global class indices in [0, {num_classes}) or "
-                                 f"equal ignore_index={ignore_index} (labels[{i}] = {int(y[i])})")
+            keep = keep & ~bad
             local = y - start
             owned = keep & (local >= 0) & (local < width)
             ignore = torch.full_like(y, _LOCAL_IGNORE)
@@ -343,10 +305,10 @@ class _VocabParallelKD(torch.autograd.Function):
                 _ratio_partials(z, u, lse_s, lse_t, c, temperature, acc, kind == "forward_kl"),
                 group, world))
             offset = c + torch.log1p(x)
-        precise = torch.stack([offset, lo_s, lo_t], 1)
         if kind == "forward_kl":
             d_t = soft = _kl(x, w)
         elif kind == "jsd":
+            precise = torch.stack([offset, lo_s, lo_t], 1)
             terms = _all_gather(_jsd_partials(z, u, lse_s, lse_t, precise, temperature, beta,
                                               acc), group, world).sum(0)
             d_t, d_s = terms[:, 0], terms[:, 1]
@@ -357,31 +319,41 @@ class _VocabParallelKD(torch.autograd.Function):
         if hard:
             lse1 = torch.logsumexp(g[:, :, _LSE1], 0)
             rows = rows + hard_weight * (lse1 - g[:, :, _Z_Y].sum(0))
+        # The global precise offset is what the backward kernel's cancellation-free
+        # pass reads (on the rows it picks by the same test on these stats): no pass
+        # over a shard could form it. It is the offset of the logits as scaled here,
+        # and the kernel scales them by its own 1/T, but the two roundings of z/T differ
+        # by at most an ulp of |z/T|, the size of the kernel's own rounding of
+        # (u − z)/T in rp. The normalizations lo_s, lo_t (log Σq, log Σp of the logits
+        # as scaled here) are not folded into the lse columns: they correct for this
+        # module's scaling, while the kernel's q = exp(z·(1/T) − A) uses the shard
+        # kernels' own, under which A is the row's lse up to the rounding of the
+        # logsumexp over ranks (a few ε|A|, as in a single kernel). Adding them would
+        # mix the two scalings (an ulp of |z/T| where they round apart) for no gain:
+        # tests/test_extreme_scalars_parallel.py's worst errors are the same on the p ≈ q
+        # rows with and without them (0.02 √C ε for the gradient in fp32).
         stats = KD_STATS.stack(lse_student=lse_s, lse_teacher=lse_t, lse_student_t1=lse1,
-                               d_student=d_s, d_teacher=d_t)
+                               d_student=d_s, d_teacher=d_t, log_ratio_offset=offset)
         if keep is not None:
-            # Ignored rows: loss 0, and all-zero stats as the kernels write them.
+            # Ignored rows: loss 0, and all-zero stats as the kernels write them; rows
+            # with a bad label (CUDA: raised later) NaN.
             rows = torch.where(keep, rows, torch.zeros_like(rows))
+            rows = torch.where(bad, torch.full_like(rows, math.nan), rows)
             stats = torch.where(keep[:, None], stats, torch.zeros_like(stats))
 
         foreign = keep & ~owned if hard else None
-        ctx.save_for_backward(z, u, y_fwd, stats, precise, foreign)
+        ctx.save_for_backward(z, u, y_fwd, stats, foreign)
         ctx.options = opts.replace(divergence=kind, ignore_index=_LOCAL_IGNORE)
         return rows
 
     @staticmethod
     def backward(ctx, grad_rows):
-        z, u, y, stats, precise, foreign = ctx.saved_tensors
+        z, u, y, stats, foreign = ctx.saved_tensors
         teacher_grad = ctx.needs_input_grad[1]
-        # Global stats make the shard kernel write this rank's columns of the global
-        # gradient (no communication), except on the rows of its cancellation-free pass,
-        # whose offset it would sum over the shard only: those are formed again here.
+        # Global stats, the precise offset included, make the shard kernel write this
+        # rank's columns of the global gradient on every row: no communication.
         grad_z, grad_u = kd_loss_backward(grad_rows.contiguous(), z, u, y, stats,
                                           ctx.options, teacher_grad)
-        stable = _takes_stable_pass(stats, y, ctx.options.divergence).nonzero()[:, 0]
-        if stable.numel():
-            _stable_rows_grad(grad_z, grad_u if teacher_grad else None, stable, z, u, y,
-                              stats, precise, grad_rows, ctx.options)
         if foreign is not None:
             # The hard term's −hard_weight·g on the placeholder column belongs to another
             # rank's column: add it back (in the accumulation dtype, then round once).
@@ -432,20 +404,24 @@ def vocab_parallel_kd_loss(
     (docs/math.md §3), for JSD (0 < β < 1) one of (N, 3) (the precise log-ratio offset and
     normalizations) and one of (N, 2) (the shares of its two KL terms): three all-gathers
     in all, four for JSD. Backward, none — each rank runs the fused backward kernel on its
-    shard with the global statistics, and forms again, from the (N, 3) precise offset and
-    normalizations the forward kept, the rows on which that kernel takes its (shard-local)
-    cancellation-free pass. Every rank sums the gathered numbers in rank order, so all
-    ranks agree bit for bit.
+    shard with the global statistics (the precise log-ratio offset among them). Every
+    rank sums the gathered numbers in rank order, so all ranks agree bit for bit.
+
+    Host syncs (CUDA): none when ``group`` carries CPU tensors as well (gloo, or
+    ``init_process_group("cpu:gloo,cuda:nccl")``): the shapes go through the CPU, and
+    bad labels are recorded on the device and raise (kd_loss's ``ValueError``, global
+    bound) at a later distillkit CUDA call or :func:`distillkit.ops.check_errors`; until
+    then a bad row's loss is NaN and its gradient 0. A plain NCCL group exchanges the
+    shapes on the device: one read of 2R integers per call.
 
     Accuracy: per-row losses and gradients within c √C ε of the accumulation dtype of the
     exact values for T from 1e-3 to 1e6 and for a student close to its teacher, as
     :func:`distillkit.kd_loss` (c = 4, tests/test_extreme_scalars_parallel.py).
 
-    Memory: besides the gradients, the forward keeps only (N, 5) global stats and (N, 3)
-    offsets for the backward (the shard logits themselves are saved, not copied) and
-    gathers R × N × 4 numbers at most. The partial sums (and the backward's recomputed
-    rows) are formed in row chunks in the accumulation dtype, each temporary at most 2²⁰
-    elements. Gradients flow only through this function's autograd node (the collectives
+    Memory: besides the gradients, the forward keeps only the (N, ``KD_STATS.cols``)
+    global stats for the backward (the shard logits themselves are saved, not copied)
+    and gathers R × N × 4 numbers at most. The partial sums are formed in row chunks in
+    the accumulation dtype, each temporary at most 2²⁰ elements. Gradients flow only through this function's autograd node (the collectives
     are not differentiated).
     """
     opts = KDOptions.resolve(options, **fields)

@@ -15,8 +15,9 @@ from .options import KDOptions, SLaMOptions, SparseKDOptions
 __all__ = ["kd_loss_forward", "kd_loss_forward_grad", "kd_loss_backward", "slam_loss_forward",
            "pointwise_distance_forward", "correlation_distance_forward", "sparse_kd_loss_forward",
            "sparse_kd_loss_backward", "coordinate_lstm_step",
-           "check_errors", "saved_buffer_is_last_read", "matmul_into", "empty_cached",
-           "kd_loss_reduced", "weighted_total"]
+           "check_errors", "check_labels", "saved_buffer_is_last_read", "matmul_into",
+           "empty_cached", "kd_loss_reduced", "weighted_total"]
+
 
 class StatsLayout:
     """The named columns of the per-row statistics an op's forward saves for its backward.
@@ -74,6 +75,21 @@ def check_errors(device: Optional[torch.device] = None) -> None:
 
 @torch.library.register_fake("distillkit::check_errors")
 def _check_errors_fake(like):
+    return None
+
+
+def check_labels(labels: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Check that every entry of ``labels`` ((N,) int64) is in ``[0, num_classes)`` or
+    equals ``ignore_index``, with kd_loss's ``ValueError`` for a bad label (the bound
+    in its message is ``num_classes``). For callers whose kernels see only some of the
+    classes (vocab-parallel KD: the bound is the global vocabulary, each shard kernel's
+    its own width). On the CPU it raises at the call; on CUDA a kernel records the bad
+    entry and it raises as :func:`check_errors` says, without a host sync."""
+    torch.ops.distillkit.check_labels(labels, num_classes, ignore_index)
+
+
+@torch.library.register_fake("distillkit::check_labels")
+def _check_labels_fake(labels, num_classes, ignore_index):
     return None
 
 

@@ -104,9 +104,22 @@ def kd_case(N, C, div="forward_kl", beta=0.5, T=1.0, labels=False, hard=0.0,
                 loss, stats = ops.kd_loss_forward(z, u, y, T, div, beta, hard, IGNORE, t2)
                 gz, gu = ops.kd_loss_backward(gl, z, u, y, stats, T, div, beta, hard, IGNORE,
                                               t2, teacher_grad)
-            return {"loss": loss, "stats": stats, "grad_student": gz, "grad_teacher": gu}
+            return {"loss": loss, "stats": kd_stats_compared(stats), "grad_student": gz,
+                    "grad_teacher": gu}
         return run
     return Case("kd_loss", name, make)
+
+
+def kd_stats_compared(stats):
+    """The stats with the log-ratio offset replaced by the teacher lse it implies,
+    lse_student + offset: on a row without the cancellation-free pass the offset is the
+    difference of the two lse's, rounded against their size, not its own (a tolerance
+    relative to the offset would fail on ε|lse|). Its precision on the other rows is
+    what the gradients compared here depend on (rp = (u − z)/T − offset)."""
+    from distillkit.ops import KD_STATS  # the columns, by name
+    out = stats.clone()
+    out[:, KD_STATS.log_ratio_offset] += stats[:, KD_STATS.lse_student]
+    return out
 
 
 def kd_cases():
@@ -160,6 +173,11 @@ def kd_cases():
                                    single_pass=True, grad_scale=grad_scale))
         out.append(kd_case(N, C, "jsd", 0.5, T=1.0, single_pass=True, teacher_grad=False))
         out.append(kd_case(N, C, "forward_kl", T=1e4, single_pass=True, grad_scale="rows"))
+        # The saved log-ratio offset of every cancellation-free forward pass, read by the
+        # gradient pass from registers (single pass) and from the stats (backward).
+        for div, beta in [("reverse_kl", 0.5), ("jsd", 0.3)]:
+            out.append(kd_case(N, C, div, beta, T=1e4, single_pass=True, grad_scale="rows"))
+            out.append(kd_case(N, C, div, beta, T=1e4, labels=True, hard=0.2))
         out.append(kd_case(N, C, "jsd", 0.5, T=2.0, labels="all_ignored", hard=0.5,
                            single_pass=True))
     # dtypes and mixed pairs, misaligned bases, C not a multiple of a pack.
@@ -684,6 +702,30 @@ def bad_kd_single_pass(N, C, bad_label):
     return raises_case("kd_loss", f"single_pass_label{bad_label}_N{N}_C{C}", make_call)
 
 
+def label_check_case(N, num_classes, ignore_index=IGNORE):
+    """check_labels on valid labels (ignored entries included): no error recorded."""
+    def make(g):
+        y = torch.randint(0, num_classes, (N,), generator=g)
+        y[::3] = ignore_index
+
+        def run(ops):
+            ops.check_labels(y, num_classes, ignore_index)
+            ops.check_errors(torch.empty(0))
+            return {"labels": y}
+        return run
+    return Case("check_labels", f"valid_N{N}_C{num_classes}_ignore{ignore_index}", make)
+
+
+def bad_labels(N, num_classes, bad_label, row):
+    def make_call(g):
+        y = torch.randint(0, num_classes, (N,), generator=g)
+        y[::5] = IGNORE
+        y[row] = bad_label
+        return lambda ops: ops.check_labels(y, num_classes, IGNORE)
+    return raises_case("check_labels", f"label{bad_label}_row{row}_N{N}_C{num_classes}",
+                       make_call)
+
+
 def bad_sparse(N, C, K, what, in_backward=False):
     def make_call(g):
         z = randn((N, C), F32, g)
@@ -752,9 +794,19 @@ def bad_input_cases():
         out.append(bad_slam(N, C, "k_low", normalized=True))
         out.append(bad_slam(N, C, "argmax", hard=True))
     out.append(bad_sparse(2, 2000, 500, "duplicate"))  # K > a block's threads
+    # check_labels: one block and a grid-stride over several (N > 256), the bad entry
+    # in the first and a later block.
+    for N, C, row in [(7, 40, 3), (3000, 1000, 2999)]:
+        for bad in (C, -1, 2**40, -(2**40)):
+            out.append(bad_labels(N, C, bad, row))
     return out
+
+
+def label_check_cases():
+    return [label_check_case(N, C, ignore) for N, C, ignore in
+            [(1, 1, IGNORE), (7, 40, IGNORE), (3000, 1000, -1), (300, 5, 3)]]
 
 
 def all_cases():
     return (kd_cases() + slam_cases() + distance_cases() + sparse_cases() + lstm_cases()
-            + bad_input_cases())
+            + label_check_cases() + bad_input_cases())
