@@ -125,10 +125,8 @@ def kd_loss(
     fixed = [t for t in (weight, normalizer) if isinstance(t, Tensor)]
     if opts.reduction != "none" and not any(t.requires_grad for t in fixed):
         # The reduction's weights are constants: the gradient is final after one pass.
-        w = row_weight(weight, lead, z.device, z.shape[0])
-        denominator = (mean_denominator(y, z.shape[0], opts.ignore_index, normalizer)
-                       if opts.reduction == "mean" else None)
-        return kd_loss_reduced(z, u, y, opts, w, denominator)
+        return kd_loss_reduced(z, u, y, opts, row_weight(weight, lead, z.device, z.shape[0]),
+                               kd_denominator(y, z.shape[0], opts, normalizer))
     rows, _ = kd_loss_forward(z, u, y, opts)
     return reduce_kd_rows(rows, lead, y, weight, opts, normalizer)
 
@@ -208,9 +206,15 @@ def row_weight(weight: Optional[Tensor], lead, device: torch.device, rows: int
 def reduce_kd_rows(rows: Tensor, lead, y: Optional[Tensor], weight: Optional[Tensor],
                    opts: KDOptions, normalizer) -> Tensor:
     """The weighting and reduction of a kd_loss-family call's (N,) row losses."""
-    denominator = (mean_denominator(y, rows.shape[0], opts.ignore_index, normalizer)
-                   if opts.reduction == "mean" else None)
-    return reduce_rows(rows, lead, weight, opts.reduction, denominator)
+    return reduce_rows(rows, lead, weight, opts.reduction,
+                       kd_denominator(y, rows.shape[0], opts, normalizer))
+
+
+def kd_denominator(y: Optional[Tensor], rows: int, opts: KDOptions, normalizer):
+    """The denominator of a kd_loss-family reduction: :func:`mean_denominator` for
+    ``mean``, None (no division) otherwise."""
+    return (mean_denominator(y, rows, opts.ignore_index, normalizer)
+            if opts.reduction == "mean" else None)
 
 
 def slam_loss(

@@ -23,11 +23,11 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Partial
 
 from ..ops import (KD_STATS, RaiseOnBackward, empty_cached, kd_loss_forward,
-                   kd_loss_forward_grad, matmul_into, reject_functorch,
+                   kd_loss_forward_grad, matmul_into, reduction_row_scale, reject_functorch,
                    saved_buffer_is_last_read)
 from ..ops.options import KDOptions, LogitHead
-from .functional import (check_classes, check_normalizer, check_row_tensor, flat_labels,
-                         mean_denominator)
+from .functional import (check_classes, check_normalizer, flat_labels, kd_denominator,
+                         row_weight)
 
 __all__ = ["fused_linear_kd_loss"]
 
@@ -373,12 +373,9 @@ def _fused_linear_kd(student_hidden, student_weight, teacher_logits, student_bia
     y = flat_labels(labels, lead, h.device)
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     # The reduction's derivative w.r.t. each row's loss, known before the loop.
-    row_scale = torch.ones(h.shape[0], dtype=acc, device=h.device)
-    if weight is not None:
-        check_row_tensor("weight", weight, lead, h.device, floating=True)
-        row_scale = row_scale * weight.reshape(-1).to(acc)
-    if opts.reduction == "mean":
-        row_scale = row_scale / mean_denominator(y, h.shape[0], opts.ignore_index, normalizer)
+    row_scale = reduction_row_scale(row_weight(weight, lead, h.device, h.shape[0]),
+                                    kd_denominator(y, h.shape[0], opts, normalizer),
+                                    h.shape[0], acc, h.device)
     reject_functorch("fused_linear_kd_loss")
     return _FusedLinearKD.apply(h, _full(student_weight), _full(student_bias), t_logits,
                                 t_hidden, teacher_weight, teacher_bias, y, row_scale, chunk_rows,

@@ -17,10 +17,11 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ..ops import reject_functorch, sparse_kd_loss_backward, sparse_kd_loss_forward
+from ..ops import (reduction_row_scale, reject_functorch, sparse_kd_loss_backward,
+                   sparse_kd_loss_forward)
 from ..ops.options import LogitHead, SparseKDOptions
-from .functional import (check_classes, check_normalizer, check_row_tensor,
-                         check_topk_teacher, flat_labels, live_topk_rows)
+from .functional import (check_classes, check_normalizer, check_topk_teacher, flat_labels,
+                         live_topk_rows, row_weight)
 from .fused_linear import (_IDENTITY, _autocast_operands, _full, chunked_head_gradients,
                            scaled_saved_gradients)
 
@@ -154,15 +155,12 @@ def fused_linear_sparse_kd_loss(
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     # The reduction's derivative w.r.t. each row's loss, known before the loop; a dead
     # row (ignored label or no kept class) has loss and gradient 0 from the kernel.
-    row_scale = torch.ones(h.shape[0], dtype=acc, device=h.device)
-    if weight is not None:
-        check_row_tensor("weight", weight, lead, h.device, floating=True)
-        row_scale = row_scale * weight.reshape(-1).to(acc)
+    denominator = None
     if opts.reduction == "mean":
-        if normalizer is not None:
-            row_scale = row_scale / normalizer
-        else:
-            row_scale = row_scale / live_topk_rows(idx, y, opts.ignore_index).clamp(min=1).to(acc)
+        denominator = (normalizer if normalizer is not None
+                       else live_topk_rows(idx, y, opts.ignore_index).clamp(min=1).to(acc))
+    row_scale = reduction_row_scale(row_weight(weight, lead, h.device, h.shape[0]), denominator,
+                                    h.shape[0], acc, h.device)
     reject_functorch("fused_linear_sparse_kd_loss")
     return _FusedLinearSparseKD.apply(h, _full(student_weight), _full(student_bias), idx, lp,
                                       tail, y, row_scale, chunk_rows, opts,

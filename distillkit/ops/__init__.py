@@ -16,7 +16,7 @@ __all__ = ["kd_loss_forward", "kd_loss_forward_grad", "kd_loss_backward", "slam_
            "pointwise_distance_forward", "correlation_distance_forward", "sparse_kd_loss_forward",
            "sparse_kd_loss_backward", "coordinate_lstm_step",
            "check_errors", "check_labels", "saved_buffer_is_last_read", "matmul_into",
-           "empty_cached", "kd_loss_reduced", "weighted_total"]
+           "empty_cached", "kd_loss_reduced", "weighted_total", "reduction_row_scale"]
 
 
 class StatsLayout:
@@ -261,6 +261,16 @@ def weighted_total(rows: Tensor, weight: Optional[Tensor], denominator) -> Tenso
     return total if denominator is None else total / denominator
 
 
+def reduction_row_scale(weight: Optional[Tensor], denominator, rows: int, dtype: torch.dtype,
+                        device: torch.device) -> Tensor:
+    """The derivative of :func:`weighted_total` w.r.t. each row, ``weight / denominator``
+    as (N,) ``dtype`` (ones without a weight; no division for ``sum``): the scale a
+    reduced loss gives its rows' gradients, known before any pass over the logits."""
+    scale = (torch.ones(rows, dtype=dtype, device=device) if weight is None
+             else weight.reshape(rows).to(dtype))
+    return scale if denominator is None else scale / denominator
+
+
 def kd_loss_reduced(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor],
                     options: KDOptions, weight: Optional[Tensor], denominator) -> Tensor:
     """``weighted_total`` of :func:`kd_loss_forward`'s rows, where the loss is reduced:
@@ -270,18 +280,15 @@ def kd_loss_reduced(student_logits: Tensor, teacher_logits: Tensor, labels: Opti
     gradient of the loss (``kd_loss_forward_grad`` with that ``grad_scale``: every 16-bit
     gradient entry rounded once) and the backward only multiplies it by the upstream
     gradient, in place: for ``loss.backward()`` that is 1, no pass at all on the CPU."""
-    acc, device = _acc_dtype(student_logits), student_logits.device
+    acc = _acc_dtype(student_logits)
     weight = None if weight is None else weight.to(acc)
     if not _needs_grad(student_logits, teacher_logits):
         rows, _ = kd_loss_forward(student_logits, teacher_logits, labels, options)
         return weighted_total(rows, weight, denominator)
     reject_functorch("kd_loss")
-    scale = weight
-    if denominator is not None:
-        # The reciprocal on the device, as the total's division is: no host read.
-        inverse = (torch.reciprocal(denominator.to(acc)) if isinstance(denominator, Tensor)
-                   else torch.full((), 1.0 / denominator, dtype=acc, device=device))
-        scale = inverse if weight is None else weight * inverse
+    # On the device, as the total's division is: no host read.
+    scale = reduction_row_scale(weight, denominator, student_logits.shape[0], acc,
+                                student_logits.device)
     total = _ReducedKD.apply(student_logits, teacher_logits, labels, scale, weight,
                              denominator, options)
     anchors = [t[:0].clone() for t in (student_logits, teacher_logits) if t.requires_grad]
